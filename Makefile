@@ -1,0 +1,40 @@
+# Two commands: `make run` serves, `make test` tests. Both create .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch is pinned and installed first: this wheel is CPU-only where pip's find-links has it;
+# a GPU host installs its own torch before `make install` and pip keeps it.
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= train,dev
+
+.PHONY: install run test lint bench bench-quick soak container-smoke clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
+	touch $@
+
+# No flags here: every setting comes from TEXTGEN_* variables (TEXTGEN_PORT=9000 make run).
+run: install
+	$(BIN)/textgen serve
+
+test: install
+	$(BIN)/ruff check app tests bench
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check app tests bench
+	$(BIN)/ruff format --check app tests bench
+
+bench: install
+	$(BIN)/python -m bench.run
+
+bench-quick: install
+	$(BIN)/python -m bench.run --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache
