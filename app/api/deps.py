@@ -1,0 +1,28 @@
+"""FastAPI dependencies: the service and its engine from `app.state`, 503 until ready."""
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from app.api.errors import APIError
+from app.engine.scheduler import Engine
+from app.service import Service
+
+
+def get_service(request: Request) -> Service:
+    return request.app.state.service
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+
+
+def get_engine(service: ServiceDep) -> Engine:
+    if service.draining:
+        raise APIError(503, "the server is shutting down", "unavailable")
+    if service.engine is None or not service.engine.alive:
+        reason = service.error or "the model is still loading"
+        raise APIError(503, f"not ready: {reason}", "unavailable")
+    return service.engine
+
+
+EngineDep = Annotated[Engine, Depends(get_engine)]

@@ -1,0 +1,88 @@
+"""Errors in TGI's shape, `{"error": str, "error_type": str}`; /v1 routes use OpenAI's shape."""
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.engine.types import EngineUnavailableError, QueueFullError
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, error_type: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.error_type = error_type
+        self.param = param
+
+
+def validation(message: str, param: str | None = None) -> APIError:
+    return APIError(422, message, "validation", param)
+
+
+def from_engine(exc: Exception) -> APIError:
+    if isinstance(exc, QueueFullError):
+        return APIError(429, str(exc), "overloaded")
+    if isinstance(exc, EngineUnavailableError):
+        return APIError(503, str(exc), "unavailable")
+    return APIError(500, str(exc), "generation")
+
+
+_OPENAI_TYPES = {
+    "validation": "invalid_request_error",
+    "overloaded": "rate_limit_exceeded",
+    "unavailable": "service_unavailable",
+    "timeout": "timeout",
+    "authentication": "authentication_error",
+    "not_found": "not_found_error",
+    "model_not_found": "invalid_request_error",
+    "payload_too_large": "invalid_request_error",
+}
+
+
+def is_openai(request: Request) -> bool:
+    return request.url.path.startswith("/v1/")
+
+
+def error_response(request: Request, err: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
+    if is_openai(request):
+        code = err.error_type if err.error_type not in ("validation",) else None
+        body: dict = {
+            "error": {
+                "message": err.message,
+                "type": _OPENAI_TYPES.get(err.error_type, err.error_type),
+                "param": err.param,
+                "code": code,
+            }
+        }
+    else:
+        body = {"error": err.message, "error_type": err.error_type}
+    return JSONResponse(body, status_code=err.status, headers=headers)
+
+
+def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
+    parts = []
+    first_param = None
+    for error in exc.errors():
+        loc = [str(x) for x in error.get("loc", ()) if x != "body"]
+        field = ".".join(loc) or "body"
+        first_param = first_param or field
+        parts.append(f"{field}: {error.get('msg', 'invalid')}")
+    return ("Input validation error: " + "; ".join(parts)), first_param
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _describe_validation(exc)
+        return error_response(request, validation(message, param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status_code, "http")
+        return error_response(request, APIError(exc.status_code, str(exc.detail), kind), exc.headers)

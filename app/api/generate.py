@@ -1,0 +1,177 @@
+"""TGI routes: POST /generate, POST /generate_stream (SSE), and POST / (TGI's compatibility route)."""
+
+import json
+import math
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from app.api.deps import EngineDep, ServiceDep
+from app.api.errors import APIError, validation
+from app.api.generation import (
+    Generation,
+    check_stop,
+    resolve_max_new_tokens,
+    run_to_completion,
+    tokenize_prompt,
+)
+from app.api.schemas import (
+    CompatRequest,
+    Details,
+    ErrorBody,
+    GenerateParameters,
+    GenerateRequest,
+    GenerateResponse,
+    PrefillToken,
+    StreamDetails,
+    StreamEvent,
+    TokenOut,
+)
+from app.engine.scheduler import Engine
+from app.engine.types import Completion, SamplingParams, StoppingParams, Token
+from app.service import Service
+
+router = APIRouter(tags=["generate (TGI)"])
+
+ERRORS = {
+    422: {"model": ErrorBody, "description": "Invalid input"},
+    429: {"model": ErrorBody, "description": "Queue full"},
+    503: {"model": ErrorBody, "description": "Not ready or shutting down"},
+    504: {"model": ErrorBody, "description": "Request timed out"},
+}
+
+
+def sampling_params(p: GenerateParameters) -> SamplingParams:
+    # As in TGI, asking for any warper turns sampling on.
+    warped = (
+        (p.temperature is not None and p.temperature != 1.0)
+        or p.top_k is not None
+        or (p.top_p is not None and p.top_p < 1.0)
+        or (p.typical_p is not None and p.typical_p < 1.0)
+    )
+    return SamplingParams(
+        do_sample=p.do_sample or warped,
+        temperature=p.temperature or 1.0,
+        top_k=p.top_k,
+        top_p=p.top_p,
+        typical_p=p.typical_p,
+        repetition_penalty=p.repetition_penalty,
+        frequency_penalty=p.frequency_penalty or 0.0,
+        seed=p.seed,
+        top_logprobs=p.top_n_tokens or 0,
+    )
+
+
+def start_generation(engine: Engine, service: Service, body: GenerateRequest) -> Generation:
+    p = body.parameters
+    if p.watermark:
+        raise validation("`watermark` is not supported by this server", "parameters.watermark")
+    assert service.loaded is not None
+    ids = tokenize_prompt(service, body.inputs, p.truncate)
+    max_new = resolve_max_new_tokens(
+        service.loaded.limits, len(ids), p.max_new_tokens, service.settings.max_new_tokens_default
+    )
+    min_new = p.min_new_tokens or 0
+    if min_new > max_new:
+        raise validation(
+            f"`min_new_tokens` ({min_new}) must be <= `max_new_tokens` ({max_new})", "parameters.min_new_tokens"
+        )
+    stopping = StoppingParams(max_new, min_new, check_stop(service, p.stop))
+    return Generation(engine, ids, sampling_params(p), stopping, prefill_details=p.decoder_input_details)
+
+
+def _logprob(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def token_out(t: Token) -> TokenOut:
+    return TokenOut(id=t.id, text=t.text, logprob=_logprob(t.logprob), special=t.special)
+
+
+def _top_tokens(t: Token) -> list[TokenOut] | None:
+    if t.top is None:
+        return None
+    return [TokenOut(id=i, text=text, logprob=lp, special=False) for i, text, lp in t.top]
+
+
+def generate_response(body: GenerateRequest, c: Completion) -> JSONResponse:
+    """TGI omits `details` unless asked, but keeps null logprobs inside it."""
+    text = body.inputs + c.text if body.parameters.return_full_text else c.text
+    if not body.parameters.details:
+        return JSONResponse({"generated_text": text})
+    prefill = [PrefillToken(id=t.id, text=t.text, logprob=_logprob(t.logprob)) for t in c.prefill or []]
+    top = [_top_tokens(t) or [] for t in c.tokens] if body.parameters.top_n_tokens else None
+    details = Details(
+        finish_reason=c.finish_reason,  # type: ignore[arg-type]
+        generated_tokens=c.generated_tokens,
+        seed=c.seed,
+        prefill=prefill,
+        tokens=[token_out(t) for t in c.tokens],
+        top_tokens=top,
+    )
+    return JSONResponse({"generated_text": text, "details": details.model_dump(exclude_none=False)})
+
+
+@router.post("/generate", response_model=GenerateResponse, responses=ERRORS)
+async def generate(body: GenerateRequest, request: Request, engine: EngineDep, service: ServiceDep):
+    """Generate text for one prompt (TGI's request and response shapes)."""
+    generation = start_generation(engine, service, body)
+    (completion,) = await run_to_completion(request, service, [generation])
+    return generate_response(body, completion)
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def stream_events(body: GenerateRequest, generation: Generation) -> AsyncIterator[str]:
+    index = 0
+    try:
+        async for event in generation.events():
+            if event.token is None:
+                continue
+            index += 1
+            out = StreamEvent(index=index, token=token_out(event.token), top_tokens=_top_tokens(event.token))
+            c = event.completion
+            if c is not None:
+                out.generated_text = body.inputs + c.text if body.parameters.return_full_text else c.text
+                out.details = StreamDetails(
+                    finish_reason=c.finish_reason,  # type: ignore[arg-type]
+                    generated_tokens=c.generated_tokens,
+                    seed=c.seed,
+                )
+            yield sse(out.model_dump())
+    except APIError as exc:
+        yield sse({"error": exc.message, "error_type": exc.error_type})
+
+
+def streaming_response(body: GenerateRequest, engine: Engine, service: Service) -> StreamingResponse:
+    generation = start_generation(engine, service, body)  # raises 4xx/429 before the stream opens
+    return StreamingResponse(
+        stream_events(body, generation),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@router.post(
+    "/generate_stream",
+    responses={**ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "Server-sent events"}},
+)
+async def generate_stream(body: GenerateRequest, engine: EngineDep, service: ServiceDep) -> StreamingResponse:
+    """Stream tokens as server-sent events; the last event carries generated_text and details."""
+    return streaming_response(body, engine, service)
+
+
+@router.post(
+    "/",
+    response_model=GenerateResponse,
+    responses={**ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "JSON or SSE"}},
+)
+async def compat(body: CompatRequest, request: Request, engine: EngineDep, service: ServiceDep):
+    """TGI's compatibility route (huggingface_hub's InferenceClient posts here): /generate, or
+    /generate_stream when `stream` is true."""
+    if body.stream:
+        return streaming_response(body, engine, service)
+    return await generate(body, request, engine, service)

@@ -1,0 +1,143 @@
+"""Shared by every generating route: token limits, submission, and the engine-to-asyncio bridge.
+
+The engine calls back from its own thread; events are handed to the request's event loop.
+A request whose client disconnects, or that runs past TEXTGEN_REQUEST_TIMEOUT, is cancelled in
+the engine, which drops it at its next step.
+"""
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+
+from app.api.errors import APIError, from_engine, validation
+from app.engine.loader import Limits
+from app.engine.scheduler import Engine
+from app.engine.types import (
+    Completion,
+    EngineError,
+    Event,
+    GenerationRequest,
+    SamplingParams,
+    StoppingParams,
+)
+from app.service import Service
+
+
+def tokenize_prompt(service: Service, text: str, truncate: int | None = None) -> list[int]:
+    assert service.loaded is not None
+    ids = service.loaded.tokenizer(text)["input_ids"]
+    if truncate is not None and len(ids) > truncate:
+        ids = ids[-truncate:]
+    return ids
+
+
+def resolve_max_new_tokens(
+    limits: Limits, prompt_len: int, requested: int | None, default: int, field: str = "max_new_tokens"
+) -> int:
+    if prompt_len == 0:
+        raise validation("`inputs` must not be empty (it tokenized to zero tokens)", "inputs")
+    if prompt_len > limits.max_input_tokens:
+        raise validation(
+            f"`inputs` must have at most {limits.max_input_tokens} tokens (TEXTGEN_MAX_INPUT_TOKENS). "
+            f"Given: {prompt_len}",
+            "inputs",
+        )
+    room = limits.max_total_tokens - prompt_len
+    if requested is None:
+        return min(default, room)
+    if requested > room:
+        raise validation(
+            f"`inputs` tokens + `{field}` must be <= {limits.max_total_tokens} (TEXTGEN_MAX_TOTAL_TOKENS). "
+            f"Given: {prompt_len} `inputs` tokens and {requested} `{field}`",
+            field,
+        )
+    return requested
+
+
+def check_stop(service: Service, stop: list[str]) -> tuple[str, ...]:
+    limit = service.settings.max_stop_sequences
+    if len(stop) > limit:
+        raise validation(f"`stop` has {len(stop)} strings; at most {limit} are allowed", "stop")
+    return tuple(stop)
+
+
+class Generation:
+    """One request in the engine, consumed from the event loop."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        stopping: StoppingParams,
+        prefill_details: bool = False,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.request = GenerationRequest(prompt_ids, sampling, stopping, self._deliver, prefill_details)
+        self.done = False
+        try:
+            engine.submit(self.request)
+        except EngineError as exc:
+            raise from_engine(exc) from exc
+
+    def _deliver(self, event: Event) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+
+    def cancel(self) -> None:
+        if not self.done:
+            self.request.cancel()
+
+    async def events(self) -> AsyncIterator[Event]:
+        try:
+            while not self.done:
+                event = await self._queue.get()
+                if event.completion is not None:
+                    self.done = True
+                    if event.completion.finish_reason in ("error", "cancelled"):
+                        raise APIError(
+                            500 if event.completion.finish_reason == "error" else 503,
+                            event.completion.error or "generation was cancelled",
+                            "generation" if event.completion.finish_reason == "error" else "unavailable",
+                        )
+                yield event
+        finally:
+            self.cancel()
+
+    async def result(self) -> Completion:
+        async for event in self.events():
+            if event.completion is not None:
+                return event.completion
+        raise APIError(500, "generation ended without a result", "generation")
+
+
+async def _watch_disconnect(request: Request, generations: list[Generation]) -> None:
+    # After the body is read, ASGI `receive` only returns when the client goes away.
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            for g in generations:
+                g.cancel()
+            return
+
+
+async def run_to_completion(
+    request: Request, service: Service, generations: list[Generation]
+) -> list[Completion]:
+    """Wait for every generation, cancelling all of them if the client leaves or time runs out."""
+    watcher = asyncio.create_task(_watch_disconnect(request, generations))
+    try:
+        async with asyncio.timeout(service.settings.request_timeout):
+            return [await g.result() for g in generations]
+    except TimeoutError:
+        raise APIError(
+            504, f"request timed out after {service.settings.request_timeout} s (TEXTGEN_REQUEST_TIMEOUT)", "timeout"
+        ) from None
+    finally:
+        watcher.cancel()
+        for g in generations:
+            g.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher

@@ -1,0 +1,67 @@
+"""Probes and introspection: /health (liveness), /ready (readiness), /info, /metrics."""
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app import __version__
+from app.api.deps import ServiceDep
+
+router = APIRouter(tags=["operations"])
+
+
+def _status(ok: bool, detail: str) -> JSONResponse:
+    return JSONResponse({"status": "ok" if ok else "unavailable", "detail": detail}, status_code=200 if ok else 503)
+
+
+@router.get("/health")
+async def health(service: ServiceDep) -> JSONResponse:
+    """Liveness: 200 while the model is loaded and the engine loop runs; 503 before, or if it died."""
+    if service.alive:
+        return _status(True, "serving")
+    if service.error or (service.engine is not None and service.engine.error is not None):
+        return _status(False, f"engine failed: {service.error or service.engine.error}")  # type: ignore[union-attr]
+    return _status(False, "loading model")
+
+
+@router.get("/ready")
+async def ready(service: ServiceDep) -> JSONResponse:
+    """Readiness: 200 only when new requests are accepted (not loading, not draining)."""
+    if service.ready:
+        return _status(True, "accepting requests")
+    return _status(False, "draining" if service.draining else "not ready")
+
+
+@router.get("/info")
+async def info(service: ServiceDep) -> dict:
+    """Model, device and limits (TGI's /info fields, plus textgen's)."""
+    s = service.settings
+    out: dict = {
+        "model_id": service.model_name,
+        "model_path": s.resolved_model(),
+        "version": __version__,
+        "max_batch_size": s.max_batch_size,
+        "max_queue": s.max_queue,
+        "max_concurrent_requests": s.max_batch_size + s.max_queue,
+        "max_prefill_tokens": s.max_prefill_tokens,
+        "ready": service.ready,
+    }
+    if service.loaded is not None and service.engine is not None:
+        lm = service.loaded
+        out.update(
+            model_dtype=str(lm.dtype).removeprefix("torch."),
+            model_device_type=lm.device.type,
+            context_length=lm.limits.context_length,
+            max_input_tokens=lm.limits.max_input_tokens,
+            max_total_tokens=lm.limits.max_total_tokens,
+            max_batch_tokens=service.engine.max_batch_tokens,
+            embedding_model=service.embedder.model_id if service.embedder else None,
+            embedding_dimensions=service.embedder.dimensions if service.embedder else None,
+        )
+    return out
+
+
+@router.get("/metrics")
+async def metrics(service: ServiceDep) -> Response:
+    """Prometheus text format."""
+    return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)

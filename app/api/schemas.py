@@ -1,0 +1,112 @@
+"""Request and response bodies of the TGI/TEI-compatible routes.
+
+Unknown fields are ignored, as TGI does: clients such as huggingface_hub send every parameter
+they know about, many as null.
+"""
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+NonEmpty = Annotated[str, Field(min_length=1)]
+
+
+class GenerateParameters(BaseModel):
+    max_new_tokens: int | None = Field(None, ge=1, description="Tokens to generate (default 100, clipped).")
+    min_new_tokens: int | None = Field(
+        None, ge=0, description="Suppress EOS until this many tokens (extension, like vLLM's min_tokens)."
+    )
+    do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
+    temperature: float | None = Field(None, gt=0, description="Sampling temperature; setting it enables sampling.")
+    top_k: int | None = Field(None, gt=0, description="Keep the k most likely tokens; enables sampling.")
+    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass in (0, 1]; enables sampling.")
+    typical_p: float | None = Field(None, gt=0, le=1, description="Typical sampling mass in (0, 1].")
+    repetition_penalty: float | None = Field(None, gt=0, description="> 1 discourages repeating tokens.")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="OpenAI-style frequency penalty.")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Random seed for sampling.")
+    stop: list[NonEmpty] = Field(default_factory=list, description="Stop strings (not included in the output).")
+    return_full_text: bool = Field(False, description="Prepend the prompt to generated_text.")
+    details: bool = Field(False, description="Return finish reason, token count, seed and tokens.")
+    decoder_input_details: bool = Field(False, description="With details: also return the prompt tokens.")
+    top_n_tokens: int | None = Field(None, ge=0, le=20, description="With details: most likely tokens per step.")
+    truncate: int | None = Field(None, ge=1, description="Keep only the last `truncate` prompt tokens.")
+    watermark: bool = Field(False, description="Not supported; must be false.")
+    best_of: int | None = Field(None, ge=1, le=1, description="Only 1 is supported.")
+
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={"examples": [{"max_new_tokens": 20, "do_sample": True, "temperature": 0.8, "seed": 1}]},
+    )
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={"examples": [{"inputs": "The list", "parameters": {"max_new_tokens": 20}}]},
+    )
+
+    inputs: NonEmpty = Field(description="The prompt.")
+    parameters: GenerateParameters = Field(default_factory=GenerateParameters)
+
+
+class CompatRequest(GenerateRequest):
+    stream: bool = Field(False, description="Answer as /generate_stream (SSE) when true.")
+
+
+class TokenOut(BaseModel):
+    id: int
+    text: str
+    logprob: float | None
+    special: bool
+
+
+class PrefillToken(BaseModel):
+    id: int
+    text: str
+    logprob: float | None
+
+
+FinishReasonOut = Literal["length", "eos_token", "stop_sequence"]
+
+
+class Details(BaseModel):
+    finish_reason: FinishReasonOut
+    generated_tokens: int
+    seed: int | None
+    prefill: list[PrefillToken] = Field(default_factory=list)
+    tokens: list[TokenOut] = Field(default_factory=list)
+    top_tokens: list[list[TokenOut]] | None = None
+
+
+class GenerateResponse(BaseModel):
+    generated_text: str
+    details: Details | None = None
+
+
+class StreamDetails(BaseModel):
+    finish_reason: FinishReasonOut
+    generated_tokens: int
+    seed: int | None
+
+
+class StreamEvent(BaseModel):
+    index: int
+    token: TokenOut
+    top_tokens: list[TokenOut] | None = None
+    generated_text: str | None = None
+    details: StreamDetails | None = None
+
+
+class EmbedRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="ignore", json_schema_extra={"examples": [{"inputs": ["What is a list?", "Lists are sequences."]}]}
+    )
+
+    inputs: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1)]
+    normalize: bool = True
+    truncate: bool = False
+
+
+class ErrorBody(BaseModel):
+    error: str
+    error_type: str

@@ -1,0 +1,153 @@
+"""`textgen` command line: `serve` (the HTTP server) and `finetune` (the offline trainer)."""
+
+import argparse
+import logging
+import subprocess
+import sys
+import threading
+import types
+import typing
+from pathlib import Path
+
+import uvicorn
+from pydantic import ValidationError
+
+from app import __version__
+from app.config import Settings, demo_model_dir
+from app.service import Service
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per Settings field, so flags and TEXTGEN_* variables never drift apart."""
+    for name, field in Settings.model_fields.items():
+        annotation = field.annotation
+        args = typing.get_args(annotation)
+        if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+            annotation = next(a for a in args if a is not type(None))
+        env = f"TEXTGEN_{name.upper()}"
+        default = "unset" if field.default is None else field.default
+        help_text = f"{field.description} [env {env}; default: {default}]"
+        kwargs: dict[str, typing.Any] = {"help": help_text, "default": argparse.SUPPRESS}
+        if annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(annotation) is typing.Literal:
+            kwargs["choices"] = typing.get_args(annotation)
+        elif annotation in (int, float):
+            kwargs["type"] = annotation
+            kwargs["metavar"] = "N"
+        else:
+            kwargs["metavar"] = "PATH" if annotation is Path else "TEXT"
+        parser.add_argument(_flag(name), **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="textgen",
+        description="Serve a Hugging Face causal language model over HTTP, or fine-tune one.",
+    )
+    parser.add_argument("--version", action="version", version=f"textgen {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = sub.add_parser(
+        "serve",
+        help="run the HTTP server",
+        description="Run the HTTP server. Every flag is also a TEXTGEN_* environment variable; a flag wins. "
+        "Without --model, the offline demo model is built once (about 3 minutes) and served.",
+    )
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _add_settings_flags(serve)
+    sub.add_parser(
+        "finetune",
+        help="fine-tune a model on your text (see `textgen finetune --help`)",
+        add_help=False,
+    )
+    return parser
+
+
+def ensure_demo_model() -> Path:
+    """Build the demo model in a child process the first time (the server never imports the trainer)."""
+    path = demo_model_dir()
+    if not (path / "config.json").exists():
+        print(f"textgen: no TEXTGEN_MODEL set; building the offline demo model into {path}", file=sys.stderr)
+        result = subprocess.run([sys.executable, "-m", "app.finetune.demo", "--output", str(path)])
+        if result.returncode != 0:
+            raise SystemExit(f"textgen: error: building the demo model failed (exit {result.returncode})")
+    return path
+
+
+def serve(args: argparse.Namespace) -> int:
+    from app.main import create_app
+
+    given = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
+    try:
+        settings = Settings(**given)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "settings"
+        print(
+            f"textgen: error: invalid {field} (flag {_flag(field)} / TEXTGEN_{field.upper()}): {first['msg']}",
+            file=sys.stderr,
+        )
+        return 2
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.model is None:
+        ensure_demo_model()
+    fatal: list[str] = []
+    server_box: list[uvicorn.Server] = []
+
+    def on_fatal(reason: str) -> None:
+        fatal.append(reason)
+        if server_box:
+            server_box[0].should_exit = True
+
+    app = create_app(settings, on_fatal=on_fatal)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level)
+    server = DrainingServer(config, app.state.service)
+    server_box.append(server)
+    server.run()
+    if fatal:
+        print(f"textgen: error: {fatal[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM/SIGINT, first stop admitting work (new requests 503, /ready fails) and let
+    admitted requests finish (up to TEXTGEN_SHUTDOWN_TIMEOUT), then exit. A second signal exits now."""
+
+    def __init__(self, config: uvicorn.Config, service: Service) -> None:
+        super().__init__(config)
+        self.service = service
+        self.draining = False
+
+    def handle_exit(self, sig: int, frame: types.FrameType | None) -> None:
+        engine = self.service.engine
+        if self.draining or engine is None:
+            super().handle_exit(sig, frame)
+            return
+        self.draining = True
+        self.service.draining = True
+        logging.getLogger("textgen").info("draining: finishing in-flight requests before exit")
+
+        def drain() -> None:
+            engine.drain(self.service.settings.shutdown_timeout)
+            super(DrainingServer, self).handle_exit(sig, frame)
+
+        threading.Thread(target=drain, name="textgen-drain", daemon=True).start()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "finetune":
+        from app.finetune.cli import main as finetune_main
+
+        return finetune_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    return serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Service settings: every field is a `TEXTGEN_*` environment variable and a `textgen serve` flag."""
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "textgen"
+
+
+def demo_model_dir() -> Path:
+    """Where the offline demo model is built once and reused (outside the repo)."""
+    return cache_dir() / "demo-model"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TEXTGEN_", extra="ignore", protected_namespaces=())
+
+    model: str | None = Field(
+        None, description="Hub id or local directory of a causal LM. Unset: the offline demo model."
+    )
+    adapter: str | None = Field(None, description="A PEFT (LoRA) adapter directory to apply to the model.")
+    host: str = Field("127.0.0.1", description="Interface to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = GPU when present.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto = bfloat16/float16 on GPU, float32 on CPU."
+    )
+    max_input_tokens: int | None = Field(
+        None, ge=1, description="Longest prompt in tokens. Default: max_total_tokens - 1."
+    )
+    max_total_tokens: int | None = Field(
+        None, ge=2, description="Prompt + generated tokens per request. Default: the model's context length."
+    )
+    max_new_tokens_default: int = Field(
+        100, ge=1, description="max_new_tokens when a request does not set it (clipped to the context)."
+    )
+    max_batch_size: int = Field(32, ge=1, description="Sequences decoded together in one step.")
+    max_batch_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="KV-cache budget in tokens (batch x padded length) bounding memory. "
+        "Default: max_batch_size x max_total_tokens.",
+    )
+    max_prefill_tokens: int = Field(
+        2048, ge=1, description="Prompt tokens prefilled in one step (bounds decode stalls)."
+    )
+    max_queue: int = Field(128, ge=0, description="Waiting requests; beyond this new ones get 429.")
+    max_embed_batch: int = Field(64, ge=1, description="Most inputs in one /embed request (413 beyond).")
+    max_stop_sequences: int = Field(8, ge=0, description="Most stop strings per request.")
+    max_best_of: int = Field(8, ge=1, description="Largest n (choices) per OpenAI request.")
+    max_body_bytes: int = Field(2_000_000, ge=1024, description="Largest request body (413 beyond).")
+    request_timeout: float | None = Field(
+        None, gt=0, description="Seconds before a request is cancelled with 504 (unset: no limit)."
+    )
+    shutdown_timeout: float = Field(
+        30.0, ge=0, description="Seconds to finish in-flight requests on SIGTERM before exiting."
+    )
+    api_key: str | None = Field(None, description="Bearer key(s), comma-separated. Unset: no auth.")
+    api_key_file: Path | None = Field(None, description="File with one API key per line.")
+    metrics_require_key: bool = Field(False, description="Require the API key for /metrics too.")
+    cors_origins: str = Field("", description="Comma-separated allowed CORS origins (none by default).")
+    log_prompts: bool = Field(False, description="Include prompts and outputs in access logs.")
+    embedding_model: str | None = Field(
+        None, description="Sentence-transformers style model for /embed and /v1/embeddings."
+    )
+    chat_template: Path | None = Field(None, description="Jinja chat template file for /v1/chat/completions.")
+    served_model_name: str | None = Field(
+        None, description="Model name clients send to /v1 routes. Default: the model id or directory name."
+    )
+
+    def resolved_model(self) -> str:
+        return self.model or str(demo_model_dir())

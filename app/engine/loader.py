@@ -1,0 +1,139 @@
+"""Load one causal LM and its tokenizer, resolve device/dtype and the token limits it allows."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+
+class ModelLoadError(Exception):
+    """A model that cannot be served; the message says what was tried and what to do."""
+
+
+@dataclass
+class Limits:
+    context_length: int
+    max_total_tokens: int
+    max_input_tokens: int
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    model_id: str
+    device: torch.device
+    dtype: torch.dtype
+    limits: Limits
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("TEXTGEN_DEVICE=cuda but no CUDA GPU is visible; use auto or cpu.")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def context_length(config: object) -> int:
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
+
+
+def resolve_limits(ctx: int, max_total: int | None, max_input: int | None) -> Limits:
+    total = max_total or ctx
+    if total > ctx:
+        raise ModelLoadError(
+            f"max_total_tokens={total} exceeds the model's context length {ctx}; "
+            f"set TEXTGEN_MAX_TOTAL_TOKENS <= {ctx}."
+        )
+    inp = max_input or total - 1
+    if inp >= total:
+        raise ModelLoadError(
+            f"max_input_tokens={inp} must be below max_total_tokens={total} to leave room to generate."
+        )
+    return Limits(context_length=ctx, max_total_tokens=total, max_input_tokens=inp)
+
+
+def _describe(model_id: str) -> str:
+    return f"local directory {model_id}" if Path(model_id).exists() else f"hub id '{model_id}'"
+
+
+def load_tokenizer(model_id: str) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(model_id)
+    if tokenizer.pad_token_id is None:
+        # GPT-2 and Llama ship no pad token; padded positions are masked, so any id will do.
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    return tokenizer
+
+
+def load_model(
+    model_id: str,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    max_total_tokens: int | None = None,
+    max_input_tokens: int | None = None,
+    adapter: str | None = None,
+) -> LoadedModel:
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    where = _describe(model_id)
+    try:
+        config = AutoConfig.from_pretrained(model_id)
+    except (OSError, ValueError) as exc:
+        hint = (
+            "check the path"
+            if Path(model_id).exists() or "/" not in model_id or model_id.startswith((".", "/"))
+            else "check the id, or download it first (the hub may be unreachable: set HF_HUB_OFFLINE=1 "
+            "and use a local directory)"
+        )
+        raise ModelLoadError(f"cannot load model config from {where}: {_first_line(exc)}; {hint}.") from exc
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch_dtype)
+    except ValueError as exc:
+        raise ModelLoadError(
+            f"{where} ({type(config).__name__}) is not a causal language model: {_first_line(exc)}; "
+            "textgen serves AutoModelForCausalLM models (GPT-2, Llama, ...)."
+        ) from exc
+    except OSError as exc:
+        raise ModelLoadError(f"cannot load weights from {where}: {_first_line(exc)}.") from exc
+    try:
+        tokenizer = load_tokenizer(model_id)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModelLoadError(f"cannot load a tokenizer from {where}: {_first_line(exc)}.") from exc
+    if adapter:
+        model = _apply_adapter(model, adapter)
+    model.to(dev).eval()
+    model.requires_grad_(False)
+    limits = resolve_limits(context_length(config), max_total_tokens, max_input_tokens)
+    return LoadedModel(model, tokenizer, model_id, dev, torch_dtype, limits)
+
+
+def _apply_adapter(model: PreTrainedModel, adapter: str) -> PreTrainedModel:
+    try:
+        from peft import PeftModel
+    except ImportError as exc:
+        raise ModelLoadError("serving an adapter needs peft: pip install 'textgen-service[train]'.") from exc
+    try:
+        return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load adapter {adapter}: {_first_line(exc)}.") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,100 @@
+"""Choose the next token for every row of a batch, each row with its own sampling settings.
+
+Greedy rows without penalties take one vectorised argmax. Penalties are applied per row that
+asks for them. Sampled rows are grouped by identical warper settings and go through
+transformers' own logits warpers together; each sampled row then draws with its own generator,
+so a seeded request gives the same tokens whatever else shares the batch.
+"""
+
+from collections import defaultdict
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+from transformers import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    TypicalLogitsWarper,
+)
+
+from app.engine.sequence import Sequence
+from app.engine.types import SamplingParams
+
+
+@dataclass
+class Choice:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] | None
+
+
+def _warpers(params: SamplingParams) -> LogitsProcessorList:
+    warpers = LogitsProcessorList()
+    if params.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(params.temperature))
+    if params.top_k is not None and params.top_k > 0:
+        warpers.append(TopKLogitsWarper(params.top_k))
+    if params.top_p is not None and params.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(params.top_p))
+    if params.typical_p is not None and params.typical_p < 1.0:
+        warpers.append(TypicalLogitsWarper(params.typical_p))
+    return warpers
+
+
+def _apply_penalties(scores: torch.Tensor, seq: Sequence) -> None:
+    params = seq.request.sampling
+    if params.repetition_penalty is not None and params.repetition_penalty != 1.0:
+        seen = torch.tensor(seq.all_ids(), device=scores.device)
+        picked = scores.gather(0, seen)
+        penalised = torch.where(
+            picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty
+        )
+        scores.scatter_(0, seen, penalised)
+    if (params.presence_penalty or params.frequency_penalty) and seq.generated:
+        counts = torch.bincount(
+            torch.tensor(seq.generated, device=scores.device), minlength=scores.shape[-1]
+        ).to(scores.dtype)
+        scores -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(scores.dtype)
+
+
+def choose(logits: torch.Tensor, seqs: Seq[Sequence], eos_ids: list[int]) -> list[Choice]:
+    """`logits` is [batch, vocab] for the last position of each row of `seqs`."""
+    scores = logits.float()
+    for row, seq in enumerate(seqs):
+        if seq.request.sampling.has_penalties:
+            _apply_penalties(scores[row], seq)
+        if eos_ids and not seq.eos_allowed:
+            scores[row, eos_ids] = float("-inf")
+
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for row, seq in enumerate(seqs):
+        if seq.request.sampling.do_sample:
+            groups[seq.request.sampling.warper_key].append(row)
+    for rows in groups.values():
+        index = torch.tensor(rows, device=scores.device)
+        warpers = _warpers(seqs[rows[0]].request.sampling)
+        if warpers:
+            ids = torch.zeros((len(rows), 1), dtype=torch.long, device=scores.device)
+            scores[index] = warpers(ids, scores[index])
+
+    logprobs = torch.log_softmax(scores, dim=-1)
+    chosen = scores.argmax(dim=-1)
+    for rows in groups.values():
+        for row in rows:
+            probs = logprobs[row].exp()
+            chosen[row] = torch.multinomial(probs, 1, generator=seqs[row].generator)[0]
+
+    chosen_lp = logprobs.gather(1, chosen[:, None])[:, 0].tolist()
+    chosen_ids = chosen.tolist()
+    choices = []
+    for row, seq in enumerate(seqs):
+        k = seq.request.sampling.top_logprobs
+        top = None
+        if k > 0:
+            values, ids = logprobs[row].topk(k)
+            values = values.clamp(min=-1e4)  # -inf (warped away) is not valid JSON
+            top = list(zip(ids.tolist(), values.tolist(), strict=True))
+        choices.append(Choice(chosen_ids[row], chosen_lp[row], top))
+    return choices

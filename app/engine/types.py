@@ -1,0 +1,108 @@
+"""What callers hand the engine and what it hands back. No HTTP here: the API layer maps these."""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["length", "eos_token", "stop_sequence", "cancelled", "error"]
+
+
+class EngineError(Exception):
+    """Base for errors the engine raises to callers."""
+
+
+class QueueFullError(EngineError):
+    """The waiting queue is at TEXTGEN_MAX_QUEUE: answer 429 and let the client retry."""
+
+
+class EngineUnavailableError(EngineError):
+    """The engine is not running (loading, draining for shutdown, or dead)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    typical_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    top_logprobs: int = 0
+
+    @property
+    def warper_key(self) -> tuple[float, int | None, float | None, float | None]:
+        """Rows with equal keys share one pass through the library's logits warpers."""
+        return (self.temperature, self.top_k, self.top_p, self.typical_p)
+
+    @property
+    def has_penalties(self) -> bool:
+        return (
+            (self.repetition_penalty is not None and self.repetition_penalty != 1.0)
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
+
+
+@dataclass(frozen=True)
+class StoppingParams:
+    max_new_tokens: int
+    min_new_tokens: int = 0
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Token:
+    id: int
+    text: str
+    logprob: float
+    special: bool
+    top: list[tuple[int, str, float]] | None = None
+
+
+@dataclass
+class Completion:
+    """The final state of one generation."""
+
+    text: str
+    finish_reason: FinishReason
+    generated_tokens: int
+    prompt_tokens: int
+    seed: int | None
+    tokens: list[Token]
+    prefill: list[Token] | None = None
+    error: str | None = None
+    queue_time: float = 0.0
+
+
+@dataclass
+class Event:
+    """One step's output for one request. `text` is the part of the output that is now final
+    (held back while it could still turn into a stop string); `completion` is set on the last."""
+
+    token: Token | None
+    text: str
+    completion: Completion | None = None
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    stopping: StoppingParams
+    on_event: Callable[[Event], None]
+    prefill_details: bool = False
+    cancelled: bool = field(default=False, init=False)
+
+    def cancel(self) -> None:
+        """Thread-safe: the engine drops the sequence at its next step."""
+        self.cancelled = True
+
+
+@dataclass
+class EmbedRequest:
+    token_ids: list[list[int]]
+    normalize: bool
+    on_done: Callable[[list[list[float]] | BaseException], None]

@@ -1,0 +1,58 @@
+"""The FastAPI application: `create_app(settings)` and its lifespan (load model, run engine)."""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app import __version__
+from app.api import embed, errors, generate, health
+from app.api.middleware import RequestMetrics
+from app.config import Settings
+from app.engine.loader import ModelLoadError
+from app.service import Service
+
+log = logging.getLogger("textgen")
+
+
+def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None] | None = None) -> FastAPI:
+    """`on_fatal` is called with a one-line reason when the model cannot be loaded (the CLI exits)."""
+    service = Service(settings or Settings())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loading = asyncio.create_task(_load(service, on_fatal))
+        try:
+            yield
+        finally:
+            loading.cancel()
+            await asyncio.to_thread(service.shutdown)
+
+    app = FastAPI(
+        title="textgen",
+        version=__version__,
+        description="Text generation and embeddings for Hugging Face causal LMs (TGI, TEI and OpenAI APIs).",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    errors.install(app)
+    app.include_router(health.router)
+    app.include_router(generate.router)
+    app.include_router(embed.router)
+    app.add_middleware(RequestMetrics, metrics=service.metrics)
+    return app
+
+
+async def _load(service: Service, on_fatal: Callable[[str], None] | None) -> None:
+    try:
+        await asyncio.to_thread(service.load)
+    except ModelLoadError as exc:
+        service.error = str(exc)
+    except Exception as exc:  # anything else from deep inside a loader: still one clear line
+        service.error = f"{type(exc).__name__}: {exc}"
+    if service.error is not None:
+        log.error("cannot serve: %s", service.error)
+        if on_fatal is not None:
+            on_fatal(service.error)
