@@ -1,0 +1,152 @@
+"""deploy/k8s: valid against the Kubernetes OpenAPI schemas (offline, from kubernetes-validate) and
+consistent with each other and with the image (probes, ports, user, shutdown timing, autoscaling)."""
+
+import copy
+
+import kubernetes_validate
+import pytest
+
+from .conftest import TEXTGEN_SETTINGS, dockerfile_env
+
+K8S_VERSION = "1.30"  # oldest Kubernetes the manifests are checked against; also checked at the newest
+
+
+@pytest.mark.parametrize("version", [K8S_VERSION, "latest"])
+def test_manifests_match_the_kubernetes_schemas(k8s_docs, version):
+    if version == "latest":
+        version = kubernetes_validate.latest_version()
+    assert k8s_docs, "no manifests in deploy/k8s"
+    for path, doc in k8s_docs:
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{path.name} ({doc['kind']}) at {'/'.join(map(str, e.path))}: {e.message}")
+
+
+def test_validator_rejects_a_broken_deployment(k8s):
+    broken = copy.deepcopy(k8s["Deployment"])
+    container = broken["spec"]["template"]["spec"]["containers"][0]
+    container["livenessProbe"]["httpGet"]["pathh"] = "/health"  # typo: unknown field (strict)
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
+    broken = copy.deepcopy(k8s["Deployment"])
+    broken["spec"]["replicas"] = "two"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
+
+
+def test_expected_kinds(k8s):
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "ConfigMap", "Secret"} <= set(k8s)
+
+
+def _container(k8s) -> dict:
+    (container,) = k8s["Deployment"]["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def _port_number(container, port) -> int:
+    if isinstance(port, int):
+        return port
+    return next(p["containerPort"] for p in container["ports"] if p["name"] == port)
+
+
+def test_probes(k8s):
+    c = _container(k8s)
+    assert c["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
+    startup = c["startupProbe"]
+    assert startup["httpGet"]["path"] == "/health"
+    # model download/load, or the demo model build (~3 min): at least 5 minutes before liveness applies
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        assert _port_number(c, c[probe]["httpGet"]["port"]) == 8000
+        assert c[probe]["timeoutSeconds"] < c[probe]["periodSeconds"]
+
+
+def test_ports_match_the_image(k8s, dockerfile):
+    c = _container(k8s)
+    exposed = {int(a) for k, a in dockerfile if k == "EXPOSE"}
+    assert {p["containerPort"] for p in c["ports"]} == exposed == {8000}
+    env = {e["name"]: e.get("value") for e in c.get("env", [])}
+    assert env.get("TEXTGEN_HOST", dockerfile_env(dockerfile)["TEXTGEN_HOST"]) == "0.0.0.0"
+    assert int(env.get("TEXTGEN_PORT", 8000)) == 8000
+
+
+def test_runs_as_the_images_non_root_user(k8s, dockerfile):
+    pod = k8s["Deployment"]["spec"]["template"]["spec"]
+    image_uid = int([a for k, a in dockerfile if k == "USER"][-1].split(":")[0])
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == image_uid != 0
+    assert pod["securityContext"]["fsGroup"] == image_uid
+    c = _container(k8s)["securityContext"]
+    assert c["allowPrivilegeEscalation"] is False
+    assert c["capabilities"]["drop"] == ["ALL"]
+
+
+def test_writable_paths_are_volumes(k8s, dockerfile):
+    """With a read-only root filesystem the cache (HF + textgen) and /tmp must be mounted volumes."""
+    c = _container(k8s)
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    assert dockerfile_env(dockerfile)["XDG_CACHE_HOME"] in mounts
+    if c["securityContext"].get("readOnlyRootFilesystem"):
+        assert "/tmp" in mounts
+    volumes = {v["name"]: v for v in k8s["Deployment"]["spec"]["template"]["spec"]["volumes"]}
+    assert set(mounts.values()) <= set(volumes)
+
+
+def test_grace_period_exceeds_the_shutdown_timeout(k8s):
+    shutdown = float(k8s["ConfigMap"]["data"]["TEXTGEN_SHUTDOWN_TIMEOUT"])
+    grace = k8s["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace >= shutdown + 10, "leave time after the drain for exit and endpoint removal"
+
+
+def test_settings_are_known_textgen_variables(k8s):
+    config_keys = set(k8s["ConfigMap"]["data"])
+    env_names = {e["name"] for e in _container(k8s).get("env", [])}
+    for name in config_keys | env_names:
+        if name.startswith("TEXTGEN_"):
+            assert name in TEXTGEN_SETTINGS, f"unknown setting {name}"
+
+
+def test_config_and_secret_references_resolve(k8s):
+    c = _container(k8s)
+    configmaps = [e["configMapRef"]["name"] for e in c.get("envFrom", []) if "configMapRef" in e]
+    assert configmaps == [k8s["ConfigMap"]["metadata"]["name"]]
+    secret_volumes = [
+        v["secret"]["secretName"] for v in k8s["Deployment"]["spec"]["template"]["spec"]["volumes"] if "secret" in v
+    ]
+    assert secret_volumes == [k8s["Secret"]["metadata"]["name"]]
+    key_file = next(e["value"] for e in c["env"] if e["name"] == "TEXTGEN_API_KEY_FILE")
+    secret_mount = next(m for m in c["volumeMounts"] if m["name"] in {"api-keys"})
+    directory, _, key = key_file.rpartition("/")
+    assert directory == secret_mount["mountPath"]
+    assert key in k8s["Secret"].get("stringData", {}) | k8s["Secret"].get("data", {})
+
+
+def test_resources_and_rollout(k8s):
+    c = _container(k8s)
+    assert c["resources"]["requests"]["cpu"], "the HPA's CPU utilization is relative to requests.cpu"
+    assert c["resources"]["requests"]["memory"] and c["resources"]["limits"]["memory"]
+    strategy = k8s["Deployment"]["spec"]["strategy"]
+    assert strategy["rollingUpdate"]["maxUnavailable"] == 0
+
+
+def test_service_selects_the_pods(k8s):
+    pod_labels = k8s["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    service = k8s["Service"]["spec"]
+    assert service["selector"].items() <= pod_labels.items()
+    assert k8s["Deployment"]["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    (port,) = service["ports"]
+    assert _port_number(_container(k8s), port["targetPort"]) == 8000
+    if "PodDisruptionBudget" in k8s:
+        assert k8s["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+
+
+def test_hpa_scales_the_deployment_on_cpu(k8s):
+    hpa = k8s["HorizontalPodAutoscaler"]
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", k8s["Deployment"]["metadata"]["name"])
+    assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+    cpu = [m for m in hpa["spec"]["metrics"] if m["type"] == "Resource" and m["resource"]["name"] == "cpu"]
+    assert cpu and 0 < cpu[0]["resource"]["target"]["averageUtilization"] <= 100
