@@ -38,3 +38,6 @@ bench-quick: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+container-smoke: install
+	bash scripts/container-smoke.sh
