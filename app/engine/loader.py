@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 
@@ -102,6 +103,13 @@ def load_model(
             "and use a local directory)"
         )
         raise ModelLoadError(f"cannot load model config from {where}: {_first_line(exc)}; {hint}.") from exc
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and "AutoModelForCausalLM" not in (
+        getattr(config, "auto_map", None) or {}
+    ):
+        raise ModelLoadError(
+            f"{where} is a '{config.model_type}' model, which is not a causal language model; "
+            "textgen serves AutoModelForCausalLM models (GPT-2, Llama, ...)."
+        )
     try:
         model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch_dtype)
     except ValueError as exc:
