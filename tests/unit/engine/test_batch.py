@@ -1,0 +1,59 @@
+"""The running batch: rows that join and leave decode exactly as they would alone."""
+
+import torch
+
+from app.engine.batch import Batch
+from app.engine.loader import LoadedModel
+from app.engine.sequence import Sequence
+from app.engine.types import GenerationRequest, SamplingParams, StoppingParams
+
+
+def seq(lm: LoadedModel, prompt: str) -> Sequence:
+    tok = lm.tokenizer
+    request = GenerationRequest(tok(prompt)["input_ids"], SamplingParams(), StoppingParams(50), lambda e: None)
+    return Sequence(request, tok, frozenset([tok.eos_token_id]), frozenset(), 256, torch.device("cpu"))
+
+
+def greedy_alone(lm: LoadedModel, prompt: str, n: int) -> list[int]:
+    ids = lm.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        out = lm.model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                pad_token_id=lm.tokenizer.eos_token_id)
+    return out[0, ids.shape[1] :].tolist()
+
+
+@torch.inference_mode()
+def test_join_and_leave_between_steps(tiny_lm: LoadedModel) -> None:
+    prompts = ["The list", "A much longer prompt about the import statement and modules", "x"]
+    model = tiny_lm.model
+    produced: dict[int, list[int]] = {0: [], 1: [], 2: []}
+
+    def step_tokens(batch: Batch, logits: torch.Tensor, owners: list[int]) -> None:
+        ids = logits.argmax(-1).tolist()
+        for owner, i in zip(owners, ids, strict=True):
+            produced[owner].append(i)
+        batch.set_next(ids)
+
+    batch, logits, _ = Batch.prefill(model, [seq(tiny_lm, prompts[0])], all_logits=False)
+    owners = [0]
+    step_tokens(batch, logits, owners)
+    for _ in range(3):
+        step_tokens(batch, batch.decode(model), owners)
+    # Two newcomers of different lengths join a batch whose cache is already 4 tokens longer.
+    joining, logits, _ = Batch.prefill(model, [seq(tiny_lm, prompts[1]), seq(tiny_lm, prompts[2])], all_logits=False)
+    step_tokens(joining, logits, [1, 2])
+    batch.extend(joining)
+    owners = [0, 1, 2]
+    for _ in range(4):
+        step_tokens(batch, batch.decode(model), owners)
+    # The longest row leaves: padding columns no one needs are cut.
+    length_before = batch.length
+    batch.filter([0, 2])
+    owners = [0, 2]
+    assert batch.length < length_before
+    for _ in range(3):
+        step_tokens(batch, batch.decode(model), owners)
+
+    assert produced[0] == greedy_alone(tiny_lm, prompts[0], len(produced[0]))
+    assert produced[1] == greedy_alone(tiny_lm, prompts[1], len(produced[1]))
+    assert produced[2] == greedy_alone(tiny_lm, prompts[2], len(produced[2]))

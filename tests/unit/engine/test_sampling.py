@@ -1,0 +1,70 @@
+"""Per-row sampling inside one batch."""
+
+import torch
+
+from app.engine.loader import LoadedModel
+from app.engine.sampling import choose
+from app.engine.sequence import Sequence
+from app.engine.types import GenerationRequest, SamplingParams, StoppingParams
+
+
+def seq(lm: LoadedModel, sampling: SamplingParams, min_new: int = 0) -> Sequence:
+    tok = lm.tokenizer
+    request = GenerationRequest([5, 6, 7], sampling, StoppingParams(20, min_new), lambda e: None)
+    return Sequence(request, tok, frozenset([tok.eos_token_id]), frozenset(), 256, torch.device("cpu"))
+
+
+def logits(rows: int, vocab: int = 64, seed: int = 0) -> torch.Tensor:
+    return torch.randn((rows, vocab), generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def test_greedy_rows_take_argmax(tiny_lm: LoadedModel) -> None:
+    x = logits(3)
+    choices = choose(x, [seq(tiny_lm, SamplingParams()) for _ in range(3)], [])
+    assert [c.token_id for c in choices] == x.argmax(-1).tolist()
+    for row, c in enumerate(choices):
+        assert abs(c.logprob - torch.log_softmax(x[row], -1)[c.token_id].item()) < 1e-5
+
+
+def test_seeded_rows_do_not_depend_on_neighbours(tiny_lm: LoadedModel) -> None:
+    params = SamplingParams(do_sample=True, temperature=1.5, seed=7)
+    x = logits(4)
+    alone = [choose(x[1:2], [seq(tiny_lm, params)], [])[0].token_id for _ in range(1)]
+    mixed_rows = [seq(tiny_lm, SamplingParams()), seq(tiny_lm, params),
+                  seq(tiny_lm, SamplingParams(do_sample=True, top_p=0.5, seed=3)),
+                  seq(tiny_lm, SamplingParams(do_sample=True, top_k=5))]
+    mixed = choose(x, mixed_rows, [])
+    assert mixed[1].token_id == alone[0]
+
+
+def test_seeded_sequence_of_draws_is_reproducible(tiny_lm: LoadedModel) -> None:
+    params = SamplingParams(do_sample=True, seed=11)
+    a, b = seq(tiny_lm, params), seq(tiny_lm, params)
+    x = logits(1) / 3  # flat enough that draws vary
+    draws_a = [choose(x, [a], [])[0].token_id for _ in range(20)]
+    draws_b = [choose(x, [b], [])[0].token_id for _ in range(20)]
+    assert draws_a == draws_b and len(set(draws_a)) > 1
+
+
+def test_top_k_one_is_greedy_and_min_new_blocks_eos(tiny_lm: LoadedModel) -> None:
+    x = logits(2)
+    top1 = choose(x, [seq(tiny_lm, SamplingParams(do_sample=True, top_k=1, seed=1))] * 2, [])
+    assert [c.token_id for c in top1] == x.argmax(-1).tolist()
+    eos = int(x[0].argmax())
+    blocked = choose(x[:1].clone(), [seq(tiny_lm, SamplingParams(), min_new=5)], [eos])
+    assert blocked[0].token_id != eos
+
+
+def test_repetition_penalty_discourages_seen_tokens(tiny_lm: LoadedModel) -> None:
+    x = torch.zeros((1, 64))
+    x[0, 6] = 2.0  # token 6 is in the prompt [5, 6, 7]
+    x[0, 9] = 1.5
+    assert choose(x.clone(), [seq(tiny_lm, SamplingParams())], [])[0].token_id == 6
+    penalised = choose(x.clone(), [seq(tiny_lm, SamplingParams(repetition_penalty=2.0))], [])
+    assert penalised[0].token_id == 9
+
+
+def test_top_logprobs(tiny_lm: LoadedModel) -> None:
+    x = logits(1)
+    c = choose(x, [seq(tiny_lm, SamplingParams(top_logprobs=3))], [])[0]
+    assert c.top is not None and [i for i, _ in c.top] == x[0].topk(3).indices.tolist()
