@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app import __version__
-from app.api import embed, errors, generate, health
+from app.api import embed, errors, generate, health, openai, tokenize
 from app.api.middleware import RequestMetrics
 from app.config import Settings
 from app.engine.loader import ModelLoadError
@@ -41,6 +41,8 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None]
     app.include_router(health.router)
     app.include_router(generate.router)
     app.include_router(embed.router)
+    app.include_router(tokenize.router)
+    app.include_router(openai.router)
     app.add_middleware(RequestMetrics, metrics=service.metrics)
     return app
 

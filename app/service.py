@@ -4,6 +4,7 @@ Loading happens after the server starts listening, so /health can answer 503 mea
 """
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 from app.config import Settings
@@ -24,6 +25,8 @@ class Service:
     embedder: Embedder | None = None
     error: str | None = None
     draining: bool = False
+    chat_template: str | None = None
+    started: int = field(default_factory=lambda: int(time.time()))
 
     @property
     def model_name(self) -> str:
@@ -52,6 +55,11 @@ class Service:
             max_input_tokens=s.max_input_tokens,
             adapter=s.adapter,
         )
+        if s.chat_template:
+            try:
+                self.chat_template = s.chat_template.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ModelLoadError(f"cannot read TEXTGEN_CHAT_TEMPLATE {s.chat_template}: {exc}") from exc
         if s.embedding_model:
             try:
                 embedder = load_sentence_transformer(s.embedding_model, loaded.device)

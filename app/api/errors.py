@@ -47,8 +47,10 @@ def is_openai(request: Request) -> bool:
 
 def error_response(request: Request, err: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
     if is_openai(request):
+        # OpenAI answers invalid requests with 400 (its SDK raises BadRequestError), not 422.
+        status = 400 if err.status == 422 else err.status
         code = err.error_type if err.error_type not in ("validation",) else None
-        body: dict = {
+        body = {
             "error": {
                 "message": err.message,
                 "type": _OPENAI_TYPES.get(err.error_type, err.error_type),
@@ -56,8 +58,8 @@ def error_response(request: Request, err: APIError, headers: dict[str, str] | No
                 "code": code,
             }
         }
-    else:
-        body = {"error": err.message, "error_type": err.error_type}
+        return JSONResponse(body, status_code=status, headers=headers)
+    body = {"error": err.message, "error_type": err.error_type}
     return JSONResponse(body, status_code=err.status, headers=headers)
 
 

@@ -1,0 +1,9 @@
+"""OpenAI-compatible routes (/v1/*), on the same engine, limits and metrics as the TGI routes."""
+
+from fastapi import APIRouter
+
+from app.api.openai import chat, completions, embeddings, models
+
+router = APIRouter()
+for module in (models, completions, chat, embeddings):
+    router.include_router(module.router)

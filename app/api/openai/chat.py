@@ -1,0 +1,131 @@
+"""POST /v1/chat/completions: the tokenizer's chat template (or TEXTGEN_CHAT_TEMPLATE) renders
+the messages into a prompt, then it is a completion like any other."""
+
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from app.api.deps import EngineDep, ServiceDep
+from app.api.errors import APIError
+from app.api.generation import Generation, run_to_completion
+from app.api.openai.common import FINISH, SSE_DONE, check_model, merged, sse_error, sse_json, start_choices
+from app.api.openai.protocol import (
+    ChatChoice,
+    ChatMessage,
+    ChatRequest,
+    ChatResponse,
+    OpenAIErrorBody,
+    Usage,
+    new_id,
+    now,
+)
+from app.engine.types import Token
+from app.service import Service
+
+router = APIRouter(tags=["OpenAI"])
+
+ERRORS = {code: {"model": OpenAIErrorBody} for code in (400, 404, 429, 503, 504)}
+
+
+def _content(message: ChatMessage) -> str:
+    if isinstance(message.content, list):  # content parts: keep the text ones
+        return "".join(part.get("text", "") for part in message.content if part.get("type") == "text")
+    return message.content or ""
+
+
+def render_prompt(service: Service, messages: list[ChatMessage]) -> list[int]:
+    assert service.loaded is not None
+    tok = service.loaded.tokenizer
+    template = service.chat_template or getattr(tok, "chat_template", None)
+    if not template:
+        raise APIError(
+            400,
+            "This model has no chat template, so /v1/chat/completions cannot format messages. "
+            "Use /v1/completions, or start the server with TEXTGEN_CHAT_TEMPLATE=/path/to/template.jinja "
+            "(a Jinja chat template).",
+            "validation",
+            "messages",
+        )
+    conversation = [{"role": m.role, "content": _content(m)} for m in messages]
+    try:
+        text = tok.apply_chat_template(conversation, chat_template=template, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # a template that rejects these messages (e.g. role order)
+        raise APIError(400, f"the chat template could not render these messages: {exc}", "validation", "messages") from exc
+    # The rendered text already holds any BOS the template wants.
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def _logprobs(tokens: list[Token]) -> dict:
+    def entry(text: str, lp: float) -> dict:
+        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+    return {
+        "content": [
+            {**entry(t.text, t.logprob), "top_logprobs": [entry(text, lp) for _, text, lp in t.top or []]}
+            for t in tokens
+        ]
+    }
+
+
+@router.post(
+    "/v1/chat/completions",
+    response_model=ChatResponse,
+    responses={**ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE with stream"}},
+)
+async def chat(body: ChatRequest, request: Request, engine: EngineDep, service: ServiceDep):
+    """OpenAI chat completions for models with a chat template."""
+    model = check_model(service, body.model)
+    ids = render_prompt(service, body.messages)
+    top = (body.top_logprobs or 0) if body.logprobs else 0
+    generations = start_choices(engine, service, body, [ids], body.max_completion_tokens or body.max_tokens, top_logprobs=top)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(_stream(body, model, generations, len(ids), include_usage), media_type="text/event-stream")
+    results = await run_to_completion(request, service, generations)
+    choices = [
+        ChatChoice(
+            index=i,
+            message={"role": "assistant", "content": c.text},
+            logprobs=_logprobs(c.tokens) if body.logprobs else None,
+            finish_reason=FINISH[c.finish_reason],
+        )
+        for i, c in enumerate(results)
+    ]
+    completion_tokens = sum(c.generated_tokens for c in results)
+    usage = Usage(prompt_tokens=len(ids), completion_tokens=completion_tokens, total_tokens=len(ids) + completion_tokens)
+    return ChatResponse(id=new_id("chatcmpl"), created=now(), model=model, choices=choices, usage=usage)
+
+
+async def _stream(
+    body: ChatRequest, model: str, generations: list[Generation], prompt_tokens: int, include_usage: bool
+) -> AsyncIterator[str]:
+    head = {"id": new_id("chatcmpl"), "object": "chat.completion.chunk", "created": now(), "model": model}
+
+    def chunk(index: int, delta: dict, finish: str | None, logprobs: dict | None = None) -> str:
+        return sse_json(
+            {**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+        )
+
+    completion_tokens = 0
+    try:
+        for i in range(len(generations)):
+            yield chunk(i, {"role": "assistant", "content": ""}, None)
+        async for index, event in merged(generations):
+            finish = None
+            if event.completion is not None:
+                finish = FINISH[event.completion.finish_reason]
+                completion_tokens += event.completion.generated_tokens
+            logprobs = _logprobs([event.token]) if body.logprobs and event.token is not None else None
+            if event.text or finish or logprobs:
+                yield chunk(index, {"content": event.text} if event.text else {}, finish, logprobs)
+        if include_usage:
+            usage = Usage(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                total_tokens=prompt_tokens + completion_tokens,
+            )
+            yield sse_json({**head, "choices": [], "usage": usage.model_dump()})
+    except APIError as exc:
+        yield sse_error(exc)
+    yield SSE_DONE

@@ -1,0 +1,126 @@
+"""Pieces shared by the OpenAI routes: model check, sampling mapping, fan-out of n choices."""
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+from app.api.errors import APIError, validation
+from app.api.generation import Generation, check_stop, resolve_max_new_tokens
+from app.api.openai.protocol import SamplingFields
+from app.engine.scheduler import Engine
+from app.engine.types import Event, SamplingParams, StoppingParams
+from app.service import Service
+
+FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
+
+
+def check_model(service: Service, name: str, *, embedding: bool = False) -> str:
+    served = {service.model_name}
+    if embedding and service.settings.embedding_model:
+        served.add(service.settings.embedding_model)
+    if name not in served:
+        raise APIError(
+            404,
+            f"The model `{name}` does not exist. Served: {', '.join(sorted(served))} (see GET /v1/models).",
+            "model_not_found",
+            "model",
+        )
+    return name
+
+
+def sampling_for(body: SamplingFields, choice: int, top_logprobs: int = 0) -> SamplingParams:
+    greedy = body.temperature == 0
+    seed = None if body.seed is None else body.seed + choice
+    return SamplingParams(
+        do_sample=not greedy,
+        temperature=1.0 if greedy else body.temperature,
+        top_k=body.top_k if body.top_k not in (None, -1, 0) else None,
+        top_p=body.top_p,
+        repetition_penalty=body.repetition_penalty,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        seed=seed,
+        top_logprobs=top_logprobs,
+    )
+
+
+def start_choices(
+    engine: Engine,
+    service: Service,
+    body: SamplingFields,
+    prompts: list[list[int]],
+    max_tokens: int | None,
+    *,
+    top_logprobs: int = 0,
+    prefill_details: bool = False,
+) -> list[Generation]:
+    """n generations per prompt, in OpenAI's choice order. All or none are submitted."""
+    limit = service.settings.max_best_of
+    if body.n > limit:
+        raise validation(f"`n` is {body.n}; at most {limit} choices are allowed (TEXTGEN_MAX_BEST_OF)", "n")
+    assert service.loaded is not None
+    stop = check_stop(service, body.stop_list())
+    if any(not s for s in stop):
+        raise validation("`stop` strings must not be empty", "stop")
+    plans = []
+    for ids in prompts:
+        max_new = resolve_max_new_tokens(
+            service.loaded.limits, len(ids), max_tokens, service.settings.max_new_tokens_default, "max_tokens"
+        )
+        if body.min_tokens > max_new:
+            raise validation(f"`min_tokens` ({body.min_tokens}) must be <= `max_tokens` ({max_new})", "min_tokens")
+        plans.append((ids, StoppingParams(max_new, body.min_tokens, stop)))
+    generations: list[Generation] = []
+    try:
+        for ids, stopping in plans:
+            for choice in range(body.n):
+                sampling = sampling_for(body, choice, top_logprobs)
+                generations.append(Generation(engine, ids, sampling, stopping, prefill_details))
+    except APIError:
+        for g in generations:
+            g.cancel()
+        raise
+    return generations
+
+
+async def merged(generations: list[Generation]) -> AsyncIterator[tuple[int, Event]]:
+    """Events of all generations as they come, tagged with the generation's index."""
+    queue: asyncio.Queue[tuple[int, Event] | tuple[int, BaseException] | None] = asyncio.Queue()
+
+    async def pump(index: int, g: Generation) -> None:
+        try:
+            async for event in g.events():
+                await queue.put((index, event))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            await queue.put((index, exc))
+        finally:
+            await queue.put(None)
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(generations)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            item = await queue.get()
+            if item is None:
+                remaining -= 1
+                continue
+            index, payload = item
+            if isinstance(payload, BaseException):
+                raise payload
+            yield index, payload
+    finally:
+        for t in tasks:
+            t.cancel()
+        for g in generations:
+            g.cancel()
+
+
+def sse_json(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def sse_error(exc: APIError) -> str:
+    return sse_json({"error": {"message": exc.message, "type": exc.error_type, "param": None, "code": None}})

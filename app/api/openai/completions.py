@@ -1,0 +1,153 @@
+"""POST /v1/completions."""
+
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from app.api.deps import EngineDep, ServiceDep
+from app.api.errors import APIError
+from app.api.generation import Generation, run_to_completion
+from app.api.openai.common import FINISH, SSE_DONE, check_model, merged, sse_error, sse_json, start_choices
+from app.api.openai.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    OpenAIErrorBody,
+    Usage,
+    new_id,
+    now,
+)
+from app.engine.types import Completion, Token
+from app.service import Service
+
+router = APIRouter(tags=["OpenAI"])
+
+ERRORS = {code: {"model": OpenAIErrorBody} for code in (400, 404, 429, 503, 504)}
+
+
+def prompts_of(service: Service, body: CompletionRequest) -> tuple[list[list[int]], list[str]]:
+    """Token ids and text of each prompt; prompts may be text or token ids."""
+    assert service.loaded is not None
+    tok = service.loaded.tokenizer
+    p = body.prompt
+    if isinstance(p, str):
+        items: list = [p]
+    elif p and isinstance(p[0], int):
+        items = [p]
+    else:
+        items = list(p)
+    ids, texts = [], []
+    for item in items:
+        if isinstance(item, str):
+            ids.append(tok(item)["input_ids"])
+            texts.append(item)
+        else:
+            if max(item) >= len(tok):
+                raise APIError(422, f"token id {max(item)} is outside the vocabulary ({len(tok)})", "validation")
+            ids.append(list(item))
+            texts.append(tok.decode(item, skip_special_tokens=True))
+    return ids, texts
+
+
+def _logprobs(tokens: list[Token], start_offset: int) -> CompletionLogprobs:
+    out = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+    offset = start_offset
+    for t in tokens:
+        out.tokens.append(t.text)
+        out.token_logprobs.append(None if t.logprob != t.logprob else t.logprob)  # NaN: first prompt token
+        out.top_logprobs.append({text: lp for _, text, lp in t.top} if t.top else None)
+        out.text_offset.append(offset)
+        offset += len(t.text)
+    return out
+
+
+def choice_of(body: CompletionRequest, index: int, prompt_text: str, c: Completion) -> CompletionChoice:
+    text = prompt_text + c.text if body.echo else c.text
+    logprobs = None
+    if body.logprobs is not None:
+        tokens = (c.prefill or []) + c.tokens if body.echo else c.tokens
+        logprobs = _logprobs(tokens, 0 if body.echo else len(prompt_text))
+    return CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=FINISH[c.finish_reason])
+
+
+@router.post(
+    "/v1/completions",
+    response_model=CompletionResponse,
+    responses={**ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE with stream"}},
+)
+async def completions(body: CompletionRequest, request: Request, engine: EngineDep, service: ServiceDep):
+    """OpenAI text completions: string or list prompts, n choices, stop, seed, logprobs, echo, stream."""
+    model = check_model(service, body.model)
+    ids, texts = prompts_of(service, body)
+    generations = start_choices(
+        engine,
+        service,
+        body,
+        ids,
+        body.max_tokens,
+        top_logprobs=body.logprobs or 0,
+        prefill_details=body.echo and body.logprobs is not None,
+    )
+    prompt_tokens = sum(len(i) for i in ids)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(
+            _stream(body, model, texts, generations, prompt_tokens, include_usage), media_type="text/event-stream"
+        )
+    results = await run_to_completion(request, service, generations)
+    choices = [choice_of(body, i, texts[i // body.n], c) for i, c in enumerate(results)]
+    completion_tokens = sum(c.generated_tokens for c in results)
+    return CompletionResponse(
+        id=new_id("cmpl"),
+        created=now(),
+        model=model,
+        choices=choices,
+        usage=Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        ),
+    )
+
+
+async def _stream(
+    body: CompletionRequest,
+    model: str,
+    texts: list[str],
+    generations: list[Generation],
+    prompt_tokens: int,
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    head = {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": model}
+    completion_tokens = 0
+
+    def chunk(index: int, text: str, finish: str | None, logprobs: CompletionLogprobs | None = None) -> str:
+        choice = {"index": index, "text": text, "logprobs": logprobs and logprobs.model_dump(), "finish_reason": finish}
+        return sse_json({**head, "choices": [choice]})
+
+    try:
+        if body.echo:
+            for i in range(len(generations)):
+                yield chunk(i, texts[i // body.n], None)
+        async for index, event in merged(generations):
+            finish = None
+            if event.completion is not None:
+                finish = FINISH[event.completion.finish_reason]
+                completion_tokens += event.completion.generated_tokens
+            logprobs = None
+            if body.logprobs is not None and event.token is not None:
+                logprobs = _logprobs([event.token], 0)
+            if event.text or finish or logprobs:
+                yield chunk(index, event.text, finish, logprobs)
+        if include_usage:
+            usage = Usage(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                total_tokens=prompt_tokens + completion_tokens,
+            )
+            yield sse_json({**head, "choices": [], "usage": usage.model_dump()})
+    except APIError as exc:
+        yield sse_error(exc)
+    yield SSE_DONE

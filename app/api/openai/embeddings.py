@@ -1,0 +1,62 @@
+"""POST /v1/embeddings, served by the same batched embedder as /embed."""
+
+import base64
+
+import numpy as np
+from fastapi import APIRouter
+
+from app.api.deps import EngineDep, ServiceDep
+from app.api.embed import check_batch, embed_ids, tokenize_inputs
+from app.api.errors import APIError, validation
+from app.api.openai.common import check_model
+from app.api.openai.protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, OpenAIErrorBody, Usage
+
+router = APIRouter(tags=["OpenAI"])
+
+
+def _token_inputs(service: object, items: list[list[int]]) -> list[list[int]]:
+    embedder = service.embedder  # type: ignore[attr-defined]
+    vocab = len(embedder.tokenizer)
+    for i, ids in enumerate(items):
+        if max(ids) >= vocab:
+            raise validation(f"input {i}: token id {max(ids)} is outside the vocabulary ({vocab})", "input")
+        if len(ids) > embedder.max_tokens:
+            raise APIError(413, f"input {i} has {len(ids)} tokens; the limit is {embedder.max_tokens}", "validation")
+    return items
+
+
+@router.post(
+    "/v1/embeddings",
+    response_model=EmbeddingResponse,
+    responses={code: {"model": OpenAIErrorBody} for code in (400, 404, 413, 429, 503)},
+)
+async def embeddings(body: EmbeddingRequest, engine: EngineDep, service: ServiceDep) -> EmbeddingResponse:
+    """OpenAI embeddings: text or token-id inputs; float or base64 (little-endian float32)."""
+    model = check_model(service, body.model, embedding=True)
+    assert service.embedder is not None
+    if body.dimensions is not None and body.dimensions != service.embedder.dimensions:
+        raise validation(
+            f"`dimensions` is not supported: this model's embeddings have {service.embedder.dimensions} "
+            "dimensions; omit the field or pass exactly that",
+            "dimensions",
+        )
+    raw = body.input
+    if isinstance(raw, str):
+        ids = tokenize_inputs(service, [raw], truncate=False)
+    elif raw and isinstance(raw[0], int):
+        ids = _token_inputs(service, [raw])  # type: ignore[list-item]
+    elif raw and isinstance(raw[0], str):
+        check_batch(service, len(raw))
+        ids = tokenize_inputs(service, list(raw), truncate=False)  # type: ignore[arg-type]
+    else:
+        check_batch(service, len(raw))
+        ids = _token_inputs(service, list(raw))  # type: ignore[arg-type]
+    vectors = await embed_ids(engine, ids, normalize=True)
+    data = []
+    for i, vector in enumerate(vectors):
+        value: list[float] | str = vector
+        if body.encoding_format == "base64":
+            value = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+        data.append(EmbeddingData(index=i, embedding=value))
+    tokens = sum(len(x) for x in ids)
+    return EmbeddingResponse(data=data, model=model, usage=Usage(prompt_tokens=tokens, total_tokens=tokens))

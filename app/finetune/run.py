@@ -1,0 +1,191 @@
+"""One fine-tuning run, start to finish: read and check data, train, evaluate, export."""
+
+import logging
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import transformers
+from accelerate import PartialState
+from transformers import EarlyStoppingCallback, default_data_collator
+
+from app.finetune.config import ConfigError, FinetuneConfig
+from app.finetune.data import DataError, LoadedData, examples_sha256, load_data
+from app.finetune.examples import Example
+from app.finetune.export import export_model, manifest, write_json
+from app.finetune.lora import add_lora
+from app.finetune.modeling import (
+    choose_block_size,
+    context_length,
+    ensure_generation_eos,
+    load_base,
+    load_tokenizer,
+    new_model,
+)
+from app.finetune.packing import PackedBlocks, pack
+from app.finetune.trainer import FinetuneTrainer, latest_checkpoint, training_arguments
+
+log = logging.getLogger("app.finetune")
+
+DEFAULT_LEARNING_RATE = {"full": 5e-5, "lora": 2e-4, "scratch": 1e-3}
+CHECKPOINTS = "checkpoints"
+
+
+def setup_logging() -> None:
+    """Progress goes to stderr from the main process only; other ranks speak up for warnings."""
+    main = PartialState().is_main_process
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO if main else logging.WARNING)
+    log.propagate = False
+    transformers.logging.set_verbosity_warning() if main else transformers.logging.set_verbosity_error()
+
+
+@dataclass
+class Splits:
+    train: PackedBlocks
+    eval: PackedBlocks | None
+
+
+def split_blocks(blocks: PackedBlocks, share: float, seed: int) -> Splits:
+    if share == 0:
+        return Splits(blocks, None)
+    n_eval = max(1, round(len(blocks) * share))
+    if len(blocks) - n_eval < 1:
+        raise DataError(
+            f"too little data for an eval split: {len(blocks)} block(s); add data, lower --block-size, "
+            "pass --eval-file, or --eval-split 0"
+        )
+    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))
+    return Splits(blocks.subset(order[n_eval:].sort().values), blocks.subset(order[:n_eval].sort().values))
+
+
+def check_output(config: FinetuneConfig) -> None:
+    output = config.output
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"--output {output} is a file, not a folder")
+    if not config.resume and output.is_dir() and any(output.iterdir()):
+        raise ConfigError(f"--output {output} is not empty; pass --resume to continue a run there, or pick a new one")
+
+
+def learning_rate(config: FinetuneConfig) -> float:
+    if config.learning_rate is not None:
+        return config.learning_rate
+    mode = "scratch" if config.from_scratch else "lora" if config.lora else "full"
+    return DEFAULT_LEARNING_RATE[mode]
+
+
+def finetune(config: FinetuneConfig, examples: Sequence[Example] | None = None) -> dict[str, Any]:
+    """Returns the metrics also written to OUTPUT/metrics.json. `examples` replaces reading
+    `config.data` (then only a label) for callers that build their corpus in memory."""
+    state = PartialState()
+    check_output(config)
+    checkpoint_dir = config.output / CHECKPOINTS
+    # All input is read and checked before anything slow, so bad data fails in seconds.
+    if examples is None:
+        data = load_data(config.data, split=config.dataset_split)
+    else:
+        data = LoadedData(list(examples), examples_sha256(examples))
+    eval_data = load_data(config.eval_file, split=config.dataset_split) if config.eval_file else None
+
+    resume_from = latest_checkpoint(checkpoint_dir) if config.resume else None
+    if config.resume:
+        log.info("resuming from %s", resume_from) if resume_from else log.info("no checkpoint yet; starting fresh")
+    tokenizer = load_tokenizer(config, data.examples, saved=checkpoint_dir / "tokenizer")
+    if config.from_scratch:
+        block_size = choose_block_size(config, None)
+        model = new_model(config, tokenizer, block_size)
+    else:
+        model = load_base(config)
+        block_size = choose_block_size(config, context_length(model))
+    ensure_generation_eos(model, tokenizer)
+
+    blocks = pack(data.examples, tokenizer, block_size, what="train data")
+    if eval_data is not None:
+        splits = Splits(blocks, pack(eval_data.examples, tokenizer, block_size, what="eval data"))
+    else:
+        splits = split_blocks(blocks, config.eval_split, config.seed)
+    log.info(
+        "training on %d blocks (%s tokens), evaluating on %d blocks (%s tokens)",
+        len(splits.train),
+        f"{splits.train.tokens:,}",
+        len(splits.eval) if splits.eval else 0,
+        f"{splits.eval.tokens:,}" if splits.eval else 0,
+    )
+
+    if config.gradient_checkpointing:
+        model.config.use_cache = False
+        if config.lora:
+            model.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph
+    if config.lora:
+        model = add_lora(model, config)
+        trainable, total = model.get_nb_trainable_parameters()
+        log.info("LoRA: training %s of %s parameters", f"{trainable:,}", f"{total:,}")
+
+    if state.is_main_process:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer.save_pretrained(checkpoint_dir / "tokenizer")  # a resumed run must tokenise identically
+    state.wait_for_everyone()
+
+    callbacks = [EarlyStoppingCallback(config.early_stopping_patience)] if config.early_stopping_patience else []
+    trainer = FinetuneTrainer(
+        model=model,
+        args=training_arguments(config, checkpoint_dir, learning_rate(config)),
+        train_dataset=splits.train,
+        eval_dataset=splits.eval,
+        processing_class=tokenizer,
+        data_collator=default_data_collator,  # blocks are already equal length
+        callbacks=callbacks,
+    )
+    before = trainer.evaluate() if splits.eval else {}
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    after = trainer.evaluate() if splits.eval else {}
+
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    metrics: dict[str, Any] = {
+        "eval_perplexity_before": before.get("eval_perplexity"),
+        "eval_perplexity_after": after.get("eval_perplexity"),
+        "eval_nll_before": before.get("eval_nll"),
+        "eval_nll_after": after.get("eval_nll"),
+        "train_tokens": splits.train.tokens,
+        "train_target_tokens": splits.train.target_tokens,
+        "train_blocks": len(splits.train),
+        "eval_tokens": splits.eval.tokens if splits.eval else 0,
+        "eval_blocks": len(splits.eval) if splits.eval else 0,
+        "block_size": block_size,
+        "global_step": trainer.state.global_step,
+        "final_train_loss": losses[-1] if losses else None,
+        "mean_train_loss": result.training_loss,
+        "resumed_from": resume_from,
+    }
+    if splits.eval:
+        log.info(
+            "held-out perplexity: %.3f before, %.3f after (%s tokens)",
+            metrics["eval_perplexity_before"],
+            metrics["eval_perplexity_after"],
+            f"{splits.eval.target_tokens:,}",
+        )
+    if state.is_main_process:
+        export_model(trainer.model, tokenizer, config.output, merge=not config.no_merge)
+        write_json(config.output / "metrics.json", metrics)
+        write_json(
+            config.output / "manifest.json",
+            manifest(
+                base_model=config.model,
+                from_scratch=config.from_scratch,
+                adapter=config.no_merge,
+                data=config.data,
+                data_sha256=data.sha256,
+                metrics=metrics,
+                config=config.model_dump(mode="json"),
+            ),
+        )
+        if not config.keep_checkpoints:
+            shutil.rmtree(checkpoint_dir)
+        log.info("wrote %s", config.output)
+    state.wait_for_everyone()
+    return metrics
