@@ -67,6 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    access = logging.getLogger("textgen.access")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))  # one JSON object per line
+    access.addHandler(handler)
+    access.propagate = False
+
+
 def ensure_demo_model() -> Path:
     """Build the demo model in a child process the first time (the server never imports the trainer)."""
     path = demo_model_dir()
@@ -92,7 +101,7 @@ def serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     if settings.model is None:
         ensure_demo_model()
     fatal: list[str] = []
@@ -103,8 +112,13 @@ def serve(args: argparse.Namespace) -> int:
         if server_box:
             server_box[0].should_exit = True
 
-    app = create_app(settings, on_fatal=on_fatal)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level)
+    try:
+        app = create_app(settings, on_fatal=on_fatal)
+    except OSError as exc:  # e.g. an unreadable TEXTGEN_API_KEY_FILE
+        print(f"textgen: error: {exc}", file=sys.stderr)
+        return 2
+    # Our JSON access log replaces uvicorn's.
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level, access_log=False)
     server = DrainingServer(config, app.state.service)
     server_box.append(server)
     server.run()

@@ -75,3 +75,13 @@ class Settings(BaseSettings):
 
     def resolved_model(self) -> str:
         return self.model or str(demo_model_dir())
+
+    def api_keys(self) -> list[str]:
+        """Keys from TEXTGEN_API_KEY (comma-separated) and TEXTGEN_API_KEY_FILE (one per line)."""
+        keys = [k.strip() for k in (self.api_key or "").split(",")]
+        if self.api_key_file is not None:
+            keys += [line.strip() for line in self.api_key_file.read_text(encoding="utf-8").splitlines()]
+        return [k for k in keys if k and not k.startswith("#")]
+
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]

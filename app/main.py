@@ -6,10 +6,11 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from app import __version__
 from app.api import embed, errors, generate, health, openai, tokenize
-from app.api.middleware import RequestMetrics
+from app.api.middleware import APIKeyAuth, BodyLimit, Observability
 from app.config import Settings
 from app.engine.loader import ModelLoadError
 from app.service import Service
@@ -43,7 +44,17 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None]
     app.include_router(embed.router)
     app.include_router(tokenize.router)
     app.include_router(openai.router)
-    app.add_middleware(RequestMetrics, metrics=service.metrics)
+    # Outermost last: observability sees every response, CORS answers preflights before auth.
+    keys = service.settings.api_keys()
+    if keys:
+        app.add_middleware(APIKeyAuth, keys=keys, metrics_require_key=service.settings.metrics_require_key)
+    app.add_middleware(BodyLimit, max_bytes=service.settings.max_body_bytes)
+    origins = service.settings.cors_origin_list()
+    if origins:
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"])
+    app.add_middleware(
+        Observability, metrics=service.metrics, router=app.router, log_prompts=service.settings.log_prompts
+    )
     return app
 
 

@@ -7,9 +7,10 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from app.api.deps import EngineDep, ServiceDep
 from app.api.errors import APIError, validation
 from app.api.generation import (
+    Context,
+    ContextDep,
     Generation,
     check_stop,
     resolve_max_new_tokens,
@@ -28,9 +29,7 @@ from app.api.schemas import (
     StreamEvent,
     TokenOut,
 )
-from app.engine.scheduler import Engine
 from app.engine.types import Completion, SamplingParams, StoppingParams, Token
-from app.service import Service
 
 router = APIRouter(tags=["generate (TGI)"])
 
@@ -63,8 +62,10 @@ def sampling_params(p: GenerateParameters) -> SamplingParams:
     )
 
 
-def start_generation(engine: Engine, service: Service, body: GenerateRequest) -> Generation:
+def start_generation(ctx: Context, body: GenerateRequest) -> Generation:
     p = body.parameters
+    service = ctx.service
+    ctx.usage["prompt"] = body.inputs
     if p.watermark:
         raise validation("`watermark` is not supported by this server", "parameters.watermark")
     assert service.loaded is not None
@@ -78,7 +79,7 @@ def start_generation(engine: Engine, service: Service, body: GenerateRequest) ->
             f"`min_new_tokens` ({min_new}) must be <= `max_new_tokens` ({max_new})", "parameters.min_new_tokens"
         )
     stopping = StoppingParams(max_new, min_new, check_stop(service, p.stop))
-    return Generation(engine, ids, sampling_params(p), stopping, prefill_details=p.decoder_input_details)
+    return Generation(ctx, ids, sampling_params(p), stopping, prefill_details=p.decoder_input_details)
 
 
 def _logprob(value: float) -> float | None:
@@ -114,10 +115,10 @@ def generate_response(body: GenerateRequest, c: Completion) -> JSONResponse:
 
 
 @router.post("/generate", response_model=GenerateResponse, responses=ERRORS)
-async def generate(body: GenerateRequest, request: Request, engine: EngineDep, service: ServiceDep):
+async def generate(body: GenerateRequest, request: Request, ctx: ContextDep):
     """Generate text for one prompt (TGI's request and response shapes)."""
-    generation = start_generation(engine, service, body)
-    (completion,) = await run_to_completion(request, service, [generation])
+    generation = start_generation(ctx, body)
+    (completion,) = await run_to_completion(request, [generation])
     return generate_response(body, completion)
 
 
@@ -146,8 +147,8 @@ async def stream_events(body: GenerateRequest, generation: Generation) -> AsyncI
         yield sse({"error": exc.message, "error_type": exc.error_type})
 
 
-def streaming_response(body: GenerateRequest, engine: Engine, service: Service) -> StreamingResponse:
-    generation = start_generation(engine, service, body)  # raises 4xx/429 before the stream opens
+def streaming_response(body: GenerateRequest, ctx: Context) -> StreamingResponse:
+    generation = start_generation(ctx, body)  # raises 4xx/429 before the stream opens
     return StreamingResponse(
         stream_events(body, generation),
         media_type="text/event-stream",
@@ -159,9 +160,9 @@ def streaming_response(body: GenerateRequest, engine: Engine, service: Service) 
     "/generate_stream",
     responses={**ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "Server-sent events"}},
 )
-async def generate_stream(body: GenerateRequest, engine: EngineDep, service: ServiceDep) -> StreamingResponse:
+async def generate_stream(body: GenerateRequest, ctx: ContextDep) -> StreamingResponse:
     """Stream tokens as server-sent events; the last event carries generated_text and details."""
-    return streaming_response(body, engine, service)
+    return streaming_response(body, ctx)
 
 
 @router.post(
@@ -169,9 +170,9 @@ async def generate_stream(body: GenerateRequest, engine: EngineDep, service: Ser
     response_model=GenerateResponse,
     responses={**ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "JSON or SSE"}},
 )
-async def compat(body: CompatRequest, request: Request, engine: EngineDep, service: ServiceDep):
+async def compat(body: CompatRequest, request: Request, ctx: ContextDep):
     """TGI's compatibility route (huggingface_hub's InferenceClient posts here): /generate, or
     /generate_stream when `stream` is true."""
     if body.stream:
-        return streaming_response(body, engine, service)
-    return await generate(body, request, engine, service)
+        return streaming_response(body, ctx)
+    return await generate(body, request, ctx)

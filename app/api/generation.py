@@ -8,10 +8,14 @@ the engine, which drops it at its next step.
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Annotated
 
-from fastapi import Request
+from fastapi import Depends, Request
 
+from app.api.deps import EngineDep, ServiceDep
 from app.api.errors import APIError, from_engine, validation
+from app.api.middleware import USAGE_KEY
 from app.engine.loader import Limits
 from app.engine.scheduler import Engine
 from app.engine.types import (
@@ -63,12 +67,30 @@ def check_stop(service: Service, stop: list[str]) -> tuple[str, ...]:
     return tuple(stop)
 
 
+@dataclass
+class Context:
+    """What a generating route hands down: the engine, the service, and the request's usage
+    record (read by the access log once the response is complete)."""
+
+    engine: Engine
+    service: Service
+    usage: dict
+
+
+def get_context(request: Request, engine: EngineDep, service: ServiceDep) -> Context:
+    return Context(engine, service, request.scope.setdefault(USAGE_KEY, {}))
+
+
+ContextDep = Annotated[Context, Depends(get_context)]
+
+
 class Generation:
-    """One request in the engine, consumed from the event loop."""
+    """One request in the engine, consumed from the event loop. Past TEXTGEN_REQUEST_TIMEOUT it
+    is cancelled in the engine and raises a 504 error."""
 
     def __init__(
         self,
-        engine: Engine,
+        ctx: Context,
         prompt_ids: list[int],
         sampling: SamplingParams,
         stopping: StoppingParams,
@@ -77,9 +99,13 @@ class Generation:
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self.request = GenerationRequest(prompt_ids, sampling, stopping, self._deliver, prefill_details)
+        self.usage = ctx.usage
+        timeout = ctx.service.settings.request_timeout
+        self._deadline = None if timeout is None else self._loop.time() + timeout
+        self._timeout = timeout
         self.done = False
         try:
-            engine.submit(self.request)
+            ctx.engine.submit(self.request)
         except EngineError as exc:
             raise from_engine(exc) from exc
 
@@ -90,12 +116,29 @@ class Generation:
         if not self.done:
             self.request.cancel()
 
+    def _record(self, c: Completion) -> None:
+        u = self.usage
+        u["prompt_tokens"] = u.get("prompt_tokens", 0) + c.prompt_tokens
+        u["generated_tokens"] = u.get("generated_tokens", 0) + c.generated_tokens
+        u["queue_time"] = max(u.get("queue_time", 0.0), c.queue_time)
+        u.setdefault("finish_reasons", []).append(c.finish_reason)
+        u.setdefault("outputs", []).append(c.text)
+
+    async def _next(self) -> Event:
+        try:
+            async with asyncio.timeout_at(self._deadline):
+                return await self._queue.get()
+        except TimeoutError:
+            self.cancel()
+            raise APIError(504, f"request timed out after {self._timeout} s (TEXTGEN_REQUEST_TIMEOUT)", "timeout") from None
+
     async def events(self) -> AsyncIterator[Event]:
         try:
             while not self.done:
-                event = await self._queue.get()
+                event = await self._next()
                 if event.completion is not None:
                     self.done = True
+                    self._record(event.completion)
                     if event.completion.finish_reason in ("error", "cancelled"):
                         raise APIError(
                             500 if event.completion.finish_reason == "error" else 503,
@@ -123,18 +166,11 @@ async def _watch_disconnect(request: Request, generations: list[Generation]) -> 
             return
 
 
-async def run_to_completion(
-    request: Request, service: Service, generations: list[Generation]
-) -> list[Completion]:
-    """Wait for every generation, cancelling all of them if the client leaves or time runs out."""
+async def run_to_completion(request: Request, generations: list[Generation]) -> list[Completion]:
+    """Wait for every generation, cancelling all of them if the client leaves."""
     watcher = asyncio.create_task(_watch_disconnect(request, generations))
     try:
-        async with asyncio.timeout(service.settings.request_timeout):
-            return [await g.result() for g in generations]
-    except TimeoutError:
-        raise APIError(
-            504, f"request timed out after {service.settings.request_timeout} s (TEXTGEN_REQUEST_TIMEOUT)", "timeout"
-        ) from None
+        return [await g.result() for g in generations]
     finally:
         watcher.cancel()
         for g in generations:

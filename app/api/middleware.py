@@ -1,37 +1,176 @@
-"""Pure ASGI middleware (BaseHTTPMiddleware would break streaming disconnect detection)."""
+"""Pure ASGI middleware (BaseHTTPMiddleware would break streaming disconnect detection):
+request ids, metrics and the JSON access log; the body-size limit; API-key auth."""
 
+import hmac
+import json
+import logging
 import time
+import uuid
 
+from starlette.requests import Request
+from starlette.routing import Match, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api.errors import APIError, error_response
 from app.metrics import Metrics
 
+access_log = logging.getLogger("textgen.access")
 
-class RequestMetrics:
-    """Counts requests by route template and status, and times them to the last byte."""
+USAGE_KEY = "textgen.usage"
+_SAFE_ID = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+
+def _route_label(router: Router, scope: Scope) -> str:
+    """Route templates, not raw paths, so unknown URLs cannot blow up label cardinality."""
+    route = scope.get("route")
+    if route is not None:
+        return route.path
+    for candidate in router.routes:
+        match, _ = candidate.matches(scope)
+        if match == Match.FULL:
+            return getattr(candidate, "path", "unmatched")
+    return "unmatched"
+
+
+class Observability:
+    """Accepts or creates X-Request-ID (echoed back), counts and times requests by route and
+    status, and writes one JSON access line per request. Prompts and outputs are logged only
+    with TEXTGEN_LOG_PROMPTS=true."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, router: Router, log_prompts: bool = False) -> None:
         self.app = app
         self.metrics = metrics
+        self.router = router
+        self.log_prompts = log_prompts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if given and len(given) <= 128 and set(given) <= _SAFE_ID else uuid.uuid4().hex
+        usage: dict = scope.setdefault(USAGE_KEY, {})
         status = 500
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = scope.get("route")
-            # Templates, not raw paths, so unknown URLs cannot blow up label cardinality.
-            label = getattr(route, "path", None) or "unmatched"
+            elapsed = time.perf_counter() - start
+            label = _route_label(self.router, scope)
             self.metrics.requests.labels(label, str(status)).inc()
-            self.metrics.request_duration.labels(label).observe(time.perf_counter() - start)
+            self.metrics.request_duration.labels(label).observe(elapsed)
+            self._log(scope, request_id, label, status, elapsed, usage)
+
+    def _log(self, scope: Scope, request_id: str, route: str, status: int, elapsed: float, usage: dict) -> None:
+        if route in ("/health", "/ready", "/metrics") and status == 200:
+            return  # probes and scrapes would drown everything else
+        line = {
+            "ts": round(time.time(), 3),
+            "request_id": request_id,
+            "method": scope["method"],
+            "route": route,
+            "status": status,
+            "total_time": round(elapsed, 4),
+        }
+        if "generated_tokens" in usage:
+            line.update(
+                prompt_tokens=usage["prompt_tokens"],
+                generated_tokens=usage["generated_tokens"],
+                queue_time=round(usage["queue_time"], 4),
+                finish_reason=usage["finish_reasons"][0]
+                if len(usage["finish_reasons"]) == 1
+                else usage["finish_reasons"],
+            )
+        if self.log_prompts:
+            line.update(prompt=usage.get("prompt"), output=usage.get("outputs"))
+        access_log.info(json.dumps(line, ensure_ascii=False))
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """413 for bodies over TEXTGEN_MAX_BODY_BYTES, by Content-Length or while streaming in."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._reject(scope, receive, send)
+            return
+        seen = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await self._reject(scope, receive, send)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        err = APIError(413, f"request body is larger than {self.max_bytes} bytes (TEXTGEN_MAX_BODY_BYTES)",
+                       "payload_too_large")
+        await error_response(Request(scope, receive), err)(scope, receive, send)
+
+
+OPEN_PATHS = frozenset({"/health", "/ready", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+
+class APIKeyAuth:
+    """`Authorization: Bearer <key>` on every route but the probes and the docs (and /metrics,
+    unless TEXTGEN_METRICS_REQUIRE_KEY). Keys are compared in constant time."""
+
+    def __init__(self, app: ASGIApp, keys: list[str], metrics_require_key: bool = False) -> None:
+        self.app = app
+        self.keys = [k.encode() for k in keys]
+        self.open_paths = OPEN_PATHS if metrics_require_key else OPEN_PATHS | {"/metrics"}
+
+    def _authorized(self, scope: Scope) -> bool:
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not token:
+            return False
+        # Compare against every key so timing does not reveal which (or whether one) matched.
+        matches = [hmac.compare_digest(token.strip(), key) for key in self.keys]
+        return any(matches)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] == "OPTIONS" or scope["path"] in self.open_paths:
+            await self.app(scope, receive, send)
+            return
+        if self._authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        err = APIError(401, "missing or invalid API key: send `Authorization: Bearer <key>`", "authentication")
+        response = error_response(Request(scope, receive), err, headers={"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)

@@ -6,9 +6,8 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from app.api.deps import EngineDep, ServiceDep
 from app.api.errors import APIError
-from app.api.generation import Generation, run_to_completion
+from app.api.generation import ContextDep, Generation, run_to_completion
 from app.api.openai.common import FINISH, SSE_DONE, check_model, merged, sse_error, sse_json, start_choices
 from app.api.openai.protocol import (
     ChatChoice,
@@ -73,16 +72,18 @@ def _logprobs(tokens: list[Token]) -> dict:
     response_model=ChatResponse,
     responses={**ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE with stream"}},
 )
-async def chat(body: ChatRequest, request: Request, engine: EngineDep, service: ServiceDep):
+async def chat(body: ChatRequest, request: Request, ctx: ContextDep):
     """OpenAI chat completions for models with a chat template."""
+    service = ctx.service
     model = check_model(service, body.model)
     ids = render_prompt(service, body.messages)
+    ctx.usage["prompt"] = [m.model_dump() for m in body.messages]
     top = (body.top_logprobs or 0) if body.logprobs else 0
-    generations = start_choices(engine, service, body, [ids], body.max_completion_tokens or body.max_tokens, top_logprobs=top)
+    generations = start_choices(ctx, body, [ids], body.max_completion_tokens or body.max_tokens, top_logprobs=top)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(_stream(body, model, generations, len(ids), include_usage), media_type="text/event-stream")
-    results = await run_to_completion(request, service, generations)
+    results = await run_to_completion(request, generations)
     choices = [
         ChatChoice(
             index=i,

@@ -5,9 +5,8 @@ import json
 from collections.abc import AsyncIterator
 
 from app.api.errors import APIError, validation
-from app.api.generation import Generation, check_stop, resolve_max_new_tokens
+from app.api.generation import Context, Generation, check_stop, resolve_max_new_tokens
 from app.api.openai.protocol import SamplingFields
-from app.engine.scheduler import Engine
 from app.engine.types import Event, SamplingParams, StoppingParams
 from app.service import Service
 
@@ -45,8 +44,7 @@ def sampling_for(body: SamplingFields, choice: int, top_logprobs: int = 0) -> Sa
 
 
 def start_choices(
-    engine: Engine,
-    service: Service,
+    ctx: Context,
     body: SamplingFields,
     prompts: list[list[int]],
     max_tokens: int | None,
@@ -55,6 +53,7 @@ def start_choices(
     prefill_details: bool = False,
 ) -> list[Generation]:
     """n generations per prompt, in OpenAI's choice order. All or none are submitted."""
+    service = ctx.service
     limit = service.settings.max_best_of
     if body.n > limit:
         raise validation(f"`n` is {body.n}; at most {limit} choices are allowed (TEXTGEN_MAX_BEST_OF)", "n")
@@ -75,7 +74,7 @@ def start_choices(
         for ids, stopping in plans:
             for choice in range(body.n):
                 sampling = sampling_for(body, choice, top_logprobs)
-                generations.append(Generation(engine, ids, sampling, stopping, prefill_details))
+                generations.append(Generation(ctx, ids, sampling, stopping, prefill_details))
     except APIError:
         for g in generations:
             g.cancel()

@@ -5,9 +5,8 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from app.api.deps import EngineDep, ServiceDep
 from app.api.errors import APIError
-from app.api.generation import Generation, run_to_completion
+from app.api.generation import ContextDep, Generation, run_to_completion
 from app.api.openai.common import FINISH, SSE_DONE, check_model, merged, sse_error, sse_json, start_choices
 from app.api.openai.protocol import (
     CompletionChoice,
@@ -77,13 +76,14 @@ def choice_of(body: CompletionRequest, index: int, prompt_text: str, c: Completi
     response_model=CompletionResponse,
     responses={**ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE with stream"}},
 )
-async def completions(body: CompletionRequest, request: Request, engine: EngineDep, service: ServiceDep):
+async def completions(body: CompletionRequest, request: Request, ctx: ContextDep):
     """OpenAI text completions: string or list prompts, n choices, stop, seed, logprobs, echo, stream."""
+    service = ctx.service
     model = check_model(service, body.model)
     ids, texts = prompts_of(service, body)
+    ctx.usage["prompt"] = texts
     generations = start_choices(
-        engine,
-        service,
+        ctx,
         body,
         ids,
         body.max_tokens,
@@ -96,7 +96,7 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
         return StreamingResponse(
             _stream(body, model, texts, generations, prompt_tokens, include_usage), media_type="text/event-stream"
         )
-    results = await run_to_completion(request, service, generations)
+    results = await run_to_completion(request, generations)
     choices = [choice_of(body, i, texts[i // body.n], c) for i, c in enumerate(results)]
     completion_tokens = sum(c.generated_tokens for c in results)
     return CompletionResponse(

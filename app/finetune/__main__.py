@@ -1,0 +1,5 @@
+import sys
+
+from app.finetune.cli import main
+
+sys.exit(main())
