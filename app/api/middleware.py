@@ -94,12 +94,9 @@ class Observability:
         access_log.info(json.dumps(line, ensure_ascii=False))
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class BodyLimit:
-    """413 for bodies over TEXTGEN_MAX_BODY_BYTES, by Content-Length or while streaming in."""
+    """413 for bodies over TEXTGEN_MAX_BODY_BYTES, by Content-Length, or, for chunked uploads,
+    by reading the body here first (bounded), before any route parses it."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -110,36 +107,38 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(scope, receive, send)
-            return
-        seen = 0
-        started = False
-
-        async def limited_receive() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if not started:
+        if declared is not None:
+            if declared.isdigit() and int(declared) > self.max_bytes:
                 await self._reject(scope, receive, send)
+                return
+            await self.app(scope, receive, send)
+            return
+        body = b""
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left while uploading
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                await self._reject(scope, receive, send)
+                return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
-        err = APIError(413, f"request body is larger than {self.max_bytes} bytes (TEXTGEN_MAX_BODY_BYTES)",
-                       "payload_too_large")
+        err = APIError(
+            413, f"request body is larger than {self.max_bytes} bytes (TEXTGEN_MAX_BODY_BYTES)", "payload_too_large"
+        )
         await error_response(Request(scope, receive), err)(scope, receive, send)
 
 
