@@ -138,17 +138,23 @@ class DrainingServer(uvicorn.Server):
         self.draining = False
 
     def handle_exit(self, sig: int, frame: types.FrameType | None) -> None:
-        engine = self.service.engine
-        if self.draining or engine is None:
-            super().handle_exit(sig, frame)
+        # uvicorn's own handler records the signal and re-raises it after shutdown, so the process
+        # would die by SIGTERM; a drained shutdown is a clean exit, so only flags are set here.
+        if self.draining:  # a second signal: stop waiting
+            self.force_exit = True
+            self.should_exit = True
             return
         self.draining = True
         self.service.draining = True
+        engine = self.service.engine
+        if engine is None:
+            self.should_exit = True
+            return
         logging.getLogger("textgen").info("draining: finishing in-flight requests before exit")
 
         def drain() -> None:
             engine.drain(self.service.settings.shutdown_timeout)
-            super(DrainingServer, self).handle_exit(sig, frame)
+            self.should_exit = True
 
         threading.Thread(target=drain, name="textgen-drain", daemon=True).start()
 

@@ -1,5 +1,7 @@
 """Probes and introspection: /health (liveness), /ready (readiness), /info, /metrics."""
 
+import os
+
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -45,6 +47,7 @@ async def info(service: ServiceDep) -> dict:
         "max_concurrent_requests": s.max_batch_size + s.max_queue,
         "max_prefill_tokens": s.max_prefill_tokens,
         "ready": service.ready,
+        "pid": os.getpid(),
     }
     if service.loaded is not None and service.engine is not None:
         lm = service.loaded
