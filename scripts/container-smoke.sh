@@ -137,9 +137,12 @@ B0=$(date +%s)
 set +e
 timeout "$BUILD_TIMEOUT" buildah bud --isolation chroot --format docker "${cache_flags[@]}" \
     "${build_args[@]}" "${mounts[@]}" -f Dockerfile -t "$IMAGE" . 2>&1 | tee "$WORK/build.log" \
-    | awk -v t0="$B0" '/^\[[0-9]+\/[0-9]+\] STEP|^STEP|^torch|^COMMIT|^Successfully|[Ee]rror/ {
-          "date +%s" | getline now; close("date +%s");
-          printf "    [%4ss] %s\n", now - t0, substr($0, 1, 150); fflush() }'
+    | while IFS= read -r line; do
+        case $line in
+            "["*"] STEP "* | "STEP "* | torch* | COMMIT* | Successfully* | *rror*)
+                printf '    [%4ss] %s\n' "$(($(date +%s) - B0))" "${line:0:150}" ;;
+        esac
+    done
 build_rc=${PIPESTATUS[0]}
 set -e
 BUILD_S=$(($(date +%s) - B0))
@@ -173,10 +176,16 @@ from tests.conftest import build_tiny_gpt2; build_tiny_gpt2(Path(sys.argv[1]))" 
     run_env+=(--env TEXTGEN_MODEL=/model)
 fi
 
-CMD_JSON=$(buildah inspect --type image --format '{{json .Docker.Config.Cmd}}' "$IMAGE")
-HEALTH_JSON=$(buildah inspect --type image --format '{{json .Docker.Config.Healthcheck}}' "$IMAGE")
-USER_CFG=$(buildah inspect --type image --format '{{.Docker.Config.User}}' "$IMAGE")
-mapfile -t CMD < <("$HOST_PY" -c 'import json, sys; print(*json.loads(sys.argv[1]), sep="\n")' "$CMD_JSON")
+# The image's own settings (Docker format config): command, user, health check.
+buildah inspect --type image "$IMAGE" >"$WORK/inspect.json"
+image_cfg() {  # $1: a Python expression over c, the image's Docker config
+    "$HOST_PY" -c 'import json, sys; c = json.load(open(sys.argv[1]))["Docker"]["config"]; print(eval(sys.argv[2]))' \
+        "$WORK/inspect.json" "$1"
+}
+mapfile -t CMD < <(image_cfg '"\n".join(c["Cmd"])')
+USER_CFG=$(image_cfg 'c.get("User") or "0"')
+# the HEALTHCHECK test as argv lines ("CMD-SHELL x" becomes /bin/sh -c x); empty when there is none
+HC_ARGV=$(image_cfg '"\n".join((t[1:] if t[0] == "CMD" else ["/bin/sh", "-c", " ".join(t[1:])]) if (t := (c.get("Healthcheck") or {}).get("Test")) and t[0] != "NONE" else [])')
 step "run the image's command ${CMD[*]} as user $USER_CFG on $URL (buildah run --isolation chroot, host network)"
 CTR=$(buildah from --quiet "$IMAGE")
 SERVER_PID=""
@@ -225,10 +234,18 @@ info "POST /generate -> ${gen:0:200}"
 metrics=$(curl -fsS --max-time 10 "$URL/metrics") || die "GET /metrics failed"
 grep -q '^textgen_requests_total' <<<"$metrics" || die "/metrics has no textgen_requests_total"
 info "GET /metrics -> $(grep -c '^textgen_' <<<"$metrics") textgen_* samples"
-if [ "$HEALTH_JSON" != null ]; then
+# every metric the Grafana dashboard queries is exported (HELP lines name families even before samples)
+absent=$("$HOST_PY" -c 'import json, re, sys
+exprs = [t["expr"] for p in json.load(open(sys.argv[1]))["panels"] for t in p.get("targets", [])]
+names = {re.sub(r"_(total|bucket|sum|count)$", "", n) for e in exprs for n in re.findall(r"textgen_\w+", e)}
+families = set(re.findall(r"^# HELP (textgen_\w+)", sys.stdin.read(), flags=re.M))
+print(" ".join(sorted(names - {re.sub(r"_total$", "", f) for f in families})))' \
+    deploy/grafana/dashboards/textgen.json <<<"$metrics")
+[ -z "$absent" ] || die "/metrics lacks metrics the dashboard queries: $absent"
+info "every metric the Grafana dashboard queries is in /metrics"
+if [ -n "$HC_ARGV" ]; then
     # The image's own HEALTHCHECK command, run inside a second container on the same (host) network.
-    mapfile -t HC < <("$HOST_PY" -c 'import json, sys; t = json.loads(sys.argv[1])["Test"]
-print(*(t[1:] if t[0] == "CMD" else ["/bin/sh", "-c", " ".join(t[1:])]), sep="\n")' "$HEALTH_JSON")
+    mapfile -t HC <<<"$HC_ARGV"
     HC_CTR=$(buildah from --quiet "$IMAGE")
     if buildah run --isolation chroot --user "$USER_CFG" --env "TEXTGEN_PORT=$PORT" "$HC_CTR" -- "${HC[@]}"; then
         info "image HEALTHCHECK command -> healthy"
@@ -238,10 +255,35 @@ print(*(t[1:] if t[0] == "CMD" else ["/bin/sh", "-c", " ".join(t[1:])]), sep="\n
     buildah rm "$HC_CTR" >/dev/null
 fi
 
-step "stop the server (SIGTERM)"
-kill -TERM -- "-$SERVER_PID"
-for _ in $(seq 1 60); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.5; done
-if kill -0 "$SERVER_PID" 2>/dev/null; then info "still running after 30s; SIGKILL"; else info "stopped"; fi
+step "stop the server: SIGTERM to the serving process, as a container engine would"
+# buildah run -> chroot runtime -> the image's command: signal that last process (the one running
+# "${CMD[*]}") rather than buildah, which would kill it outright instead of letting it drain.
+descendants() {
+    local todo=("$1") child
+    while [ ${#todo[@]} -gt 0 ]; do
+        for child in $(pgrep -P "${todo[0]}" || true); do echo "$child"; todo+=("$child"); done
+        todo=("${todo[@]:1}")
+    done
+}
+target=""
+for pid in $(descendants "$SERVER_PID"); do
+    if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "${CMD[-1]}"; then target=$pid; fi
+done
+if [ -n "$target" ]; then
+    info "SIGTERM to pid $target ($(tr '\0' ' ' <"/proc/$target/cmdline" | cut -c1-60))"
+    kill -TERM "$target"
+else
+    info "serving process not found; SIGTERM to the process group"
+    kill -TERM -- "-$SERVER_PID"
+fi
+STOP0=$(date +%s)
+for _ in $(seq 1 120); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.5; done
+if kill -0 "$SERVER_PID" 2>/dev/null; then
+    info "still running after 60s; killing it"
+else
+    info "exited after $(($(date +%s) - STOP0))s; its last log lines:"
+    tail -4 "$WORK/serve.log" | sed 's/^/      /'
+fi
 cleanup
 SERVER_PID=""
 trap - EXIT
