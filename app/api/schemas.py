@@ -4,14 +4,43 @@ Unknown fields are ignored, as TGI does: clients such as huggingface_hub send ev
 they know about, many as null.
 """
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 NonEmpty = Annotated[str, Field(min_length=1)]
 
 
-class GenerateParameters(BaseModel):
+class RequestModel(BaseModel):
+    """Base of every request body: unknown fields are ignored (as TGI does), NaN and Infinity
+    are rejected (they would poison sampling)."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _encodable(cls, value: Any) -> Any:
+        # JSON can carry unpaired surrogates ("\\ud800") that no tokenizer or UTF-8 response takes.
+        _check_unicode(value)
+        return value
+
+
+def _check_unicode(value: Any) -> None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("text contains an unpaired surrogate code point; send valid Unicode") from None
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _check_unicode(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(key)
+            _check_unicode(item)
+
+
+class GenerateParameters(RequestModel):
     max_new_tokens: int | None = Field(None, ge=1, description="Tokens to generate (default 100, clipped).")
     min_new_tokens: int | None = Field(
         None, ge=0, description="Suppress EOS until this many tokens (extension, like vLLM's min_tokens)."
@@ -34,14 +63,12 @@ class GenerateParameters(BaseModel):
     best_of: int | None = Field(None, ge=1, le=1, description="Only 1 is supported.")
 
     model_config = ConfigDict(
-        extra="ignore",
         json_schema_extra={"examples": [{"max_new_tokens": 20, "do_sample": True, "temperature": 0.8, "seed": 1}]},
     )
 
 
-class GenerateRequest(BaseModel):
+class GenerateRequest(RequestModel):
     model_config = ConfigDict(
-        extra="ignore",
         json_schema_extra={"examples": [{"inputs": "The list", "parameters": {"max_new_tokens": 20}}]},
     )
 
@@ -97,9 +124,9 @@ class StreamEvent(BaseModel):
     details: StreamDetails | None = None
 
 
-class EmbedRequest(BaseModel):
+class EmbedRequest(RequestModel):
     model_config = ConfigDict(
-        extra="ignore", json_schema_extra={"examples": [{"inputs": ["What is a list?", "Lists are sequences."]}]}
+        json_schema_extra={"examples": [{"inputs": ["What is a list?", "Lists are sequences."]}]}
     )
 
     inputs: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1)]

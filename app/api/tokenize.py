@@ -5,12 +5,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.api.deps import EngineDep, ServiceDep
 from app.api.errors import validation
+from app.api.schemas import RequestModel
 
 router = APIRouter(tags=["tokens"])
 
 
-class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [{"inputs": "The list"}]})
+class TokenizeRequest(RequestModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"inputs": "The list"}]})
 
     inputs: str = Field(description="Text to tokenize, as a prompt would be (the tokenizer's special prefix included).")
     add_special_tokens: bool = True
@@ -29,8 +30,8 @@ class TokenizeResponse(BaseModel):
     max_input_tokens: int
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [{"tokens": [464, 1351]}]})
+class DetokenizeRequest(RequestModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"tokens": [464, 1351]}]})
 
     tokens: list[int] = Field(description="Token ids.")
     skip_special_tokens: bool = True

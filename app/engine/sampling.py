@@ -79,14 +79,18 @@ def choose(logits: torch.Tensor, seqs: Seq[Sequence], eos_ids: list[int]) -> lis
             ids = torch.zeros((len(rows), 1), dtype=torch.long, device=scores.device)
             scores[index] = warpers(ids, scores[index])
 
+    # Extreme settings (temperature 1e-30, huge penalties) can overflow; NaN must never win.
+    scores = torch.nan_to_num(scores, nan=float("-inf"))
     logprobs = torch.log_softmax(scores, dim=-1)
     chosen = scores.argmax(dim=-1)
     for rows in groups.values():
         for row in rows:
             probs = logprobs[row].exp()
-            chosen[row] = torch.multinomial(probs, 1, generator=seqs[row].generator)[0]
+            if bool(torch.isfinite(probs).all()) and float(probs.sum()) > 0:
+                chosen[row] = torch.multinomial(probs, 1, generator=seqs[row].generator)[0]
+            # else: the distribution degenerated to a point mass (or worse); argmax is its mode
 
-    chosen_lp = logprobs.gather(1, chosen[:, None])[:, 0].tolist()
+    chosen_lp = logprobs.gather(1, chosen[:, None])[:, 0].clamp(min=-1e4).nan_to_num(-1e4).tolist()
     chosen_ids = chosen.tolist()
     choices = []
     for row, seq in enumerate(seqs):

@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.api.schemas import RequestModel
+
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
@@ -16,10 +18,8 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(RequestModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
-
-    model_config = ConfigDict(extra="ignore")
 
     model: str = Field(description="The id from GET /v1/models.")
     temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy.")
@@ -45,7 +45,6 @@ class SamplingFields(BaseModel):
 
 class CompletionRequest(SamplingFields):
     model_config = ConfigDict(
-        extra="ignore",
         json_schema_extra={"examples": [{"model": "textgen-demo", "prompt": "The list", "max_tokens": 20}]},
     )
 
@@ -57,7 +56,7 @@ class CompletionRequest(SamplingFields):
     echo: bool = Field(False, description="Prepend the prompt to the text (and its tokens to logprobs).")
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(RequestModel):
     model_config = ConfigDict(extra="allow")
 
     role: str
@@ -66,7 +65,6 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(SamplingFields):
     model_config = ConfigDict(
-        extra="ignore",
         json_schema_extra={
             "examples": [{"model": "textgen-demo", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 20}]
         },
@@ -79,9 +77,8 @@ class ChatRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
-class EmbeddingRequest(BaseModel):
+class EmbeddingRequest(RequestModel):
     model_config = ConfigDict(
-        extra="ignore",
         json_schema_extra={"examples": [{"model": "textgen-demo", "input": ["a list", "a tuple"]}]},
     )
 
