@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"textgen finetune: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("textgen finetune: interrupted; rerun with --resume to continue from the last checkpoint",
-              file=sys.stderr)
+        print(
+            "textgen finetune: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr
+        )
         return 130
     return 0

@@ -50,8 +50,14 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 
 
 def manifest(
-    *, base_model: str | None, from_scratch: str | None, adapter: bool, data: str, data_sha256: str,
-    metrics: dict[str, Any], config: dict[str, Any],
+    *,
+    base_model: str | None,
+    from_scratch: str | None,
+    adapter: bool,
+    data: str,
+    data_sha256: str,
+    metrics: dict[str, Any],
+    config: dict[str, Any],
 ) -> dict[str, Any]:
     return {
         "base_model": base_model,

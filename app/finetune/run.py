@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import transformers
 from accelerate import PartialState
-from transformers import EarlyStoppingCallback, default_data_collator
+from transformers import EarlyStoppingCallback, TrainerCallback, default_data_collator
 
 from app.finetune.config import ConfigError, FinetuneConfig
 from app.finetune.data import DataError, LoadedData, examples_sha256, load_data
@@ -79,6 +79,16 @@ def learning_rate(config: FinetuneConfig) -> float:
     return DEFAULT_LEARNING_RATE[mode]
 
 
+class StepCounter(TrainerCallback):
+    """Optimizer steps taken by this process, which a resumed run's restored state cannot tell."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+        self.steps += 1
+
+
 def finetune(config: FinetuneConfig, examples: Sequence[Example] | None = None) -> dict[str, Any]:
     """Returns the metrics also written to OUTPUT/metrics.json. `examples` replaces reading
     `config.data` (then only a label) for callers that build their corpus in memory."""
@@ -110,11 +120,12 @@ def finetune(config: FinetuneConfig, examples: Sequence[Example] | None = None) 
     else:
         splits = split_blocks(blocks, config.eval_split, config.seed)
     log.info(
-        "training on %d blocks (%s tokens), evaluating on %d blocks (%s tokens)",
+        "training on %d blocks (%s tokens), evaluating on %d blocks (%s tokens), %d process(es)",
         len(splits.train),
         f"{splits.train.tokens:,}",
         len(splits.eval) if splits.eval else 0,
         f"{splits.eval.tokens:,}" if splits.eval else 0,
+        state.num_processes,
     )
 
     if config.gradient_checkpointing:
@@ -131,7 +142,10 @@ def finetune(config: FinetuneConfig, examples: Sequence[Example] | None = None) 
         tokenizer.save_pretrained(checkpoint_dir / "tokenizer")  # a resumed run must tokenise identically
     state.wait_for_everyone()
 
-    callbacks = [EarlyStoppingCallback(config.early_stopping_patience)] if config.early_stopping_patience else []
+    counter = StepCounter()
+    callbacks: list[TrainerCallback] = [counter]
+    if config.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(config.early_stopping_patience))
     trainer = FinetuneTrainer(
         model=model,
         args=training_arguments(config, checkpoint_dir, learning_rate(config)),
@@ -158,6 +172,8 @@ def finetune(config: FinetuneConfig, examples: Sequence[Example] | None = None) 
         "eval_blocks": len(splits.eval) if splits.eval else 0,
         "block_size": block_size,
         "global_step": trainer.state.global_step,
+        "steps_this_run": counter.steps,
+        "world_size": state.num_processes,
         "final_train_loss": losses[-1] if losses else None,
         "mean_train_loss": result.training_loss,
         "resumed_from": resume_from,

@@ -12,11 +12,11 @@ class ScratchSize:
     n_head: int
 
 
-# "small" is what the offline demo model uses: the largest shape that learns readable English from
+# "small" is what the offline demo model uses: about the largest shape that learns readable text from
 # the ~110k-token Python docs corpus within about three minutes on two CPU cores.
 SCRATCH_SIZES: dict[str, ScratchSize] = {
     "tiny": ScratchSize(n_embd=64, n_layer=2, n_head=4),
-    "small": ScratchSize(n_embd=128, n_layer=4, n_head=4),
+    "small": ScratchSize(n_embd=192, n_layer=4, n_head=6),
     "medium": ScratchSize(n_embd=512, n_layer=8, n_head=8),
 }
 

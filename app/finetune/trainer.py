@@ -24,9 +24,7 @@ def token_nll(logits: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Ten
     if isinstance(logits, tuple):
         logits = logits[0]
     shifted = labels[:, 1:]
-    nll = F.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), shifted, ignore_index=IGNORE_INDEX, reduction="none"
-    )
+    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), shifted, ignore_index=IGNORE_INDEX, reduction="none")
     return torch.stack([nll.sum(dim=1), (shifted != IGNORE_INDEX).sum(dim=1).float()], dim=1)
 
 
