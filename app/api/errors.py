@@ -1,11 +1,15 @@
 """Errors in TGI's shape, `{"error": str, "error_type": str}`; /v1 routes use OpenAI's shape."""
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.engine.types import EngineUnavailableError, QueueFullError
+
+log = logging.getLogger("textgen")
 
 
 class APIError(Exception):
@@ -83,6 +87,12 @@ def install(app: FastAPI) -> None:
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _describe_validation(exc)
         return error_response(request, validation(message, param))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not bad input: still answer in the documented shape, and log the traceback.
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(request, APIError(500, f"internal error: {type(exc).__name__}", "internal"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

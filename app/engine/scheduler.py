@@ -60,6 +60,7 @@ class Engine:
         self._waiting: deque[Sequence] = deque()
         self._embeds: deque[EmbedRequest] = deque()
         self._batch: Batch | None = None
+        self._prefilling: list[Sequence] = []  # taken from the queue, not yet in the batch
         self._accepting = True
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -173,7 +174,9 @@ class Engine:
                         self._run_embeds(embeds)
                     self._drop_cancelled()
                     if newcomers:
+                        self._prefilling = newcomers
                         self._prefill(newcomers)
+                        self._prefilling = []
                     if self._batch is not None:
                         self._decode(self._batch)
                 self.metrics.batch_size.set(self.running)
@@ -350,8 +353,9 @@ class Engine:
             waiting, self._waiting = list(self._waiting), deque()
             embeds, self._embeds = list(self._embeds), deque()
         running = self._batch.seqs if self._batch is not None else []
+        prefilling, self._prefilling = self._prefilling, []
         self._batch = None
-        for seq in [*running, *waiting]:
+        for seq in [*running, *prefilling, *waiting]:
             if not seq.finished:
                 self._retire(seq, "error", message)
         for request in embeds:

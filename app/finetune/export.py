@@ -38,7 +38,11 @@ def export_model(
 
 def publish(staging: Path, output: Path) -> None:
     files = sorted((p for p in staging.iterdir() if p.is_file()), key=lambda p: p.name in LAST)
+    umask = os.umask(0)
+    os.umask(umask)
     for file in files:
+        # Some savers write through private temp files (mode 0600); a server run by another user must read them.
+        os.chmod(file, 0o666 & ~umask)
         os.replace(file, output / file.name)
 
 

@@ -12,7 +12,6 @@ from transformers import (
     GPT2LMHeadModel,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    set_seed,
 )
 
 from app.finetune.config import ConfigError, FinetuneConfig
@@ -73,7 +72,6 @@ def new_model(config: FinetuneConfig, tokenizer: PreTrainedTokenizerBase, block_
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ConfigError("the tokenizer has no EOS token, which a new model needs")
-    set_seed(config.seed)  # weight init happens before the Trainer seeds anything
     model = GPT2LMHeadModel(
         scratch_config(config.from_scratch, vocab_size=len(tokenizer), n_positions=block_size, eos_token_id=eos)
     )

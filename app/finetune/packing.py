@@ -47,32 +47,34 @@ class PackedBlocks(Dataset):
         return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
 
 
+def _ids(tokenizer: PreTrainedTokenizerBase, texts: list[str], *, special: bool) -> list[list[int]]:
+    # One batch call lets a fast tokenizer work in parallel; verbose=False because documents longer
+    # than the model's context are expected here, before packing cuts them.
+    return tokenizer(texts, add_special_tokens=special, verbose=False)["input_ids"] if texts else []
+
+
 def tokenize(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
     """One token stream and its labels; prompts are masked so only completions are learned."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no EOS token, which packing needs between documents")
-    prompts = [ex.prompt for ex in examples]
-    has_prompt = [bool(p) for p in prompts]
-    # Batch calls let fast tokenizers work in parallel; the first segment of each example gets the
-    # tokenizer's special prefix (Llama's BOS), a completion that follows a prompt does not.
-    prompt_ids = tokenizer([p for p in prompts if p], add_special_tokens=True)["input_ids"] if any(has_prompt) else []
-    after_prompt = [ex.completion for ex, hp in zip(examples, has_prompt, strict=True) if hp]
-    standalone = [ex.completion for ex, hp in zip(examples, has_prompt, strict=True) if not hp]
-    after_ids = tokenizer(after_prompt, add_special_tokens=False)["input_ids"] if after_prompt else []
-    standalone_ids = tokenizer(standalone, add_special_tokens=True)["input_ids"] if standalone else []
-    prompt_iter, after_iter, alone_iter = iter(prompt_ids), iter(after_ids), iter(standalone_ids)
+    prompted = [ex for ex in examples if ex.prompt]
+    # The first segment of an example gets the tokenizer's special prefix (Llama's BOS); a completion
+    # that follows a prompt does not.
+    prompt_ids = iter(_ids(tokenizer, [ex.prompt for ex in prompted], special=True))
+    after_ids = iter(_ids(tokenizer, [ex.completion for ex in prompted], special=False))
+    alone_ids = iter(_ids(tokenizer, [ex.completion for ex in examples if not ex.prompt], special=True))
 
     ids: list[int] = []
     labels: list[int] = []
-    for hp in has_prompt:
-        if hp:
-            masked = next(prompt_iter)
+    for ex in examples:
+        if ex.prompt:
+            masked = next(prompt_ids)
             ids += masked
             labels += [IGNORE_INDEX] * len(masked)
-            completion = list(next(after_iter))
+            completion = list(next(after_ids))
         else:
-            completion = list(next(alone_iter))
+            completion = list(next(alone_ids))
         if not completion or completion[-1] != eos:
             completion.append(eos)
         ids += completion

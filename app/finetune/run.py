@@ -9,8 +9,7 @@ from typing import Any
 
 import torch
 import transformers
-from accelerate import PartialState
-from transformers import EarlyStoppingCallback, TrainerCallback, default_data_collator
+from transformers import EarlyStoppingCallback, TrainerCallback, default_data_collator, set_seed
 
 from app.finetune.config import ConfigError, FinetuneConfig
 from app.finetune.data import DataError, LoadedData, examples_sha256, load_data
@@ -26,7 +25,7 @@ from app.finetune.modeling import (
     new_model,
 )
 from app.finetune.packing import PackedBlocks, pack
-from app.finetune.trainer import FinetuneTrainer, latest_checkpoint, training_arguments
+from app.finetune.trainer import FinetuneTrainer, distributed_state, latest_checkpoint, training_arguments
 
 log = logging.getLogger("app.finetune")
 
@@ -36,7 +35,7 @@ CHECKPOINTS = "checkpoints"
 
 def setup_logging() -> None:
     """Progress goes to stderr from the main process only; other ranks speak up for warnings."""
-    main = PartialState().is_main_process
+    main = distributed_state().is_main_process
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.handlers[:] = [handler]
@@ -92,7 +91,7 @@ class StepCounter(TrainerCallback):
 def finetune(config: FinetuneConfig, examples: Sequence[Example] | None = None) -> dict[str, Any]:
     """Returns the metrics also written to OUTPUT/metrics.json. `examples` replaces reading
     `config.data` (then only a label) for callers that build their corpus in memory."""
-    state = PartialState()
+    state = distributed_state()
     check_output(config)
     checkpoint_dir = config.output / CHECKPOINTS
     # All input is read and checked before anything slow, so bad data fails in seconds.
@@ -105,6 +104,8 @@ def finetune(config: FinetuneConfig, examples: Sequence[Example] | None = None) 
     resume_from = latest_checkpoint(checkpoint_dir) if config.resume else None
     if config.resume:
         log.info("resuming from %s", resume_from) if resume_from else log.info("no checkpoint yet; starting fresh")
+    # New weights and LoRA adapters are initialised before the Trainer would seed anything.
+    set_seed(config.seed)
     tokenizer = load_tokenizer(config, data.examples, saved=checkpoint_dir / "tokenizer")
     if config.from_scratch:
         block_size = choose_block_size(config, None)

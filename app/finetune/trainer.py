@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import PartialState
 from transformers import EvalPrediction, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
@@ -35,6 +36,17 @@ def perplexity_metrics(prediction: EvalPrediction) -> dict[str, float]:
     return {"nll": nll, "perplexity": math.exp(nll), "tokens": float(sums[1])}
 
 
+def cpu_only() -> bool:
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6 knows every device type
+    return not (accelerator.is_available() if accelerator else torch.cuda.is_available())
+
+
+def distributed_state() -> PartialState:
+    """The process group as the Trainer will see it. accelerate only sets up CPU (gloo) DDP under
+    torchrun when told `cpu=True`, and the state is a singleton, so every caller must agree."""
+    return PartialState(cpu=cpu_only())
+
+
 def mixed_precision() -> dict[str, bool]:
     """bf16 where the GPU has it, else fp16 on GPU; CPUs train in fp32."""
     if not torch.cuda.is_available():
@@ -54,7 +66,7 @@ def training_arguments(config: FinetuneConfig, checkpoint_dir: Path, learning_ra
         learning_rate=learning_rate,
         lr_scheduler_type="cosine",
         warmup_steps=config.warmup_ratio,
-        gradient_checkpointing=config.gradient_checkpointing,
+        activation_checkpointing=config.gradient_checkpointing,
         seed=config.seed,
         data_seed=config.seed,
         logging_steps=config.logging_steps,
@@ -69,6 +81,8 @@ def training_arguments(config: FinetuneConfig, checkpoint_dir: Path, learning_ra
         report_to="none",
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=cpu_only(),
         **mixed_precision(),
     )
 
