@@ -70,7 +70,7 @@ class Settings(BaseSettings):
     )
     chat_template: Path | None = Field(None, description="Jinja chat template file for /v1/chat/completions.")
     served_model_name: str | None = Field(
-        None, description="Model name clients send to /v1 routes. Default: the model id or directory name."
+        None, description="Model name clients send to /v1 routes. Default: the --model value as given, or textgen-demo."
     )
 
     def resolved_model(self) -> str:
