@@ -36,6 +36,10 @@ bench: install
 bench-quick: install
 	$(BIN)/python -m bench.run --quick
 
+# Five minutes of mixed load at 32 clients; not part of `make test`.
+soak: install
+	$(BIN)/python -m bench.soak
+
 clean:
 	rm -rf $(VENV) .pytest_cache
 
