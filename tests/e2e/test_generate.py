@@ -139,20 +139,6 @@ def test_stop_sequence_across_token_boundaries(client: httpx.Client) -> None:
     assert stop not in out["generated_text"]
 
 
-def test_eos_finish_reason(client: httpx.Client, tiny_gpt2_dir: Path) -> None:
-    tok = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
-    # Penalising every token but EOS is not possible through the API, so instead find a prompt
-    # whose greedy continuation emits EOS within the budget, or skip.
-    for prompt in PROMPTS:
-        out = generate(client, prompt, max_new_tokens=60, details=True)
-        if out["details"]["finish_reason"] == "eos_token":
-            assert out["details"]["tokens"][-1]["id"] == tok.eos_token_id
-            assert out["details"]["tokens"][-1]["special"] is True
-            assert "<|endoftext|>" not in out["generated_text"]
-            return
-    pytest.skip("the random tiny model emitted no EOS for these prompts")
-
-
 @pytest.mark.parametrize(
     ("body", "needle"),
     [
