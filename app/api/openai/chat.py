@@ -8,23 +8,21 @@ from fastapi.responses import StreamingResponse
 
 from app.api.errors import APIError
 from app.api.generation import ContextDep, Generation, run_to_completion
-from app.api.openai.common import FINISH, SSE_DONE, check_model, merged, sse_error, sse_json, start_choices
+from app.api.openai.common import FINISH, SSE_RESPONSES, check_model, start_choices, stream_choices
 from app.api.openai.protocol import (
     ChatChoice,
     ChatMessage,
     ChatRequest,
     ChatResponse,
-    OpenAIErrorBody,
     Usage,
     new_id,
     now,
 )
-from app.engine.types import Token
+from app.engine.types import Event, Token
 from app.service import Service
 
 router = APIRouter(tags=["OpenAI"])
 
-ERRORS = {code: {"model": OpenAIErrorBody} for code in (400, 404, 429, 503, 504)}
 
 
 def _content(message: ChatMessage) -> str:
@@ -70,7 +68,7 @@ def _logprobs(tokens: list[Token]) -> dict:
 @router.post(
     "/v1/chat/completions",
     response_model=ChatResponse,
-    responses={**ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE with stream"}},
+    responses=SSE_RESPONSES,
 )
 async def chat(body: ChatRequest, request: Request, ctx: ContextDep):
     """OpenAI chat completions for models with a chat template."""
@@ -94,39 +92,23 @@ async def chat(body: ChatRequest, request: Request, ctx: ContextDep):
         for i, c in enumerate(results)
     ]
     completion_tokens = sum(c.generated_tokens for c in results)
-    usage = Usage(prompt_tokens=len(ids), completion_tokens=completion_tokens, total_tokens=len(ids) + completion_tokens)
+    usage = Usage.of(len(ids), completion_tokens)
     return ChatResponse(id=new_id("chatcmpl"), created=now(), model=model, choices=choices, usage=usage)
 
 
-async def _stream(
+def _stream(
     body: ChatRequest, model: str, generations: list[Generation], prompt_tokens: int, include_usage: bool
 ) -> AsyncIterator[str]:
     head = {"id": new_id("chatcmpl"), "object": "chat.completion.chunk", "created": now(), "model": model}
 
-    def chunk(index: int, delta: dict, finish: str | None, logprobs: dict | None = None) -> str:
-        return sse_json(
-            {**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
-        )
+    def choice(index: int, delta: dict, finish: str | None, logprobs: dict | None = None) -> dict:
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
-    completion_tokens = 0
-    try:
-        for i in range(len(generations)):
-            yield chunk(i, {"role": "assistant", "content": ""}, None)
-        async for index, event in merged(generations):
-            finish = None
-            if event.completion is not None:
-                finish = FINISH[event.completion.finish_reason]
-                completion_tokens += event.completion.generated_tokens
-            logprobs = _logprobs([event.token]) if body.logprobs and event.token is not None else None
-            if event.text or finish or logprobs:
-                yield chunk(index, {"content": event.text} if event.text else {}, finish, logprobs)
-        if include_usage:
-            usage = Usage(
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                total_tokens=prompt_tokens + completion_tokens,
-            )
-            yield sse_json({**head, "choices": [], "usage": usage.model_dump()})
-    except APIError as exc:
-        yield sse_error(exc)
-    yield SSE_DONE
+    def render(index: int, event: Event, finish: str | None) -> dict | None:
+        logprobs = _logprobs([event.token]) if body.logprobs and event.token is not None else None
+        if event.text or finish or logprobs:
+            return choice(index, {"content": event.text} if event.text else {}, finish, logprobs)
+        return None
+
+    first = [choice(i, {"role": "assistant", "content": ""}, None) for i in range(len(generations))]
+    return stream_choices(head, generations, first, render, prompt_tokens, include_usage)

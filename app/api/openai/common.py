@@ -2,15 +2,23 @@
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from app.api.errors import APIError, validation
 from app.api.generation import Context, Generation, check_stop, resolve_max_new_tokens
-from app.api.openai.protocol import SamplingFields
+from app.api.openai.protocol import OpenAIErrorBody, SamplingFields, Usage
 from app.engine.types import Event, SamplingParams, StoppingParams
 from app.service import Service
 
 FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
+ERRORS: dict[int | str, dict] = {code: {"model": OpenAIErrorBody} for code in (400, 404, 429, 503, 504)}
+SSE_RESPONSES: dict[int | str, dict] = {
+    **ERRORS,
+    200: {"content": {"text/event-stream": {}}, "description": "JSON, or server-sent events with stream"},
+}
+
+# Renders one engine event as a streamed choice (or None to send nothing).
+ChoiceRenderer = Callable[[int, Event, str | None], dict | None]
 
 
 def check_model(service: Service, name: str, *, embedding: bool = False) -> str:
@@ -123,3 +131,33 @@ SSE_DONE = "data: [DONE]\n\n"
 
 def sse_error(exc: APIError) -> str:
     return sse_json({"error": {"message": exc.message, "type": exc.error_type, "param": None, "code": None}})
+
+
+async def stream_choices(
+    head: dict,
+    generations: list[Generation],
+    first: list[dict],
+    render: ChoiceRenderer,
+    prompt_tokens: int,
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    """OpenAI's streaming shape: `first` chunks, one chunk per rendered event, an optional usage
+    chunk, then `data: [DONE]`; an error mid-stream is sent as an error event before it."""
+    completion_tokens = 0
+    try:
+        for choice in first:
+            yield sse_json({**head, "choices": [choice]})
+        async for index, event in merged(generations):
+            finish = None
+            if event.completion is not None:
+                finish = FINISH[event.completion.finish_reason]
+                completion_tokens += event.completion.generated_tokens
+            choice = render(index, event, finish)
+            if choice is not None:
+                yield sse_json({**head, "choices": [choice]})
+        if include_usage:
+            usage = Usage.of(prompt_tokens, completion_tokens)
+            yield sse_json({**head, "choices": [], "usage": usage.model_dump()})
+    except APIError as exc:
+        yield sse_error(exc)
+    yield SSE_DONE

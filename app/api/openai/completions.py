@@ -7,23 +7,21 @@ from fastapi.responses import StreamingResponse
 
 from app.api.errors import APIError
 from app.api.generation import ContextDep, Generation, run_to_completion
-from app.api.openai.common import FINISH, SSE_DONE, check_model, merged, sse_error, sse_json, start_choices
+from app.api.openai.common import FINISH, SSE_RESPONSES, check_model, start_choices, stream_choices
 from app.api.openai.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
-    OpenAIErrorBody,
     Usage,
     new_id,
     now,
 )
-from app.engine.types import Completion, Token
+from app.engine.types import Completion, Event, Token
 from app.service import Service
 
 router = APIRouter(tags=["OpenAI"])
 
-ERRORS = {code: {"model": OpenAIErrorBody} for code in (400, 404, 429, 503, 504)}
 
 
 def prompts_of(service: Service, body: CompletionRequest) -> tuple[list[list[int]], list[str]]:
@@ -74,7 +72,7 @@ def choice_of(body: CompletionRequest, index: int, prompt_text: str, c: Completi
 @router.post(
     "/v1/completions",
     response_model=CompletionResponse,
-    responses={**ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE with stream"}},
+    responses=SSE_RESPONSES,
 )
 async def completions(body: CompletionRequest, request: Request, ctx: ContextDep):
     """OpenAI text completions: string or list prompts, n choices, stop, seed, logprobs, echo, stream."""
@@ -104,15 +102,11 @@ async def completions(body: CompletionRequest, request: Request, ctx: ContextDep
         created=now(),
         model=model,
         choices=choices,
-        usage=Usage(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens,
-        ),
+        usage=Usage.of(prompt_tokens, completion_tokens),
     )
 
 
-async def _stream(
+def _stream(
     body: CompletionRequest,
     model: str,
     texts: list[str],
@@ -121,33 +115,17 @@ async def _stream(
     include_usage: bool,
 ) -> AsyncIterator[str]:
     head = {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": model}
-    completion_tokens = 0
 
-    def chunk(index: int, text: str, finish: str | None, logprobs: CompletionLogprobs | None = None) -> str:
-        choice = {"index": index, "text": text, "logprobs": logprobs and logprobs.model_dump(), "finish_reason": finish}
-        return sse_json({**head, "choices": [choice]})
+    def choice(index: int, text: str, finish: str | None, logprobs: CompletionLogprobs | None = None) -> dict:
+        return {"index": index, "text": text, "logprobs": logprobs and logprobs.model_dump(), "finish_reason": finish}
 
-    try:
-        if body.echo:
-            for i in range(len(generations)):
-                yield chunk(i, texts[i // body.n], None)
-        async for index, event in merged(generations):
-            finish = None
-            if event.completion is not None:
-                finish = FINISH[event.completion.finish_reason]
-                completion_tokens += event.completion.generated_tokens
-            logprobs = None
-            if body.logprobs is not None and event.token is not None:
-                logprobs = _logprobs([event.token], 0)
-            if event.text or finish or logprobs:
-                yield chunk(index, event.text, finish, logprobs)
-        if include_usage:
-            usage = Usage(
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                total_tokens=prompt_tokens + completion_tokens,
-            )
-            yield sse_json({**head, "choices": [], "usage": usage.model_dump()})
-    except APIError as exc:
-        yield sse_error(exc)
-    yield SSE_DONE
+    def render(index: int, event: Event, finish: str | None) -> dict | None:
+        logprobs = None
+        if body.logprobs is not None and event.token is not None:
+            logprobs = _logprobs([event.token], 0)
+        if event.text or finish or logprobs:
+            return choice(index, event.text, finish, logprobs)
+        return None
+
+    first = [choice(i, texts[i // body.n], None) for i in range(len(generations))] if body.echo else []
+    return stream_choices(head, generations, first, render, prompt_tokens, include_usage)

@@ -59,4 +59,4 @@ async def embeddings(body: EmbeddingRequest, engine: EngineDep, service: Service
             value = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
         data.append(EmbeddingData(index=i, embedding=value))
     tokens = sum(len(x) for x in ids)
-    return EmbeddingResponse(data=data, model=model, usage=Usage(prompt_tokens=tokens, total_tokens=tokens))
+    return EmbeddingResponse(data=data, model=model, usage=Usage.of(tokens))

@@ -94,6 +94,14 @@ class Usage(BaseModel):
     completion_tokens: int = 0
     total_tokens: int
 
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int = 0) -> "Usage":
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
+
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
