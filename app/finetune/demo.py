@@ -57,22 +57,46 @@ def _reflow(text: str) -> str:
     return "\n\n".join(paragraphs) + "\n"
 
 
-def build_demo_model(output: Path) -> Path:
+def build_demo_model(output: Path, *, max_steps: int | None = None) -> Path:
     """Builds into a temporary folder beside `output` and renames it into place, so a crash never
-    leaves a folder at `output` that looks complete."""
+    leaves a folder at `output` that looks complete. `max_steps` shortens the build for tests."""
     output = output.resolve()
     output.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_builds(output)
     tmp = output.parent / f".{output.name}.building-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    config = FinetuneConfig(data="python-docs (pydoc_data.topics)", output=tmp, **DEMO_SETTINGS)
+    settings = {**DEMO_SETTINGS, **({"max_steps": max_steps} if max_steps is not None else {})}
     try:
+        config = FinetuneConfig(data="python-docs (pydoc_data.topics)", output=tmp, **settings)
         finetune(config, [Example(text) for text in demo_corpus()])
-        os.rename(tmp, output)
+        try:
+            os.rename(tmp, output)
+        except OSError:
+            if not (output / "config.json").exists():
+                raise
+            # A concurrent build finished first; its model is as good as ours.
+            shutil.rmtree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output
+
+
+def _remove_abandoned_builds(output: Path) -> None:
+    """Temporary folders of builds that were killed (their process is gone); live ones are left alone."""
+    for leftover in output.parent.glob(f".{output.name}.building-*"):
+        pid = leftover.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def generate_samples(model_dir: Path, prompt: str = SAMPLE_PROMPT, max_new_tokens: int = 40) -> dict[str, str]:

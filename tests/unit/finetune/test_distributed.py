@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ONE_THREAD_ENV, read_json, tiny_args
+from .helpers import ONE_THREAD_ENV, read_json, tiny_args
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from app.finetune.lora import target_modules
 
-from .conftest import run_ok, tiny_args
+from .helpers import run_ok, tiny_args
 
 
 def test_targets_are_chosen_per_architecture(tiny_gpt2_dir: Path, stories260k_dir: Path) -> None:

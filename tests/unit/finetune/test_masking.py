@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import run_ok, tiny_args, write_jsonl
+from .helpers import run_ok, tiny_args, write_jsonl
 
 
 def _digits(rng: random.Random) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ONE_THREAD_ENV, run_ok, tiny_args
+from .helpers import ONE_THREAD_ENV, run_ok, tiny_args
 
 STEPS = 100
 

@@ -7,7 +7,7 @@ import pytest
 
 from app.finetune.tokenizer import python_docs_corpus
 
-from .conftest import run_ok
+from .helpers import run_ok
 
 
 def docs_lines(n: int) -> list[str]:

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import app
 
-from .conftest import read_json, run_ok, tiny_args
+from .helpers import read_json, run_ok, tiny_args
 
 
 @pytest.mark.slow
@@ -68,3 +68,32 @@ def test_from_scratch_trains_a_tokenizer_and_a_new_model(tmp_path: Path, corpus_
     assert config["model_type"] == "gpt2" and config["n_positions"] == 64
     assert len(AutoTokenizer.from_pretrained(output)) <= 300
     assert read_json(output / "manifest.json")["from_scratch"] == "tiny"
+
+
+@pytest.mark.slow
+def test_early_stopping_stops_on_eval_loss_and_exports_the_best(
+    tmp_path: Path, tiny_gpt2_dir: Path, corpus_txt: Path
+) -> None:
+    output = tmp_path / "early"
+    extra = ["--max-steps", "100", "--learning-rate", "3e-2", "--eval-split", "0.1", "--save-steps", "2",
+             "--early-stopping-patience", "2", "--keep-checkpoints"]  # fmt: skip
+    metrics = run_ok([*tiny_args(tiny_gpt2_dir, corpus_txt, output), *extra])
+    assert metrics["global_step"] < 100, "this learning rate plateaus, so patience runs out"
+
+    last = max((output / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    state = read_json(last / "trainer_state.json")
+    evals = [entry["eval_perplexity"] for entry in state["log_history"] if "eval_perplexity" in entry]
+    assert metrics["eval_perplexity_after"] == pytest.approx(min(evals), rel=1e-6)
+    best = Path(str(state["best_model_checkpoint"]))
+    assert best.parent == output / "checkpoints" and best.exists()
+
+
+@pytest.mark.slow
+def test_lora_with_gradient_checkpointing_and_accumulation(
+    tmp_path: Path, tiny_gpt2_dir: Path, corpus_txt: Path
+) -> None:
+    extra = ["--lora", "--gradient-checkpointing", "--grad-accum", "2", "--max-steps", "8",
+             "--learning-rate", "1e-2", "--eval-split", "0.1"]  # fmt: skip
+    metrics = run_ok([*tiny_args(tiny_gpt2_dir, corpus_txt, tmp_path / "gc"), *extra])
+    assert metrics["global_step"] == 8
+    assert metrics["eval_perplexity_after"] < metrics["eval_perplexity_before"]
