@@ -26,9 +26,7 @@ class Metrics:
         self.itl = Histogram(
             "textgen_inter_token_latency_seconds", "Time between a request's tokens", buckets=_STEP, registry=r
         )
-        self.e2e = Histogram(
-            "textgen_e2e_latency_seconds", "Arrival to last token", buckets=_LATENCY, registry=r
-        )
+        self.e2e = Histogram("textgen_e2e_latency_seconds", "Arrival to last token", buckets=_LATENCY, registry=r)
         self.queue_time = Histogram(
             "textgen_queue_time_seconds", "Arrival to admission into the batch", buckets=_LATENCY, registry=r
         )

@@ -89,8 +89,12 @@ async def run_load(url: str, args: argparse.Namespace, prompts: list[str], model
         while time.monotonic() < deadline:
             memory.append((time.monotonic() - start, sampler.current()))
             done = sum(outcomes.values())
-            print(f"\r[soak] {time.monotonic() - start:5.0f}s  requests {done}  "
-                  f"rss {memory[-1][1] / 2**20:7.1f} MiB", end="", file=sys.stderr, flush=True)
+            print(
+                f"\r[soak] {time.monotonic() - start:5.0f}s  requests {done}  rss {memory[-1][1] / 2**20:7.1f} MiB",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
             await asyncio.sleep(1.0)
 
     await asyncio.gather(watch(), *(client_loop(i) for i in range(args.clients)))
@@ -122,8 +126,18 @@ def main(argv: list[str] | None = None) -> int:
     log_path = args.out.parent / "logs" / "soak-server.log"
     server = Server(
         "textgen",
-        [textgen, "serve", "--model", str(model_dir), "--port", str(port), "--served-model-name", "soak",
-         "--max-batch-size", str(args.clients)],
+        [
+            textgen,
+            "serve",
+            "--model",
+            str(model_dir),
+            "--port",
+            str(port),
+            "--served-model-name",
+            "soak",
+            "--max-batch-size",
+            str(args.clients),
+        ],
         port,
         log_path,
         {**os.environ, "HF_HUB_OFFLINE": "1"},
@@ -142,8 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
-    print(f"soak {'PASS' if result['pass'] else 'FAIL'}: {result['requests']} requests, {result['errors']} errors, "
-          f"RSS growth after warm-up {result['rss_growth']:+.1%} (limit +10%)")
+    print(
+        f"soak {'PASS' if result['pass'] else 'FAIL'}: {result['requests']} requests, {result['errors']} errors, "
+        f"RSS growth after warm-up {result['rss_growth']:+.1%} (limit +10%)"
+    )
     return 0 if result["pass"] else 1
 
 

@@ -130,7 +130,9 @@ class Generation:
                 return await self._queue.get()
         except TimeoutError:
             self.cancel()
-            raise APIError(504, f"request timed out after {self._timeout} s (TEXTGEN_REQUEST_TIMEOUT)", "timeout") from None
+            raise APIError(
+                504, f"request timed out after {self._timeout} s (TEXTGEN_REQUEST_TIMEOUT)", "timeout"
+            ) from None
 
     async def events(self) -> AsyncIterator[Event]:
         try:

@@ -125,9 +125,7 @@ class StreamEvent(BaseModel):
 
 
 class EmbedRequest(RequestModel):
-    model_config = ConfigDict(
-        json_schema_extra={"examples": [{"inputs": ["What is a list?", "Lists are sequences."]}]}
-    )
+    model_config = ConfigDict(json_schema_extra={"examples": [{"inputs": ["What is a list?", "Lists are sequences."]}]})
 
     inputs: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1)]
     normalize: bool = True

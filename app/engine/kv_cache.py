@@ -60,9 +60,7 @@ class SlabLayer(DynamicLayer):
         def pad(t: torch.Tensor) -> torch.Tensor:
             return F.pad(t, (0, 0, length - t.shape[-2], 0))
 
-        self._set(
-            torch.cat([pad(self.keys), pad(other.keys)]), torch.cat([pad(self.values), pad(other.values)])
-        )
+        self._set(torch.cat([pad(self.keys), pad(other.keys)]), torch.cat([pad(self.values), pad(other.values)]))
 
 
 class SlabCache(Cache):

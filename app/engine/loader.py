@@ -58,8 +58,7 @@ def resolve_limits(ctx: int, max_total: int | None, max_input: int | None) -> Li
     total = max_total or ctx
     if total > ctx:
         raise ModelLoadError(
-            f"max_total_tokens={total} exceeds the model's context length {ctx}; "
-            f"set TEXTGEN_MAX_TOTAL_TOKENS <= {ctx}."
+            f"max_total_tokens={total} exceeds the model's context length {ctx}; set TEXTGEN_MAX_TOTAL_TOKENS <= {ctx}."
         )
     inp = max_input or total - 1
     if inp >= total:

@@ -48,14 +48,12 @@ def _apply_penalties(scores: torch.Tensor, seq: Sequence) -> None:
     if params.repetition_penalty is not None and params.repetition_penalty != 1.0:
         seen = torch.tensor(seq.all_ids(), device=scores.device)
         picked = scores.gather(0, seen)
-        penalised = torch.where(
-            picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty
-        )
+        penalised = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
         scores.scatter_(0, seen, penalised)
     if (params.presence_penalty or params.frequency_penalty) and seq.generated:
-        counts = torch.bincount(
-            torch.tensor(seq.generated, device=scores.device), minlength=scores.shape[-1]
-        ).to(scores.dtype)
+        counts = torch.bincount(torch.tensor(seq.generated, device=scores.device), minlength=scores.shape[-1]).to(
+            scores.dtype
+        )
         scores -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(scores.dtype)
 
 

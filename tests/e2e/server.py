@@ -44,8 +44,12 @@ def wait_healthy(url: str, process: subprocess.Popen, log_path: Path, timeout: f
     raise RuntimeError(f"server not healthy after {timeout} s:\n{log_path.read_text()[-3000:]}")
 
 
-def start(model: Path | str | None, env: dict[str, str] | None = None, args: list[str] | None = None,
-          log_dir: Path | None = None) -> Server:
+def start(
+    model: Path | str | None,
+    env: dict[str, str] | None = None,
+    args: list[str] | None = None,
+    log_dir: Path | None = None,
+) -> Server:
     port = free_port()
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("TEXTGEN_")}
     full_env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TEXTGEN_MAX_QUEUE": "256"})
@@ -78,8 +82,9 @@ def stop(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 
 
 
 @contextlib.contextmanager
-def run_server(model: Path | str | None, env: dict[str, str] | None = None,
-               args: list[str] | None = None) -> Iterator[str]:
+def run_server(
+    model: Path | str | None, env: dict[str, str] | None = None, args: list[str] | None = None
+) -> Iterator[str]:
     """Yield the base URL of a healthy server; stop it afterwards."""
     server = start(model, env, args)
     try:

@@ -26,8 +26,11 @@ PROTECTED = [
 def url(tiny_gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     key_file = tmp_path_factory.mktemp("keys") / "keys.txt"
     key_file.write_text("# rotated weekly\nfile-key\n")
-    env = {"TEXTGEN_API_KEY": "key-one,key-two", "TEXTGEN_API_KEY_FILE": str(key_file),
-           "TEXTGEN_SERVED_MODEL_NAME": "m"}
+    env = {
+        "TEXTGEN_API_KEY": "key-one,key-two",
+        "TEXTGEN_API_KEY_FILE": str(key_file),
+        "TEXTGEN_SERVED_MODEL_NAME": "m",
+    }
     with run_server(tiny_gpt2_dir, env=env) as base:
         yield base
 

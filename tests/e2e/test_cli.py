@@ -57,7 +57,10 @@ def test_impossible_settings(tiny_gpt2_dir: Path, tmp_path: Path, flag: str) -> 
     env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     result = subprocess.run(
         [*CLI, "serve", "--model", str(tiny_gpt2_dir), "--port", "0", flag],
-        capture_output=True, text=True, timeout=120, env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith("textgen: error:")

@@ -15,7 +15,9 @@ def test_embed_shapes_and_normalisation(client: httpx.Client) -> None:
 
     many = client.post("/embed", json={"inputs": ["What is a list?", "Tuples are immutable", "x"]}).json()
     assert len(many) == 3
-    assert many[0] == vectors[0] or all(math.isclose(a, b, abs_tol=1e-5) for a, b in zip(many[0], vectors[0], strict=True))
+    assert many[0] == vectors[0] or all(
+        math.isclose(a, b, abs_tol=1e-5) for a, b in zip(many[0], vectors[0], strict=True)
+    )
 
     raw = client.post("/embed", json={"inputs": "What is a list?", "normalize": False}).json()[0]
     norm = math.sqrt(sum(x * x for x in raw))

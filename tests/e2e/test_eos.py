@@ -28,8 +28,11 @@ def test_eos_finishes_and_min_new_tokens_holds_it_off(eos_url: str) -> None:
     prompts = ["The list", "A function", "Import", "x", "class", "The with statement", "Objects", "while"]
     ended = None
     for prompt in prompts:
-        out = httpx.post(f"{eos_url}/generate", json={"inputs": prompt, "parameters": {
-            "max_new_tokens": 30, "details": True}}, timeout=60).json()
+        out = httpx.post(
+            f"{eos_url}/generate",
+            json={"inputs": prompt, "parameters": {"max_new_tokens": 30, "details": True}},
+            timeout=60,
+        ).json()
         if out["details"]["finish_reason"] == "eos_token":
             ended = (prompt, out)
             break
@@ -39,9 +42,20 @@ def test_eos_finishes_and_min_new_tokens_holds_it_off(eos_url: str) -> None:
     assert last["special"] is True and last["text"] == "<|endoftext|>"
     assert "<|endoftext|>" not in out["generated_text"]
     assert out["details"]["generated_tokens"] < 30
-    held = httpx.post(f"{eos_url}/generate", json={"inputs": prompt, "parameters": {
-        "max_new_tokens": 30, "min_new_tokens": 30, "details": True}}, timeout=60).json()
+    held = httpx.post(
+        f"{eos_url}/generate",
+        json={"inputs": prompt, "parameters": {"max_new_tokens": 30, "min_new_tokens": 30, "details": True}},
+        timeout=60,
+    ).json()
     assert held["details"]["finish_reason"] == "length" and held["details"]["generated_tokens"] == 30
-    openai = httpx.post(f"{eos_url}/v1/completions", json={"model": httpx.get(f"{eos_url}/v1/models").json()[
-        "data"][0]["id"], "prompt": prompt, "max_tokens": 30, "temperature": 0}, timeout=60).json()
+    openai = httpx.post(
+        f"{eos_url}/v1/completions",
+        json={
+            "model": httpx.get(f"{eos_url}/v1/models").json()["data"][0]["id"],
+            "prompt": prompt,
+            "max_tokens": 30,
+            "temperature": 0,
+        },
+        timeout=60,
+    ).json()
     assert openai["choices"][0]["finish_reason"] == "stop"

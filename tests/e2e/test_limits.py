@@ -61,13 +61,19 @@ def test_timeout_cancels_in_engine(srv: Server) -> None:
 
 
 def test_cors(srv: Server) -> None:
-    pre = httpx.options(f"{srv.url}/generate", headers={
-        "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "content-type"})
+    pre = httpx.options(
+        f"{srv.url}/generate",
+        headers={
+            "Origin": "https://app.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type",
+        },
+    )
     assert pre.status_code == 200
     assert pre.headers["access-control-allow-origin"] == "https://app.example"
-    other = httpx.options(f"{srv.url}/generate", headers={
-        "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+    other = httpx.options(
+        f"{srv.url}/generate", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+    )
     assert "access-control-allow-origin" not in other.headers
 
 
@@ -77,8 +83,11 @@ def test_no_cors_by_default(server: Server) -> None:
 
 
 def test_request_id_and_access_log(srv: Server) -> None:
-    r = httpx.post(f"{srv.url}/generate", json={"inputs": "The list", "parameters": {"max_new_tokens": 3}},
-                   headers={"X-Request-ID": "abc-123"})
+    r = httpx.post(
+        f"{srv.url}/generate",
+        json={"inputs": "The list", "parameters": {"max_new_tokens": 3}},
+        headers={"X-Request-ID": "abc-123"},
+    )
     assert r.headers["x-request-id"] == "abc-123"
     generated = httpx.post(f"{srv.url}/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 1}})
     assert len(generated.headers["x-request-id"]) >= 16
@@ -95,8 +104,11 @@ def test_request_id_and_access_log(srv: Server) -> None:
 
 
 def test_prompts_not_logged_by_default(server: Server) -> None:
-    httpx.post(f"{server.url}/generate", json={"inputs": "secret prompt text", "parameters": {"max_new_tokens": 2}},
-               headers={"X-Request-ID": "no-log-check"})
+    httpx.post(
+        f"{server.url}/generate",
+        json={"inputs": "secret prompt text", "parameters": {"max_new_tokens": 2}},
+        headers={"X-Request-ID": "no-log-check"},
+    )
     time.sleep(0.2)
     log = server.log()
     assert "no-log-check" in log

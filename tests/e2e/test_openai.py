@@ -60,13 +60,15 @@ def test_completion_and_usage(client: openai.OpenAI, tok) -> None:  # noqa: ANN0
 
 
 def test_list_prompts_and_n_with_seed(client: openai.OpenAI) -> None:
-    r = client.completions.create(model="tiny", prompt=["The list", "A tuple"], max_tokens=6, n=3, seed=5,
-                                  temperature=1.0)
+    r = client.completions.create(
+        model="tiny", prompt=["The list", "A tuple"], max_tokens=6, n=3, seed=5, temperature=1.0
+    )
     assert [c.index for c in r.choices] == list(range(6))
     first = [c.text for c in r.choices[:3]]
     assert len(set(first)) > 1  # distinct choices
-    again = client.completions.create(model="tiny", prompt=["The list", "A tuple"], max_tokens=6, n=3, seed=5,
-                                      temperature=1.0)
+    again = client.completions.create(
+        model="tiny", prompt=["The list", "A tuple"], max_tokens=6, n=3, seed=5, temperature=1.0
+    )
     assert [c.text for c in again.choices] == [c.text for c in r.choices]
 
 
@@ -79,8 +81,9 @@ def test_stop_as_bare_string(client: openai.OpenAI) -> None:
 
 
 def test_echo_and_logprobs(client: openai.OpenAI, tok) -> None:  # noqa: ANN001
-    r = client.completions.create(model="tiny", prompt="The list of", max_tokens=4, temperature=0, echo=True,
-                                  logprobs=2)
+    r = client.completions.create(
+        model="tiny", prompt="The list of", max_tokens=4, temperature=0, echo=True, logprobs=2
+    )
     c = r.choices[0]
     assert c.text.startswith("The list of")
     n_prompt = len(tok("The list of")["input_ids"])
@@ -101,8 +104,16 @@ def test_token_id_prompt(client: openai.OpenAI, tok) -> None:  # noqa: ANN001
 
 def test_streaming_completion(client: openai.OpenAI) -> None:
     plain = client.completions.create(model="tiny", prompt="The list", max_tokens=10, temperature=0).choices[0]
-    chunks = list(client.completions.create(model="tiny", prompt="The list", max_tokens=10, temperature=0,
-                                            stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model="tiny",
+            prompt="The list",
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
     assert text == plain.text
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == plain.finish_reason
@@ -110,8 +121,15 @@ def test_streaming_completion(client: openai.OpenAI) -> None:
 
 
 def test_penalties_accepted(client: openai.OpenAI) -> None:
-    r = client.completions.create(model="tiny", prompt="The list", max_tokens=6, temperature=0,
-                                  presence_penalty=1.5, frequency_penalty=1.0, user="someone")
+    r = client.completions.create(
+        model="tiny",
+        prompt="The list",
+        max_tokens=6,
+        temperature=0,
+        presence_penalty=1.5,
+        frequency_penalty=1.0,
+        user="someone",
+    )
     assert r.choices[0].text is not None
 
 
@@ -121,8 +139,16 @@ def test_chat(client: openai.OpenAI) -> None:
     assert r.object == "chat.completion"
     assert r.choices[0].message.role == "assistant"
     assert r.usage.completion_tokens <= 8 and r.usage.prompt_tokens > 5
-    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=messages,
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert streamed == r.choices[0].message.content
     assert chunks[-1].usage.total_tokens == r.usage.total_tokens
@@ -134,8 +160,10 @@ def test_embeddings_float_and_base64(client: openai.OpenAI, tok) -> None:  # noq
     v = r.data[0].embedding
     assert math.isclose(sum(x * x for x in v), 1.0, rel_tol=1e-4)
     assert r.usage.prompt_tokens == len(tok("a list")["input_ids"]) + len(tok("a tuple")["input_ids"])
-    raw = httpx.post(f"{str(client.base_url).rstrip('/')}/embeddings",
-                     json={"model": "tiny", "input": "a list", "encoding_format": "base64"}).json()
+    raw = httpx.post(
+        f"{str(client.base_url).rstrip('/')}/embeddings",
+        json={"model": "tiny", "input": "a list", "encoding_format": "base64"},
+    ).json()
     decoded = np.frombuffer(base64.b64decode(raw["data"][0]["embedding"]), dtype="<f4")
     assert np.allclose(decoded, v, atol=1e-6)
     # The SDK decodes base64 itself when asked for it.

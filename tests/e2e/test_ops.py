@@ -18,8 +18,16 @@ def test_health_ready_info(client: httpx.Client) -> None:
     assert client.get("/health").json()["status"] == "ok"
     assert client.get("/ready").status_code == 200
     info = client.get("/info").json()
-    for key in ("model_id", "model_dtype", "model_device_type", "context_length", "max_input_tokens",
-                "max_total_tokens", "max_batch_size", "version"):
+    for key in (
+        "model_id",
+        "model_dtype",
+        "model_device_type",
+        "context_length",
+        "max_input_tokens",
+        "max_total_tokens",
+        "max_batch_size",
+        "version",
+    ):
         assert key in info
     assert info["model_dtype"] == "float32" and info["model_device_type"] == "cpu"
     assert info["max_total_tokens"] <= info["context_length"] == 256

@@ -77,8 +77,11 @@ def test_fifty_clients_drop_mid_stream(tiny_gpt2_dir: Path) -> None:
         socks = []
         for _ in range(50):
             s = socket.create_connection((host, int(port)))
-            s.sendall(b"POST /generate_stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            s.sendall(
+                b"POST /generate_stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
             socks.append(s)
         for s in socks:  # every stream has produced a token
             s.settimeout(60)
@@ -107,8 +110,13 @@ def test_sigterm_drains_in_flight(tiny_gpt2_dir: Path) -> None:
 
     def one() -> None:
         try:
-            results.append(httpx.post(f"{url}/generate", json={**LONG, "parameters": {
-                "max_new_tokens": 200, "min_new_tokens": 200, "details": True}}, timeout=120))
+            results.append(
+                httpx.post(
+                    f"{url}/generate",
+                    json={**LONG, "parameters": {"max_new_tokens": 200, "min_new_tokens": 200, "details": True}},
+                    timeout=120,
+                )
+            )
         except Exception as exc:  # noqa: BLE001
             results.append(exc)
 

@@ -74,9 +74,10 @@ def test_disconnect_frees_the_slot(server: Server) -> None:
     sock.close()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        if metric(server.url, "textgen_cancelled_requests_total") > before and metric(
-            server.url, "textgen_batch_size"
-        ) == 0:
+        if (
+            metric(server.url, "textgen_cancelled_requests_total") > before
+            and metric(server.url, "textgen_batch_size") == 0
+        ):
             break
         time.sleep(0.05)
     assert metric(server.url, "textgen_cancelled_requests_total") == before + 1

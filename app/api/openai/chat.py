@@ -24,7 +24,6 @@ from app.service import Service
 router = APIRouter(tags=["OpenAI"])
 
 
-
 def _content(message: ChatMessage) -> str:
     if isinstance(message.content, list):  # content parts: keep the text ones
         return "".join(part.get("text", "") for part in message.content if part.get("type") == "text")
@@ -48,7 +47,9 @@ def render_prompt(service: Service, messages: list[ChatMessage]) -> list[int]:
     try:
         text = tok.apply_chat_template(conversation, chat_template=template, tokenize=False, add_generation_prompt=True)
     except Exception as exc:  # a template that rejects these messages (e.g. role order)
-        raise APIError(400, f"the chat template could not render these messages: {exc}", "validation", "messages") from exc
+        raise APIError(
+            400, f"the chat template could not render these messages: {exc}", "validation", "messages"
+        ) from exc
     # The rendered text already holds any BOS the template wants.
     return tok(text, add_special_tokens=False)["input_ids"]
 
@@ -80,7 +81,9 @@ async def chat(body: ChatRequest, request: Request, ctx: ContextDep):
     generations = start_choices(ctx, body, [ids], body.max_completion_tokens or body.max_tokens, top_logprobs=top)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_stream(body, model, generations, len(ids), include_usage), media_type="text/event-stream")
+        return StreamingResponse(
+            _stream(body, model, generations, len(ids), include_usage), media_type="text/event-stream"
+        )
     results = await run_to_completion(request, generations)
     choices = [
         ChatChoice(

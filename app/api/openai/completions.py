@@ -23,7 +23,6 @@ from app.service import Service
 router = APIRouter(tags=["OpenAI"])
 
 
-
 def prompts_of(service: Service, body: CompletionRequest) -> tuple[list[list[int]], list[str]]:
     """Token ids and text of each prompt; prompts may be text or token ids."""
     assert service.loaded is not None

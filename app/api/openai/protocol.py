@@ -48,9 +48,7 @@ class CompletionRequest(SamplingFields):
         json_schema_extra={"examples": [{"model": "textgen-demo", "prompt": "The list", "max_tokens": 20}]},
     )
 
-    prompt: str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[
-        list[TokenIds], Field(min_length=1)
-    ]
+    prompt: str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
     max_tokens: int | None = Field(16, ge=1, description="Tokens to generate (OpenAI's default is 16).")
     logprobs: int | None = Field(None, ge=0, le=20, description="Return this many top log-probabilities per token.")
     echo: bool = Field(False, description="Prepend the prompt to the text (and its tokens to logprobs).")

@@ -17,8 +17,9 @@ def seq(lm: LoadedModel, prompt: str) -> Sequence:
 def greedy_alone(lm: LoadedModel, prompt: str, n: int) -> list[int]:
     ids = lm.tokenizer(prompt, return_tensors="pt")["input_ids"]
     with torch.inference_mode():
-        out = lm.model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                pad_token_id=lm.tokenizer.eos_token_id)
+        out = lm.model.generate(
+            ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=lm.tokenizer.eos_token_id
+        )
     return out[0, ids.shape[1] :].tolist()
 
 

@@ -30,9 +30,12 @@ def test_seeded_rows_do_not_depend_on_neighbours(tiny_lm: LoadedModel) -> None:
     params = SamplingParams(do_sample=True, temperature=1.5, seed=7)
     x = logits(4)
     alone = [choose(x[1:2], [seq(tiny_lm, params)], [])[0].token_id for _ in range(1)]
-    mixed_rows = [seq(tiny_lm, SamplingParams()), seq(tiny_lm, params),
-                  seq(tiny_lm, SamplingParams(do_sample=True, top_p=0.5, seed=3)),
-                  seq(tiny_lm, SamplingParams(do_sample=True, top_k=5))]
+    mixed_rows = [
+        seq(tiny_lm, SamplingParams()),
+        seq(tiny_lm, params),
+        seq(tiny_lm, SamplingParams(do_sample=True, top_p=0.5, seed=3)),
+        seq(tiny_lm, SamplingParams(do_sample=True, top_k=5)),
+    ]
     mixed = choose(x, mixed_rows, [])
     assert mixed[1].token_id == alone[0]
 

@@ -10,8 +10,9 @@ from app.engine.types import GenerationRequest, SamplingParams, StoppingParams
 def make(lm: LoadedModel, prompt: str, stopping: StoppingParams) -> Sequence:
     tok = lm.tokenizer
     request = GenerationRequest(tok(prompt)["input_ids"], SamplingParams(), stopping, lambda e: None)
-    return Sequence(request, tok, frozenset([tok.eos_token_id]), frozenset(tok.all_special_ids), 256,
-                    torch.device("cpu"))
+    return Sequence(
+        request, tok, frozenset([tok.eos_token_id]), frozenset(tok.all_special_ids), 256, torch.device("cpu")
+    )
 
 
 def feed(seq: Sequence, text: str) -> tuple[list[str], list[int]]:
