@@ -61,3 +61,17 @@ def test_bad_yaml_is_one_clear_error(
 def test_missing_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--config", str(tmp_path / "absent.yaml")]) == 2
     assert "absent.yaml: cannot read config file" in capsys.readouterr().err
+
+
+def test_docs_table_lists_every_option() -> None:
+    docs = (Path(__file__).resolve().parents[3] / "docs" / "finetune.md").read_text(encoding="utf-8")
+    for name in FinetuneConfig.model_fields:
+        assert f"| `{flag(name)}`" in docs, f"docs/finetune.md lacks {flag(name)}"
+
+
+def test_docs_yaml_example_is_valid(tmp_path: Path) -> None:
+    docs = (Path(__file__).resolve().parents[3] / "docs" / "finetune.md").read_text(encoding="utf-8")
+    example = docs.split("```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "ft.yaml").write_text(example)
+    config = parse_config(["--config", str(tmp_path / "ft.yaml")])
+    assert config.lora and config.learning_rate == 2e-3 and config.block_size == 256
