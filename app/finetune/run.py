@@ -1,5 +1,6 @@
 """One fine-tuning run, start to finish: read and check data, train, evaluate, export."""
 
+import json
 import logging
 import shutil
 import sys
@@ -11,7 +12,7 @@ import torch
 import transformers
 from transformers import EarlyStoppingCallback, TrainerCallback, default_data_collator, set_seed
 
-from app.finetune.config import ConfigError, FinetuneConfig
+from app.finetune.config import ConfigError, FinetuneConfig, flag
 from app.finetune.data import DataError, LoadedData, examples_sha256, load_data
 from app.finetune.examples import Example
 from app.finetune.export import export_model, manifest, write_json
@@ -31,6 +32,12 @@ log = logging.getLogger("app.finetune")
 
 DEFAULT_LEARNING_RATE = {"full": 5e-5, "lora": 2e-4, "scratch": 1e-3}
 CHECKPOINTS = "checkpoints"
+RUN_CONFIG = "run-config.json"
+# Options a resumed run may change; any other change would make the checkpoint describe other training.
+CHANGEABLE_ON_RESUME = {
+    "resume", "epochs", "max_steps", "save_steps", "eval_steps", "logging_steps", "save_total_limit",
+    "keep_checkpoints", "early_stopping_patience",
+}  # fmt: skip
 
 
 def setup_logging() -> None:
@@ -69,6 +76,18 @@ def check_output(config: FinetuneConfig) -> None:
         raise ConfigError(f"--output {output} is a file, not a folder")
     if not config.resume and output.is_dir() and any(output.iterdir()):
         raise ConfigError(f"--output {output} is not empty; pass --resume to continue a run there, or pick a new one")
+    if config.resume and (output / "manifest.json").exists():
+        raise ConfigError(f"--output {output} holds a finished run (manifest.json); there is nothing to resume")
+    saved = output / CHECKPOINTS / RUN_CONFIG
+    if config.resume and saved.exists():
+        before = json.loads(saved.read_text(encoding="utf-8"))
+        now = config.model_dump(mode="json")
+        changed = sorted(k for k in now if k not in CHANGEABLE_ON_RESUME and before.get(k) != now[k])
+        if changed:
+            raise ConfigError(
+                "--resume needs the options of the interrupted run; changed: "
+                + ", ".join(f"{flag(k)} (was {before.get(k)!r})" for k in changed)
+            )
 
 
 def learning_rate(config: FinetuneConfig) -> float:
@@ -141,6 +160,8 @@ def finetune(config: FinetuneConfig, examples: Sequence[Example] | None = None) 
     if state.is_main_process:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         tokenizer.save_pretrained(checkpoint_dir / "tokenizer")  # a resumed run must tokenise identically
+        if not (checkpoint_dir / RUN_CONFIG).exists():
+            write_json(checkpoint_dir / RUN_CONFIG, config.model_dump(mode="json"))
     state.wait_for_everyone()
 
     counter = StepCounter()

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from app.finetune.cli import main
+
 from .helpers import ONE_THREAD_ENV, run_ok, tiny_args
 
 STEPS = 100
@@ -41,6 +43,8 @@ def test_killed_run_resumes_to_the_same_result(tmp_path: Path, tiny_gpt2_dir: Pa
             assert (checkpoint / name).exists(), f"{checkpoint.name} lacks {name}"
     complete = [p.name for p in checkpoints]
 
+    assert main([*argv, "--resume", "--seed", "7"]) == 2, "a resume must not silently change the training"
+
     resumed = run_ok([*argv, "--resume"])
     last = max(complete, key=lambda name: int(name.split("-")[1]))
     assert str(resumed["resumed_from"]).endswith(last)
@@ -50,3 +54,4 @@ def test_killed_run_resumes_to_the_same_result(tmp_path: Path, tiny_gpt2_dir: Pa
     assert resumed["final_train_loss"] == pytest.approx(straight["final_train_loss"], abs=1e-4)
     assert resumed["eval_perplexity_after"] == pytest.approx(straight["eval_perplexity_after"], rel=1e-4)
     assert resumed["eval_perplexity_before"] == pytest.approx(straight["eval_perplexity_before"], rel=1e-6)
+    assert main([*argv, "--resume"]) == 2, "a finished run has nothing to resume"
