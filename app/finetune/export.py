@@ -11,6 +11,7 @@ from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import app
+from app.finetune.config import FinetuneConfig
 
 # Moved into the output last: a loader needs these, so a crash mid-publish leaves nothing loadable.
 LAST = ("config.json", "adapter_config.json")
@@ -74,3 +75,28 @@ def manifest(
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "config": config,
     }
+
+
+def write_outputs(
+    config: FinetuneConfig,
+    model: PreTrainedModel | PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    data_sha256: str,
+    metrics: dict[str, Any],
+) -> None:
+    """Everything a finished run leaves in OUTPUT."""
+    export_model(model, tokenizer, config.output, merge=not config.no_merge)
+    write_json(config.output / "metrics.json", metrics)
+    # Written last: a folder with a manifest holds a finished run.
+    write_json(
+        config.output / "manifest.json",
+        manifest(
+            base_model=config.model,
+            from_scratch=config.from_scratch,
+            adapter=config.no_merge,
+            data=config.data,
+            data_sha256=data_sha256,
+            metrics=metrics,
+            config=config.model_dump(mode="json"),
+        ),
+    )

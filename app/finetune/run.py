@@ -1,21 +1,29 @@
 """One fine-tuning run, start to finish: read and check data, train, evaluate, export."""
 
-import json
 import logging
 import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
-from transformers import EarlyStoppingCallback, TrainerCallback, default_data_collator, set_seed
+from peft import PeftModel
+from transformers import (
+    EarlyStoppingCallback,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    TrainerCallback,
+    default_data_collator,
+    set_seed,
+)
 
-from app.finetune.config import ConfigError, FinetuneConfig, flag
+from app.finetune.config import FinetuneConfig
 from app.finetune.data import DataError, LoadedData, examples_sha256, load_data
 from app.finetune.examples import Example
-from app.finetune.export import export_model, manifest, write_json
+from app.finetune.export import write_outputs
 from app.finetune.lora import add_lora
 from app.finetune.modeling import (
     choose_block_size,
@@ -25,19 +33,13 @@ from app.finetune.modeling import (
     load_tokenizer,
     new_model,
 )
+from app.finetune.output_dir import TOKENIZER, check_output, checkpoints, remember_run
 from app.finetune.packing import PackedBlocks, pack
 from app.finetune.trainer import FinetuneTrainer, distributed_state, latest_checkpoint, training_arguments
 
 log = logging.getLogger("app.finetune")
 
 DEFAULT_LEARNING_RATE = {"full": 5e-5, "lora": 2e-4, "scratch": 1e-3}
-CHECKPOINTS = "checkpoints"
-RUN_CONFIG = "run-config.json"
-# Options a resumed run may change; any other change would make the checkpoint describe other training.
-CHANGEABLE_ON_RESUME = {
-    "resume", "epochs", "max_steps", "save_steps", "eval_steps", "logging_steps", "save_total_limit",
-    "keep_checkpoints", "early_stopping_patience",
-}  # fmt: skip
 
 
 def setup_logging() -> None:
@@ -48,7 +50,7 @@ def setup_logging() -> None:
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO if main else logging.WARNING)
     log.propagate = False
-    transformers.logging.set_verbosity_warning() if main else transformers.logging.set_verbosity_error()
+    transformers.logging.set_verbosity(logging.WARNING if main else logging.ERROR)
 
 
 @dataclass
@@ -70,26 +72,6 @@ def split_blocks(blocks: PackedBlocks, share: float, seed: int) -> Splits:
     return Splits(blocks.subset(order[n_eval:].sort().values), blocks.subset(order[:n_eval].sort().values))
 
 
-def check_output(config: FinetuneConfig) -> None:
-    output = config.output
-    if output.exists() and not output.is_dir():
-        raise ConfigError(f"--output {output} is a file, not a folder")
-    if not config.resume and output.is_dir() and any(output.iterdir()):
-        raise ConfigError(f"--output {output} is not empty; pass --resume to continue a run there, or pick a new one")
-    if config.resume and (output / "manifest.json").exists():
-        raise ConfigError(f"--output {output} holds a finished run (manifest.json); there is nothing to resume")
-    saved = output / CHECKPOINTS / RUN_CONFIG
-    if config.resume and saved.exists():
-        before = json.loads(saved.read_text(encoding="utf-8"))
-        now = config.model_dump(mode="json")
-        changed = sorted(k for k in now if k not in CHANGEABLE_ON_RESUME and before.get(k) != now[k])
-        if changed:
-            raise ConfigError(
-                "--resume needs the options of the interrupted run; changed: "
-                + ", ".join(f"{flag(k)} (was {before.get(k)!r})" for k in changed)
-            )
-
-
 def learning_rate(config: FinetuneConfig) -> float:
     if config.learning_rate is not None:
         return config.learning_rate
@@ -107,12 +89,49 @@ class StepCounter(TrainerCallback):
         self.steps += 1
 
 
+@dataclass
+class Prepared:
+    model: PreTrainedModel | PeftModel
+    tokenizer: PreTrainedTokenizerBase
+    block_size: int
+
+
+def prepare_model(config: FinetuneConfig, data: LoadedData, checkpoint_dir: Path) -> Prepared:
+    # New weights and LoRA adapters are initialised before the Trainer would seed anything.
+    set_seed(config.seed)
+    tokenizer = load_tokenizer(config, data.examples, saved=checkpoint_dir / TOKENIZER)
+    if config.from_scratch:
+        block_size = choose_block_size(config, None)
+        model = new_model(config, tokenizer, block_size)
+    else:
+        model = load_base(config)
+        block_size = choose_block_size(config, context_length(model))
+    ensure_generation_eos(model, tokenizer)
+    if config.gradient_checkpointing:
+        model.config.use_cache = False
+        if config.lora:
+            model.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph
+    if not config.lora:
+        return Prepared(model, tokenizer, block_size)
+    adapted = add_lora(model, config)
+    trainable, total = adapted.get_nb_trainable_parameters()
+    log.info("LoRA: training %s of %s parameters", f"{trainable:,}", f"{total:,}")
+    return Prepared(adapted, tokenizer, block_size)
+
+
+def make_splits(config: FinetuneConfig, data: LoadedData, eval_data: LoadedData | None, prepared: Prepared) -> Splits:
+    blocks = pack(data.examples, prepared.tokenizer, prepared.block_size, what="train data")
+    if eval_data is not None:
+        return Splits(blocks, pack(eval_data.examples, prepared.tokenizer, prepared.block_size, what="eval data"))
+    return split_blocks(blocks, config.eval_split, config.seed)
+
+
 def finetune(config: FinetuneConfig, examples: Sequence[Example] | None = None) -> dict[str, Any]:
     """Returns the metrics also written to OUTPUT/metrics.json. `examples` replaces reading
     `config.data` (then only a label) for callers that build their corpus in memory."""
     state = distributed_state()
     check_output(config)
-    checkpoint_dir = config.output / CHECKPOINTS
+    checkpoint_dir = checkpoints(config)
     # All input is read and checked before anything slow, so bad data fails in seconds.
     if examples is None:
         data = load_data(config.data, split=config.dataset_split)
@@ -122,23 +141,9 @@ def finetune(config: FinetuneConfig, examples: Sequence[Example] | None = None) 
 
     resume_from = latest_checkpoint(checkpoint_dir) if config.resume else None
     if config.resume:
-        log.info("resuming from %s", resume_from) if resume_from else log.info("no checkpoint yet; starting fresh")
-    # New weights and LoRA adapters are initialised before the Trainer would seed anything.
-    set_seed(config.seed)
-    tokenizer = load_tokenizer(config, data.examples, saved=checkpoint_dir / "tokenizer")
-    if config.from_scratch:
-        block_size = choose_block_size(config, None)
-        model = new_model(config, tokenizer, block_size)
-    else:
-        model = load_base(config)
-        block_size = choose_block_size(config, context_length(model))
-    ensure_generation_eos(model, tokenizer)
-
-    blocks = pack(data.examples, tokenizer, block_size, what="train data")
-    if eval_data is not None:
-        splits = Splits(blocks, pack(eval_data.examples, tokenizer, block_size, what="eval data"))
-    else:
-        splits = split_blocks(blocks, config.eval_split, config.seed)
+        log.info("resuming from %s", resume_from or "nothing: no checkpoint yet, starting fresh")
+    prepared = prepare_model(config, data, checkpoint_dir)
+    splits = make_splits(config, data, eval_data, prepared)
     log.info(
         "training on %d blocks (%s tokens), evaluating on %d blocks (%s tokens), %d process(es)",
         len(splits.train),
@@ -147,21 +152,8 @@ def finetune(config: FinetuneConfig, examples: Sequence[Example] | None = None) 
         f"{splits.eval.tokens:,}" if splits.eval else 0,
         state.num_processes,
     )
-
-    if config.gradient_checkpointing:
-        model.config.use_cache = False
-        if config.lora:
-            model.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph
-    if config.lora:
-        model = add_lora(model, config)
-        trainable, total = model.get_nb_trainable_parameters()
-        log.info("LoRA: training %s of %s parameters", f"{trainable:,}", f"{total:,}")
-
     if state.is_main_process:
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        tokenizer.save_pretrained(checkpoint_dir / "tokenizer")  # a resumed run must tokenise identically
-        if not (checkpoint_dir / RUN_CONFIG).exists():
-            write_json(checkpoint_dir / RUN_CONFIG, config.model_dump(mode="json"))
+        remember_run(config, prepared.tokenizer)
     state.wait_for_everyone()
 
     counter = StepCounter()
@@ -169,11 +161,11 @@ def finetune(config: FinetuneConfig, examples: Sequence[Example] | None = None) 
     if config.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(config.early_stopping_patience))
     trainer = FinetuneTrainer(
-        model=model,
+        model=prepared.model,
         args=training_arguments(config, checkpoint_dir, learning_rate(config)),
         train_dataset=splits.train,
         eval_dataset=splits.eval,
-        processing_class=tokenizer,
+        processing_class=prepared.tokenizer,
         data_collator=default_data_collator,  # blocks are already equal length
         callbacks=callbacks,
     )
@@ -192,7 +184,7 @@ def finetune(config: FinetuneConfig, examples: Sequence[Example] | None = None) 
         "train_blocks": len(splits.train),
         "eval_tokens": splits.eval.tokens if splits.eval else 0,
         "eval_blocks": len(splits.eval) if splits.eval else 0,
-        "block_size": block_size,
+        "block_size": prepared.block_size,
         "global_step": trainer.state.global_step,
         "steps_this_run": counter.steps,
         "world_size": state.num_processes,
@@ -208,20 +200,7 @@ def finetune(config: FinetuneConfig, examples: Sequence[Example] | None = None) 
             f"{splits.eval.target_tokens:,}",
         )
     if state.is_main_process:
-        export_model(trainer.model, tokenizer, config.output, merge=not config.no_merge)
-        write_json(config.output / "metrics.json", metrics)
-        write_json(
-            config.output / "manifest.json",
-            manifest(
-                base_model=config.model,
-                from_scratch=config.from_scratch,
-                adapter=config.no_merge,
-                data=config.data,
-                data_sha256=data.sha256,
-                metrics=metrics,
-                config=config.model_dump(mode="json"),
-            ),
-        )
+        write_outputs(config, trainer.model, prepared.tokenizer, data.sha256, metrics)
         if not config.keep_checkpoints:
             shutil.rmtree(checkpoint_dir)
         log.info("wrote %s", config.output)
