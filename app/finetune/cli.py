@@ -37,6 +37,7 @@ def _unwrap(annotation: Any) -> Any:
 
 
 METAVARS = {int: "N", float: "X", str: "TEXT", Path: "DIR"}
+NAMED_METAVARS = {"model": "MODEL", "data": "DATA", "eval_file": "DATA", "dataset_split": "SPLIT"}
 
 
 def _add(parser: argparse.ArgumentParser, name: str, field: FieldInfo) -> None:
@@ -54,10 +55,11 @@ def _add(parser: argparse.ArgumentParser, name: str, field: FieldInfo) -> None:
         help_text += f" Choices: {', '.join(choices)}."
         parser.add_argument(flag(name), choices=choices, metavar="SIZE", help=help_text)
     elif typing.get_origin(kind) is list:
-        parser.add_argument(flag(name), nargs="+", metavar="NAME", help=help_text)
+        parser.add_argument(flag(name), nargs="+", metavar="MODULE", help=help_text)
     else:
         # Values stay strings here; pydantic converts and reports errors for flags and YAML alike.
-        parser.add_argument(flag(name), metavar=METAVARS.get(kind, "VALUE"), help=help_text)
+        metavar = NAMED_METAVARS.get(name) or METAVARS.get(kind, "VALUE")
+        parser.add_argument(flag(name), metavar=metavar, help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
