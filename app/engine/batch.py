@@ -94,7 +94,7 @@ class Batch:
         used = self.mask.any(dim=0).nonzero()
         start = int(used[0]) if len(used) else self.length
         self.mask = self.mask[:, start:]
-        self.cache.select(index, start)
+        self.cache.select(keep, start)
 
     def extend(self, other: "Batch") -> None:
         """Append `other`'s rows, left-padding whichever cache is shorter."""

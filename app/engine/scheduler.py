@@ -203,15 +203,15 @@ class Engine:
     def _take_admissible(self) -> list[Sequence]:
         """FIFO admission within the batch-size, prefill-token and KV-token budgets."""
         running = self._batch.seqs if self._batch is not None else []
+        if any(s.request.cancelled for s in self._waiting):  # free their queue slots now
+            for seq in [s for s in self._waiting if s.request.cancelled]:
+                self._waiting.remove(seq)
+                self._retire(seq, "cancelled")
         taken: list[Sequence] = []
         longest_prompt = 0
         longest_reserved = max((s.reserved_tokens for s in running), default=0)
         while self._waiting:
             seq = self._waiting[0]
-            if seq.request.cancelled:
-                self._waiting.popleft()
-                self._retire(seq, "cancelled")
-                continue
             count = len(running) + len(taken) + 1
             prompt = max(longest_prompt, seq.prompt_len)
             reserved = max(longest_reserved, seq.reserved_tokens)

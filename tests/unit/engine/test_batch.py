@@ -58,3 +58,49 @@ def test_join_and_leave_between_steps(tiny_lm: LoadedModel) -> None:
     assert produced[0] == greedy_alone(tiny_lm, prompts[0], len(produced[0]))
     assert produced[1] == greedy_alone(tiny_lm, prompts[1], len(produced[1]))
     assert produced[2] == greedy_alone(tiny_lm, prompts[2], len(produced[2]))
+
+
+@torch.inference_mode()
+def test_random_joins_and_leaves_match_alone(tiny_lm: LoadedModel) -> None:
+    """Rows joining (shorter and longer than the cache) and leaving at random steps: every row's
+    greedy tokens equal what the model gives that prompt alone. Exercises slab reuse, row moves,
+    growing to the left and reallocation."""
+    import random
+
+    rng = random.Random(0)
+    model = tiny_lm.model
+    words = "the list of objects and the class keyword introduces a new definition with its body".split()
+    batch: Batch | None = None
+    owners: list[int] = []
+    prompts: dict[int, str] = {}
+    produced: dict[int, list[int]] = {}
+    next_owner = 0
+    for _step in range(60):
+        if batch is not None and len(batch) and rng.random() < 0.3:
+            keep = sorted(rng.sample(range(len(batch)), k=rng.randint(0, len(batch) - 1)))
+            owners = [owners[i] for i in keep]
+            if keep:
+                batch.filter(keep)
+            else:
+                batch = None
+        if rng.random() < 0.4 or batch is None:
+            count = rng.randint(1, 3)
+            new_prompts = [" ".join(rng.choices(words, k=rng.randint(1, 20))) for _ in range(count)]
+            joining, logits, _ = Batch.prefill(model, [seq(tiny_lm, p) for p in new_prompts], all_logits=False)
+            ids = logits.argmax(-1).tolist()
+            joining.set_next(ids)
+            for p, i in zip(new_prompts, ids, strict=True):
+                prompts[next_owner], produced[next_owner] = p, [i]
+                owners.append(next_owner)
+                next_owner += 1
+            if batch is None:
+                batch = joining
+            else:
+                batch.extend(joining)
+        ids = batch.decode(model).argmax(-1).tolist()
+        for owner, i in zip(owners, ids, strict=True):
+            produced[owner].append(i)
+        batch.set_next(ids)
+    assert next_owner > 15
+    for owner, tokens in produced.items():
+        assert tokens == greedy_alone(tiny_lm, prompts[owner], len(tokens)), owner
