@@ -86,14 +86,17 @@ def test_disconnect_frees_the_slot(server: Server) -> None:
 
 def test_non_streaming_disconnect_cancels(server: Server) -> None:
     before = metric(server.url, "textgen_cancelled_requests_total")
-    try:
-        httpx.post(
-            f"{server.url}/generate",
-            json={"inputs": "The list", "parameters": {"max_new_tokens": 250, "min_new_tokens": 250}},
-            timeout=0.3,
+    body = b'{"inputs": "The list", "parameters": {"max_new_tokens": 250, "min_new_tokens": 250}}'
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(
+            b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
         )
-    except httpx.TimeoutException:
-        pass
+        deadline = time.monotonic() + 10
+        while metric(server.url, "textgen_batch_size") == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)  # wait until it is generating, then hang up
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and metric(server.url, "textgen_cancelled_requests_total") == before:
         time.sleep(0.05)
