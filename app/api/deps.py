@@ -19,8 +19,14 @@ ServiceDep = Annotated[Service, Depends(get_service)]
 def get_engine(service: ServiceDep) -> Engine:
     if service.draining:
         raise APIError(503, "the server is shutting down", "unavailable")
-    if service.engine is None or not service.engine.alive:
-        reason = service.error or "the model is still loading"
+    engine = service.engine
+    if engine is None or not engine.alive:
+        if service.error:
+            reason = service.error
+        elif engine is not None and engine.error is not None:
+            reason = f"the engine failed ({engine.error}); the server needs a restart"
+        else:
+            reason = "the model is still loading"
         raise APIError(503, f"not ready: {reason}", "unavailable")
     return service.engine
 

@@ -33,5 +33,6 @@ def test_engine_death_fails_health(tiny_gpt2_dir: Path, caplog: pytest.LogCaptur
         assert client.get("/health").status_code == 503
         assert "simulated device failure" in client.get("/health").json()["detail"]
         assert client.get("/ready").status_code == 503
-        assert client.post("/generate", json={"inputs": "hi"}).status_code == 503
+        after = client.post("/generate", json={"inputs": "hi"})
+        assert after.status_code == 503 and "engine failed" in after.json()["error"]
         assert any("simulated device failure" in r.getMessage() for r in caplog.records)
