@@ -104,7 +104,8 @@ def test_fifty_clients_drop_mid_stream(tiny_gpt2_dir: Path) -> None:
 
 def test_sigterm_drains_in_flight(tiny_gpt2_dir: Path) -> None:
     """8 requests in flight at SIGTERM all complete with 200, new requests get 503, exit 0."""
-    server = start(tiny_gpt2_dir, env={"TEXTGEN_SHUTDOWN_TIMEOUT": "60"})
+    # One slot: the eight run one after another, so the drain outlasts the checks below.
+    server = start(tiny_gpt2_dir, env={"TEXTGEN_SHUTDOWN_TIMEOUT": "60", "TEXTGEN_MAX_BATCH_SIZE": "1"})
     url = server.url
     results: list[httpx.Response | Exception] = []
 
@@ -121,9 +122,6 @@ def test_sigterm_drains_in_flight(tiny_gpt2_dir: Path) -> None:
             results.append(exc)
 
     try:
-        # Keep-alive client opened before the signal: new requests on it must get 503.
-        late = httpx.Client(base_url=url, timeout=10)
-        assert late.get("/health").status_code == 200
         threads = [threading.Thread(target=one) for _ in range(8)]
         for t in threads:
             t.start()
@@ -131,8 +129,11 @@ def test_sigterm_drains_in_flight(tiny_gpt2_dir: Path) -> None:
         while gauge(url, "textgen_batch_size") + gauge(url, "textgen_queue_size") < 8:
             assert time.monotonic() < deadline
             time.sleep(0.02)
+        # A keep-alive connection opened just before the signal: new requests on it must get 503.
+        late = httpx.Client(base_url=url, timeout=10)
+        assert late.get("/health").status_code == 200
         server.process.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        time.sleep(0.1)
         refused = late.post("/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 2}})
         ready = late.get("/ready")
         for t in threads:
