@@ -98,4 +98,15 @@ def main(argv: list[str] | None = None) -> int:
             "textgen finetune: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr
         )
         return 130
+    finally:
+        _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    # Under torchrun, a rank that exits with gloo's threads still running can abort in teardown
+    # ("terminate called without an active exception") after the work is done.
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
