@@ -3,6 +3,7 @@
 import json
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -16,7 +17,7 @@ from tests.e2e.sse import events
 def srv(tiny_gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     env = {
         "TEXTGEN_MAX_BODY_BYTES": "20000",
-        "TEXTGEN_REQUEST_TIMEOUT": "1.0",
+        "TEXTGEN_REQUEST_TIMEOUT": "0.3",
         "TEXTGEN_CORS_ORIGINS": "https://app.example",
         "TEXTGEN_MAX_BATCH_SIZE": "1",
         "TEXTGEN_LOG_PROMPTS": "true",
@@ -45,16 +46,25 @@ def test_body_too_large(srv: Server) -> None:
 
 def test_timeout_cancels_in_engine(srv: Server) -> None:
     body = {"inputs": "The list", "parameters": {"max_new_tokens": 250, "min_new_tokens": 250}}
-    # One slot: this long request runs while the next waits in the queue past its deadline.
-    start_t = time.monotonic()
-    r = httpx.post(f"{srv.url}/generate", json=body, timeout=30)
-    if r.status_code == 200:
-        pytest.skip("the machine generated 250 tokens within the 1 s timeout")
+    # One slot: a first long request holds it, so the next ones wait in the queue past their deadline.
+    with ThreadPoolExecutor(3) as pool:
+        start_t = time.monotonic()
+        holder = pool.submit(httpx.post, f"{srv.url}/generate", json=body, timeout=30)
+        time.sleep(0.05)
+        waiting = pool.submit(httpx.post, f"{srv.url}/generate", json=body, timeout=30)
+
+        def stream_last() -> dict:
+            with httpx.stream("POST", f"{srv.url}/generate_stream", json=body, timeout=30) as s:
+                return list(events(s))[-1]
+
+        streamed = pool.submit(stream_last)
+        r, last = waiting.result(), streamed.result()
+        holder.result()
+    if r.status_code == 200 and "error" not in last:
+        pytest.skip("the machine generated 2 x 250 tokens within the 0.3 s timeout")
     assert r.status_code == 504 and r.json()["error_type"] == "timeout"
-    assert time.monotonic() - start_t < 5
-    with httpx.stream("POST", f"{srv.url}/generate_stream", json=body, timeout=30) as s:
-        last = list(events(s))[-1]
     assert last == {"error": last["error"], "error_type": "timeout"}
+    assert time.monotonic() - start_t < 5
     # The engine dropped them: a short request is served at once afterwards.
     ok = httpx.post(f"{srv.url}/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 2}}, timeout=30)
     assert ok.status_code == 200
