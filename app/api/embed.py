@@ -2,7 +2,7 @@
 
 import asyncio
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 
 from app.api.deps import EngineDep, ServiceDep
 from app.api.errors import APIError, from_engine
@@ -81,7 +81,7 @@ async def embed_ids(engine: Engine, ids: list[list[int]], normalize: bool) -> li
         429: {"model": ErrorBody, "description": "Queue full"},
     },
 )
-async def embed(body: EmbedRequest, request: Request, engine: EngineDep, service: ServiceDep) -> list[list[float]]:
+async def embed(body: EmbedRequest, engine: EngineDep, service: ServiceDep) -> list[list[float]]:
     """Embed one text or a list of texts (TEI's shape): pooled last hidden states, L2-normalised
     unless `normalize` is false."""
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs

@@ -1,6 +1,5 @@
 """TGI routes: POST /generate, POST /generate_stream (SSE), and POST / (TGI's compatibility route)."""
 
-import json
 import math
 from collections.abc import AsyncIterator
 
@@ -15,6 +14,7 @@ from app.api.generation import (
     check_stop,
     resolve_max_new_tokens,
     run_to_completion,
+    sse_json,
     tokenize_prompt,
 )
 from app.api.schemas import (
@@ -122,10 +122,6 @@ async def generate(body: GenerateRequest, request: Request, ctx: ContextDep):
     return generate_response(body, completion)
 
 
-def sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-
 async def stream_events(body: GenerateRequest, generation: Generation) -> AsyncIterator[str]:
     index = 0
     try:
@@ -142,9 +138,9 @@ async def stream_events(body: GenerateRequest, generation: Generation) -> AsyncI
                     generated_tokens=c.generated_tokens,
                     seed=c.seed,
                 )
-            yield sse(out.model_dump())
+            yield sse_json(out.model_dump())
     except APIError as exc:
-        yield sse({"error": exc.message, "error_type": exc.error_type})
+        yield sse_json({"error": exc.message, "error_type": exc.error_type})
 
 
 def streaming_response(body: GenerateRequest, ctx: Context) -> StreamingResponse:

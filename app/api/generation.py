@@ -7,6 +7,7 @@ the engine, which drops it at its next step.
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated
@@ -27,6 +28,11 @@ from app.engine.types import (
     StoppingParams,
 )
 from app.service import Service
+
+
+def sse_json(payload: dict) -> str:
+    """One server-sent event carrying a JSON object (TGI and OpenAI streams alike)."""
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
 def tokenize_prompt(service: Service, text: str, truncate: int | None = None) -> list[int]:

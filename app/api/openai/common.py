@@ -1,11 +1,10 @@
 """Pieces shared by the OpenAI routes: model check, sampling mapping, fan-out of n choices."""
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Callable
 
 from app.api.errors import APIError, validation
-from app.api.generation import Context, Generation, check_stop, resolve_max_new_tokens
+from app.api.generation import Context, Generation, check_stop, resolve_max_new_tokens, sse_json
 from app.api.openai.protocol import OpenAIErrorBody, SamplingFields, Usage
 from app.engine.types import Event, SamplingParams, StoppingParams
 from app.service import Service
@@ -120,10 +119,6 @@ async def merged(generations: list[Generation]) -> AsyncIterator[tuple[int, Even
             t.cancel()
         for g in generations:
             g.cancel()
-
-
-def sse_json(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
 SSE_DONE = "data: [DONE]\n\n"
