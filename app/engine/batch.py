@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from app.engine.kv_cache import SlabCache
+from app.engine.kv_cache import KVAccount, SlabCache
 from app.engine.sequence import Sequence
 
 
@@ -39,10 +39,11 @@ class Batch:
 
     @classmethod
     def prefill(
-        cls, model: PreTrainedModel, seqs: list[Sequence], all_logits: bool
+        cls, model: PreTrainedModel, seqs: list[Sequence], all_logits: bool, account: KVAccount | None = None
     ) -> tuple["Batch", torch.Tensor, torch.Tensor | None]:
         """Run the prompts of `seqs` (left-padded together). Returns the batch, the last
-        position's logits [batch, vocab], and every position's logits when `all_logits`."""
+        position's logits [batch, vocab], and every position's logits when `all_logits`.
+        With an `account`, the cache is charged to it and sized exactly to the prompts."""
         device = model.device
         longest = max(s.prompt_len for s in seqs)
         ids = torch.zeros((len(seqs), longest), dtype=torch.long)
@@ -52,7 +53,7 @@ class Batch:
             mask[row, longest - seq.prompt_len :] = 1
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = SlabCache(model.config)
+        cache = SlabCache(model.config, account, longest if account is not None else None)
         out = model(
             input_ids=ids,
             attention_mask=mask,

@@ -7,7 +7,16 @@ is hundreds of MB per event, as costly as a decode step. Here each layer owns a 
 [:n, :, start:end]: a decode step writes one column; a row that leaves is replaced by moving a
 later row into its place; a row that joins is written into a spare row; padding columns no row
 needs are dropped by moving `start`. Whole buffers are copied only when they run out of room.
+
+Memory is honest when the cache is given a `KVAccount` and a column target (`SlabCache.columns`,
+the widest its live region may grow, which admission has budgeted): buffers then get exactly the
+rows they hold and no columns beyond the target, and every buffer alive is counted, including
+both sides of a copy. Without a target (standalone use) they keep 128 spare columns and double
+their rows.
 """
+
+import math
+from collections.abc import Callable
 
 import torch
 from transformers import PretrainedConfig
@@ -16,7 +25,52 @@ from transformers.cache_utils import Cache, DynamicLayer
 _SPARE_COLUMNS = 128
 
 
+class KVAccount:
+    """KV positions held by every cache of one engine, now and at the peak. One position is one
+    token's keys and values in every layer; a layer's buffer of rows x columns counts
+    rows x columns / layers. Only the engine thread charges and releases."""
+
+    def __init__(self, layers: int) -> None:
+        self.layers = max(layers, 1)
+        self._slots = 0  # rows x columns summed over every live layer buffer
+        self._peak = 0
+
+    @property
+    def allocated(self) -> int:
+        return math.ceil(self._slots / self.layers)
+
+    @property
+    def peak(self) -> int:
+        return math.ceil(self._peak / self.layers)
+
+    def reset_peak(self) -> None:
+        self._peak = self._slots
+
+    def charge(self, slots: int) -> None:
+        self._slots += slots
+        self._peak = max(self._peak, self._slots)
+
+    def release(self, slots: int) -> None:
+        self._slots -= slots
+
+
+def _refuse(name: str) -> Callable[..., None]:
+    def refused(self: object, *args: object, **kwargs: object) -> None:
+        raise NotImplementedError(
+            f"{type(self).__name__}.{name} is not supported: the engine's batch changes rows with "
+            "select/concatenate, which keep the preallocated buffers consistent"
+        )
+
+    refused.__name__ = name
+    return refused
+
+
 class SlabLayer(DynamicLayer):
+    def __init__(self, cache: "SlabCache | None" = None) -> None:
+        super().__init__()
+        self.cache = cache
+        self._charged = 0
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
         self.rows = key_states.shape[0]
@@ -24,6 +78,62 @@ class SlabLayer(DynamicLayer):
         self._k = key_states.new_zeros((self.rows, key_states.shape[1], 0, key_states.shape[-1]))
         self._v = value_states.new_zeros((self.rows, value_states.shape[1], 0, value_states.shape[-1]))
         self.is_initialized = True
+
+    def _columns(self, needed: int) -> int:
+        """Column capacity for a live region of `needed` columns that will keep growing."""
+        target = self.cache.columns if self.cache is not None else None
+        return needed + _SPARE_COLUMNS if target is None else max(needed, target)
+
+    def _row_capacity(self, needed: int) -> int:
+        exact = self.cache is not None and self.cache.columns is not None
+        return needed if exact else max(needed, 2 * self._k.shape[0])
+
+    def _set_buffers(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Adopt new buffers; the caller built them while the old ones were alive (both counted)."""
+        slots = k.shape[0] * k.shape[2]
+        account = self.cache.account if self.cache is not None else None
+        if account is not None:
+            account.charge(slots)
+        self._k, self._v = k, v
+        if account is not None:
+            account.release(self._charged)
+        self._charged = slots
+
+    def release(self) -> None:
+        """Drop the buffers (and their charge); the layer is empty afterwards."""
+        account = self.cache.account if self.cache is not None else None
+        if account is not None and self._charged:
+            account.release(self._charged)
+        self._charged = 0
+        if self.is_initialized:
+            self._k = self._k[:0, :, :0]
+            self._v = self._v[:0, :, :0]
+            self.rows = self.start = self.end = 0
+            self._expose()
+
+    def __del__(self) -> None:
+        account = self.cache.account if self.cache is not None else None
+        if account is not None and self._charged:
+            account.release(self._charged)
+            self._charged = 0
+
+    def reset(self) -> None:
+        self.release()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the newest `-tokens_to_remove` columns (transformers' negative convention)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative count of columns to remove, not {tokens_to_remove}")
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        self.end = max(self.start, self.end + tokens_to_remove)
+        self._expose()
+
+    batch_repeat_interleave = _refuse("batch_repeat_interleave")
+    batch_select_indices = _refuse("batch_select_indices")
+    reorder_cache = _refuse("reorder_cache")
+    offload = _refuse("offload")
+    prefetch = _refuse("prefetch")
 
     @property
     def length(self) -> int:
@@ -36,7 +146,7 @@ class SlabLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         added = key_states.shape[-2]
         if self.end + added > self._k.shape[2]:
-            self._reallocate(self._k.shape[0], self.length + added + _SPARE_COLUMNS, left=0)
+            self._reallocate(self._k.shape[0], self._columns(self.length + added), left=0)
         self._k[: self.rows, :, self.end : self.end + added] = key_states
         self._v[: self.rows, :, self.end : self.end + added] = value_states
         self.end += added
@@ -46,11 +156,13 @@ class SlabLayer(DynamicLayer):
     def _reallocate(self, row_capacity: int, column_capacity: int, left: int) -> None:
         """Fresh buffers; the live region is copied to columns [left, left + length)."""
         k, v = self._k[: self.rows, :, self.start : self.end], self._v[: self.rows, :, self.start : self.end]
-        shape = (row_capacity, k.shape[1], column_capacity, k.shape[-1])
-        self._k, self._v = k.new_zeros(shape), v.new_zeros(shape)
+        new_k = k.new_zeros((row_capacity, k.shape[1], column_capacity, k.shape[-1]))
+        new_v = v.new_zeros((row_capacity, v.shape[1], column_capacity, v.shape[-1]))  # V's head size may differ
         length = self.length
-        self._k[: self.rows, :, left : left + length] = k
-        self._v[: self.rows, :, left : left + length] = v
+        new_k[: self.rows, :, left : left + length] = k
+        new_v[: self.rows, :, left : left + length] = v
+        del k, v
+        self._set_buffers(new_k, new_v)
         self.start, self.end = left, left + length
 
     def _expose(self) -> None:
@@ -75,8 +187,10 @@ class SlabLayer(DynamicLayer):
         grow_left = max(0, other.length - self.length)
         rows = self.rows + other.rows
         if rows > self._k.shape[0] or grow_left > self.start:
-            columns = max(self._k.shape[2], grow_left + self.length + _SPARE_COLUMNS)
-            self._reallocate(max(rows, 2 * self._k.shape[0]), columns, left=grow_left)
+            columns = self._columns(grow_left + self.length)
+            if self.cache is None or self.cache.columns is None:
+                columns = max(self._k.shape[2], columns)
+            self._reallocate(self._row_capacity(rows), columns, left=grow_left)
         if grow_left:
             self._k[: self.rows, :, self.start - grow_left : self.start] = 0
             self._v[: self.rows, :, self.start - grow_left : self.start] = 0
@@ -92,10 +206,30 @@ class SlabLayer(DynamicLayer):
 
 
 class SlabCache(Cache):
-    """One SlabLayer per decoder layer, created as the model first writes to each."""
+    """One SlabLayer per decoder layer, created as the model first writes to each.
 
-    def __init__(self, config: PretrainedConfig | None = None) -> None:
-        super().__init__(layer_class_to_replicate=SlabLayer)
+    `account` counts what the buffers hold; `columns`, when set, is the widest the live region
+    may grow (the longest reservation among the rows) and sizes every buffer exactly."""
+
+    def __init__(
+        self, config: PretrainedConfig | None = None, account: KVAccount | None = None, columns: int | None = None
+    ) -> None:
+        super().__init__(layer_class_to_replicate=lambda: SlabLayer(self))  # type: ignore[arg-type]
+        self.account = account
+        self.columns = columns
+
+    @property
+    def allocated_tokens(self) -> int:
+        """Rows x columns of the first layer's buffers (every layer has the same shape)."""
+        layer = self.layers[0] if self.layers else None
+        return layer._charged if isinstance(layer, SlabLayer) else 0
+
+    def release(self) -> None:
+        for layer in self.layers:
+            layer.release()
+
+    def reset(self) -> None:
+        self.release()
 
     def select(self, keep: list[int], drop_columns: int) -> None:
         """Keep rows `keep` (ascending) and drop the first `drop_columns` columns."""

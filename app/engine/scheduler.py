@@ -4,6 +4,12 @@ Each iteration: drop cancelled sequences, run one batch of waiting embedding req
 the waiting requests that fit the limits (they join the running batch), then decode one token
 for every running sequence. Finished sequences leave at once, so their slots are reused at the
 next iteration. Callers talk to it through `submit`/`embed` and callbacks; it knows no HTTP.
+
+Which requests join is decided by `admission.admit`, a pure function with its own tests. An
+error that belongs to one request (its sampling settings, its penalties, its tokens failing to
+decode) fails that request alone; only a failed forward pass stops the engine, because then no
+request can go on. With `check_invariants` (the tests turn it on) the batch and cache invariants
+are verified after every step.
 """
 
 import logging
@@ -13,10 +19,14 @@ from collections import deque
 
 import torch
 
+from app.engine import admission
+from app.engine.admission import RequestTooLargeError
 from app.engine.batch import Batch
 from app.engine.embeddings import Embedder
+from app.engine.invariants import check_batch, check_keep
+from app.engine.kv_cache import KVAccount
 from app.engine.loader import LoadedModel
-from app.engine.sampling import choose
+from app.engine.sampling import Choice, choose
 from app.engine.sequence import Sequence
 from app.engine.types import (
     EmbedRequest,
@@ -43,6 +53,7 @@ class Engine:
         max_queue: int,
         max_embed_batch: int = 64,
         metrics: Metrics | None = None,
+        check_invariants: bool = False,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -54,6 +65,10 @@ class Engine:
         self.max_queue = max_queue
         self.max_embed_batch = max_embed_batch
         self.metrics = metrics or Metrics()
+        self.check_invariants = check_invariants
+        layers = int(getattr(self.model.config.get_text_config(), "num_hidden_layers", 1) or 1)
+        self.limits = admission.Limits(max_batch_size, max_batch_tokens, max_prefill_tokens, layers)
+        self.kv = KVAccount(layers)
         self.eos_ids = frozenset(self._eos_ids())
         self.special_ids = frozenset(self.tokenizer.all_special_ids)
         self._cond = threading.Condition()
@@ -90,12 +105,24 @@ class Engine:
 
     @property
     def running(self) -> int:
+        """Requests admitted and not finished (in the batch or being prefilled to join it)."""
         batch = self._batch
-        return len(batch) if batch is not None else 0
+        return (len(batch) if batch is not None else 0) + len(self._prefilling)
 
     @property
     def waiting(self) -> int:
+        """Requests queued for admission."""
         return len(self._waiting)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """KV-cache positions allocated now (spare capacity and in-flight prefills included)
+        divided by the budget, TEXTGEN_MAX_BATCH_TOKENS; 0 to 1."""
+        return min(1.0, self.kv.allocated / self.limits.max_batch_tokens)
+
+    def _running_seqs(self) -> list[Sequence]:
+        batch = self._batch
+        return [*(batch.seqs if batch is not None else []), *self._prefilling]
 
     def submit(self, request: GenerationRequest) -> None:
         """Queue a generation; raises QueueFullError (429) or EngineUnavailableError (503)."""
@@ -107,9 +134,16 @@ class Engine:
             self.loaded.limits.max_total_tokens,
             self.loaded.device,
         )
+        if not admission.fits_alone(seq, self.limits):
+            self.metrics.rejected.inc()
+            raise RequestTooLargeError(
+                f"the request needs more KV cache than the whole budget: {seq.prompt_len} prompt tokens + "
+                f"{request.stopping.max_new_tokens} new tokens do not fit TEXTGEN_MAX_BATCH_TOKENS="
+                f"{self.limits.max_batch_tokens}; send a shorter prompt or fewer max_new_tokens"
+            )
         with self._cond:
             self._check_accepting()
-            if len(self._waiting) >= self.max_queue:
+            if len(self._waiting) >= self.max_queue and not self._starts_now(seq):
                 self.metrics.rejected.inc()
                 raise QueueFullError(
                     f"the queue is full ({self.max_queue} requests waiting); retry later or raise TEXTGEN_MAX_QUEUE"
@@ -118,10 +152,15 @@ class Engine:
             self.metrics.queue_size.set(len(self._waiting))
             self._cond.notify()
 
+    def _starts_now(self, seq: Sequence) -> bool:
+        """Whether `seq` would be admitted at the next step, so it needs no room in the queue."""
+        plan = admission.admit([*self._waiting, seq], self._running_seqs(), self.limits, self.kv.allocated)
+        return bool(plan.admitted) and plan.admitted[-1] is seq
+
     def embed(self, request: EmbedRequest) -> None:
         with self._cond:
             self._check_accepting()
-            if len(self._embeds) >= self.max_queue:
+            if len(self._embeds) >= max(self.max_queue, 1):
                 self.metrics.rejected.inc()
                 raise QueueFullError(f"the embedding queue is full ({self.max_queue} requests waiting)")
             self._embeds.append(request)
@@ -174,11 +213,12 @@ class Engine:
                         self._run_embeds(embeds)
                     self._drop_cancelled()
                     if newcomers:
-                        self._prefilling = newcomers
                         self._prefill(newcomers)
                         self._prefilling = []
                     if self._batch is not None:
                         self._decode(self._batch)
+                if self.check_invariants and self._batch is not None:
+                    check_batch(self._batch)
                 self.metrics.batch_size.set(self.running)
                 with self._cond:
                     self._cond.notify_all()  # drain() waits on this
@@ -201,31 +241,13 @@ class Engine:
         return taken
 
     def _take_admissible(self) -> list[Sequence]:
-        """FIFO admission within the batch-size, prefill-token and KV-token budgets."""
-        running = self._batch.seqs if self._batch is not None else []
-        if any(s.request.cancelled for s in self._waiting):  # free their queue slots now
-            for seq in [s for s in self._waiting if s.request.cancelled]:
-                self._waiting.remove(seq)
-                self._retire(seq, "cancelled")
-        taken: list[Sequence] = []
-        longest_prompt = 0
-        longest_reserved = max((s.reserved_tokens for s in running), default=0)
-        while self._waiting:
-            seq = self._waiting[0]
-            count = len(running) + len(taken) + 1
-            prompt = max(longest_prompt, seq.prompt_len)
-            reserved = max(longest_reserved, seq.reserved_tokens)
-            first = not running and not taken
-            if count > self.max_batch_size:
-                break
-            if not first and (
-                (len(taken) + 1) * prompt > self.max_prefill_tokens or count * reserved > self.max_batch_tokens
-            ):
-                break
-            self._waiting.popleft()
-            taken.append(seq)
-            longest_prompt, longest_reserved = prompt, reserved
-        return taken
+        """Move the requests `admission.admit` picks from the queue to `_prefilling`."""
+        plan = admission.admit(list(self._waiting), self._running_seqs(), self.limits, self.kv.allocated)
+        for seq in plan.cancelled:  # they free their queue slots now
+            self._retire(seq, "cancelled")
+        self._waiting = deque(plan.waiting)
+        self._prefilling = plan.admitted
+        return plan.admitted
 
     def _run_embeds(self, requests: list[EmbedRequest]) -> None:
         inputs = [ids for r in requests for ids in r.token_ids]
@@ -259,8 +281,11 @@ class Engine:
             self._batch = self._keep(batch, keep)
 
     def _keep(self, batch: Batch, keep: list[int]) -> Batch | None:
-        """`batch` reduced to rows `keep`, or None when no row is left."""
+        """`batch` reduced to rows `keep`, or None (its cache freed) when no row is left."""
+        if self.check_invariants:
+            check_keep(keep, len(batch))
         if not keep:
+            batch.cache.release()
             return None
         batch.filter(keep)
         return batch
@@ -272,19 +297,36 @@ class Engine:
             self.metrics.queue_time.observe(now - seq.arrived)
             self.metrics.prompt_tokens.inc(seq.prompt_len)
         all_logits = any(s.request.prefill_details for s in seqs)
-        batch, logits, full = Batch.prefill(self.model, seqs, all_logits)
+        try:
+            batch, logits, full = Batch.prefill(self.model, seqs, all_logits, self.kv)
+        except torch.OutOfMemoryError as exc:  # these prompts do not fit now; the batch goes on
+            log.warning("out of memory prefilling %d requests: %s", len(seqs), exc)
+            self._free_device_memory()
+            for seq in seqs:
+                self._retire(seq, "error", f"out of memory while prefilling this request: {exc}")
+            return
         self.metrics.engine_steps.labels("prefill").inc()
-        if full is not None:
-            self._record_prefill(batch, full)
-        joined = self._keep(batch, self._advance(batch, logits))
+        failed = self._record_prefill(batch, full) if full is not None else {}
+        joined = self._keep(batch, self._advance(batch, logits, failed))
         if joined is None:
             return
         if self._batch is None:
             self._batch = joined
         else:
+            # Size the buffers for the new reservations before the copy, so it happens once.
+            self._batch.cache.columns = max(s.reserved_tokens for s in [*self._batch.seqs, *joined.seqs])
             self._batch.extend(joined)
+            joined.cache.release()
+        self._batch.cache.columns = max(s.reserved_tokens for s in self._batch.seqs)
 
-    def _record_prefill(self, batch: Batch, logits: torch.Tensor) -> None:
+    def _free_device_memory(self) -> None:
+        if self.loaded.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _record_prefill(self, batch: Batch, logits: torch.Tensor) -> dict[int, str]:
+        """Fill `prefill` (prompt tokens and their logprobs) of the rows that asked; return the
+        rows whose prompt could not be decoded, with the error."""
+        failed: dict[int, str] = {}
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         width = logits.shape[1]
         for row, seq in enumerate(batch.seqs):
@@ -292,24 +334,69 @@ class Engine:
                 continue
             ids = seq.request.prompt_ids
             offset = width - len(ids)
-            tokens = [Token(ids[0], self.tokenizer.decode([ids[0]]), float("nan"), ids[0] in self.special_ids)]
-            for i in range(1, len(ids)):
-                lp = float(logprobs[row, offset + i - 1, ids[i]])
-                special = ids[i] in self.special_ids
-                tokens.append(Token(ids[i], self.tokenizer.decode([ids[i]]), lp, special))
+            try:
+                tokens = [Token(ids[0], self.tokenizer.decode([ids[0]]), float("nan"), ids[0] in self.special_ids)]
+                for i in range(1, len(ids)):
+                    lp = float(logprobs[row, offset + i - 1, ids[i]])
+                    special = ids[i] in self.special_ids
+                    tokens.append(Token(ids[i], self.tokenizer.decode([ids[i]]), lp, special))
+            except Exception as exc:  # a tokenizer failure on this prompt: this request only
+                log.warning("request failed while decoding its prompt tokens: %s", exc)
+                failed[row] = f"the prompt's tokens could not be decoded ({type(exc).__name__}: {exc})"
+                continue
             seq.prefill = tokens
+        return failed
 
     def _decode(self, batch: Batch) -> None:
-        logits = batch.decode(self.model)
+        try:
+            logits = batch.decode(self.model)
+        except torch.OutOfMemoryError as exc:  # these rows fail; the engine serves the next ones
+            log.warning("out of memory decoding a batch of %d: %s", len(batch), exc)
+            self._batch = None
+            batch.cache.release()
+            self._free_device_memory()
+            for seq in batch.seqs:
+                self._retire(seq, "error", f"out of memory while decoding: {exc}")
+            return
         self.metrics.engine_steps.labels("decode").inc()
         self._batch = self._keep(batch, self._advance(batch, logits))
 
-    def _advance(self, batch: Batch, logits: torch.Tensor) -> list[int]:
-        """Choose and emit each row's next token; return the rows that go on."""
-        choices = choose(logits, batch.seqs, sorted(self.eos_ids))
+    def _choose(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[Choice | str]:
+        """Every row's next token, or for a row whose settings make sampling fail, the error.
+
+        One batched call normally; if it raises, row by row, so only the culprit fails. Each row
+        is computed from its own logits, settings and generator, so the healthy rows get the
+        same tokens either way."""
+        eos = sorted(self.eos_ids)
+        try:
+            return list(choose(logits, seqs, eos))
+        except Exception:
+            pass
+        out: list[Choice | str] = []
+        for row, seq in enumerate(seqs):
+            try:
+                out.append(choose(logits[row : row + 1], [seq], eos)[0])
+            except Exception as exc:
+                log.warning("sampling failed for one request: %s", exc)
+                out.append(f"sampling failed for this request ({type(exc).__name__}: {exc})")
+        return out
+
+    def _advance(self, batch: Batch, logits: torch.Tensor, failed: dict[int, str] | None = None) -> list[int]:
+        """Choose and emit each row's next token; return the rows that go on. Rows in `failed`
+        (or whose sampling fails) are retired with their error instead."""
+        choices = self._choose(logits, batch.seqs)
         now = time.perf_counter()
         keep: list[int] = []
+        next_ids: list[int] = []
+        generated = 0
         for row, (seq, choice) in enumerate(zip(batch.seqs, choices, strict=True)):
+            error = choice if isinstance(choice, str) else (failed or {}).get(row)
+            if error is not None or isinstance(choice, str):
+                next_ids.append(0)  # the row leaves before the next step
+                self._retire(seq, "error", error)
+                continue
+            next_ids.append(choice.token_id)
+            generated += 1
             if seq.generated:
                 self.metrics.itl.observe(now - seq.last_token_at)
             else:
@@ -319,16 +406,15 @@ class Engine:
                 event = seq.append(choice.token_id, choice.logprob, choice.top)
             except Exception as exc:  # e.g. a tokenizer failure: this request only
                 log.warning("request failed while decoding: %s", exc)
-                seq.finish_reason = "error"
-                self._emit(seq, Event(None, "", seq.completion(error=str(exc))))
+                self._retire(seq, "error", f"the generated token could not be decoded ({type(exc).__name__}: {exc})")
                 continue
             self._emit(seq, event)
             if seq.finished:
                 self._record_finish(seq)
             else:
                 keep.append(row)
-        self.metrics.generated_tokens.inc(len(choices))
-        batch.set_next([c.token_id for c in choices])
+        self.metrics.generated_tokens.inc(generated)
+        batch.set_next(next_ids)
         return keep
 
     def _record_finish(self, seq: Sequence) -> None:
@@ -354,6 +440,8 @@ class Engine:
             embeds, self._embeds = list(self._embeds), deque()
         running = self._batch.seqs if self._batch is not None else []
         prefilling, self._prefilling = self._prefilling, []
+        if self._batch is not None:
+            self._batch.cache.release()
         self._batch = None
         for seq in [*running, *prefilling, *waiting]:
             if not seq.finished:
