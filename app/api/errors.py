@@ -7,6 +7,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.engine.admission import RequestTooLargeError
 from app.engine.types import EngineUnavailableError, QueueFullError
 
 log = logging.getLogger("textgen")
@@ -30,6 +31,8 @@ def from_engine(exc: Exception) -> APIError:
         return APIError(429, str(exc), "overloaded")
     if isinstance(exc, EngineUnavailableError):
         return APIError(503, str(exc), "unavailable")
+    if isinstance(exc, RequestTooLargeError):
+        return APIError(413, str(exc), "payload_too_large", "max_new_tokens")
     return APIError(500, str(exc), "generation")
 
 

@@ -84,9 +84,12 @@ class SlabLayer(DynamicLayer):
         target = self.cache.columns if self.cache is not None else None
         return needed + _SPARE_COLUMNS if target is None else max(needed, target)
 
+    @property
+    def _exact(self) -> bool:
+        return self.cache is not None and self.cache.columns is not None
+
     def _row_capacity(self, needed: int) -> int:
-        exact = self.cache is not None and self.cache.columns is not None
-        return needed if exact else max(needed, 2 * self._k.shape[0])
+        return needed if self._exact else max(needed, 2 * self._k.shape[0])
 
     def _set_buffers(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Adopt new buffers; the caller built them while the old ones were alive (both counted)."""
@@ -146,7 +149,8 @@ class SlabLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         added = key_states.shape[-2]
         if self.end + added > self._k.shape[2]:
-            self._reallocate(self._k.shape[0], self._columns(self.length + added), left=0)
+            rows = self.rows if self._exact else self._k.shape[0]  # exact: spare rows are not kept
+            self._reallocate(rows, self._columns(self.length + added), left=0)
         self._k[: self.rows, :, self.end : self.end + added] = key_states
         self._v[: self.rows, :, self.end : self.end + added] = value_states
         self.end += added
@@ -188,7 +192,7 @@ class SlabLayer(DynamicLayer):
         rows = self.rows + other.rows
         if rows > self._k.shape[0] or grow_left > self.start:
             columns = self._columns(grow_left + self.length)
-            if self.cache is None or self.cache.columns is None:
+            if not self._exact:
                 columns = max(self._k.shape[2], columns)
             self._reallocate(self._row_capacity(rows), columns, left=grow_left)
         if grow_left:
