@@ -8,9 +8,11 @@ import time
 from dataclasses import dataclass, field
 
 from app.config import Settings
+from app.engine.admission import default_budget, model_layers
 from app.engine.embeddings import Embedder, from_causal_lm, load_sentence_transformer
 from app.engine.loader import LoadedModel, ModelLoadError, load_model
 from app.engine.scheduler import Engine
+from app.engine.selftest import self_test
 from app.metrics import Metrics
 
 log = logging.getLogger("textgen")
@@ -55,6 +57,7 @@ class Service:
             max_input_tokens=s.max_input_tokens,
             adapter=s.adapter,
         )
+        self_test(loaded)
         if s.chat_template:
             try:
                 self.chat_template = s.chat_template.read_text(encoding="utf-8")
@@ -68,12 +71,15 @@ class Service:
         else:
             embedder = from_causal_lm(loaded.model, loaded.tokenizer, loaded.limits.max_input_tokens, model_id)
         limits = loaded.limits
+        max_prefill = max(s.max_prefill_tokens, limits.max_input_tokens)
+        layers = model_layers(loaded.model.config)
         engine = Engine(
             loaded,
             embedder,
             max_batch_size=s.max_batch_size,
-            max_batch_tokens=s.max_batch_tokens or s.max_batch_size * limits.max_total_tokens,
-            max_prefill_tokens=max(s.max_prefill_tokens, limits.max_input_tokens),
+            max_batch_tokens=s.max_batch_tokens
+            or default_budget(s.max_batch_size, limits.max_total_tokens, max_prefill, layers),
+            max_prefill_tokens=max_prefill,
             max_queue=s.max_queue,
             max_embed_batch=s.max_embed_batch,
             metrics=self.metrics,

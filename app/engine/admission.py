@@ -79,6 +79,18 @@ def peak_tokens(
     return largest + math.ceil(largest / max(layers, 1)) + prefill_rows * longest_prompt
 
 
+def default_budget(max_batch_size: int, max_total_tokens: int, max_prefill_tokens: int, layers: int) -> int:
+    """The KV budget when TEXTGEN_MAX_BATCH_TOKENS is unset: enough that it never binds before
+    `max_batch_size` requests of `max_total_tokens` each (so only the batch size limits)."""
+    return peak_tokens(max_batch_size, max_total_tokens, 1, max_prefill_tokens, 0, layers)
+
+
+def model_layers(config: object) -> int:
+    """Decoder layers of a transformers config (its text part for multimodal ones)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None) or 1)
+
+
 def fits_alone(request: Candidate, limits: Limits) -> bool:
     """Whether `request` fits the KV budget on an idle engine (else it can never run)."""
     return peak_tokens(1, request.reserved_tokens, 1, request.prompt_len, 0, limits.layers) <= limits.max_batch_tokens

@@ -66,7 +66,7 @@ class Engine:
         self.max_embed_batch = max_embed_batch
         self.metrics = metrics or Metrics()
         self.check_invariants = check_invariants
-        layers = int(getattr(self.model.config.get_text_config(), "num_hidden_layers", 1) or 1)
+        layers = admission.model_layers(self.model.config)
         self.limits = admission.Limits(max_batch_size, max_batch_tokens, max_prefill_tokens, layers)
         self.kv = KVAccount(layers)
         self.eos_ids = frozenset(self._eos_ids())

@@ -1,0 +1,120 @@
+"""A short check at load that the engine's batch works for this model, before /health is 200.
+
+The batch assumes things about the model that transformers does not promise for every
+architecture: that it takes `position_ids`, a 2-D padding mask and `cache=`, that every layer
+attends to the whole cache, and that the cache layout is [batch, heads, length, dim]. A model that
+breaks one would otherwise fail on the first request, or worse, answer wrongly. So: prefill two
+prompts of different lengths together, decode a few steps, let one row leave and another join,
+decode again, and compare every row's logits with the same tokens run alone through
+`model.generate`. Tokens are fed by teacher forcing (each row is given the tokens `generate`
+chose), so a near-tie between two tokens cannot make a healthy model fail.
+"""
+
+import torch
+from transformers import PreTrainedModel
+
+from app.engine.batch import Batch
+from app.engine.kv_cache import KVAccount
+from app.engine.loader import LoadedModel, ModelLoadError
+from app.engine.sequence import Sequence
+from app.engine.types import GenerationRequest, SamplingParams, StoppingParams
+
+_STEPS = 4
+_PROMPTS = (
+    "Once upon a time, in a small village by the sea, there lived an old fisherman",
+    "Hello",
+    "The quick brown fox jumps over the lazy dog.",
+)
+
+
+def _reference(model: PreTrainedModel, ids: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens and raw next-token logits [steps + 1, vocab] for `ids` alone."""
+    out = model.generate(
+        torch.tensor([ids], device=model.device),
+        attention_mask=torch.ones((1, len(ids)), dtype=torch.long, device=model.device),
+        max_new_tokens=steps + 1,
+        min_new_tokens=steps + 1,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+    )
+    tokens = out.sequences[0, len(ids) :].tolist()
+    return tokens, torch.cat([step.float() for step in out.logits])
+
+
+def _tolerance(logits: torch.Tensor) -> float:
+    """Kernel noise between batch shapes is ~1e-6 relative in fp32; a wrong mask, position or
+    cache row is off by whole units. Half precision gets a wider margin."""
+    relative = 1e-3 if logits.dtype == torch.float32 else 5e-2
+    return relative * max(1.0, float(logits.abs().max()))
+
+
+def self_test(loaded: LoadedModel) -> None:
+    """Raise ModelLoadError naming the model type and what failed, unless the batch matches
+    `model.generate` for every row through prefill, decode, a row leaving and a row joining."""
+    model, tokenizer = loaded.model, loaded.tokenizer
+    model_type = getattr(model.config, "model_type", type(model).__name__)
+    prompts = [tokenizer(p)["input_ids"][: max(1, loaded.limits.max_input_tokens - 2 * _STEPS - 2)] for p in _PROMPTS]
+    prompts = [p or [0] for p in prompts]
+    if len(prompts[0]) == len(prompts[1]):
+        prompts[1] = prompts[1][: max(1, len(prompts[1]) // 2)]
+    step = "running the prompts alone with model.generate"
+    try:
+        with torch.inference_mode():
+            references = [_reference(model, p, 2 * _STEPS) for p in prompts]
+            account = KVAccount(1)
+
+            def make(ids: list[int]) -> Sequence:
+                request = GenerationRequest(ids, SamplingParams(), StoppingParams(2 * _STEPS + 1), lambda e: None)
+                return Sequence(request, tokenizer, frozenset(), frozenset(), 1 << 30, loaded.device)
+
+            fed = [0, 0, 0]  # tokens of its reference each row has been given
+
+            def check(batch: Batch, owners: list[int], logits: torch.Tensor, what: str) -> None:
+                for row, owner in enumerate(owners):
+                    expected = references[owner][1][fed[owner]]
+                    diff = float((logits[row].float() - expected).abs().max())
+                    if diff > _tolerance(expected):
+                        raise _Mismatch(f"{what}: row {row} (prompt {owner}) differs from model.generate by {diff:.3g}")
+                batch.set_next([references[o][0][fed[o]] for o in owners])
+                for owner in owners:
+                    fed[owner] += 1
+
+            step = "prefilling two prompts of different lengths together"
+            batch, logits, _ = Batch.prefill(model, [make(prompts[0]), make(prompts[1])], False, account)
+            batch.cache.columns = max(len(p) for p in prompts) + 2 * _STEPS + 2
+            owners = [0, 1]
+            check(batch, owners, logits, "after prefill")
+            step = "decoding"
+            for _ in range(_STEPS):
+                check(batch, owners, batch.decode(model), "decoding")
+            step = "a row leaving the batch"
+            batch.filter([1])
+            owners = [1]
+            check(batch, owners, batch.decode(model), "after a row left")
+            step = "a row joining the batch"
+            joining, logits, _ = Batch.prefill(model, [make(prompts[2])], False, account)
+            check(joining, [2], logits, "prefilling the newcomer")
+            batch.cache.columns = max(batch.cache.columns or 0, len(prompts[2]) + 2 * _STEPS + 2)
+            batch.extend(joining)
+            joining.cache.release()
+            owners = [1, 2]
+            for _ in range(_STEPS - 1):
+                check(batch, owners, batch.decode(model), "decoding after a row joined")
+            batch.cache.release()
+    except _Mismatch as exc:
+        raise ModelLoadError(
+            f"the engine's self-test failed for this '{model_type}' model: {exc}. Its attention does not "
+            "follow the batch's padding mask, positions or cache; textgen cannot serve it correctly."
+        ) from None
+    except Exception as exc:
+        raise ModelLoadError(
+            f"the engine's self-test failed for this '{model_type}' model while {step}: "
+            f"{type(exc).__name__}: {exc}. textgen's batch needs position_ids, a 2-D attention mask, "
+            "a transformers Cache and full attention in every layer."
+        ) from exc
+
+
+class _Mismatch(Exception):
+    pass

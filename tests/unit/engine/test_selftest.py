@@ -1,0 +1,30 @@
+"""The self-test at load: a model the batch cannot serve is refused before /health is 200."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, MambaConfig, MambaForCausalLM
+
+from app.config import Settings
+from app.engine.loader import LoadedModel, ModelLoadError, load_model
+from app.engine.selftest import self_test
+from app.service import Service
+
+
+def test_a_supported_model_passes(tiny_lm: LoadedModel) -> None:
+    self_test(tiny_lm)
+
+
+def test_a_model_the_batch_cannot_serve_is_refused_at_load(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    # Mamba loads as a causal LM, but keeps a recurrent state instead of a KV cache.
+    tok = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, state_size=4))
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    load_model(str(tmp_path))  # loading alone succeeds: without the self-test, the first request would fail
+    service = Service(Settings(model=str(tmp_path)))
+    with pytest.raises(ModelLoadError, match=r"self-test failed for this 'mamba' model while prefilling two prompts"):
+        service.load()
+    assert service.engine is None
