@@ -153,7 +153,7 @@ class DrainingServer(uvicorn.Server):
         logging.getLogger("textgen").info("draining: finishing in-flight requests before exit")
 
         def drain() -> None:
-            engine.drain(self.service.settings.shutdown_timeout)
+            self.service.shutdown()  # past the timeout, leftovers are cancelled (503), not left running
             self.should_exit = True
 
         threading.Thread(target=drain, name="textgen-drain", daemon=True).start()

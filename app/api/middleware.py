@@ -17,6 +17,7 @@ from app.metrics import Metrics
 access_log = logging.getLogger("textgen.access")
 
 USAGE_KEY = "textgen.usage"
+CLIENT_CLOSED = 499  # nginx's status for a client that closed the connection before the response
 _SAFE_ID = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
 
 
@@ -35,7 +36,8 @@ def _route_label(router: Router, scope: Scope) -> str:
 class Observability:
     """Accepts or creates X-Request-ID (echoed back), counts and times requests by route and
     status, and writes one JSON access line per request. Prompts and outputs are logged only
-    with TEXTGEN_LOG_PROMPTS=true."""
+    with TEXTGEN_LOG_PROMPTS=true. A client that disconnects before the response is complete is
+    recorded as 499, as nginx does, whatever the route then tried to send."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics, router: Router, log_prompts: bool = False) -> None:
         self.app = app
@@ -52,17 +54,29 @@ class Observability:
         request_id = given if given and len(given) <= 128 and set(given) <= _SAFE_ID else uuid.uuid4().hex
         usage: dict = scope.setdefault(USAGE_KEY, {})
         status = 500
+        complete = disconnected = False
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status
+            nonlocal status, complete
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                complete = True
             await send(message)
 
+        async def receive_wrapper() -> Message:
+            nonlocal disconnected
+            message = await receive()
+            if message["type"] == "http.disconnect" and not complete:
+                disconnected = True
+            return message
+
         try:
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, receive_wrapper, send_wrapper)
         finally:
+            if disconnected:
+                status = CLIENT_CLOSED
             elapsed = time.perf_counter() - start
             label = _route_label(self.router, scope)
             self.metrics.requests.labels(label, str(status)).inc()

@@ -229,7 +229,8 @@ class Engine:
         finally:
             with self._cond:
                 self._cond.notify_all()
-            self._fail_all("the server is shutting down")
+            # Left over after a drain timeout (or a stop): cancelled, which callers answer with 503.
+            self._fail_all("the server shut down before this request finished (TEXTGEN_SHUTDOWN_TIMEOUT)", "cancelled")
 
     def _take_embeds(self) -> list[EmbedRequest]:
         taken: list[EmbedRequest] = []
@@ -434,7 +435,7 @@ class Engine:
         except Exception:  # a consumer's bug must not stop everyone else's generation
             log.exception("event callback failed")
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, message: str, reason: str = "error") -> None:
         with self._cond:
             waiting, self._waiting = list(self._waiting), deque()
             embeds, self._embeds = list(self._embeds), deque()
@@ -445,7 +446,7 @@ class Engine:
         self._batch = None
         for seq in [*running, *prefilling, *waiting]:
             if not seq.finished:
-                self._retire(seq, "error", message)
+                self._retire(seq, reason, message)
         for request in embeds:
             request.on_done(RuntimeError(message))
         self.metrics.queue_size.set(0)
