@@ -195,7 +195,7 @@ class Engine:
     # --- the loop ----------------------------------------------------------------------------
 
     def _has_work(self) -> bool:
-        return bool(self._waiting or self._embeds or self._batch)
+        return bool(self._waiting or self._embeds or self._batch or self._prefilling)
 
     def _run(self) -> None:
         try:
