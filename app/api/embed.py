@@ -3,6 +3,7 @@
 import asyncio
 
 from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import EngineDep, ServiceDep
 from app.api.errors import APIError, from_engine
@@ -86,5 +87,5 @@ async def embed(body: EmbedRequest, engine: EngineDep, service: ServiceDep) -> l
     unless `normalize` is false."""
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
     check_batch(service, len(texts))
-    ids = tokenize_inputs(service, texts, body.truncate)
+    ids = await run_in_threadpool(tokenize_inputs, service, texts, body.truncate)  # off the event loop
     return await embed_ids(engine, ids, body.normalize)

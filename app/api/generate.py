@@ -5,6 +5,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from app.api.errors import APIError, validation
 from app.api.generation import (
@@ -62,14 +63,15 @@ def sampling_params(p: GenerateParameters) -> SamplingParams:
     )
 
 
-def start_generation(ctx: Context, body: GenerateRequest) -> Generation:
+async def start_generation(ctx: Context, body: GenerateRequest) -> Generation:
     p = body.parameters
     service = ctx.service
     ctx.usage["prompt"] = body.inputs
     if p.watermark:
         raise validation("`watermark` is not supported by this server", "parameters.watermark")
     assert service.loaded is not None
-    ids = tokenize_prompt(service, body.inputs, p.truncate)
+    # Tokenizing a large prompt takes seconds: off the event loop, so /health and streams go on.
+    ids = await run_in_threadpool(tokenize_prompt, service, body.inputs, p.truncate)
     max_new = resolve_max_new_tokens(
         service.loaded.limits, len(ids), p.max_new_tokens, service.settings.max_new_tokens_default
     )
@@ -117,7 +119,7 @@ def generate_response(body: GenerateRequest, c: Completion) -> JSONResponse:
 @router.post("/generate", response_model=GenerateResponse, responses=ERRORS)
 async def generate(body: GenerateRequest, request: Request, ctx: ContextDep):
     """Generate text for one prompt (TGI's request and response shapes)."""
-    generation = start_generation(ctx, body)
+    generation = await start_generation(ctx, body)
     (completion,) = await run_to_completion(request, [generation])
     return generate_response(body, completion)
 
@@ -143,8 +145,8 @@ async def stream_events(body: GenerateRequest, generation: Generation) -> AsyncI
         yield sse_json({"error": exc.message, "error_type": exc.error_type})
 
 
-def streaming_response(body: GenerateRequest, ctx: Context) -> StreamingResponse:
-    generation = start_generation(ctx, body)  # raises 4xx/429 before the stream opens
+async def streaming_response(body: GenerateRequest, ctx: Context) -> StreamingResponse:
+    generation = await start_generation(ctx, body)  # raises 4xx/429 before the stream opens
     return StreamingResponse(
         stream_events(body, generation),
         media_type="text/event-stream",
@@ -158,7 +160,7 @@ def streaming_response(body: GenerateRequest, ctx: Context) -> StreamingResponse
 )
 async def generate_stream(body: GenerateRequest, ctx: ContextDep) -> StreamingResponse:
     """Stream tokens as server-sent events; the last event carries generated_text and details."""
-    return streaming_response(body, ctx)
+    return await streaming_response(body, ctx)
 
 
 @router.post(
@@ -170,5 +172,5 @@ async def compat(body: CompatRequest, request: Request, ctx: ContextDep):
     """TGI's compatibility route (huggingface_hub's InferenceClient posts here): /generate, or
     /generate_stream when `stream` is true."""
     if body.stream:
-        return streaming_response(body, ctx)
+        return await streaming_response(body, ctx)
     return await generate(body, request, ctx)

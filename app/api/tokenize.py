@@ -2,6 +2,7 @@
 
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import EngineDep, ServiceDep
 from app.api.errors import validation
@@ -47,7 +48,9 @@ async def tokenize(body: TokenizeRequest, _: EngineDep, service: ServiceDep) -> 
     """Token ids with their text and character spans in `inputs`."""
     assert service.loaded is not None
     tok = service.loaded.tokenizer
-    enc = tok(body.inputs, add_special_tokens=body.add_special_tokens, return_offsets_mapping=True)
+    enc = await run_in_threadpool(
+        tok, body.inputs, add_special_tokens=body.add_special_tokens, return_offsets_mapping=True
+    )
     spans = [
         TokenSpan(id=i, text=body.inputs[a:b], start=a, stop=b)
         for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
@@ -63,5 +66,5 @@ async def detokenize(body: DetokenizeRequest, _: EngineDep, service: ServiceDep)
     bad = [i for i in body.tokens if i < 0 or i >= len(tok)]
     if bad:
         raise validation(f"token ids outside the vocabulary (0..{len(tok) - 1}): {bad[:5]}", "tokens")
-    text = tok.decode(body.tokens, skip_special_tokens=body.skip_special_tokens)
+    text = await run_in_threadpool(tok.decode, body.tokens, skip_special_tokens=body.skip_special_tokens)
     return DetokenizeResponse(text=text, count=len(body.tokens))

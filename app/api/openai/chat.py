@@ -5,6 +5,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from app.api.errors import APIError
 from app.api.generation import ContextDep, Generation, run_to_completion
@@ -75,7 +76,7 @@ async def chat(body: ChatRequest, request: Request, ctx: ContextDep):
     """OpenAI chat completions for models with a chat template."""
     service = ctx.service
     model = check_model(service, body.model)
-    ids = render_prompt(service, body.messages)
+    ids = await run_in_threadpool(render_prompt, service, body.messages)  # templating is slow work
     ctx.usage["prompt"] = [m.model_dump() for m in body.messages]
     top = (body.top_logprobs or 0) if body.logprobs else 0
     generations = start_choices(ctx, body, [ids], body.max_completion_tokens or body.max_tokens, top_logprobs=top)

@@ -4,6 +4,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from app.api.errors import APIError
 from app.api.generation import ContextDep, Generation, run_to_completion
@@ -77,7 +78,7 @@ async def completions(body: CompletionRequest, request: Request, ctx: ContextDep
     """OpenAI text completions: string or list prompts, n choices, stop, seed, logprobs, echo, stream."""
     service = ctx.service
     model = check_model(service, body.model)
-    ids, texts = prompts_of(service, body)
+    ids, texts = await run_in_threadpool(prompts_of, service, body)  # tokenizing is slow work
     ctx.usage["prompt"] = texts
     generations = start_choices(
         ctx,

@@ -4,6 +4,7 @@ import base64
 
 import numpy as np
 from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import EngineDep, ServiceDep
 from app.api.embed import check_batch, embed_ids, tokenize_inputs
@@ -42,12 +43,12 @@ async def embeddings(body: EmbeddingRequest, engine: EngineDep, service: Service
         )
     raw = body.input
     if isinstance(raw, str):
-        ids = tokenize_inputs(service, [raw], truncate=False)
+        ids = await run_in_threadpool(tokenize_inputs, service, [raw], False)
     elif raw and isinstance(raw[0], int):
         ids = _token_inputs(service, [raw])  # type: ignore[list-item]
     elif raw and isinstance(raw[0], str):
         check_batch(service, len(raw))
-        ids = tokenize_inputs(service, list(raw), truncate=False)  # type: ignore[arg-type]
+        ids = await run_in_threadpool(tokenize_inputs, service, list(raw), False)  # type: ignore[arg-type]
     else:
         check_batch(service, len(raw))
         ids = _token_inputs(service, list(raw))  # type: ignore[arg-type]
