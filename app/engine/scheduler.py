@@ -266,7 +266,7 @@ class Engine:
         for r in requests:
             part = vectors[start : start + len(r.token_ids)]
             start += len(r.token_ids)
-            if r.normalize:
+            if r.normalize or self.embedder.normalize_module:  # a Normalize module is part of the model
                 part = torch.nn.functional.normalize(part, p=2, dim=-1)
             r.on_done(part.tolist())
 
