@@ -9,10 +9,10 @@ later row into its place; a row that joins is written into a spare row; padding 
 needs are dropped by moving `start`. Whole buffers are copied only when they run out of room.
 
 Memory is honest when the cache is given a `KVAccount` and a column target (`SlabCache.columns`,
-the widest its live region may grow, which admission has budgeted): buffers then get exactly the
-rows they hold and no columns beyond the target, and every buffer alive is counted, including
-both sides of a copy. Without a target (standalone use) they keep 128 spare columns and double
-their rows.
+the widest its live region may grow, which admission has budgeted): buffers then get no columns
+beyond the target and spare rows only up to `SlabCache.max_rows` (what the budget allows), and
+every buffer alive is counted, including both sides of a copy. Without a target (standalone use)
+they keep 128 spare columns and double their rows.
 """
 
 import math
@@ -90,7 +90,13 @@ class SlabLayer(DynamicLayer):
         return self.cache is not None and self.cache.columns is not None
 
     def _row_capacity(self, needed: int) -> int:
-        return needed if self._exact else max(needed, 2 * self._k.shape[0])
+        """Rows for buffers that must hold `needed`: doubling, so joins rarely copy, but in
+        budgeted use never past `max_rows`."""
+        doubled = max(needed, 2 * self._k.shape[0])
+        if not self._exact:
+            return doubled
+        limit = self.cache.max_rows if self.cache is not None else None
+        return max(needed, min(doubled, limit or needed))
 
     def _set_buffers(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Adopt new buffers; the caller built them while the old ones were alive (both counted)."""
@@ -151,7 +157,9 @@ class SlabLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         added = key_states.shape[-2]
         if self.end + added > self._k.shape[2]:
-            rows = self.rows if self._exact else self._k.shape[0]  # exact: spare rows are not kept
+            rows = self._k.shape[0]
+            if self._exact:  # spare rows only while the budget still allows them
+                rows = max(self.rows, min(rows, (self.cache.max_rows if self.cache else None) or self.rows))
             self._reallocate(rows, self._columns(self.length + added), left=0)
         self._k[: self.rows, :, self.end : self.end + added] = key_states
         self._v[: self.rows, :, self.end : self.end + added] = value_states
@@ -215,7 +223,8 @@ class SlabCache(Cache):
     """One SlabLayer per decoder layer, created as the model first writes to each.
 
     `account` counts what the buffers hold; `columns`, when set, is the widest the live region
-    may grow (the longest reservation among the rows) and sizes every buffer exactly."""
+    may grow (the longest reservation among the rows) and sizes every buffer's columns exactly;
+    `max_rows` then caps spare rows (None: none)."""
 
     def __init__(
         self, config: PretrainedConfig | None = None, account: KVAccount | None = None, columns: int | None = None
@@ -223,6 +232,7 @@ class SlabCache(Cache):
         super().__init__(layer_class_to_replicate=lambda: SlabLayer(self))  # type: ignore[arg-type]
         self.account = account
         self.columns = columns
+        self.max_rows: int | None = None
 
     @property
     def allocated_tokens(self) -> int:

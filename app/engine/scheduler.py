@@ -321,10 +321,17 @@ class Engine:
         self._reserve(self._batch, self._batch.seqs)
 
     # The two places the scheduler touches the KV cache's memory, so another batch type adapts here.
-    @staticmethod
-    def _reserve(batch: Batch, seqs: list[Sequence]) -> None:
-        """Size `batch`'s buffers for the longest reservation among `seqs` at their next copy."""
-        batch.cache.columns = max(s.reserved_tokens for s in seqs)
+    def _reserve(self, batch: Batch, seqs: list[Sequence]) -> None:
+        """Size `batch`'s buffers for the longest reservation among `seqs` at their next copy.
+
+        Spare rows (so joins rarely copy) are allowed up to what the budget holds even at its
+        worst: that many rows of this width, plus one layer's copy, plus a full prefill."""
+        columns = max(s.reserved_tokens for s in seqs)
+        limits = self.limits
+        room = limits.max_batch_tokens - max(limits.max_prefill_tokens, self.loaded.limits.max_input_tokens)
+        rows = int(room / (columns * (1 + 1 / limits.layers))) if room > 0 else 0
+        batch.cache.columns = columns
+        batch.cache.max_rows = min(limits.max_batch_size, rows) if rows > len(seqs) else None
 
     @staticmethod
     def _release(batch: Batch) -> None:

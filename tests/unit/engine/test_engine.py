@@ -117,9 +117,12 @@ def test_long_run_with_rows_joining_and_leaving_matches_generate(tiny_lm: Loaded
         assert tracker.tokens[key] == greedy_alone(tiny_lm, ids, lengths[key]), f"request {key} differs"
 
 
-def test_peak_kv_allocation_stays_within_budget(tiny_lm: LoadedModel) -> None:
-    budget = 400
-    engine = make_engine(tiny_lm, max_batch_tokens=budget, max_batch_size=8)
+@pytest.mark.parametrize(
+    ("budget", "max_prefill"),
+    [(400, 4096), (700, 64)],  # exact rows only; and room for spare rows
+)
+def test_peak_kv_allocation_stays_within_budget(tiny_lm: LoadedModel, budget: int, max_prefill: int) -> None:
+    engine = make_engine(tiny_lm, max_batch_tokens=budget, max_batch_size=8, max_prefill_tokens=max_prefill)
     tracker = Tracker()
     lengths = [5 + (i * 13) % 40 for i in range(20)]
     prompts = [prompt_ids(tiny_lm, i) for i in range(20)]
