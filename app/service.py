@@ -86,6 +86,7 @@ class Service:
             metrics=self.metrics,
         )
         engine.start()
+        self.metrics.watch(engine, self.model_name)
         self.loaded, self.embedder, self.engine = loaded, embedder, engine
         log.info(
             "ready: %s on %s (%s), context %d, max batch %d",

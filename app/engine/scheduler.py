@@ -97,6 +97,15 @@ class Engine:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def kv_cache_usage(self) -> float:
+        """Share of the KV-cache budget in use, 0-1: the running batch's cache (rows x padded
+        length, in tokens) over TEXTGEN_MAX_BATCH_TOKENS. Read from other threads (approximate)."""
+        batch = self._batch
+        if batch is None:
+            return 0.0
+        return min(1.0, len(batch) * batch.length / self.max_batch_tokens)
+
     def submit(self, request: GenerationRequest) -> None:
         """Queue a generation; raises QueueFullError (429) or EngineUnavailableError (503)."""
         seq = Sequence(
