@@ -2,6 +2,7 @@
 
 import argparse
 import logging
+import signal
 import subprocess
 import sys
 import threading
@@ -129,8 +130,10 @@ def serve(args: argparse.Namespace) -> int:
 
 
 class DrainingServer(uvicorn.Server):
-    """On SIGTERM/SIGINT, first stop admitting work (new requests 503, /ready fails) and let
-    admitted requests finish (up to TEXTGEN_SHUTDOWN_TIMEOUT), then exit. A second signal exits now."""
+    """On SIGTERM: /ready turns 503 at once, requests are still admitted for TEXTGEN_DRAIN_DELAY
+    seconds (the lame duck, while balancers notice), then admission stops (new requests 503) and
+    admitted requests finish (up to TEXTGEN_SHUTDOWN_TIMEOUT) before the exit. SIGINT (Ctrl-C)
+    skips the lame duck: nobody routes to an interactive server. A second signal exits now."""
 
     def __init__(self, config: uvicorn.Config, service: Service) -> None:
         super().__init__(config)
@@ -141,22 +144,23 @@ class DrainingServer(uvicorn.Server):
         # uvicorn's own handler records the signal and re-raises it after shutdown, so the process
         # would die by SIGTERM; a drained shutdown is a clean exit, so only flags are set here.
         if self.draining:  # a second signal: stop waiting
+            self.service.hurry()
             self.force_exit = True
             self.should_exit = True
             return
         self.draining = True
-        self.service.draining = True
-        engine = self.service.engine
-        if engine is None:
+        if self.service.engine is None:
+            self.service.lame_duck = self.service.draining = True
             self.should_exit = True
             return
-        logging.getLogger("textgen").info("draining: finishing in-flight requests before exit")
+        lame_duck_s = self.service.settings.drain_delay if sig == signal.SIGTERM else 0.0
 
-        def drain() -> None:
+        def retire() -> None:
+            self.service.retire(lame_duck_s)
             self.service.shutdown()  # past the timeout, leftovers are cancelled (503), not left running
             self.should_exit = True
 
-        threading.Thread(target=drain, name="textgen-drain", daemon=True).start()
+        threading.Thread(target=retire, name="textgen-drain", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ Loading happens after the server starts listening, so /health can answer 503 mea
 """
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -26,9 +27,11 @@ class Service:
     engine: Engine | None = None
     embedder: Embedder | None = None
     error: str | None = None
-    draining: bool = False
+    lame_duck: bool = False  # SIGTERM seen: /ready is 503, requests are still admitted
+    draining: bool = False  # admission stopped: new requests get 503, in-flight ones finish
     chat_template: str | None = None
     started: int = field(default_factory=lambda: int(time.time()))
+    _hurry: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
 
     @property
     def model_name(self) -> str:
@@ -38,7 +41,11 @@ class Service:
 
     @property
     def ready(self) -> bool:
-        return self.engine is not None and self.engine.accepting and not self.draining
+        return self.engine is not None and self.engine.accepting and not (self.lame_duck or self.draining)
+
+    @property
+    def shutting_down(self) -> bool:
+        return self.lame_duck or self.draining
 
     @property
     def alive(self) -> bool:
@@ -85,6 +92,7 @@ class Service:
             metrics=self.metrics,
         )
         engine.start()
+        self.metrics.watch(engine, self.model_name)
         self.loaded, self.embedder, self.engine = loaded, embedder, engine
         log.info(
             "ready: %s on %s (%s), context %d, max batch %d",
@@ -95,9 +103,33 @@ class Service:
             s.max_batch_size,
         )
 
-    def shutdown(self) -> None:
+    def retire(self, lame_duck_s: float) -> bool:
+        """Blocking (run it off the event loop): the graceful exit after SIGTERM.
+
+        /ready turns 503 at once, but new requests are still admitted for `lame_duck_s` seconds
+        (TEXTGEN_DRAIN_DELAY): a load balancer keeps routing here until its next failed health
+        check, and refusing those requests would fail them. Then admission stops and admitted
+        requests get TEXTGEN_SHUTDOWN_TIMEOUT seconds to finish. `hurry()` cuts the pause short.
+        Returns False when that timeout ran out with requests still running.
+        """
+        self.lame_duck = True
+        if lame_duck_s > 0:
+            log.info("lame duck: /ready is 503; still admitting requests for %.1f s", lame_duck_s)
+            self._hurry.wait(lame_duck_s)
         self.draining = True
+        if self.engine is None:
+            return True
+        log.info("draining: admission stopped, finishing in-flight requests before exit")
+        return self.engine.drain(self.settings.shutdown_timeout)
+
+    def hurry(self) -> None:
+        """End the lame-duck pause now (a second signal)."""
+        self._hurry.set()
+
+    def shutdown(self) -> None:
+        drained = self.draining  # retire() already gave in-flight requests their time
+        self.lame_duck = self.draining = True
         if self.engine is not None:
-            if not self.engine.drain(self.settings.shutdown_timeout):
+            if not self.engine.drain(0.0 if drained else self.settings.shutdown_timeout):
                 log.warning("shutdown timeout: cancelling requests still running")
             self.engine.stop()

@@ -31,7 +31,7 @@ async def ready(service: ServiceDep) -> JSONResponse:
     """Readiness: 200 only when new requests are accepted (not loading, not draining)."""
     if service.ready:
         return _status(True, "accepting requests")
-    return _status(False, "draining" if service.draining else "not ready")
+    return _status(False, "draining" if service.shutting_down else "not ready")
 
 
 @router.get("/info")

@@ -18,6 +18,7 @@ access_log = logging.getLogger("textgen.access")
 
 USAGE_KEY = "textgen.usage"
 CLIENT_CLOSED = 499  # nginx's status for a client that closed the connection before the response
+REQUEST_ID_KEY = "textgen.request_id"
 _SAFE_ID = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
 
 
@@ -53,6 +54,7 @@ class Observability:
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = given if given and len(given) <= 128 and set(given) <= _SAFE_ID else uuid.uuid4().hex
         usage: dict = scope.setdefault(USAGE_KEY, {})
+        scope[REQUEST_ID_KEY] = request_id
         status = 500
         complete = disconnected = False
 

@@ -96,10 +96,12 @@ def test_writable_paths_are_volumes(k8s, dockerfile):
 
 def test_grace_period_exceeds_the_shutdown_timeout(k8s):
     shutdown = float(k8s["ConfigMap"]["data"]["TEXTGEN_SHUTDOWN_TIMEOUT"])
+    # after SIGTERM: the lame duck (still admitting), then the drain
+    drain_delay = float(k8s["ConfigMap"]["data"]["TEXTGEN_DRAIN_DELAY"])
     grace = k8s["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     pre_stop = _container(k8s).get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
     # the grace period counts from the start of preStop; leave a margin for the exit itself
-    assert grace >= pre_stop + shutdown + 5
+    assert grace >= pre_stop + drain_delay + shutdown + 5
 
 
 def test_settings_are_known_textgen_variables(k8s):
