@@ -69,6 +69,7 @@ class Settings(BaseSettings):
         None, description="Sentence-transformers style model for /embed and /v1/embeddings."
     )
     chat_template: Path | None = Field(None, description="Jinja chat template file for /v1/chat/completions.")
+    ui: bool = Field(True, description="Serve the browser playground at / and /ui/ (false: off).")
     served_model_name: str | None = Field(
         None, description="Model name clients send to /v1 routes. Default: the --model value as given, or textgen-demo."
     )

@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from app import __version__
-from app.api import embed, errors, generate, health, openai, tokenize
+from app.api import embed, errors, generate, health, openai, tokenize, ui
 from app.api.middleware import APIKeyAuth, BodyLimit, Observability
 from app.config import Settings
 from app.engine.loader import ModelLoadError
@@ -44,6 +44,8 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None]
     app.include_router(embed.router)
     app.include_router(tokenize.router)
     app.include_router(openai.router)
+    if service.settings.ui:
+        ui.mount(app)
     # Outermost last: observability sees every response, CORS answers preflights before auth.
     keys = service.settings.api_keys()
     if keys:

@@ -46,6 +46,8 @@ async def info(service: ServiceDep) -> dict:
         "max_queue": s.max_queue,
         "max_concurrent_requests": s.max_batch_size + s.max_queue,
         "max_prefill_tokens": s.max_prefill_tokens,
+        "max_stop_sequences": s.max_stop_sequences,
+        "max_best_of": s.max_best_of,
         "ready": service.ready,
         "pid": os.getpid(),
     }
@@ -60,6 +62,7 @@ async def info(service: ServiceDep) -> dict:
             max_batch_tokens=service.engine.max_batch_tokens,
             embedding_model=service.embedder.model_id if service.embedder else None,
             embedding_dimensions=service.embedder.dimensions if service.embedder else None,
+            chat_template=bool(service.chat_template or getattr(lm.tokenizer, "chat_template", None)),
         )
     return out
 
