@@ -1,16 +1,21 @@
 """The playground at / in a real browser: Debian's headless Chromium driven by Playwright for Python,
 against real `textgen serve` processes. A screenshot goes to tests/artifacts/ (ignored by git)."""
 
+import os
 import shutil
-from collections.abc import Iterator
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import build_tiny_gpt2
-from tests.e2e.server import Server, start, stop
+from tests.e2e.server import Server, free_port, start, stop
 
 pytestmark = pytest.mark.slow
 
@@ -220,3 +225,56 @@ def test_api_key_prompt(page, long_model: Path, tmp_path: Path) -> None:
         assert page.is_hidden("#key-form")
     finally:
         stop(srv.process)
+
+
+def test_demo_build_progress_while_listening(page, tmp_path: Path) -> None:
+    """Without TEXTGEN_MODEL and no demo model yet, the server listens at once, /health reports the
+    build, the page shows it; SIGTERM stops the build child and exits cleanly."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TEXTGEN_")}
+    env.update(XDG_CACHE_HOME=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
+    log = (tmp_path / "serve.log").open("w")
+    command = [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        body = wait_for_health(url, process, lambda b: b.get("status") == "building")
+        assert set(body["progress"]) == {"phase", "step", "total_steps", "fraction", "elapsed_s", "eta_s"}
+        assert httpx.get(url + "/ready", timeout=10).status_code == 503
+        assert httpx.post(url + "/generate", json={"inputs": "hi"}, timeout=10).status_code == 503
+        page.goto(url + "/")
+        page.wait_for_selector("#building:not([hidden])")
+        # The child reports training steps; the page follows them.
+        wait_for_health(url, process, lambda b: b.get("progress", {}).get("step", 0) >= 1, timeout=240)
+        page.wait_for_function(
+            "document.getElementById('building-detail').textContent.includes('training step') && "
+            "document.getElementById('building-progress').value > 0",
+            timeout=10_000,
+        )
+        children = psutil.Process(process.pid).children(recursive=True)
+        assert children, "the build runs in a child process"
+    finally:
+        code = stop(process)
+        log.close()
+    assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    psutil.wait_procs(children, timeout=10)
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    assert not (tmp_path / "cache" / "textgen" / "demo-model" / "config.json").exists()
+
+
+def wait_for_health(
+    url: str, process: subprocess.Popen, predicate: Callable[[dict], bool], timeout: float = 90
+) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"server exited with {process.returncode}"
+        try:
+            r = httpx.get(url + "/health", timeout=5)
+        except httpx.HTTPError:
+            time.sleep(0.2)
+            continue
+        assert r.status_code == 503, "the demo model cannot be ready this soon"
+        if predicate(r.json()):
+            return r.json()
+        time.sleep(0.2)
+    raise AssertionError(f"/health never matched within {timeout} s")
