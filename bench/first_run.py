@@ -4,7 +4,8 @@ the install does) to the first answer from POST /generate. A script, not a timed
     python -m bench.first_run                       # `python -m app.cli serve` with this interpreter
     python -m bench.first_run --command "make run"  # on a fresh clone, after `make install`
 
-The demo model is built into a new, empty XDG_CACHE_HOME, so every run is a real first run. Prints
+The demo model is built into a new, empty XDG_CACHE_HOME (`--cache DIR` keeps it), so every run is a
+real first run. Prints
 one JSON object: seconds until the port listens, until /health reports the build, until the build
 ended (/health left "building"), and until /generate answered; plus the machine's load average,
 since on a shared machine that dominates the result.
@@ -34,14 +35,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def measure(command: list[str], timeout: float) -> dict:
+def measure(command: list[str], timeout: float, cache: Path | None = None) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     marks: dict[str, float | None] = {"listening_s": None, "building_s": None, "built_s": None, "answered_s": None}
-    with tempfile.TemporaryDirectory(prefix="textgen-first-run-") as cache:
+    with tempfile.TemporaryDirectory(prefix="textgen-first-run-") as tmp:
+        cache = cache or Path(tmp)
+        if (cache / "textgen" / "demo-model").exists():
+            raise SystemExit(f"{cache}/textgen/demo-model exists: this would not be a first run")
         env = {k: v for k, v in os.environ.items() if not k.startswith("TEXTGEN_")}
-        env.update(XDG_CACHE_HOME=cache, TEXTGEN_PORT=str(port), TEXTGEN_HOST="127.0.0.1", HF_HUB_OFFLINE="1")
-        log_path = Path(cache) / "serve.log"
+        env.update(XDG_CACHE_HOME=str(cache), TEXTGEN_PORT=str(port), TEXTGEN_HOST="127.0.0.1", HF_HUB_OFFLINE="1")
+        log_path = Path(tmp) / "serve.log"
         load_before = os.getloadavg()
         started = time.monotonic()
         with log_path.open("w") as log:
@@ -90,9 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.first_run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--command", help="Server command (default: this Python's `-m app.cli serve`).")
     parser.add_argument("--timeout", type=float, default=1800, help="Give up after this many seconds.")
+    parser.add_argument(
+        "--cache", type=Path, help="XDG_CACHE_HOME to build into and keep (default: a temporary one, deleted)."
+    )
     args = parser.parse_args(argv)
     command = shlex.split(args.command) if args.command else [sys.executable, "-m", "app.cli", "serve"]
-    print(json.dumps(measure(command, args.timeout)), flush=True)
+    print(json.dumps(measure(command, args.timeout, args.cache)), flush=True)
     return 0
 
 

@@ -182,39 +182,46 @@ def generate_samples(model_dir: Path, prompt: str = SAMPLE_PROMPT, max_new_token
     return out
 
 
+def write_sample(path: Path, samples: dict[str, str]) -> None:
+    lines = [
+        "# Offline demo model: sample output",
+        "",
+        "From `python -m app.finetune.demo --output DIR --sample-to docs/demo-sample.md` (a 4-layer GPT-2 "
+        f"trained from scratch on the Python docs in {DEMO_SETTINGS['max_steps']} steps, about a minute on "
+        "two quiet CPU cores).",
+        "",
+        f'Prompt `"{SAMPLE_PROMPT}"`, 40 new tokens, `model.generate`:',
+        "",
+    ]
+    for name, text in samples.items():
+        lines += [f"- {name}:", "", "  ```text", *("  " + line for line in text.splitlines()), "  ```", ""]
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app.finetune.demo", description=__doc__)
     parser.add_argument("--output", type=Path, required=True, help="Folder to create with the model.")
-    parser.add_argument("--sample-to", type=Path, help="Also write greedy and sampled outputs to this Markdown file.")
+    parser.add_argument(
+        "--sample-to", type=Path, help="Also write greedy and sampled outputs to this Markdown file (also when built)."
+    )
     parser.add_argument("--progress", type=Path, help="Keep this file updated with the build's progress (JSON).")
     args = parser.parse_args(argv)
     if (args.output / "config.json").exists():
         print(f"The demo model is already built at {args.output}; delete that folder to rebuild it.")
-        return 0
-    setup_logging()
-    print(
-        "Building the offline demo model (first run only, about a minute): a small GPT-2 trained from scratch "
-        f"on the Python docs that ship with CPython, into {args.output}",
-        flush=True,
-    )
-    started = time.monotonic()
-    build_demo_model(args.output, progress=args.progress)
-    print(f"Demo model built in {time.monotonic() - started:.0f} s: {args.output}", flush=True)
-    samples = generate_samples(args.output)
-    print(f"Sample (greedy): {samples['greedy']!r}", flush=True)
+    else:
+        setup_logging()
+        print(
+            "Building the offline demo model (first run only, about a minute): a small GPT-2 trained from scratch "
+            f"on the Python docs that ship with CPython, into {args.output}",
+            flush=True,
+        )
+        started = time.monotonic()
+        build_demo_model(args.output, progress=args.progress)
+        print(f"Demo model built in {time.monotonic() - started:.0f} s: {args.output}", flush=True)
     if args.sample_to:
-        lines = [
-            "# Offline demo model: sample output",
-            "",
-            "From `python -m app.finetune.demo --output DIR` (a 4-layer GPT-2 trained from scratch on the "
-            f"Python docs in {DEMO_SETTINGS['max_steps']} steps, about a minute on two CPU cores).",
-            "",
-            f'Prompt `"{SAMPLE_PROMPT}"`, 40 new tokens, `model.generate`:',
-            "",
-        ]
-        for name, text in samples.items():
-            lines += [f"- {name}:", "", "  ```text", *("  " + line for line in text.splitlines()), "  ```", ""]
-        args.sample_to.write_text("\n".join(lines), encoding="utf-8")
+        samples = generate_samples(args.output)
+        print(f"Sample (greedy): {samples['greedy']!r}", flush=True)
+        write_sample(args.sample_to, samples)
     return 0
 
 
