@@ -7,13 +7,14 @@ the install does) to the first answer from POST /generate. A script, not a timed
 The demo model is built into a new, empty XDG_CACHE_HOME (`--cache DIR` keeps it), so every run is a
 real first run. Prints
 one JSON object: seconds until the port listens, until /health reports the build, until the build
-ended (/health left "building"), and until /generate answered; plus the machine's load average,
-since on a shared machine that dominates the result.
+ended (/health left "building"), and until /generate answered; the CPU seconds the server and its
+build child used; and the machine's load average, since on a shared machine that dominates the result.
 """
 
 import argparse
 import json
 import os
+import resource
 import shlex
 import signal
 import socket
@@ -47,6 +48,7 @@ def measure(command: list[str], timeout: float, cache: Path | None = None) -> di
         env.update(XDG_CACHE_HOME=str(cache), TEXTGEN_PORT=str(port), TEXTGEN_HOST="127.0.0.1", HF_HUB_OFFLINE="1")
         log_path = Path(tmp) / "serve.log"
         load_before = os.getloadavg()
+        cpu_before = _children_cpu_s()
         started = time.monotonic()
         with log_path.open("w") as log:
             process = subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
@@ -78,16 +80,25 @@ def measure(command: list[str], timeout: float, cache: Path | None = None) -> di
                 process.wait(30)
             except subprocess.TimeoutExpired:
                 process.kill()
+        cpu_s = _children_cpu_s() - cpu_before
         if marks["answered_s"] is None:
             raise SystemExit(f"no answer within {timeout} s:\n{log_path.read_text()[-3000:]}")
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": shlex.join(command),
         **{k: None if v is None else round(v, 1) for k, v in marks.items()},
+        # CPU time of the server and its build child: what the run cost, whatever else shares the
+        # machine (on two idle cores the wall time is between cpu_s / 2 and cpu_s).
+        "cpu_s": round(cpu_s, 1),
         "cpus": os.cpu_count(),
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
     }
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # waited-for descendants
+    return usage.ru_utime + usage.ru_stime
 
 
 def main(argv: list[str] | None = None) -> int:
