@@ -3,7 +3,6 @@
 import argparse
 import logging
 import signal
-import subprocess
 import sys
 import threading
 import types
@@ -14,7 +13,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from app import __version__
-from app.config import Settings, demo_model_dir
+from app.config import Settings
 from app.service import Service
 
 
@@ -56,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the HTTP server",
         description="Run the HTTP server. Every flag is also a TEXTGEN_* environment variable; a flag wins. "
-        "Without --model, the offline demo model is built once (about 3 minutes) and served.",
+        "Without --model, the offline demo model is built once (about a minute; the server listens meanwhile, "
+        "/health reports the progress) and served.",
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     _add_settings_flags(serve)
@@ -77,17 +77,6 @@ def configure_logging(level: str) -> None:
     access.propagate = False
 
 
-def ensure_demo_model() -> Path:
-    """Build the demo model in a child process the first time (the server never imports the trainer)."""
-    path = demo_model_dir()
-    if not (path / "config.json").exists():
-        print(f"textgen: no TEXTGEN_MODEL set; building the offline demo model into {path}", file=sys.stderr)
-        result = subprocess.run([sys.executable, "-m", "app.finetune.demo", "--output", str(path)])
-        if result.returncode != 0:
-            raise SystemExit(f"textgen: error: building the demo model failed (exit {result.returncode})")
-    return path
-
-
 def serve(args: argparse.Namespace) -> int:
     from app.main import create_app
 
@@ -103,8 +92,6 @@ def serve(args: argparse.Namespace) -> int:
         )
         return 2
     configure_logging(args.log_level)
-    if settings.model is None:
-        ensure_demo_model()
     fatal: list[str] = []
     server_box: list[uvicorn.Server] = []
 

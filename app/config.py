@@ -81,6 +81,7 @@ class Settings(BaseSettings):
         "OTEL_EXPORTER_OTLP_PROTOCOL=grpc), or file:///path.jsonl for OTLP JSON lines. Unset: tracing off "
         "unless OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT is set.",
     )
+    ui: bool = Field(True, description="Serve the browser playground at / and /ui/ (false: off).")
     served_model_name: str | None = Field(
         None, description="Model name clients send to /v1 routes. Default: the --model value as given, or textgen-demo."
     )

@@ -10,7 +10,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from opentelemetry.sdk.trace import TracerProvider
 
 from app import __version__
-from app.api import embed, errors, generate, health, openai, tokenize
+from app.api import embed, errors, generate, health, openai, tokenize, ui
 from app.api.middleware import APIKeyAuth, BodyLimit, Observability
 from app.config import Settings
 from app.engine.loader import ModelLoadError
@@ -55,6 +55,8 @@ def create_app(
     app.include_router(embed.router)
     app.include_router(tokenize.router)
     app.include_router(openai.router)
+    if service.settings.ui:
+        ui.mount(app)
     # Outermost last: observability sees every response, CORS answers preflights before auth.
     if tracer_provider is not None:
         instrument(app, tracer_provider)  # first: its stage spans read what the outer ones record
