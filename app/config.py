@@ -43,13 +43,15 @@ class Settings(BaseSettings):
     max_batch_tokens: int | None = Field(
         None,
         ge=1,
-        description="KV-cache budget in tokens (batch x padded length) bounding memory. "
-        "Default: max_batch_size x max_total_tokens.",
+        description="KV-cache budget in cached token positions, counting everything allocated (spare "
+        "capacity, prefills in flight, copies). Default: enough for max_batch_size full-length requests.",
     )
     max_prefill_tokens: int = Field(
         2048, ge=1, description="Prompt tokens prefilled in one step (bounds decode stalls)."
     )
-    max_queue: int = Field(128, ge=0, description="Waiting requests; beyond this new ones get 429.")
+    max_queue: int = Field(
+        128, ge=0, description="Waiting requests; beyond this new ones get 429 (0: none wait, idle slots still admit)."
+    )
     max_embed_batch: int = Field(64, ge=1, description="Most inputs in one /embed request (413 beyond).")
     max_stop_sequences: int = Field(8, ge=0, description="Most stop strings per request.")
     max_best_of: int = Field(8, ge=1, description="Largest n (choices) per OpenAI request.")

@@ -34,6 +34,7 @@ class KVAccount:
         self.layers = max(layers, 1)
         self._slots = 0  # rows x columns summed over every live layer buffer
         self._peak = 0
+        self.reallocations = 0  # buffers replaced by larger or compacted ones (per layer)
 
     @property
     def allocated(self) -> int:
@@ -97,6 +98,7 @@ class SlabLayer(DynamicLayer):
         account = self.cache.account if self.cache is not None else None
         if account is not None:
             account.charge(slots)
+            account.reallocations += self._charged > 0
         self._k, self._v = k, v
         if account is not None:
             account.release(self._charged)

@@ -266,7 +266,7 @@ class Engine:
         for r in requests:
             part = vectors[start : start + len(r.token_ids)]
             start += len(r.token_ids)
-            if r.normalize:
+            if r.normalize or self.embedder.normalize_module:  # a Normalize module is part of the model
                 part = torch.nn.functional.normalize(part, p=2, dim=-1)
             r.on_done(part.tolist())
 
@@ -286,7 +286,7 @@ class Engine:
         if self.check_invariants:
             check_keep(keep, len(batch))
         if not keep:
-            batch.cache.release()
+            self._release(batch)
             return None
         batch.filter(keep)
         return batch
@@ -315,10 +315,21 @@ class Engine:
             self._batch = joined
         else:
             # Size the buffers for the new reservations before the copy, so it happens once.
-            self._batch.cache.columns = max(s.reserved_tokens for s in [*self._batch.seqs, *joined.seqs])
+            self._reserve(self._batch, [*self._batch.seqs, *joined.seqs])
             self._batch.extend(joined)
-            joined.cache.release()
-        self._batch.cache.columns = max(s.reserved_tokens for s in self._batch.seqs)
+            self._release(joined)
+        self._reserve(self._batch, self._batch.seqs)
+
+    # The two places the scheduler touches the KV cache's memory, so another batch type adapts here.
+    @staticmethod
+    def _reserve(batch: Batch, seqs: list[Sequence]) -> None:
+        """Size `batch`'s buffers for the longest reservation among `seqs` at their next copy."""
+        batch.cache.columns = max(s.reserved_tokens for s in seqs)
+
+    @staticmethod
+    def _release(batch: Batch) -> None:
+        """Free `batch`'s KV buffers (and their charge to the budget account) now."""
+        batch.cache.release()
 
     def _free_device_memory(self) -> None:
         if self.loaded.device.type == "cuda":
@@ -354,7 +365,7 @@ class Engine:
         except torch.OutOfMemoryError as exc:  # these rows fail; the engine serves the next ones
             log.warning("out of memory decoding a batch of %d: %s", len(batch), exc)
             self._batch = None
-            batch.cache.release()
+            self._release(batch)
             self._free_device_memory()
             for seq in batch.seqs:
                 self._retire(seq, "error", f"out of memory while decoding: {exc}")
@@ -442,7 +453,7 @@ class Engine:
         running = self._batch.seqs if self._batch is not None else []
         prefilling, self._prefilling = self._prefilling, []
         if self._batch is not None:
-            self._batch.cache.release()
+            self._release(self._batch)
         self._batch = None
         for seq in [*running, *prefilling, *waiting]:
             if not seq.finished:

@@ -52,7 +52,7 @@ async def embeddings(body: EmbeddingRequest, engine: EngineDep, service: Service
     else:
         check_batch(service, len(raw))
         ids = _token_inputs(service, list(raw))  # type: ignore[arg-type]
-    vectors = await embed_ids(engine, ids, normalize=True)
+    vectors = await embed_ids(engine, ids, normalize=service.embedder.normalize_default)
     data = []
     for i, vector in enumerate(vectors):
         value: list[float] | str = vector

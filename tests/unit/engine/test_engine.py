@@ -107,6 +107,7 @@ def test_long_run_with_rows_joining_and_leaving_matches_generate(tiny_lm: Loaded
         assert tracker.all_done.wait(120), f"only {len(tracker.completions)} of 16 requests finished"
         assert engine.alive
         assert decode_steps(engine) > 200
+        assert engine.kv.reallocations > 0  # buffers were copied into new ones while rows decoded
         wait_idle(engine)
         assert engine.kv.allocated == 0  # every buffer is released once idle
     finally:
@@ -190,3 +191,39 @@ def test_one_failing_request_leaves_the_batch_healthy(tiny_lm: LoadedModel) -> N
         assert tracker.tokens[3] == greedy_alone(tiny_lm, prompts[0], 5)
     finally:
         engine.stop()
+
+
+def test_a_tokenizer_failure_fails_only_its_request(tiny_lm: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tokenizer raises on one id, present only at the start of one prompt that asks for its
+    prompt tokens (decoded one by one at prefill); the rows beside it are untouched."""
+    prompts = [prompt_ids(tiny_lm, i) for i in (4, 5, 6)]
+    assert all(len(p) >= 8 for p in prompts)
+    bad = max(max(p) for p in prompts) + 1  # an id no prompt holds and no context window sees
+    prompts[1] = [bad, *prompts[1]]
+    real_decode = tiny_lm.tokenizer.decode
+
+    def decode(ids: object, *args: object, **kwargs: object) -> str:
+        if bad in (ids if isinstance(ids, list) else [ids]):
+            raise ValueError(f"cannot decode id {bad}")
+        return real_decode(ids, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_lm.tokenizer, "decode", decode)
+    engine = make_engine(tiny_lm)
+    tracker = Tracker()
+    try:
+        requests = [tracker.request(i, prompts[i], 12) for i in range(3)]
+        requests[1].prefill_details = True
+        for r in requests:
+            engine.submit(r)
+        assert tracker.all_done.wait(60)
+        assert engine.alive
+    finally:
+        engine.stop()
+    monkeypatch.undo()
+    failed = tracker.completions[1]
+    assert failed.finish_reason == "error"
+    assert failed.error is not None and f"cannot decode id {bad}" in failed.error
+    assert "prompt's tokens could not be decoded" in failed.error
+    for key in (0, 2):
+        assert tracker.completions[key].finish_reason == "length"
+        assert tracker.tokens[key] == greedy_alone(tiny_lm, prompts[key], 12)
