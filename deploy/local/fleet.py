@@ -207,6 +207,9 @@ class Fleet:
                 self.haproxy.wait(10)
             except subprocess.TimeoutExpired:
                 self.haproxy.kill()
+        for r in self.replicas:  # all drain at once
+            if r.process is not None and r.process.poll() is None:
+                r.process.send_signal(signal.SIGTERM)
         return [r.stop() for r in self.replicas]
 
 
