@@ -48,6 +48,7 @@ class Replica:
     def __init__(self, name: str, port: int, command: list[str], env: dict[str, str], log_path: Path) -> None:
         self.name, self.port, self.command, self.env, self.log_path = name, port, command, env, log_path
         self.process: subprocess.Popen | None = None
+        self.terminated = False
 
     @property
     def url(self) -> str:
@@ -56,6 +57,7 @@ class Replica:
     def start(self) -> None:
         log = self.log_path.open("a")
         self.process = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.terminated = False
         log.close()
 
     def wait_ready(self, timeout: float) -> None:
@@ -69,13 +71,20 @@ class Replica:
             time.sleep(0.1)
         raise RuntimeError(f"{self.name} not ready after {timeout} s:\n{self.log_path.read_text()[-3000:]}")
 
+    def terminate(self) -> None:
+        """SIGTERM once (a second one would make the replica exit without draining)."""
+        p = self.process
+        if p is not None and p.poll() is None and not self.terminated:
+            p.send_signal(signal.SIGTERM)
+            self.terminated = True
+
     def stop(self, timeout: float = 60.0) -> int | None:
         """SIGTERM (lame duck, then drain) and wait for the exit; SIGKILL past `timeout`."""
         p = self.process
         if p is None:
             return None
         if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
+            self.terminate()
             try:
                 p.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -208,8 +217,7 @@ class Fleet:
             except subprocess.TimeoutExpired:
                 self.haproxy.kill()
         for r in self.replicas:  # all drain at once
-            if r.process is not None and r.process.poll() is None:
-                r.process.send_signal(signal.SIGTERM)
+            r.terminate()
         return [r.stop() for r in self.replicas]
 
 
