@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= train,dev
 
-.PHONY: install run test lint bench bench-quick soak container-smoke clean
+.PHONY: install run test test-fleet fleet lint bench bench-quick soak container-smoke clean
 
 install: $(VENV)/.installed
 
@@ -24,7 +24,16 @@ run: install
 
 test: install
 	$(BIN)/ruff check app tests bench
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not fleet"
+
+# The rolling restart through HAProxy (needs `haproxy`; .ci/run installs it): 2-3 minutes on
+# 2 cores, so it is its own target, and .ci/run runs it after `make test`.
+test-fleet: install
+	$(BIN)/python -m pytest -q -m fleet
+
+# Replicas behind HAProxy on 127.0.0.1 (deploy/local/); FLEET_ARGS="--replicas 3 --port 8080".
+fleet: install
+	$(BIN)/python deploy/local/fleet.py $(FLEET_ARGS)
 
 lint: install
 	$(BIN)/ruff check app tests bench

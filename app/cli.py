@@ -2,7 +2,7 @@
 
 import argparse
 import logging
-import subprocess
+import signal
 import sys
 import threading
 import types
@@ -13,7 +13,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from app import __version__
-from app.config import Settings, demo_model_dir
+from app.config import Settings
 from app.service import Service
 
 
@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the HTTP server",
         description="Run the HTTP server. Every flag is also a TEXTGEN_* environment variable; a flag wins. "
-        "Without --model, the offline demo model is built once (about 3 minutes) and served.",
+        "Without --model, the offline demo model is built once (about a minute; the server listens meanwhile, "
+        "/health reports the progress) and served.",
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     _add_settings_flags(serve)
@@ -76,17 +77,6 @@ def configure_logging(level: str) -> None:
     access.propagate = False
 
 
-def ensure_demo_model() -> Path:
-    """Build the demo model in a child process the first time (the server never imports the trainer)."""
-    path = demo_model_dir()
-    if not (path / "config.json").exists():
-        print(f"textgen: no TEXTGEN_MODEL set; building the offline demo model into {path}", file=sys.stderr)
-        result = subprocess.run([sys.executable, "-m", "app.finetune.demo", "--output", str(path)])
-        if result.returncode != 0:
-            raise SystemExit(f"textgen: error: building the demo model failed (exit {result.returncode})")
-    return path
-
-
 def serve(args: argparse.Namespace) -> int:
     from app.main import create_app
 
@@ -102,8 +92,6 @@ def serve(args: argparse.Namespace) -> int:
         )
         return 2
     configure_logging(args.log_level)
-    if settings.model is None:
-        ensure_demo_model()
     fatal: list[str] = []
     server_box: list[uvicorn.Server] = []
 
@@ -129,8 +117,10 @@ def serve(args: argparse.Namespace) -> int:
 
 
 class DrainingServer(uvicorn.Server):
-    """On SIGTERM/SIGINT, first stop admitting work (new requests 503, /ready fails) and let
-    admitted requests finish (up to TEXTGEN_SHUTDOWN_TIMEOUT), then exit. A second signal exits now."""
+    """On SIGTERM: /ready turns 503 at once, requests are still admitted for TEXTGEN_DRAIN_DELAY
+    seconds (the lame duck, while balancers notice), then admission stops (new requests 503) and
+    admitted requests finish (up to TEXTGEN_SHUTDOWN_TIMEOUT) before the exit. SIGINT (Ctrl-C)
+    skips the lame duck: nobody routes to an interactive server. A second signal exits now."""
 
     def __init__(self, config: uvicorn.Config, service: Service) -> None:
         super().__init__(config)
@@ -141,22 +131,23 @@ class DrainingServer(uvicorn.Server):
         # uvicorn's own handler records the signal and re-raises it after shutdown, so the process
         # would die by SIGTERM; a drained shutdown is a clean exit, so only flags are set here.
         if self.draining:  # a second signal: stop waiting
+            self.service.hurry()
             self.force_exit = True
             self.should_exit = True
             return
         self.draining = True
-        self.service.draining = True
-        engine = self.service.engine
-        if engine is None:
+        if self.service.engine is None:
+            self.service.lame_duck = self.service.draining = True
             self.should_exit = True
             return
-        logging.getLogger("textgen").info("draining: finishing in-flight requests before exit")
+        lame_duck_s = self.service.settings.drain_delay if sig == signal.SIGTERM else 0.0
 
-        def drain() -> None:
+        def retire() -> None:
+            self.service.retire(lame_duck_s)
             self.service.shutdown()  # past the timeout, leftovers are cancelled (503), not left running
             self.should_exit = True
 
-        threading.Thread(target=drain, name="textgen-drain", daemon=True).start()
+        threading.Thread(target=retire, name="textgen-drain", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> int:

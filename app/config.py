@@ -62,6 +62,12 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(
         30.0, ge=0, description="Seconds to finish in-flight requests on SIGTERM before exiting."
     )
+    drain_delay: float = Field(
+        5.0,
+        ge=0,
+        description="Lame-duck seconds after SIGTERM: /ready answers 503 at once but new requests are still "
+        "admitted this long, so load balancers stop routing here before admission stops. 0: stop at once.",
+    )
     api_key: str | None = Field(None, description="Bearer key(s), comma-separated. Unset: no auth.")
     api_key_file: Path | None = Field(None, description="File with one API key per line.")
     metrics_require_key: bool = Field(False, description="Require the API key for /metrics too.")
@@ -71,6 +77,13 @@ class Settings(BaseSettings):
         None, description="Sentence-transformers style model for /embed and /v1/embeddings."
     )
     chat_template: Path | None = Field(None, description="Jinja chat template file for /v1/chat/completions.")
+    otlp_endpoint: str | None = Field(
+        None,
+        description="OpenTelemetry traces: an OTLP collector URL (http/protobuf, or gRPC with "
+        "OTEL_EXPORTER_OTLP_PROTOCOL=grpc), or file:///path.jsonl for OTLP JSON lines. Unset: tracing off "
+        "unless OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT is set.",
+    )
+    ui: bool = Field(True, description="Serve the browser playground at / and /ui/ (false: off).")
     served_model_name: str | None = Field(
         None, description="Model name clients send to /v1 routes. Default: the --model value as given, or textgen-demo."
     )

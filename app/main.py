@@ -7,20 +7,29 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from opentelemetry.sdk.trace import TracerProvider
 
 from app import __version__
-from app.api import embed, errors, generate, health, openai, tokenize
+from app.api import embed, errors, generate, health, openai, tokenize, ui
 from app.api.middleware import APIKeyAuth, BodyLimit, Observability
 from app.config import Settings
 from app.engine.loader import ModelLoadError
 from app.service import Service
+from app.tracing import instrument, provider_for
 
 log = logging.getLogger("textgen")
 
 
-def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None] | None = None) -> FastAPI:
-    """`on_fatal` is called with a one-line reason when the model cannot be loaded (the CLI exits)."""
+def create_app(
+    settings: Settings | None = None,
+    on_fatal: Callable[[str], None] | None = None,
+    tracer_provider: TracerProvider | None = None,
+) -> FastAPI:
+    """`on_fatal` is called with a one-line reason when the model cannot be loaded (the CLI exits).
+    `tracer_provider` traces requests with it (tests pass one with an in-memory exporter); by
+    default one is made from TEXTGEN_OTLP_ENDPOINT / OTEL_* when they ask for tracing."""
     service = Service(settings or Settings())
+    tracer_provider = tracer_provider or provider_for(service.settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -30,6 +39,8 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None]
         finally:
             loading.cancel()
             await asyncio.to_thread(service.shutdown)
+            if tracer_provider is not None:
+                await asyncio.to_thread(tracer_provider.shutdown)  # flush the last spans
 
     app = FastAPI(
         title="textgen",
@@ -44,7 +55,11 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None]
     app.include_router(embed.router)
     app.include_router(tokenize.router)
     app.include_router(openai.router)
+    if service.settings.ui:
+        ui.mount(app)
     # Outermost last: observability sees every response, CORS answers preflights before auth.
+    if tracer_provider is not None:
+        instrument(app, tracer_provider)  # first: its stage spans read what the outer ones record
     keys = service.settings.api_keys()
     if keys:
         app.add_middleware(APIKeyAuth, keys=keys, metrics_require_key=service.settings.metrics_require_key)

@@ -1,9 +1,30 @@
-"""Prometheus metrics, one registry per app so several apps can live in one process (tests)."""
+"""Prometheus metrics, one registry per app so several apps can live in one process (tests).
+
+Besides textgen's own names, the load gauges are also exported under the names vLLM uses, which
+are the ones inference gateways read (the Gateway API Inference Extension's model-server
+protocol, llm-d, KServe): vllm:num_requests_waiting, vllm:num_requests_running,
+vllm:kv_cache_usage_perc (vllm:gpu_cache_usage_perc for older endpoint pickers) and
+vllm:lora_requests_info. Those are read from the engine when /metrics is scraped.
+"""
+
+import time
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _STEP = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class EngineLoad(Protocol):
+    """What the load gauges read (app.engine.scheduler.Engine)."""
+
+    @property
+    def running(self) -> int: ...
+    @property
+    def waiting(self) -> int: ...
+    @property
+    def kv_cache_usage(self) -> float: ...
 
 
 class Metrics:
@@ -39,3 +60,42 @@ class Metrics:
         )
         self.embedded_inputs = Counter("textgen_embedded_inputs", "Texts embedded", registry=r)
         self.engine_steps = Counter("textgen_engine_steps", "Forward passes run by the engine", ["kind"], registry=r)
+        # Load, read at scrape time: what a gateway routes on.
+        self.running_requests = Gauge("textgen_running_requests", "Requests in the running batch", registry=r)
+        self.waiting_requests = Gauge("textgen_waiting_requests", "Requests waiting to be admitted", registry=r)
+        self.kv_cache_usage = Gauge(
+            "textgen_kv_cache_usage_ratio", "KV-cache budget in use (TEXTGEN_MAX_BATCH_TOKENS), 0-1", registry=r
+        )
+        self.vllm_running = Gauge(
+            "vllm:num_requests_running", "Requests in the running batch (vLLM's name)", ["model_name"], registry=r
+        )
+        self.vllm_waiting = Gauge(
+            "vllm:num_requests_waiting", "Requests waiting to be admitted (vLLM's name)", ["model_name"], registry=r
+        )
+        self.vllm_kv_cache = Gauge(
+            "vllm:kv_cache_usage_perc", "KV-cache usage, 1 = 100% (vLLM's name)", ["model_name"], registry=r
+        )
+        self.vllm_gpu_cache = Gauge(
+            "vllm:gpu_cache_usage_perc",
+            "KV-cache usage, 1 = 100% (vLLM's older name, read by older endpoint pickers)",
+            ["model_name"],
+            registry=r,
+        )
+        self.lora_info = Gauge(
+            "vllm:lora_requests_info",
+            "LoRA adapters (labels); the value is the time of the last update, so the newest series wins",
+            ["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+            registry=r,
+        )
+
+    def watch(self, engine: EngineLoad, model_name: str, max_lora: int = 0) -> None:
+        """Bind the load gauges to `engine` (read on every scrape). No adapters are loaded per
+        request (TEXTGEN_ADAPTER is merged into the model), so the adapter lists are empty."""
+        self.running_requests.set_function(lambda: engine.running)
+        self.waiting_requests.set_function(lambda: engine.waiting)
+        self.kv_cache_usage.set_function(lambda: engine.kv_cache_usage)
+        self.vllm_running.labels(model_name).set_function(lambda: engine.running)
+        self.vllm_waiting.labels(model_name).set_function(lambda: engine.waiting)
+        self.vllm_kv_cache.labels(model_name).set_function(lambda: engine.kv_cache_usage)
+        self.vllm_gpu_cache.labels(model_name).set_function(lambda: engine.kv_cache_usage)
+        self.lora_info.labels(str(max_lora), "", "").set_function(time.time)

@@ -1,13 +1,16 @@
 """What the HTTP layer serves: settings, the loaded model, the engine and the metrics.
 
-Loading happens after the server starts listening, so /health can answer 503 meanwhile.
+Loading happens after the server starts listening, so /health can answer 503 meanwhile; without
+TEXTGEN_MODEL, the first start also builds the offline demo model then (see app/demo_model.py).
 """
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
 from app.config import Settings
+from app.demo_model import BuildProgress, DemoBuild, DemoBuildError, demo_model_ready
 from app.engine.admission import default_budget, model_layers
 from app.engine.embeddings import Embedder, from_causal_lm, load_sentence_transformer
 from app.engine.loader import LoadedModel, ModelLoadError, load_model
@@ -26,9 +29,12 @@ class Service:
     engine: Engine | None = None
     embedder: Embedder | None = None
     error: str | None = None
-    draining: bool = False
+    lame_duck: bool = False  # SIGTERM seen: /ready is 503, requests are still admitted
+    draining: bool = False  # admission stopped: new requests get 503, in-flight ones finish
     chat_template: str | None = None
     started: int = field(default_factory=lambda: int(time.time()))
+    _hurry: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
+    build: DemoBuild | None = None  # set while the demo model is being built
 
     @property
     def model_name(self) -> str:
@@ -38,15 +44,46 @@ class Service:
 
     @property
     def ready(self) -> bool:
-        return self.engine is not None and self.engine.accepting and not self.draining
+        return self.engine is not None and self.engine.accepting and not (self.lame_duck or self.draining)
+
+    @property
+    def shutting_down(self) -> bool:
+        return self.lame_duck or self.draining
 
     @property
     def alive(self) -> bool:
         return self.engine is not None and self.engine.alive
 
+    @property
+    def building(self) -> BuildProgress | None:
+        """The demo model build's progress while it runs, else None."""
+        build = self.build
+        return build.progress() if build is not None else None
+
+    def playground_url(self) -> str:
+        host = self.settings.host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        elif ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.settings.port}/"
+
     def load(self) -> None:
-        """Blocking: load the model(s) and start the engine. Raises ModelLoadError."""
+        """Blocking: build the demo model if needed, load the model(s) and start the engine.
+        Raises ModelLoadError."""
         s = self.settings
+        if s.model is None and not demo_model_ready():
+            self.build = DemoBuild()
+            if s.ui:
+                log.info("the playground at %s shows the build's progress", self.playground_url())
+            try:
+                self.build.run()
+            except DemoBuildError as exc:
+                if self.draining:
+                    return  # stopped by shutdown: not a failure
+                raise ModelLoadError(str(exc)) from exc
+            finally:
+                self.build = None
         model_id = s.resolved_model()
         log.info("loading model %s", model_id)
         loaded = load_model(
@@ -85,6 +122,7 @@ class Service:
             metrics=self.metrics,
         )
         engine.start()
+        self.metrics.watch(engine, self.model_name)
         self.loaded, self.embedder, self.engine = loaded, embedder, engine
         log.info(
             "ready: %s on %s (%s), context %d, max batch %d",
@@ -94,10 +132,39 @@ class Service:
             limits.context_length,
             s.max_batch_size,
         )
+        if s.ui:
+            log.info("playground: %s", self.playground_url())
+
+    def retire(self, lame_duck_s: float) -> bool:
+        """Blocking (run it off the event loop): the graceful exit after SIGTERM.
+
+        /ready turns 503 at once, but new requests are still admitted for `lame_duck_s` seconds
+        (TEXTGEN_DRAIN_DELAY): a load balancer keeps routing here until its next failed health
+        check, and refusing those requests would fail them. Then admission stops and admitted
+        requests get TEXTGEN_SHUTDOWN_TIMEOUT seconds to finish. `hurry()` cuts the pause short.
+        Returns False when that timeout ran out with requests still running.
+        """
+        self.lame_duck = True
+        if lame_duck_s > 0:
+            log.info("lame duck: /ready is 503; still admitting requests for %.1f s", lame_duck_s)
+            self._hurry.wait(lame_duck_s)
+        self.draining = True
+        if self.engine is None:
+            return True
+        log.info("draining: admission stopped, finishing in-flight requests before exit")
+        return self.engine.drain(self.settings.shutdown_timeout)
+
+    def hurry(self) -> None:
+        """End the lame-duck pause now (a second signal)."""
+        self._hurry.set()
 
     def shutdown(self) -> None:
-        self.draining = True
+        drained = self.draining  # retire() already gave in-flight requests their time
+        self.lame_duck = self.draining = True
+        build = self.build
+        if build is not None:
+            build.stop()
         if self.engine is not None:
-            if not self.engine.drain(self.settings.shutdown_timeout):
+            if not self.engine.drain(0.0 if drained else self.settings.shutdown_timeout):
                 log.warning("shutdown timeout: cancelling requests still running")
             self.engine.stop()

@@ -129,6 +129,7 @@ class Generation:
         u["queue_time"] = max(u.get("queue_time", 0.0), c.queue_time)
         u.setdefault("finish_reasons", []).append(c.finish_reason)
         u.setdefault("outputs", []).append(c.text)
+        u.setdefault("completions", []).append(c)  # read by app.tracing for the request's spans
 
     async def _next(self) -> Event:
         try:

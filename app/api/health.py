@@ -18,9 +18,15 @@ def _status(ok: bool, detail: str) -> JSONResponse:
 
 @router.get("/health")
 async def health(service: ServiceDep) -> JSONResponse:
-    """Liveness: 200 while the model is loaded and the engine loop runs; 503 before, or if it died."""
+    """Liveness: 200 while the model is loaded and the engine loop runs; 503 before, or if it died.
+    While the demo model is built: 503 `{"status": "building", "detail", "progress": {"phase", "step",
+    "total_steps", "fraction", "elapsed_s", "eta_s"}}` (see app/demo_model.py's BuildProgress)."""
     if service.alive:
         return _status(True, "serving")
+    building = service.building
+    if building is not None:
+        body = {"status": "building", "detail": building.detail(), "progress": building.as_json()}
+        return JSONResponse(body, status_code=503)
     if service.error or (service.engine is not None and service.engine.error is not None):
         return _status(False, f"engine failed: {service.error or service.engine.error}")  # type: ignore[union-attr]
     return _status(False, "loading model")
@@ -31,7 +37,9 @@ async def ready(service: ServiceDep) -> JSONResponse:
     """Readiness: 200 only when new requests are accepted (not loading, not draining)."""
     if service.ready:
         return _status(True, "accepting requests")
-    return _status(False, "draining" if service.draining else "not ready")
+    if service.shutting_down:
+        return _status(False, "draining")
+    return _status(False, "building the demo model" if service.build is not None else "not ready")
 
 
 @router.get("/info")
@@ -46,6 +54,8 @@ async def info(service: ServiceDep) -> dict:
         "max_queue": s.max_queue,
         "max_concurrent_requests": s.max_batch_size + s.max_queue,
         "max_prefill_tokens": s.max_prefill_tokens,
+        "max_stop_sequences": s.max_stop_sequences,
+        "max_best_of": s.max_best_of,
         "ready": service.ready,
         "pid": os.getpid(),
     }
@@ -60,6 +70,7 @@ async def info(service: ServiceDep) -> dict:
             max_batch_tokens=service.engine.max_batch_tokens,
             embedding_model=service.embedder.model_id if service.embedder else None,
             embedding_dimensions=service.embedder.dimensions if service.embedder else None,
+            chat_template=bool(service.chat_template or getattr(lm.tokenizer, "chat_template", None)),
         )
     return out
 

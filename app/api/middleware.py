@@ -11,6 +11,7 @@ from starlette.requests import Request
 from starlette.routing import Match, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api import ui
 from app.api.errors import APIError, error_response
 from app.metrics import Metrics
 
@@ -18,6 +19,7 @@ access_log = logging.getLogger("textgen.access")
 
 USAGE_KEY = "textgen.usage"
 CLIENT_CLOSED = 499  # nginx's status for a client that closed the connection before the response
+REQUEST_ID_KEY = "textgen.request_id"
 _SAFE_ID = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
 
 
@@ -53,6 +55,7 @@ class Observability:
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = given if given and len(given) <= 128 and set(given) <= _SAFE_ID else uuid.uuid4().hex
         usage: dict = scope.setdefault(USAGE_KEY, {})
+        scope[REQUEST_ID_KEY] = request_id
         status = 500
         complete = disconnected = False
 
@@ -160,8 +163,8 @@ OPEN_PATHS = frozenset({"/health", "/ready", "/docs", "/docs/oauth2-redirect", "
 
 
 class APIKeyAuth:
-    """`Authorization: Bearer <key>` on every route but the probes and the docs (and /metrics,
-    unless TEXTGEN_METRICS_REQUIRE_KEY). Keys are compared in constant time."""
+    """`Authorization: Bearer <key>` on every route but the probes, the docs, the playground page
+    (GET / and /ui/) and /metrics (unless TEXTGEN_METRICS_REQUIRE_KEY). Keys are compared in constant time."""
 
     def __init__(self, app: ASGIApp, keys: list[str], metrics_require_key: bool = False) -> None:
         self.app = app
@@ -178,7 +181,12 @@ class APIKeyAuth:
         return any(matches)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] == "OPTIONS" or scope["path"] in self.open_paths:
+        if (
+            scope["type"] != "http"
+            or scope["method"] == "OPTIONS"
+            or scope["path"] in self.open_paths
+            or ui.is_open(scope["method"], scope["path"])
+        ):
             await self.app(scope, receive, send)
             return
         if self._authorized(scope):

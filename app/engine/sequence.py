@@ -7,7 +7,7 @@ import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from app.engine.detokenize import IncrementalDetokenizer
-from app.engine.types import Completion, Event, FinishReason, GenerationRequest, Token
+from app.engine.types import Completion, Event, FinishReason, GenerationRequest, Timeline, Token
 
 
 class Sequence:
@@ -27,6 +27,7 @@ class Sequence:
         self.max_total_tokens = max_total_tokens
         self.arrived = time.perf_counter()
         self.admitted = 0.0
+        self.first_token_at = 0.0
         self.last_token_at = 0.0
         self.generated: list[int] = []
         self.tokens: list[Token] = []
@@ -61,6 +62,8 @@ class Sequence:
 
     def append(self, token_id: int, logprob: float, top: list[tuple[int, float]] | None) -> Event:
         """Record one sampled token, update the text and stop state, and build its event."""
+        if not self.generated:
+            self.first_token_at = time.perf_counter()
         self.generated.append(token_id)
         if token_id in self.eos_ids and self.eos_allowed:
             self.finish_reason = "eos_token"
@@ -122,4 +125,5 @@ class Sequence:
             prefill=self.prefill,
             error=error,
             queue_time=max(0.0, self.admitted - self.arrived),
+            timeline=Timeline(self.arrived, self.admitted, self.first_token_at, time.perf_counter()),
         )

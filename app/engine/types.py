@@ -62,6 +62,17 @@ class Token:
     top: list[tuple[int, str, float]] | None = None
 
 
+@dataclass(frozen=True)
+class Timeline:
+    """When one generation reached each stage, in `time.perf_counter()` seconds; 0.0 for a stage
+    it never reached (cancelled while queued: no admission, no first token)."""
+
+    arrived: float
+    admitted: float
+    first_token: float
+    finished: float
+
+
 @dataclass
 class Completion:
     """The final state of one generation."""
@@ -75,6 +86,7 @@ class Completion:
     prefill: list[Token] | None = None
     error: str | None = None
     queue_time: float = 0.0
+    timeline: Timeline | None = None
 
 
 @dataclass

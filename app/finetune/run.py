@@ -126,9 +126,14 @@ def make_splits(config: FinetuneConfig, data: LoadedData, eval_data: LoadedData 
     return split_blocks(blocks, config.eval_split, config.seed)
 
 
-def finetune(config: FinetuneConfig, examples: Sequence[Example] | None = None) -> dict[str, Any]:
+def finetune(
+    config: FinetuneConfig,
+    examples: Sequence[Example] | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> dict[str, Any]:
     """Returns the metrics also written to OUTPUT/metrics.json. `examples` replaces reading
-    `config.data` (then only a label) for callers that build their corpus in memory."""
+    `config.data` (then only a label) for callers that build their corpus in memory; `callbacks`
+    are added to the Trainer's (e.g. to report progress)."""
     state = distributed_state()
     check_output(config)
     checkpoint_dir = checkpoints(config)
@@ -157,9 +162,9 @@ def finetune(config: FinetuneConfig, examples: Sequence[Example] | None = None) 
     state.wait_for_everyone()
 
     counter = StepCounter()
-    callbacks: list[TrainerCallback] = [counter]
+    all_callbacks: list[TrainerCallback] = [counter, *callbacks]
     if config.early_stopping_patience:
-        callbacks.append(EarlyStoppingCallback(config.early_stopping_patience))
+        all_callbacks.append(EarlyStoppingCallback(config.early_stopping_patience))
     trainer = FinetuneTrainer(
         model=prepared.model,
         args=training_arguments(config, checkpoint_dir, learning_rate(config)),
@@ -167,7 +172,7 @@ def finetune(config: FinetuneConfig, examples: Sequence[Example] | None = None) 
         eval_dataset=splits.eval,
         processing_class=prepared.tokenizer,
         data_collator=default_data_collator,  # blocks are already equal length
-        callbacks=callbacks,
+        callbacks=all_callbacks,
     )
     before = trainer.evaluate() if splits.eval else {}
     result = trainer.train(resume_from_checkpoint=resume_from)

@@ -52,7 +52,15 @@ def start(
 ) -> Server:
     port = free_port()
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("TEXTGEN_")}
-    full_env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TEXTGEN_MAX_QUEUE": "256"})
+    # No lame duck by default: tests that SIGTERM a server expect admission to stop at once.
+    full_env.update(
+        {
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "TEXTGEN_MAX_QUEUE": "256",
+            "TEXTGEN_DRAIN_DELAY": "0",
+        }
+    )
     full_env.update(env or {})
     command = [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     if model is not None:

@@ -99,7 +99,9 @@ def test_textgen_service(compose, dockerfile):
     assert any("/health" in str(part) for part in check["test"])
     assert parse_duration(check["start_period"]) >= 300
     shutdown = float(next(e.split("=", 1)[1] for e in env if e.startswith("TEXTGEN_SHUTDOWN_TIMEOUT=")))
-    assert parse_duration(svc["stop_grace_period"]) > shutdown
+    # TEXTGEN_DRAIN_DELAY (the lame duck, default 5 s) comes before the drain
+    delay = float(next((e.split("=", 1)[1] for e in env if e.startswith("TEXTGEN_DRAIN_DELAY=")), 5.0))
+    assert parse_duration(svc["stop_grace_period"]) > delay + shutdown
 
 
 def test_gpu_override_reserves_nvidia_gpus_and_builds_cuda_torch(compose_gpu):

@@ -2,13 +2,28 @@
 consistent with each other and with the image (probes, ports, user, shutdown timing, autoscaling)."""
 
 import copy
+import json
+from pathlib import Path
 
+import jsonschema
 import kubernetes_validate
 import pytest
+
+from app.metrics import Metrics
 
 from .conftest import TEXTGEN_SETTINGS, dockerfile_env
 
 K8S_VERSION = "1.30"  # oldest Kubernetes the manifests are checked against; also checked at the newest
+# Custom resources kubernetes-validate has no schema for: the Gateway API Inference Extension's.
+CRD_SCHEMAS = {
+    ("inference.networking.k8s.io/v1", "InferencePool"): Path(__file__).parent / "schemas" / "inferencepool-v1.json"
+}
+
+
+def _crd_validator(doc: dict) -> jsonschema.Draft202012Validator:
+    schema = json.loads(CRD_SCHEMAS[(doc["apiVersion"], doc["kind"])].read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
 
 
 @pytest.mark.parametrize("version", [K8S_VERSION, "latest"])
@@ -17,6 +32,10 @@ def test_manifests_match_the_kubernetes_schemas(k8s_docs, version):
         version = kubernetes_validate.latest_version()
     assert k8s_docs, "no manifests in deploy/k8s"
     for path, doc in k8s_docs:
+        if (doc["apiVersion"], doc["kind"]) in CRD_SCHEMAS:
+            errors = sorted(_crd_validator(doc).iter_errors(doc), key=lambda e: list(e.path))
+            assert not errors, f"{path.name} ({doc['kind']}): {[(list(e.path), e.message) for e in errors]}"
+            continue
         try:
             kubernetes_validate.validate(doc, version, strict=True)
         except kubernetes_validate.ValidationError as e:
@@ -36,7 +55,43 @@ def test_validator_rejects_a_broken_deployment(k8s):
 
 
 def test_expected_kinds(k8s):
-    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "ConfigMap", "Secret"} <= set(k8s)
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "ConfigMap", "Secret", "InferencePool"} <= set(k8s)
+
+
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        lambda pool: pool["spec"]["targetPorts"][0].update(number=70000),  # out of range
+        lambda pool: pool["spec"].update(targetPort=8000),  # unknown field (typo)
+        lambda pool: pool["spec"]["endpointPickerRef"].pop("port"),  # a Service reference needs a port
+        lambda pool: pool["spec"]["endpointPickerRef"].update(failureMode="Open"),  # not in the enum
+        lambda pool: pool["spec"].pop("selector"),
+    ],
+)
+def test_inference_pool_schema_rejects_broken_pools(k8s, breakage):
+    broken = copy.deepcopy(k8s["InferencePool"])
+    breakage(broken)
+    assert list(_crd_validator(broken).iter_errors(broken))
+
+
+def test_inference_pool_selects_the_pods_on_the_serving_port(k8s):
+    pool = k8s["InferencePool"]["spec"]
+    pod_labels = k8s["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert pool["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert pool["selector"]["matchLabels"] == k8s["Service"]["spec"]["selector"]
+    (port,) = pool["targetPorts"]
+    assert port["number"] == 8000 == _container(k8s)["ports"][0]["containerPort"]
+
+
+def test_the_metrics_an_endpoint_picker_reads_are_exported():
+    """The EPP's defaults are vLLM's names; textgen must export each one."""
+    exported = {family.name for family in Metrics().registry.collect()}
+    assert {
+        "vllm:num_requests_waiting",
+        "vllm:num_requests_running",
+        "vllm:kv_cache_usage_perc",
+        "vllm:lora_requests_info",
+    } <= exported
 
 
 def _container(k8s) -> dict:
@@ -96,10 +151,12 @@ def test_writable_paths_are_volumes(k8s, dockerfile):
 
 def test_grace_period_exceeds_the_shutdown_timeout(k8s):
     shutdown = float(k8s["ConfigMap"]["data"]["TEXTGEN_SHUTDOWN_TIMEOUT"])
+    # after SIGTERM: the lame duck (still admitting), then the drain
+    drain_delay = float(k8s["ConfigMap"]["data"]["TEXTGEN_DRAIN_DELAY"])
     grace = k8s["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     pre_stop = _container(k8s).get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
     # the grace period counts from the start of preStop; leave a margin for the exit itself
-    assert grace >= pre_stop + shutdown + 5
+    assert grace >= pre_stop + drain_delay + shutdown + 5
 
 
 def test_settings_are_known_textgen_variables(k8s):

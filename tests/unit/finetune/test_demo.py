@@ -1,5 +1,6 @@
 """The offline demo model's build: same code path as the tool, written atomically."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,10 @@ def test_demo_corpus_is_prose() -> None:
 
 @pytest.mark.slow
 def test_build_writes_a_complete_model_or_nothing(tmp_path: Path) -> None:
-    output = build_demo_model(tmp_path / "demo", max_steps=2)
+    progress = tmp_path.parent / f"{tmp_path.name}-progress.json"
+    output = build_demo_model(tmp_path / "demo", max_steps=2, progress=progress)
+    assert json.loads(progress.read_text())["phase"] == "saving"
+    assert json.loads(progress.read_text())["step"] == json.loads(progress.read_text())["total_steps"] == 2
     tok = AutoTokenizer.from_pretrained(output)
     eos = tok.convert_tokens_to_ids("<|endoftext|>")
     assert tok.eos_token_id == tok.bos_token_id == eos
