@@ -7,6 +7,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.api.content_type import ORIGINAL_KEY
 from app.engine.types import EngineUnavailableError, QueueFullError
 
 log = logging.getLogger("textgen")
@@ -86,6 +87,12 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _describe_validation(exc)
+        if any(e.get("type") == "json_invalid" for e in exc.errors()):
+            sent = request.scope.get(ORIGINAL_KEY)
+            was = f" (Content-Type was {sent})" if sent else ""
+            message = (
+                f"the body is not valid JSON{was}: send a JSON body with `Content-Type: application/json`. {message}"
+            )
         return error_response(request, validation(message, param))
 
     @app.exception_handler(Exception)

@@ -24,7 +24,6 @@ from app.engine.types import (
     Event,
     GenerationRequest,
     QueueFullError,
-    Token,
 )
 from app.metrics import Metrics
 
@@ -285,19 +284,25 @@ class Engine:
             self._batch.extend(joined)
 
     def _record_prefill(self, batch: Batch, logits: torch.Tensor) -> None:
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        """Prompt logprobs (and top candidates) for the sequences that asked for them."""
         width = logits.shape[1]
         for row, seq in enumerate(batch.seqs):
             if not seq.request.prefill_details:
                 continue
             ids = seq.request.prompt_ids
-            offset = width - len(ids)
-            tokens = [Token(ids[0], self.tokenizer.decode([ids[0]]), float("nan"), ids[0] in self.special_ids)]
-            for i in range(1, len(ids)):
-                lp = float(logprobs[row, offset + i - 1, ids[i]])
-                special = ids[i] in self.special_ids
-                tokens.append(Token(ids[i], self.tokenizer.decode([ids[i]]), lp, special))
-            seq.prefill = tokens
+            start = width - len(ids)  # rows are left-padded; position p predicts token p + 1
+            rows = torch.log_softmax(logits[row, start : width - 1].float(), dim=-1)
+            target = torch.tensor(ids[1:], device=rows.device)[:, None]
+            chosen = rows.gather(1, target)[:, 0].clamp(min=-1e4).tolist()
+            k = seq.request.sampling.top_logprobs
+            top = None
+            if k > 0 and len(ids) > 1:
+                values, top_ids = rows.topk(k, dim=-1)
+                top = [
+                    list(zip(i, v, strict=True))
+                    for i, v in zip(top_ids.tolist(), values.clamp(min=-1e4).tolist(), strict=True)
+                ]
+            seq.set_prefill(chosen, top)
 
     def _decode(self, batch: Batch) -> None:
         logits = batch.decode(self.model)
@@ -306,7 +311,7 @@ class Engine:
 
     def _advance(self, batch: Batch, logits: torch.Tensor) -> list[int]:
         """Choose and emit each row's next token; return the rows that go on."""
-        choices = choose(logits, batch.seqs, sorted(self.eos_ids))
+        choices = choose(logits, batch.seqs)
         now = time.perf_counter()
         keep: list[int] = []
         for row, (seq, choice) in enumerate(zip(batch.seqs, choices, strict=True)):

@@ -1,6 +1,9 @@
 """Stop conditions and text bookkeeping of one sequence, driven with real token ids."""
 
+from pathlib import Path
+
 import torch
+from transformers import AutoTokenizer
 
 from app.engine.loader import LoadedModel
 from app.engine.sequence import Sequence
@@ -61,4 +64,59 @@ def test_eos_and_length(tiny_lm: LoadedModel) -> None:
 
     seq = make(tiny_lm, "x", StoppingParams(3))
     feed(seq, " the value of the attribute is")
+    assert seq.finish_reason == "length" and len(seq.generated) == 3
+
+
+def _seq(tok: object, stopping: StoppingParams, eos: int) -> Sequence:
+    request = GenerationRequest(tok("Hi")["input_ids"], SamplingParams(), stopping, lambda e: None)  # type: ignore[operator]
+    specials = frozenset(tok.all_special_ids)  # type: ignore[attr-defined]
+    return Sequence(request, tok, frozenset([eos]), specials, 256, torch.device("cpu"))  # type: ignore[arg-type]
+
+
+def _run(seq: Sequence, ids: list[int]) -> tuple[list[str], list[str]]:
+    """Feed ids; return the event texts and the texts of the tokens released with them."""
+    chunks, released = [], []
+    for i in ids:
+        event = seq.append(i, -1.0, None)
+        assert event.text == "".join(t.text for t in event.tokens)  # a chunk's text is its tokens' texts
+        chunks.append(event.text)
+        released += [t.text for t in event.tokens]
+        if seq.finished:
+            break
+    return chunks, released
+
+
+def test_stop_string_matches_special_token_text(gpt2_tokenizer_dir: Path) -> None:
+    """Class 4: `<|im_end|>` is an added special token that is not EOS."""
+    tok = AutoTokenizer.from_pretrained(gpt2_tokenizer_dir)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    ids = tok("Hello there<|im_end|> more text", add_special_tokens=False)["input_ids"]
+    for include in (False, True):
+        seq = _seq(tok, StoppingParams(50, stop=("<|im_end|>",), include_stop=include), tok.eos_token_id)
+        chunks, released = _run(seq, ids)
+        assert seq.finish_reason == "stop_sequence"
+        # The returned text keeps today's rule: special tokens' text is not in it.
+        assert seq.text == "Hello there" == "".join(chunks) == "".join(released)
+        assert [t.text for t in seq.tokens] == released
+
+
+def test_stop_kept_on_tgi_and_cut_on_openai(gpt2_tokenizer_dir: Path) -> None:
+    """Class 5: TGI keeps the stop sequence, OpenAI cuts before it; token texts are cut alike."""
+    tok = AutoTokenizer.from_pretrained(gpt2_tokenizer_dir)
+    ids = tok(" a girl named Lily who liked", add_special_tokens=False)["input_ids"]
+    for include, expected in ((True, " a girl named Lil"), (False, " a girl named ")):
+        seq = _seq(tok, StoppingParams(50, stop=("Lil",), include_stop=include), tok.eos_token_id)
+        chunks, released = _run(seq, ids)
+        assert seq.finish_reason == "stop_sequence"
+        assert seq.text == expected == "".join(chunks) == "".join(released) == "".join(t.text for t in seq.tokens)
+
+
+def test_stop_token_ids_and_ignore_eos(gpt2_tokenizer_dir: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(gpt2_tokenizer_dir)
+    ids = tok(" one two three four", add_special_tokens=False)["input_ids"]
+    seq = _seq(tok, StoppingParams(50, stop_token_ids=(ids[2],)), tok.eos_token_id)
+    _run(seq, ids)
+    assert seq.finish_reason == "stop_sequence" and seq.text == " one two three"  # vLLM keeps a non-special one
+    seq = _seq(tok, StoppingParams(3, ignore_eos=True), tok.eos_token_id)
+    _run(seq, [tok.eos_token_id, *ids])
     assert seq.finish_reason == "length" and len(seq.generated) == 3
