@@ -137,6 +137,7 @@ class TokenRenderer:
             self.ids.pop(0)
         self.read = len(self.ids)
         self.pending_bytes = b""
+        self._prefix: tuple[object, str] = (None, "")
         # A context that ends inside a character leaves its last ids pending.
         while (
             self.read > 0
@@ -162,7 +163,10 @@ class TokenRenderer:
         if token_id in self.skipped:
             return Piece("", b"", True, True)
         start = self._window_start(self.read - _WINDOW)
-        prefix = self._decode(self.ids[start : self.read])
+        key = (start, self.read, tuple(self.ids[start : self.read]))
+        if self._prefix[0] != key:  # candidates at one position share the decoded context
+            self._prefix = (key, self._decode(self.ids[start : self.read]))
+        prefix = self._prefix[1]
         full = self._decode([*self.ids[start:], token_id])
         pending = len(self.ids) - self.read + 1
         if not final and full.endswith(_REPLACEMENT) and pending < _MAX_PENDING:
