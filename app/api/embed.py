@@ -40,8 +40,10 @@ def tokenize_inputs(service: Service, texts: list[str], truncate: bool, openai: 
     return out
 
 
-def check_batch(service: Service, count: int) -> None:
+def check_batch(service: Service, count: int, openai: bool = False) -> None:
     limit = service.settings.max_embed_batch
+    if count > limit and openai:
+        raise validation(f"`input` has {count} items; at most {limit} are allowed (TEXTGEN_MAX_EMBED_BATCH)", "input")
     if count > limit:
         raise APIError(
             413, f"batch size {count} > maximum allowed batch size {limit} (TEXTGEN_MAX_EMBED_BATCH)", "validation"

@@ -34,7 +34,7 @@ def from_engine(exc: Exception) -> APIError:
     return APIError(500, str(exc), "generation")
 
 
-_OPENAI_TYPES = {
+OPENAI_TYPES = {
     "validation": "invalid_request_error",
     "overloaded": "rate_limit_exceeded",
     "unavailable": "service_unavailable",
@@ -58,7 +58,7 @@ def error_response(request: Request, err: APIError, headers: dict[str, str] | No
         body = {
             "error": {
                 "message": err.message,
-                "type": _OPENAI_TYPES.get(err.error_type, err.error_type),
+                "type": OPENAI_TYPES.get(err.error_type, err.error_type),
                 "param": err.param,
                 "code": code,
             }

@@ -3,7 +3,7 @@
 import asyncio
 from collections.abc import AsyncIterator, Callable
 
-from app.api.errors import APIError, validation
+from app.api.errors import OPENAI_TYPES, APIError, validation
 from app.api.generation import (
     Context,
     Generation,
@@ -178,7 +178,8 @@ SSE_DONE = "data: [DONE]\n\n"
 
 
 def sse_error(exc: APIError) -> str:
-    return sse_json({"error": {"message": exc.message, "type": exc.error_type, "param": None, "code": None}})
+    kind = OPENAI_TYPES.get(exc.error_type, exc.error_type)
+    return sse_json({"error": {"message": exc.message, "type": kind, "param": exc.param, "code": None}})
 
 
 async def stream_choices(

@@ -46,10 +46,10 @@ async def embeddings(body: EmbeddingRequest, engine: EngineDep, service: Service
     elif raw and isinstance(raw[0], int):
         ids = _token_inputs(service, [raw])  # type: ignore[list-item]
     elif raw and isinstance(raw[0], str):
-        check_batch(service, len(raw))
+        check_batch(service, len(raw), openai=True)
         ids = tokenize_inputs(service, list(raw), truncate=False, openai=True)  # type: ignore[arg-type]
     else:
-        check_batch(service, len(raw))
+        check_batch(service, len(raw), openai=True)
         ids = _token_inputs(service, list(raw))  # type: ignore[arg-type]
     vectors = await embed_ids(engine, ids, normalize=True)
     data = []
