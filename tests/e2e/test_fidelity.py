@@ -301,3 +301,23 @@ def test_class8_smaller_ones(gpt2: Server) -> None:
     # /detokenize can keep special tokens.
     out = httpx.post(f"{url}/detokenize", json={"tokens": [40, 50256], "skip_special_tokens": False}).json()
     assert out["text"].endswith("<|endoftext|>")
+
+
+def test_class3_chat_stream_carries_the_same_logprobs(gpt2: Server) -> None:
+    body = {
+        "model": model_of(gpt2),
+        "messages": [{"role": "user", "content": "Hi"}],
+        "logprobs": True,
+        "top_logprobs": 2,
+        "stop": ["😀<|im"],  # matched against the text with special tokens kept
+    }
+    whole = httpx.post(f"{gpt2.url}/v1/chat/completions", json=body, timeout=60).json()["choices"][0]
+    with httpx.stream("POST", f"{gpt2.url}/v1/chat/completions", json={**body, "stream": True}, timeout=60) as r:
+        chunks = [c["choices"][0] for c in events(r) if c["choices"]]
+    text = "".join(c["delta"].get("content", "") for c in chunks)
+    content = [e for c in chunks if c["logprobs"] for e in c["logprobs"]["content"]]
+    for c in chunks:  # a chunk's content is its logprob entries' tokens
+        entries = c["logprobs"]["content"] if c["logprobs"] else []
+        assert c["delta"].get("content", "") == "".join(e["token"] for e in entries)
+    assert text == whole["message"]["content"] == " 你好 "
+    assert content == whole["logprobs"]["content"]

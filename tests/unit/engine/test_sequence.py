@@ -2,7 +2,10 @@
 
 from pathlib import Path
 
+import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from app.engine.loader import LoadedModel
@@ -120,3 +123,36 @@ def test_stop_token_ids_and_ignore_eos(gpt2_tokenizer_dir: Path) -> None:
     seq = _seq(tok, StoppingParams(3, ignore_eos=True), tok.eos_token_id)
     _run(seq, [tok.eos_token_id, *ids])
     assert seq.finish_reason == "length" and len(seq.generated) == 3
+
+
+PARTS = st.sampled_from([" the", " Lily", "你", "好", "😀", "é", "\n", "!", "<|im_end|>", " big dog", "ab"])
+
+
+@pytest.fixture(scope="module", params=["gpt2", "stories260k"])
+def family(request: pytest.FixtureRequest) -> object:
+    tok = AutoTokenizer.from_pretrained(
+        request.getfixturevalue(f"{request.param.replace('gpt2', 'gpt2_tokenizer')}_dir")
+    )
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    return tok
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(parts=st.lists(PARTS, min_size=1, max_size=10), data=st.data(), include=st.booleans())
+def test_property_stops_keep_tokens_and_text_in_step(
+    family: object, parts: list[str], data: st.DataObject, include: bool
+) -> None:
+    tok = family
+    ids = tok("".join(parts), add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+    plain = _seq(tok, StoppingParams(50), -1)
+    _run(plain, ids)
+    stop = data.draw(st.sampled_from(["<|im_end|>", "Lily", "好😀", " big", "zz"]))
+    seq = _seq(tok, StoppingParams(50, stop=(stop,), include_stop=include), -1)
+    chunks, released = _run(seq, ids)
+    # Streamed chunks, released tokens and the final tokens all join to the returned text.
+    assert "".join(chunks) == "".join(released) == "".join(t.text for t in seq.tokens) == seq.text
+    assert plain.text.startswith(seq.text)
+    if seq.finish_reason == "stop_sequence" and "<" not in stop:
+        assert seq.text.endswith(stop) if include else stop not in seq.text
+    if stop not in "".join(parts):
+        assert seq.text == plain.text
