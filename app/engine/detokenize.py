@@ -63,8 +63,8 @@ class _TokenizerInfo:
         self.added = {i: t.content for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()}
         decoder = ""
         backend = getattr(tokenizer, "backend_tokenizer", None)
-        if backend is not None:
-            decoder = json.dumps(json.loads(backend.to_str()).get("decoder"))
+        if backend is not None and backend.decoder is not None:
+            decoder = json.dumps(json.loads(backend.decoder.__getstate__()))  # the decoder's own JSON
         self.byte_level = '"ByteLevel"' in decoder
         self.byte_fallback = '"ByteFallback"' in decoder
         self.byte_decoder = _byte_decoder() if self.byte_level else {}
