@@ -11,6 +11,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from app import __version__
 from app.api import embed, errors, generate, health, openai, tokenize, ui
+from app.api.content_type import JSONBody
 from app.api.middleware import APIKeyAuth, BodyLimit, Observability
 from app.config import Settings
 from app.engine.loader import ModelLoadError
@@ -63,6 +64,7 @@ def create_app(
     keys = service.settings.api_keys()
     if keys:
         app.add_middleware(APIKeyAuth, keys=keys, metrics_require_key=service.settings.metrics_require_key)
+    app.add_middleware(JSONBody)
     app.add_middleware(BodyLimit, max_bytes=service.settings.max_body_bytes)
     origins = service.settings.cors_origin_list()
     if origins:

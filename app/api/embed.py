@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import EngineDep, ServiceDep
-from app.api.errors import APIError, from_engine
+from app.api.errors import APIError, from_engine, validation
 from app.api.schemas import EmbedRequest, ErrorBody
 from app.engine.scheduler import Engine
 from app.engine.types import EmbedRequest as EngineEmbedRequest
@@ -16,14 +16,17 @@ from app.service import Service
 router = APIRouter(tags=["embeddings (TEI)"])
 
 
-def tokenize_inputs(service: Service, texts: list[str], truncate: bool) -> list[list[int]]:
-    """Token ids per input; too-long inputs are cut when `truncate`, else rejected with 413."""
+def tokenize_inputs(service: Service, texts: list[str], truncate: bool, openai: bool = False) -> list[list[int]]:
+    """Token ids per input; too-long inputs are cut when `truncate`, else rejected: 413 (TEI),
+    or 400 naming `input` on the OpenAI route (`openai`)."""
     assert service.embedder is not None
     limit = service.embedder.max_tokens
     out = []
     for i, text in enumerate(texts):
         ids = service.embedder.tokenize(text)
         if len(ids) > limit:
+            if openai:
+                raise validation(f"`input` {i} has {len(ids)} tokens; the model's limit is {limit}", "input")
             if not truncate:
                 raise APIError(
                     413,
@@ -38,8 +41,10 @@ def tokenize_inputs(service: Service, texts: list[str], truncate: bool) -> list[
     return out
 
 
-def check_batch(service: Service, count: int) -> None:
+def check_batch(service: Service, count: int, openai: bool = False) -> None:
     limit = service.settings.max_embed_batch
+    if count > limit and openai:
+        raise validation(f"`input` has {count} items; at most {limit} are allowed (TEXTGEN_MAX_EMBED_BATCH)", "input")
     if count > limit:
         raise APIError(
             413, f"batch size {count} > maximum allowed batch size {limit} (TEXTGEN_MAX_EMBED_BATCH)", "validation"

@@ -7,6 +7,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.api.content_type import ORIGINAL_KEY
 from app.engine.admission import RequestTooLargeError
 from app.engine.types import EngineUnavailableError, QueueFullError
 
@@ -36,7 +37,7 @@ def from_engine(exc: Exception) -> APIError:
     return APIError(500, str(exc), "generation")
 
 
-_OPENAI_TYPES = {
+OPENAI_TYPES = {
     "validation": "invalid_request_error",
     "overloaded": "rate_limit_exceeded",
     "unavailable": "service_unavailable",
@@ -60,7 +61,7 @@ def error_response(request: Request, err: APIError, headers: dict[str, str] | No
         body = {
             "error": {
                 "message": err.message,
-                "type": _OPENAI_TYPES.get(err.error_type, err.error_type),
+                "type": OPENAI_TYPES.get(err.error_type, err.error_type),
                 "param": err.param,
                 "code": code,
             }
@@ -89,6 +90,12 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _describe_validation(exc)
+        if any(e.get("type") == "json_invalid" for e in exc.errors()):
+            sent = request.scope.get(ORIGINAL_KEY)
+            was = f" (Content-Type was {sent})" if sent else ""
+            message = (
+                f"the body is not valid JSON{was}: send a JSON body with `Content-Type: application/json`. {message}"
+            )
         return error_response(request, validation(message, param))
 
     @app.exception_handler(Exception)

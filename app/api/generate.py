@@ -12,6 +12,7 @@ from app.api.generation import (
     Context,
     ContextDep,
     Generation,
+    check_refused,
     check_stop,
     resolve_max_new_tokens,
     run_to_completion,
@@ -69,6 +70,7 @@ async def start_generation(ctx: Context, body: GenerateRequest) -> Generation:
     ctx.usage["prompt"] = body.inputs
     if p.watermark:
         raise validation("`watermark` is not supported by this server", "parameters.watermark")
+    check_refused(p, "parameters.")
     assert service.loaded is not None
     # Tokenizing a large prompt takes seconds: off the event loop, so /health and streams go on.
     ids = await run_in_threadpool(tokenize_prompt, service, body.inputs, p.truncate)
@@ -80,7 +82,8 @@ async def start_generation(ctx: Context, body: GenerateRequest) -> Generation:
         raise validation(
             f"`min_new_tokens` ({min_new}) must be <= `max_new_tokens` ({max_new})", "parameters.min_new_tokens"
         )
-    stopping = StoppingParams(max_new, min_new, check_stop(service, p.stop))
+    # As TGI does, the matched stop sequence stays in generated_text (and in the stream).
+    stopping = StoppingParams(max_new, min_new, check_stop(service, p.stop), include_stop=True)
     return Generation(ctx, ids, sampling_params(p), stopping, prefill_details=p.decoder_input_details)
 
 
@@ -95,7 +98,7 @@ def token_out(t: Token) -> TokenOut:
 def _top_tokens(t: Token) -> list[TokenOut] | None:
     if t.top is None:
         return None
-    return [TokenOut(id=i, text=text, logprob=lp, special=False) for i, text, lp in t.top]
+    return [token_out(c) for c in t.top]
 
 
 def generate_response(body: GenerateRequest, c: Completion) -> JSONResponse:
@@ -128,21 +131,25 @@ async def stream_events(body: GenerateRequest, generation: Generation) -> AsyncI
     index = 0
     try:
         async for event in generation.events():
-            if event.token is None:
-                continue
-            index += 1
-            out = StreamEvent(index=index, token=token_out(event.token), top_tokens=_top_tokens(event.token))
-            c = event.completion
-            if c is not None:
-                out.generated_text = body.inputs + c.text if body.parameters.return_full_text else c.text
-                out.details = StreamDetails(
-                    finish_reason=c.finish_reason,  # type: ignore[arg-type]
-                    generated_tokens=c.generated_tokens,
-                    seed=c.seed,
-                )
-            yield sse_json(out.model_dump())
+            for k, token in enumerate(event.tokens):
+                index += 1
+                out = StreamEvent(index=index, token=token_out(token), top_tokens=_top_tokens(token))
+                if k == len(event.tokens) - 1:
+                    _finish(body, out, event.completion)
+                yield sse_json(out.model_dump())
     except APIError as exc:
         yield sse_json({"error": exc.message, "error_type": exc.error_type})
+
+
+def _finish(body: GenerateRequest, out: StreamEvent, c: Completion | None) -> None:
+    """The last event of a stream carries generated_text (the streamed texts joined) and details."""
+    if c is not None:
+        out.generated_text = body.inputs + c.text if body.parameters.return_full_text else c.text
+        out.details = StreamDetails(
+            finish_reason=c.finish_reason,  # type: ignore[arg-type]
+            generated_tokens=c.generated_tokens,
+            seed=c.seed,
+        )
 
 
 async def streaming_response(body: GenerateRequest, ctx: Context) -> StreamingResponse:

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
+from pydantic import BaseModel
 
 from app.api.deps import EngineDep, ServiceDep
 from app.api.errors import APIError, from_engine, validation
 from app.api.middleware import USAGE_KEY
+from app.api.schemas import refused_fields
 from app.engine.loader import Limits
 from app.engine.scheduler import Engine
 from app.engine.types import (
@@ -44,26 +46,43 @@ def tokenize_prompt(service: Service, text: str, truncate: int | None = None) ->
 
 
 def resolve_max_new_tokens(
-    limits: Limits, prompt_len: int, requested: int | None, default: int, field: str = "max_new_tokens"
+    limits: Limits,
+    prompt_len: int,
+    requested: int | None,
+    default: int,
+    field: str = "max_new_tokens",
+    prompt_field: str = "inputs",
 ) -> int:
+    """The number of tokens to generate; errors name the route's own fields (`prompt_field`)."""
     if prompt_len == 0:
-        raise validation("`inputs` must not be empty (it tokenized to zero tokens)", "inputs")
+        raise validation(f"`{prompt_field}` must not be empty (it tokenized to zero tokens)", prompt_field)
     if prompt_len > limits.max_input_tokens:
         raise validation(
-            f"`inputs` must have at most {limits.max_input_tokens} tokens (TEXTGEN_MAX_INPUT_TOKENS). "
+            f"`{prompt_field}` must have at most {limits.max_input_tokens} tokens (TEXTGEN_MAX_INPUT_TOKENS). "
             f"Given: {prompt_len}",
-            "inputs",
+            prompt_field,
         )
     room = limits.max_total_tokens - prompt_len
     if requested is None:
         return min(default, room)
     if requested > room:
         raise validation(
-            f"`inputs` tokens + `{field}` must be <= {limits.max_total_tokens} (TEXTGEN_MAX_TOTAL_TOKENS). "
-            f"Given: {prompt_len} `inputs` tokens and {requested} `{field}`",
+            f"`{prompt_field}` tokens + `{field}` must be <= {limits.max_total_tokens} (TEXTGEN_MAX_TOTAL_TOKENS). "
+            f"Given: {prompt_len} `{prompt_field}` tokens and {requested} `{field}`",
             field,
         )
     return requested
+
+
+def check_refused(body: BaseModel, prefix: str = "") -> None:
+    """Refuse known fields this server does not implement (see app/api/schemas.Refused)."""
+    names = refused_fields(body, prefix)
+    if names:
+        raise validation(
+            f"`{names[0]}` is not supported by this server; omit it or send null"
+            + (f" (also refused: {', '.join(names[1:])})" if len(names) > 1 else ""),
+            names[0],
+        )
 
 
 def check_stop(service: Service, stop: list[str]) -> tuple[str, ...]:

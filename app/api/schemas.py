@@ -4,6 +4,8 @@ Unknown fields are ignored, as TGI does: clients such as huggingface_hub send ev
 they know about, many as null.
 """
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -23,6 +25,26 @@ class RequestModel(BaseModel):
         # JSON can carry unpaired surrogates ("\\ud800") that no tokenizer or UTF-8 response takes.
         _check_unicode(value)
         return value
+
+
+@dataclass(frozen=True)
+class Refused:
+    """Marks a known field textgen does not implement (`Annotated[Any, Refused(...)] = None`):
+    null, or a value `accepts` takes (the field's default), passes; anything else is refused
+    with an error naming the field (README, "Refused fields")."""
+
+    accepts: Callable[[Any], bool] = lambda value: False
+
+
+def refused_fields(body: BaseModel, prefix: str = "") -> list[str]:
+    """Names of the refused fields that `body` sets to something other than null or default."""
+    out = []
+    for name, info in type(body).model_fields.items():
+        for mark in info.metadata:
+            value = getattr(body, name)
+            if isinstance(mark, Refused) and value is not None and not mark.accepts(value):
+                out.append(prefix + name)
+    return out
 
 
 def _check_unicode(value: Any) -> None:
@@ -61,6 +83,8 @@ class GenerateParameters(RequestModel):
     truncate: int | None = Field(None, ge=1, description="Keep only the last `truncate` prompt tokens.")
     watermark: bool = Field(False, description="Not supported; must be false.")
     best_of: int | None = Field(None, ge=1, le=1, description="Only 1 is supported.")
+    grammar: Annotated[Any, Refused()] = Field(None, description="Not supported yet; must be null.")
+    adapter_id: Annotated[Any, Refused()] = Field(None, description="Not supported yet; must be null.")
 
     model_config = ConfigDict(
         json_schema_extra={"examples": [{"max_new_tokens": 20, "do_sample": True, "temperature": 0.8, "seed": 1}]},

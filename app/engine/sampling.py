@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from transformers import (
     LogitsProcessorList,
+    MinPLogitsWarper,
+    SequenceBiasLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -40,7 +42,17 @@ def _warpers(params: SamplingParams) -> LogitsProcessorList:
         warpers.append(TopPLogitsWarper(params.top_p))
     if params.typical_p is not None and params.typical_p < 1.0:
         warpers.append(TypicalLogitsWarper(params.typical_p))
+    if params.min_p is not None and params.min_p > 0.0:
+        warpers.append(MinPLogitsWarper(params.min_p))
     return warpers
+
+
+def _apply_logit_bias(scores: torch.Tensor, seq: Sequence) -> None:
+    """OpenAI's `logit_bias`: added to the raw logits, before penalties and warpers."""
+    bias = [[[token_id], value] for token_id, value in seq.request.sampling.logit_bias]
+    processor = SequenceBiasLogitsProcessor(sequence_bias=bias)
+    ids = torch.tensor([seq.all_ids()], device=scores.device)
+    scores.copy_(processor(ids, scores[None])[0])
 
 
 def _apply_penalties(scores: torch.Tensor, seq: Sequence) -> None:
@@ -57,14 +69,18 @@ def _apply_penalties(scores: torch.Tensor, seq: Sequence) -> None:
         scores -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(scores.dtype)
 
 
-def choose(logits: torch.Tensor, seqs: Seq[Sequence], eos_ids: list[int]) -> list[Choice]:
-    """`logits` is [batch, vocab] for the last position of each row of `seqs`."""
+def choose(logits: torch.Tensor, seqs: Seq[Sequence]) -> list[Choice]:
+    """`logits` is [batch, vocab] for the last position of each row of `seqs`. Each row's
+    `top` holds its `top_logprobs` most likely ids with their log-probabilities."""
     scores = logits.float()
     for row, seq in enumerate(seqs):
+        if seq.request.sampling.logit_bias:
+            _apply_logit_bias(scores[row], seq)
         if seq.request.sampling.has_penalties:
             _apply_penalties(scores[row], seq)
-        if eos_ids and not seq.eos_allowed:
-            scores[row, eos_ids] = float("-inf")
+        suppressed = seq.suppressed_ids
+        if suppressed:
+            scores[row, suppressed] = float("-inf")
 
     groups: dict[tuple, list[int]] = defaultdict(list)
     for row, seq in enumerate(seqs):

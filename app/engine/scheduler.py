@@ -34,7 +34,6 @@ from app.engine.types import (
     Event,
     GenerationRequest,
     QueueFullError,
-    Token,
 )
 from app.metrics import Metrics
 
@@ -343,27 +342,31 @@ class Engine:
             torch.cuda.empty_cache()
 
     def _record_prefill(self, batch: Batch, logits: torch.Tensor) -> dict[int, str]:
-        """Fill `prefill` (prompt tokens and their logprobs) of the rows that asked; return the
-        rows whose prompt could not be decoded, with the error."""
+        """Prompt logprobs (and top candidates) for the sequences that asked for them; return the
+        rows whose prompt tokens could not be rendered, with the error (those requests fail alone)."""
         failed: dict[int, str] = {}
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
         width = logits.shape[1]
         for row, seq in enumerate(batch.seqs):
             if not seq.request.prefill_details:
                 continue
             ids = seq.request.prompt_ids
-            offset = width - len(ids)
             try:
-                tokens = [Token(ids[0], self.tokenizer.decode([ids[0]]), float("nan"), ids[0] in self.special_ids)]
-                for i in range(1, len(ids)):
-                    lp = float(logprobs[row, offset + i - 1, ids[i]])
-                    special = ids[i] in self.special_ids
-                    tokens.append(Token(ids[i], self.tokenizer.decode([ids[i]]), lp, special))
+                start = width - len(ids)  # rows are left-padded; position p predicts token p + 1
+                rows = torch.log_softmax(logits[row, start : width - 1].float(), dim=-1)
+                target = torch.tensor(ids[1:], device=rows.device)[:, None]
+                chosen = rows.gather(1, target)[:, 0].clamp(min=-1e4).tolist()
+                k = seq.request.sampling.top_logprobs
+                top = None
+                if k > 0 and len(ids) > 1:
+                    values, top_ids = rows.topk(k, dim=-1)
+                    top = [
+                        list(zip(i, v, strict=True))
+                        for i, v in zip(top_ids.tolist(), values.clamp(min=-1e4).tolist(), strict=True)
+                    ]
+                seq.set_prefill(chosen, top)
             except Exception as exc:  # a tokenizer failure on this prompt: this request only
-                log.warning("request failed while decoding its prompt tokens: %s", exc)
+                log.warning("request failed while rendering its prompt tokens: %s", exc)
                 failed[row] = f"the prompt's tokens could not be decoded ({type(exc).__name__}: {exc})"
-                continue
-            seq.prefill = tokens
         return failed
 
     def _decode(self, batch: Batch) -> None:
@@ -386,15 +389,14 @@ class Engine:
         One batched call normally; if it raises, row by row, so only the culprit fails. Each row
         is computed from its own logits, settings and generator, so the healthy rows get the
         same tokens either way."""
-        eos = sorted(self.eos_ids)
         try:
-            return list(choose(logits, seqs, eos))
+            return list(choose(logits, seqs))
         except Exception:
             pass
         out: list[Choice | str] = []
         for row, seq in enumerate(seqs):
             try:
-                out.append(choose(logits[row : row + 1], [seq], eos)[0])
+                out.append(choose(logits[row : row + 1], [seq])[0])
             except Exception as exc:
                 log.warning("sampling failed for one request: %s", exc)
                 out.append(f"sampling failed for this request ({type(exc).__name__}: {exc})")

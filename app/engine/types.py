@@ -31,11 +31,13 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     seed: int | None = None
     top_logprobs: int = 0
+    min_p: float | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     @property
-    def warper_key(self) -> tuple[float, int | None, float | None, float | None]:
+    def warper_key(self) -> tuple[float, int | None, float | None, float | None, float | None]:
         """Rows with equal keys share one pass through the library's logits warpers."""
-        return (self.temperature, self.top_k, self.top_p, self.typical_p)
+        return (self.temperature, self.top_k, self.top_p, self.typical_p, self.min_p)
 
     @property
     def has_penalties(self) -> bool:
@@ -48,18 +50,32 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class StoppingParams:
+    """`stop` strings are matched against the output text with special tokens' own text kept.
+    `include_stop` keeps the matched stop string in the returned text (TGI) instead of cutting
+    before it (OpenAI). `stop_token_ids` end generation like EOS (vLLM); `ignore_eos` lets it
+    run past EOS."""
+
     max_new_tokens: int
     min_new_tokens: int = 0
     stop: tuple[str, ...] = ()
+    include_stop: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
 
 
 @dataclass
 class Token:
+    """One token rendered in context (app/engine/detokenize.py): `text` is what it adds to the
+    returned text, `raw` its own UTF-8 bytes there, `top` the most likely candidates at its
+    position, each rendered as if it had been chosen there. `logprob` is NaN for a prompt's
+    first token."""
+
     id: int
     text: str
     logprob: float
     special: bool
-    top: list[tuple[int, str, float]] | None = None
+    top: "list[Token] | None" = None
+    raw: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -91,12 +107,16 @@ class Completion:
 
 @dataclass
 class Event:
-    """One step's output for one request. `text` is the part of the output that is now final
-    (held back while it could still turn into a stop string); `completion` is set on the last."""
+    """One step's output for one request. `token` is the token generated in this step; `tokens`
+    are the tokens whose text is now final (held back while they could still turn into a stop
+    string) and `text` is their joined text. `prefill` (prompt tokens, when asked for) comes with
+    the first event; `completion` is set on the last."""
 
     token: Token | None
     text: str
     completion: Completion | None = None
+    tokens: list[Token] = field(default_factory=list)
+    prefill: list[Token] | None = None
 
 
 @dataclass

@@ -35,7 +35,12 @@ def test_stream_with_stop(client: httpx.Client) -> None:
     stop = plain["generated_text"][5:8]
     evs = stream(client, "The list", max_new_tokens=12, stop=[stop])
     assert evs[-1]["details"]["finish_reason"] == "stop_sequence"
-    assert evs[-1]["generated_text"] == plain["generated_text"][: plain["generated_text"].index(stop)]
+    # Class 5: as in TGI, the stop sequence stays in generated_text, so the stream and the
+    # final text agree.
+    expected = plain["generated_text"][: plain["generated_text"].index(stop) + len(stop)]
+    assert evs[-1]["generated_text"] == expected == "".join(e["token"]["text"] for e in evs)
+    final = client.post("/generate", json={"inputs": "The list", "parameters": {"max_new_tokens": 12, "stop": [stop]}})
+    assert final.json()["generated_text"] == expected
 
 
 def test_stream_validation_error_is_422_before_stream(client: httpx.Client) -> None:

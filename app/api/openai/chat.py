@@ -8,8 +8,9 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.api.errors import APIError
-from app.api.generation import ContextDep, Generation, run_to_completion
+from app.api.generation import ContextDep, Generation, check_refused, run_to_completion
 from app.api.openai.common import FINISH, SSE_RESPONSES, check_model, start_choices, stream_choices
+from app.api.openai.logprobs import chat_logprobs
 from app.api.openai.protocol import (
     ChatChoice,
     ChatMessage,
@@ -19,19 +20,39 @@ from app.api.openai.protocol import (
     new_id,
     now,
 )
-from app.engine.types import Event, Token
+from app.engine.types import Event
 from app.service import Service
 
 router = APIRouter(tags=["OpenAI"])
 
 
-def _content(message: ChatMessage) -> str:
-    if isinstance(message.content, list):  # content parts: keep the text ones
-        return "".join(part.get("text", "") for part in message.content if part.get("type") == "text")
-    return message.content or ""
+def _content(message: ChatMessage, index: int) -> str | None:
+    """A message's text. Content parts must all be text: this server runs text-only models."""
+    if not isinstance(message.content, list):
+        return message.content
+    texts = []
+    for k, part in enumerate(message.content):
+        kind = part.get("type")
+        if kind != "text":
+            what = f"type {kind!r}" if kind is not None else "no `type`"
+            raise APIError(
+                400,
+                f"messages[{index}].content[{k}] has {what}; this model takes text parts only (type 'text')",
+                "validation",
+                f"messages.{index}.content.{k}",
+            )
+        if not isinstance(part.get("text"), str):
+            raise APIError(
+                400, f"messages[{index}].content[{k}].text must be a string", "validation", f"messages.{index}.content"
+            )
+        texts.append(part["text"])
+    return "".join(texts)
 
 
-def render_prompt(service: Service, messages: list[ChatMessage]) -> list[int]:
+def render_prompt(service: Service, body: ChatRequest) -> list[int]:
+    """Token ids of the conversation rendered by the chat template. Every message field (name,
+    tool_calls, tool_call_id, ...), the request's `tools` and `chat_template_kwargs` reach the
+    template, as in vLLM."""
     assert service.loaded is not None
     tok = service.loaded.tokenizer
     template = service.chat_template or getattr(tok, "chat_template", None)
@@ -44,27 +65,43 @@ def render_prompt(service: Service, messages: list[ChatMessage]) -> list[int]:
             "validation",
             "messages",
         )
-    conversation = [{"role": m.role, "content": _content(m)} for m in messages]
+    if body.tools and body.tool_choice is None:
+        raise APIError(
+            400,
+            "tool calls are not supported by this server (they would not be parsed): send tool_choice 'none' "
+            "to show `tools` to the chat template only, or omit `tools`",
+            "validation",
+            "tool_choice",
+        )
+    conversation = []
+    for i, m in enumerate(body.messages):
+        message = m.model_dump(exclude_none=True)
+        message["content"] = _content(m, i)
+        conversation.append(message)
+    if body.continue_final_message and body.add_generation_prompt:
+        raise APIError(
+            400,
+            "`continue_final_message` needs add_generation_prompt=false",
+            "validation",
+            "continue_final_message",
+        )
+    kwargs = dict(body.chat_template_kwargs or {})
     try:
-        text = tok.apply_chat_template(conversation, chat_template=template, tokenize=False, add_generation_prompt=True)
+        text = tok.apply_chat_template(
+            conversation,
+            tools=body.tools,
+            chat_template=template,
+            tokenize=False,
+            add_generation_prompt=body.add_generation_prompt,
+            continue_final_message=body.continue_final_message,
+            **kwargs,
+        )
     except Exception as exc:  # a template that rejects these messages (e.g. role order)
         raise APIError(
             400, f"the chat template could not render these messages: {exc}", "validation", "messages"
         ) from exc
     # The rendered text already holds any BOS the template wants.
     return tok(text, add_special_tokens=False)["input_ids"]
-
-
-def _logprobs(tokens: list[Token]) -> dict:
-    def entry(text: str, lp: float) -> dict:
-        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
-
-    return {
-        "content": [
-            {**entry(t.text, t.logprob), "top_logprobs": [entry(text, lp) for _, text, lp in t.top or []]}
-            for t in tokens
-        ]
-    }
 
 
 @router.post(
@@ -76,10 +113,13 @@ async def chat(body: ChatRequest, request: Request, ctx: ContextDep):
     """OpenAI chat completions for models with a chat template."""
     service = ctx.service
     model = check_model(service, body.model)
-    ids = await run_in_threadpool(render_prompt, service, body.messages)  # templating is slow work
+    check_refused(body)
+    ids = await run_in_threadpool(render_prompt, service, body)  # templating is slow work
     ctx.usage["prompt"] = [m.model_dump() for m in body.messages]
     top = (body.top_logprobs or 0) if body.logprobs else 0
-    generations = start_choices(ctx, body, [ids], body.max_completion_tokens or body.max_tokens, top_logprobs=top)
+    generations = start_choices(
+        ctx, body, [ids], body.max_completion_tokens or body.max_tokens, top_logprobs=top, prompt_field="messages"
+    )
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
@@ -90,7 +130,7 @@ async def chat(body: ChatRequest, request: Request, ctx: ContextDep):
         ChatChoice(
             index=i,
             message={"role": "assistant", "content": c.text},
-            logprobs=_logprobs(c.tokens) if body.logprobs else None,
+            logprobs=chat_logprobs(c.tokens) if body.logprobs else None,
             finish_reason=FINISH[c.finish_reason],
         )
         for i, c in enumerate(results)
@@ -109,7 +149,9 @@ def _stream(
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
     def render(index: int, event: Event, finish: str | None) -> dict | None:
-        logprobs = _logprobs([event.token]) if body.logprobs and event.token is not None else None
+        logprobs = chat_logprobs(event.tokens) if body.logprobs else None
+        if logprobs is not None and not logprobs["content"]:
+            logprobs = None
         if event.text or finish or logprobs:
             return choice(index, {"content": event.text} if event.text else {}, finish, logprobs)
         return None

@@ -3,8 +3,15 @@
 import asyncio
 from collections.abc import AsyncIterator, Callable
 
-from app.api.errors import APIError, validation
-from app.api.generation import Context, Generation, check_stop, resolve_max_new_tokens, sse_json
+from app.api.errors import OPENAI_TYPES, APIError, validation
+from app.api.generation import (
+    Context,
+    Generation,
+    check_refused,
+    check_stop,
+    resolve_max_new_tokens,
+    sse_json,
+)
 from app.api.openai.protocol import OpenAIErrorBody, SamplingFields, Usage
 from app.engine.types import Event, SamplingParams, StoppingParams
 from app.service import Service
@@ -34,7 +41,25 @@ def check_model(service: Service, name: str, *, embedding: bool = False) -> str:
     return name
 
 
-def sampling_for(body: SamplingFields, choice: int, top_logprobs: int = 0) -> SamplingParams:
+def logit_bias_of(body: SamplingFields, vocab: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's `logit_bias` ({"token id": bias}) checked against the vocabulary."""
+    out = []
+    for key, value in (body.logit_bias or {}).items():
+        try:
+            token_id = int(key)
+        except ValueError:
+            raise validation(f"`logit_bias` keys must be token ids; got {key!r}", "logit_bias") from None
+        if not 0 <= token_id < vocab:
+            raise validation(f"`logit_bias` token id {token_id} is outside the vocabulary ({vocab})", "logit_bias")
+        if not -100 <= value <= 100:
+            raise validation(f"`logit_bias` values must be in [-100, 100]; got {value}", "logit_bias")
+        out.append((token_id, float(value)))
+    return tuple(out)
+
+
+def sampling_for(
+    body: SamplingFields, choice: int, top_logprobs: int = 0, logit_bias: tuple[tuple[int, float], ...] = ()
+) -> SamplingParams:
     greedy = body.temperature == 0
     seed = None if body.seed is None else body.seed + choice
     return SamplingParams(
@@ -47,6 +72,8 @@ def sampling_for(body: SamplingFields, choice: int, top_logprobs: int = 0) -> Sa
         frequency_penalty=body.frequency_penalty,
         seed=seed,
         top_logprobs=top_logprobs,
+        min_p=body.min_p,
+        logit_bias=logit_bias,
     )
 
 
@@ -58,29 +85,55 @@ def start_choices(
     *,
     top_logprobs: int = 0,
     prefill_details: bool = False,
+    per_prompt: int | None = None,
+    prompt_field: str = "prompt",
+    default_max_tokens: int | None = None,
 ) -> list[Generation]:
-    """n generations per prompt, in OpenAI's choice order. All or none are submitted."""
+    """`per_prompt` (default n) generations per prompt, in OpenAI's choice order. All or none
+    are submitted."""
     service = ctx.service
+    count = per_prompt or body.n
     limit = service.settings.max_best_of
-    if body.n > limit:
-        raise validation(f"`n` is {body.n}; at most {limit} choices are allowed (TEXTGEN_MAX_BEST_OF)", "n")
+    if count > limit:
+        field = "n" if count == body.n else "best_of"
+        raise validation(f"`{field}` is {count}; at most {limit} choices are allowed (TEXTGEN_MAX_BEST_OF)", field)
     assert service.loaded is not None
+    check_refused(body)
     stop = check_stop(service, body.stop_list())
     if any(not s for s in stop):
         raise validation("`stop` strings must not be empty", "stop")
+    vocab = len(service.loaded.tokenizer)
+    stop_ids = tuple(body.stop_token_ids or ())
+    bad = [i for i in stop_ids if i >= vocab]
+    if bad:
+        raise validation(f"`stop_token_ids` {bad[:5]} are outside the vocabulary ({vocab})", "stop_token_ids")
+    logit_bias = logit_bias_of(body, vocab)
     plans = []
     for ids in prompts:
         max_new = resolve_max_new_tokens(
-            service.loaded.limits, len(ids), max_tokens, service.settings.max_new_tokens_default, "max_tokens"
+            service.loaded.limits,
+            len(ids),
+            max_tokens,
+            default_max_tokens or service.settings.max_new_tokens_default,
+            "max_tokens",
+            prompt_field,
         )
         if body.min_tokens > max_new:
             raise validation(f"`min_tokens` ({body.min_tokens}) must be <= `max_tokens` ({max_new})", "min_tokens")
-        plans.append((ids, StoppingParams(max_new, body.min_tokens, stop)))
+        stopping = StoppingParams(
+            max_new,
+            body.min_tokens,
+            stop,
+            include_stop=body.include_stop_str_in_output,
+            stop_token_ids=stop_ids,
+            ignore_eos=body.ignore_eos,
+        )
+        plans.append((ids, stopping))
     generations: list[Generation] = []
     try:
         for ids, stopping in plans:
-            for choice in range(body.n):
-                sampling = sampling_for(body, choice, top_logprobs)
+            for choice in range(count):
+                sampling = sampling_for(body, choice, top_logprobs, logit_bias)
                 generations.append(Generation(ctx, ids, sampling, stopping, prefill_details))
     except APIError:
         for g in generations:
@@ -125,7 +178,8 @@ SSE_DONE = "data: [DONE]\n\n"
 
 
 def sse_error(exc: APIError) -> str:
-    return sse_json({"error": {"message": exc.message, "type": exc.error_type, "param": None, "code": None}})
+    kind = OPENAI_TYPES.get(exc.error_type, exc.error_type)
+    return sse_json({"error": {"message": exc.message, "type": kind, "param": exc.param, "code": None}})
 
 
 async def stream_choices(

@@ -6,9 +6,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from app.api.errors import APIError
+from app.api.errors import validation
 from app.api.generation import ContextDep, Generation, run_to_completion
 from app.api.openai.common import FINISH, SSE_RESPONSES, check_model, start_choices, stream_choices
+from app.api.openai.logprobs import completion_logprobs
 from app.api.openai.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -18,14 +19,16 @@ from app.api.openai.protocol import (
     new_id,
     now,
 )
-from app.engine.types import Completion, Event, Token
+from app.engine.detokenize import render_text
+from app.engine.types import Completion, Event
 from app.service import Service
 
 router = APIRouter(tags=["OpenAI"])
 
 
 def prompts_of(service: Service, body: CompletionRequest) -> tuple[list[list[int]], list[str]]:
-    """Token ids and text of each prompt; prompts may be text or token ids."""
+    """Token ids of each prompt (text is tokenized; token ids are used verbatim, no BOS added)
+    and each prompt's rendered text (what echo returns and offsets count from)."""
     assert service.loaded is not None
     tok = service.loaded.tokenizer
     p = body.prompt
@@ -35,29 +38,15 @@ def prompts_of(service: Service, body: CompletionRequest) -> tuple[list[list[int
         items = [p]
     else:
         items = list(p)
-    ids, texts = [], []
+    ids = []
     for item in items:
         if isinstance(item, str):
             ids.append(tok(item)["input_ids"])
-            texts.append(item)
         else:
             if max(item) >= len(tok):
-                raise APIError(422, f"token id {max(item)} is outside the vocabulary ({len(tok)})", "validation")
+                raise validation(f"`prompt` token id {max(item)} is outside the vocabulary ({len(tok)})", "prompt")
             ids.append(list(item))
-            texts.append(tok.decode(item, skip_special_tokens=True))
-    return ids, texts
-
-
-def _logprobs(tokens: list[Token], start_offset: int) -> CompletionLogprobs:
-    out = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
-    offset = start_offset
-    for t in tokens:
-        out.tokens.append(t.text)
-        out.token_logprobs.append(None if t.logprob != t.logprob else t.logprob)  # NaN: first prompt token
-        out.top_logprobs.append({text: lp for _, text, lp in t.top} if t.top else None)
-        out.text_offset.append(offset)
-        offset += len(t.text)
-    return out
+    return ids, [render_text(tok, i) for i in ids]
 
 
 def choice_of(body: CompletionRequest, index: int, prompt_text: str, c: Completion) -> CompletionChoice:
@@ -65,8 +54,17 @@ def choice_of(body: CompletionRequest, index: int, prompt_text: str, c: Completi
     logprobs = None
     if body.logprobs is not None:
         tokens = (c.prefill or []) + c.tokens if body.echo else c.tokens
-        logprobs = _logprobs(tokens, 0 if body.echo else len(prompt_text))
+        logprobs = completion_logprobs(tokens, 0 if body.echo else len(prompt_text))
     return CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=FINISH[c.finish_reason])
+
+
+def best(results: list[Completion], per_prompt: int, n: int) -> list[Completion]:
+    """For each prompt's `per_prompt` results, the `n` with the highest cumulative logprob."""
+    out = []
+    for start in range(0, len(results), per_prompt):
+        group = results[start : start + per_prompt]
+        out += sorted(group, key=lambda c: -sum(t.logprob for t in c.tokens))[:n]
+    return out
 
 
 @router.post(
@@ -75,11 +73,17 @@ def choice_of(body: CompletionRequest, index: int, prompt_text: str, c: Completi
     responses=SSE_RESPONSES,
 )
 async def completions(body: CompletionRequest, request: Request, ctx: ContextDep):
-    """OpenAI text completions: string or list prompts, n choices, stop, seed, logprobs, echo, stream."""
+    """OpenAI text completions: string or list prompts, n choices, best_of, stop, seed, logprobs
+    (with top candidates, also at echoed prompt positions), echo, stream."""
     service = ctx.service
     model = check_model(service, body.model)
+    per_prompt = body.best_of or body.n
+    if per_prompt < body.n:
+        raise validation(f"`best_of` ({per_prompt}) must be >= `n` ({body.n})", "best_of")
+    if body.stream and per_prompt > body.n:
+        raise validation("`best_of` > `n` cannot be streamed: send stream=false", "best_of")
+    ctx.usage["prompt"] = body.prompt if isinstance(body.prompt, str) else list(body.prompt)
     ids, texts = await run_in_threadpool(prompts_of, service, body)  # tokenizing is slow work
-    ctx.usage["prompt"] = texts
     generations = start_choices(
         ctx,
         body,
@@ -87,6 +91,8 @@ async def completions(body: CompletionRequest, request: Request, ctx: ContextDep
         body.max_tokens,
         top_logprobs=body.logprobs or 0,
         prefill_details=body.echo and body.logprobs is not None,
+        per_prompt=per_prompt,
+        default_max_tokens=16,
     )
     prompt_tokens = sum(len(i) for i in ids)
     if body.stream:
@@ -95,8 +101,9 @@ async def completions(body: CompletionRequest, request: Request, ctx: ContextDep
             _stream(body, model, texts, generations, prompt_tokens, include_usage), media_type="text/event-stream"
         )
     results = await run_to_completion(request, generations)
-    choices = [choice_of(body, i, texts[i // body.n], c) for i, c in enumerate(results)]
     completion_tokens = sum(c.generated_tokens for c in results)
+    chosen = best(results, per_prompt, body.n)
+    choices = [choice_of(body, i, texts[i // body.n], c) for i, c in enumerate(chosen)]
     return CompletionResponse(
         id=new_id("cmpl"),
         created=now(),
@@ -114,18 +121,28 @@ def _stream(
     prompt_tokens: int,
     include_usage: bool,
 ) -> AsyncIterator[str]:
+    """Chunks carry the same tokens, texts and offsets as the non-streamed answer: the echoed
+    prompt (with its logprobs) comes with a choice's first chunk, then released tokens."""
     head = {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": model}
+    offsets = [0 if body.echo else len(texts[i // body.n]) for i in range(len(generations))]
+    started = [False] * len(generations)
 
     def choice(index: int, text: str, finish: str | None, logprobs: CompletionLogprobs | None = None) -> dict:
         return {"index": index, "text": text, "logprobs": logprobs and logprobs.model_dump(), "finish_reason": finish}
 
     def render(index: int, event: Event, finish: str | None) -> dict | None:
+        tokens = list(event.tokens)
+        text = event.text
+        if body.echo and not started[index]:
+            text = texts[index // body.n] + text
+            tokens = (event.prefill or []) + tokens
+        started[index] = True
         logprobs = None
-        if body.logprobs is not None and event.token is not None:
-            logprobs = _logprobs([event.token], 0)
-        if event.text or finish or logprobs:
-            return choice(index, event.text, finish, logprobs)
+        if body.logprobs is not None and tokens:
+            logprobs = completion_logprobs(tokens, offsets[index])
+            offsets[index] += sum(len(t.text) for t in tokens)
+        if text or finish or logprobs:
+            return choice(index, text, finish, logprobs)
         return None
 
-    first = [choice(i, texts[i // body.n], None) for i in range(len(generations))] if body.echo else []
-    return stream_choices(head, generations, first, render, prompt_tokens, include_usage)
+    return stream_choices(head, generations, [], render, prompt_tokens, include_usage)

@@ -8,7 +8,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import EngineDep, ServiceDep
 from app.api.embed import check_batch, embed_ids, tokenize_inputs
-from app.api.errors import APIError, validation
+from app.api.errors import validation
 from app.api.openai.common import check_model
 from app.api.openai.protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, OpenAIErrorBody, Usage
 
@@ -22,14 +22,14 @@ def _token_inputs(service: object, items: list[list[int]]) -> list[list[int]]:
         if max(ids) >= vocab:
             raise validation(f"input {i}: token id {max(ids)} is outside the vocabulary ({vocab})", "input")
         if len(ids) > embedder.max_tokens:
-            raise APIError(413, f"input {i} has {len(ids)} tokens; the limit is {embedder.max_tokens}", "validation")
+            raise validation(f"`input` {i} has {len(ids)} tokens; the model's limit is {embedder.max_tokens}", "input")
     return items
 
 
 @router.post(
     "/v1/embeddings",
     response_model=EmbeddingResponse,
-    responses={code: {"model": OpenAIErrorBody} for code in (400, 404, 413, 429, 503)},
+    responses={code: {"model": OpenAIErrorBody} for code in (400, 404, 429, 503)},
 )
 async def embeddings(body: EmbeddingRequest, engine: EngineDep, service: ServiceDep) -> EmbeddingResponse:
     """OpenAI embeddings: text or token-id inputs; float or base64 (little-endian float32)."""
@@ -43,14 +43,14 @@ async def embeddings(body: EmbeddingRequest, engine: EngineDep, service: Service
         )
     raw = body.input
     if isinstance(raw, str):
-        ids = await run_in_threadpool(tokenize_inputs, service, [raw], False)
+        ids = await run_in_threadpool(tokenize_inputs, service, [raw], truncate=False, openai=True)
     elif raw and isinstance(raw[0], int):
         ids = _token_inputs(service, [raw])  # type: ignore[list-item]
     elif raw and isinstance(raw[0], str):
-        check_batch(service, len(raw))
-        ids = await run_in_threadpool(tokenize_inputs, service, list(raw), False)  # type: ignore[arg-type]
+        check_batch(service, len(raw), openai=True)
+        ids = await run_in_threadpool(tokenize_inputs, service, list(raw), truncate=False, openai=True)  # type: ignore[arg-type]
     else:
-        check_batch(service, len(raw))
+        check_batch(service, len(raw), openai=True)
         ids = _token_inputs(service, list(raw))  # type: ignore[arg-type]
     vectors = await embed_ids(engine, ids, normalize=service.embedder.normalize_default)
     data = []

@@ -1,15 +1,17 @@
 """OpenAI request and response bodies (the subset textgen serves, plus vLLM-style extensions).
 
-Unknown fields are ignored, as on every textgen route, so newer SDKs keep working.
+Unknown fields are ignored, as on every textgen route, so newer SDKs keep working. Known fields
+that textgen does not implement are declared with `refused(...)`: null (or their default) is
+accepted, anything else is a 400 naming the field (README, "Refused fields").
 """
 
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.api.schemas import RequestModel
+from app.api.schemas import Refused, RequestModel
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
@@ -32,10 +34,28 @@ class SamplingFields(RequestModel):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     user: str | None = Field(None, description="Accepted and ignored.")
+    logit_bias: dict[str, float] | None = Field(
+        None, description="Token id (as a string) -> bias in [-100, 100] added to its logit before sampling."
+    )
     # Extensions, as in vLLM:
     top_k: int | None = Field(None, ge=-1, description="Extension: keep the k most likely tokens (-1: off).")
+    min_p: float | None = Field(None, ge=0, le=1, description="Extension: drop tokens below min_p x the top one.")
     min_tokens: int = Field(0, ge=0, description="Extension: suppress EOS until this many tokens.")
     repetition_penalty: float | None = Field(None, gt=0, description="Extension: HF-style repetition penalty.")
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, description="Extension: token ids that end generation like EOS."
+    )
+    ignore_eos: bool = Field(False, description="Extension: keep generating past EOS.")
+    include_stop_str_in_output: bool = Field(False, description="Extension: keep the matched stop string.")
+    # Known but not implemented: refused unless null or default.
+    response_format: Annotated[Any, Refused(lambda v: isinstance(v, dict) and v.get("type") == "text")] = None
+    guided_json: Annotated[Any, Refused()] = None
+    guided_regex: Annotated[Any, Refused()] = None
+    guided_choice: Annotated[Any, Refused()] = None
+    guided_grammar: Annotated[Any, Refused()] = None
+    use_beam_search: Annotated[Any, Refused(lambda v: v is False)] = None
+    skip_special_tokens: Annotated[Any, Refused(lambda v: v is True)] = None
+    prompt_logprobs: Annotated[Any, Refused()] = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -49,12 +69,18 @@ class CompletionRequest(SamplingFields):
     )
 
     prompt: str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
-    max_tokens: int | None = Field(16, ge=1, description="Tokens to generate (OpenAI's default is 16).")
+    max_tokens: int | None = Field(
+        None, ge=1, description="Tokens to generate; omitted or null: 16 (OpenAI's default)."
+    )
     logprobs: int | None = Field(None, ge=0, le=20, description="Return this many top log-probabilities per token.")
     echo: bool = Field(False, description="Prepend the prompt to the text (and its tokens to logprobs).")
+    best_of: int | None = Field(None, ge=1, description="Generate this many and return the `n` most likely.")
+    suffix: Annotated[Any, Refused(lambda v: v == "")] = None
 
 
 class ChatMessage(RequestModel):
+    """Every field (name, tool_calls, tool_call_id, ...) reaches the chat template."""
+
     model_config = ConfigDict(extra="allow")
 
     role: str
@@ -73,6 +99,24 @@ class ChatRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[dict] | None = Field(
+        None, description="Rendered by the chat template; tool calls are not parsed, so tool_choice must be none."
+    )
+    tool_choice: Annotated[Any, Refused(lambda v: v == "none")] = None
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description="Extension: extra template variables.")
+    add_generation_prompt: bool = Field(True, description="Extension: end the prompt with the assistant header.")
+    continue_final_message: bool = Field(False, description="Extension: continue the last message instead.")
+    parallel_tool_calls: Annotated[Any, Refused()] = None
+    functions: Annotated[Any, Refused()] = None
+    function_call: Annotated[Any, Refused(lambda v: v == "none")] = None
+    audio: Annotated[Any, Refused()] = None
+    modalities: Annotated[Any, Refused(lambda v: v == ["text"])] = None
+    prediction: Annotated[Any, Refused()] = None
+    reasoning_effort: Annotated[Any, Refused()] = None
+    web_search_options: Annotated[Any, Refused()] = None
+    store: Annotated[Any, Refused(lambda v: v is False)] = None
+    echo: Annotated[Any, Refused(lambda v: v is False)] = None
+    chat_template: Annotated[Any, Refused()] = None
 
 
 class EmbeddingRequest(RequestModel):
