@@ -75,6 +75,10 @@ class Engine:
         self._embeds: deque[EmbedRequest] = deque()
         self._batch: Batch | None = None
         self._prefilling: list[Sequence] = []  # taken from the queue, not yet in the batch
+        # After a prefill ran out of device memory: admit one request at a time, and none while
+        # this many rows (or more) still run, since memory frees only as rows leave.
+        self._solo = False
+        self._hold_rows: int | None = None
         self._accepting = True
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -242,12 +246,18 @@ class Engine:
 
     def _take_admissible(self) -> list[Sequence]:
         """Move the requests `admission.admit` picks from the queue to `_prefilling`."""
-        plan = admission.admit(list(self._waiting), self._running_seqs(), self.limits, self.kv.allocated)
+        running = self._running_seqs()
+        plan = admission.admit(list(self._waiting), running, self.limits, self.kv.allocated)
         for seq in plan.cancelled:  # they free their queue slots now
             self._retire(seq, "cancelled")
-        self._waiting = deque(plan.waiting)
-        self._prefilling = plan.admitted
-        return plan.admitted
+        admitted, waiting = plan.admitted, plan.waiting
+        if self._hold_rows is not None and running and len(running) >= self._hold_rows:
+            admitted, waiting = [], [*admitted, *waiting]
+        elif self._solo:
+            admitted, waiting = admitted[:1], [*admitted[1:], *waiting]
+        self._waiting = deque(waiting)
+        self._prefilling = admitted
+        return admitted
 
     def _run_embeds(self, requests: list[EmbedRequest]) -> None:
         inputs = [ids for r in requests for ids in r.token_ids]
@@ -299,12 +309,10 @@ class Engine:
         all_logits = any(s.request.prefill_details for s in seqs)
         try:
             batch, logits, full = Batch.prefill(self.model, seqs, all_logits, self.kv)
-        except torch.OutOfMemoryError as exc:  # these prompts do not fit now; the batch goes on
-            log.warning("out of memory prefilling %d requests: %s", len(seqs), exc)
-            self._free_device_memory()
-            for seq in seqs:
-                self._retire(seq, "error", f"out of memory while prefilling this request: {exc}")
+        except torch.OutOfMemoryError as exc:
+            self._prefill_out_of_memory(seqs, exc)
             return
+        self._solo, self._hold_rows = False, None
         self.metrics.engine_steps.labels("prefill").inc()
         failed = self._record_prefill(batch, full) if full is not None else {}
         joined = self._keep(batch, self._advance(batch, logits, failed))
@@ -336,6 +344,22 @@ class Engine:
     def _release(batch: Batch) -> None:
         """Free `batch`'s KV buffers (and their charge to the budget account) now."""
         batch.cache.release()
+
+    def _prefill_out_of_memory(self, seqs: list[Sequence], exc: torch.OutOfMemoryError) -> None:
+        """The device ran out of memory prefilling `seqs`. If they might fit later (fewer at once,
+        or once running rows leave), they go back to the head of the queue; a request that runs
+        out of memory alone on an idle engine never fits, and fails. The batch goes on."""
+        self._free_device_memory()
+        running = len(self._batch) if self._batch is not None else 0
+        if len(seqs) > 1 or running:
+            log.warning("out of memory prefilling %d requests beside %d running: requeued", len(seqs), running)
+            self._solo = True
+            self._hold_rows = running or None
+            with self._cond:
+                self._waiting.extendleft(reversed(seqs))
+            return
+        log.warning("out of memory prefilling one request alone: %s", exc)
+        self._retire(seqs[0], "error", f"out of memory: this request does not fit in device memory even alone ({exc})")
 
     def _free_device_memory(self) -> None:
         if self.loaded.device.type == "cuda":

@@ -1,6 +1,7 @@
 """The engine on a real tiny GPT-2, invariants checked at every step: long runs with rows
 joining and leaving, the KV budget, the queue limit, and one failing request among healthy ones."""
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -230,3 +231,45 @@ def test_a_tokenizer_failure_fails_only_its_request(tiny_lm: LoadedModel, monkey
     for key in (0, 2):
         assert tracker.completions[key].finish_reason == "length"
         assert tracker.tokens[key] == greedy_alone(tiny_lm, prompts[key], 12)
+
+
+def test_out_of_memory_in_prefill_requeues_then_fails_only_that_request(
+    tiny_lm: LoadedModel, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The device runs out of memory whenever the long prompt is prefilled (fault injected into
+    the real model's forward). Beside a running row it waits; alone it fails with a clear error.
+    The running row and the request queued behind it finish as `model.generate` would."""
+    short, other = prompt_ids(tiny_lm, 1), prompt_ids(tiny_lm, 2)
+    long = (prompt_ids(tiny_lm, 3) * 20)[:120]
+    real_forward = tiny_lm.model.forward
+
+    def forward(*args: object, **kwargs: object) -> object:
+        ids = kwargs.get("input_ids")
+        if isinstance(ids, torch.Tensor) and ids.shape[1] >= len(long):
+            raise torch.OutOfMemoryError("injected: CUDA out of memory")
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_lm.model, "forward", forward)
+    engine = make_engine(tiny_lm)
+    tracker = Tracker()
+    caplog.set_level(logging.WARNING, logger="textgen.engine")
+    try:
+        engine.submit(tracker.request(0, short, 60))
+        deadline = time.monotonic() + 10
+        while not tracker.tokens[0] and time.monotonic() < deadline:
+            time.sleep(0.001)
+        engine.submit(tracker.request(1, long, 10))
+        engine.submit(tracker.request(2, other, 20))
+        assert tracker.all_done.wait(60)
+        assert engine.alive
+    finally:
+        engine.stop()
+    monkeypatch.undo()
+    failed = tracker.completions[1]
+    assert failed.finish_reason == "error"
+    assert failed.error is not None and "does not fit in device memory even alone" in failed.error
+    assert tracker.completions[0].finish_reason == "length"
+    assert tracker.tokens[0] == greedy_alone(tiny_lm, short, 60)
+    assert tracker.tokens[2] == greedy_alone(tiny_lm, other, 20)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("beside 1 running: requeued" in m for m in messages), messages  # it waited first
