@@ -46,7 +46,10 @@ def prompts_of(service: Service, body: CompletionRequest) -> tuple[list[list[int
             if max(item) >= len(tok):
                 raise validation(f"`prompt` token id {max(item)} is outside the vocabulary ({len(tok)})", "prompt")
             ids.append(list(item))
-    return ids, [render_text(tok, i) for i in ids]
+    # Rendering is per-token Python work: even in a worker thread it holds the GIL and stalls the
+    # event loop, so a prompt over the limit (refused right after) is not rendered.
+    limit = service.loaded.limits.max_input_tokens
+    return ids, [render_text(tok, i) if len(i) <= limit else "" for i in ids]
 
 
 def choice_of(body: CompletionRequest, index: int, prompt_text: str, c: Completion) -> CompletionChoice:
