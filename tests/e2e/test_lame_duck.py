@@ -11,28 +11,30 @@ import httpx
 from tests.e2e.server import start, stop
 
 DELAY = 2.0
-LONG = {"inputs": "The list", "parameters": {"max_new_tokens": 200, "min_new_tokens": 200, "details": True}}
+LONG = {"inputs": "The list", "parameters": {"max_new_tokens": 240, "min_new_tokens": 240, "details": True}}
+LONG_REQUESTS = 16
 SHORT = {"inputs": "The list", "parameters": {"max_new_tokens": 4, "min_new_tokens": 4}}
 
 
 def test_sigterm_lame_duck_then_drain(tiny_gpt2_dir: Path) -> None:
-    # One slot and eight long requests run one after another (several seconds even on a fast machine),
-    # so work is still in flight when the pause ends and a refused request can be seen.
-    env = {"TEXTGEN_DRAIN_DELAY": str(DELAY), "TEXTGEN_SHUTDOWN_TIMEOUT": "60", "TEXTGEN_MAX_BATCH_SIZE": "1"}
+    # One slot and sixteen long requests run one after another (several seconds even on a fast, idle
+    # machine: eight finished inside the pause there), so work is still in flight when the pause ends
+    # and a refused request can be seen.
+    env = {"TEXTGEN_DRAIN_DELAY": str(DELAY), "TEXTGEN_SHUTDOWN_TIMEOUT": "150", "TEXTGEN_MAX_BATCH_SIZE": "1"}
     server = start(tiny_gpt2_dir, env=env)
     url = server.url
     results: list[httpx.Response | Exception] = []
 
     def long_request() -> None:
         try:
-            results.append(httpx.post(f"{url}/generate", json=LONG, timeout=120))
+            results.append(httpx.post(f"{url}/generate", json=LONG, timeout=180))
         except Exception as exc:  # noqa: BLE001
             results.append(exc)
 
     try:
         with httpx.Client(base_url=url, timeout=30) as c:
             assert c.get("/ready").status_code == 200
-            workers = [threading.Thread(target=long_request) for _ in range(8)]
+            workers = [threading.Thread(target=long_request) for _ in range(LONG_REQUESTS)]
             for w in workers:
                 w.start()
             deadline = time.monotonic() + 20
@@ -56,8 +58,8 @@ def test_sigterm_lame_duck_then_drain(tiny_gpt2_dir: Path) -> None:
                 time.sleep(0.05)
             after = c.post("/generate", json=SHORT)
         for w in [*workers, during_thread]:
-            w.join(120)
-        code = server.process.wait(60)
+            w.join(180)
+        code = server.process.wait(180)
         exited_after = time.monotonic() - signalled
     finally:
         stop(server.process)
@@ -66,10 +68,10 @@ def test_sigterm_lame_duck_then_drain(tiny_gpt2_dir: Path) -> None:
     assert during_at < DELAY, "the request during the pause came too late to prove anything"
     assert len(during_box) == 1 and during_box[0].status_code == 200, during_box
     assert after.status_code == 503 and after.json()["error_type"] == "unavailable"
-    assert len(results) == 8
+    assert len(results) == LONG_REQUESTS
     for r in results:
         assert isinstance(r, httpx.Response) and r.status_code == 200, r
-        assert r.json()["details"]["generated_tokens"] == 200
+        assert r.json()["details"]["generated_tokens"] == 240
     assert code == 0
     assert exited_after >= DELAY
 
