@@ -87,8 +87,10 @@ class Observability:
             self._log(scope, request_id, label, status, elapsed, usage)
 
     def _log(self, scope: Scope, request_id: str, route: str, status: int, elapsed: float, usage: dict) -> None:
-        if route in ("/health", "/ready", "/metrics") and status == 200:
-            return  # probes and scrapes would drown everything else
+        if route in ("/health", "/ready", "/metrics") and status in (200, 503):
+            # Probes and scrapes would drown everything else, also while the model loads or builds (the
+            # playground polls /health then); a failed engine is logged where it fails.
+            return
         line = {
             "ts": round(time.time(), 3),
             "request_id": request_id,
