@@ -72,10 +72,12 @@ def test_gateway_metrics_follow_the_load(long_context_gpt2: Path) -> None:
             assert now["vllm_kv"] == pytest.approx(now["kv"], abs=0.05)
             assert now["vllm_gpu_kv"] == pytest.approx(now["kv"], abs=0.05)
             first_kv = now["kv"]
-            time.sleep(1.0)  # the running rows grow by one token per step
+            time.sleep(1.0)  # rows grow by a token per step inside buffers sized at admission
             later = load(scrape(url))
             assert later["running"] == BATCH and later["waiting"] == HELD - BATCH, later
-            assert later["kv"] > first_kv
+            # The ratio counts allocated KV buffers (TEXTGEN_MAX_BATCH_TOKENS is a bound on memory),
+            # which are sized for each row's reservation when it joins: steady while the rows run.
+            assert later["kv"] >= first_kv > 0
         finally:
             for s, c in zip(streams, clients, strict=True):
                 s.__exit__(None, None, None)  # the client leaves: the server cancels the request

@@ -144,10 +144,11 @@ def test_property_stops_keep_tokens_and_text_in_step(
 ) -> None:
     tok = family
     ids = tok("".join(parts), add_special_tokens=False)["input_ids"]  # type: ignore[operator]
-    plain = _seq(tok, StoppingParams(50), -1)
+    # The length limit ends both at the last id, so text held back as a possible stop is released.
+    plain = _seq(tok, StoppingParams(len(ids)), -1)
     _run(plain, ids)
     stop = data.draw(st.sampled_from(["<|im_end|>", "Lily", "好😀", " big", "zz"]))
-    seq = _seq(tok, StoppingParams(50, stop=(stop,), include_stop=include), -1)
+    seq = _seq(tok, StoppingParams(len(ids), stop=(stop,), include_stop=include), -1)
     chunks, released = _run(seq, ids)
     # Streamed chunks, released tokens and the final tokens all join to the returned text.
     assert "".join(chunks) == "".join(released) == "".join(t.text for t in seq.tokens) == seq.text
