@@ -54,6 +54,8 @@ class Service:
             max_total_tokens=s.max_total_tokens,
             max_input_tokens=s.max_input_tokens,
             adapter=s.adapter,
+            compact_forward=s.compact_forward,
+            kv_cache_dtype=s.kv_cache_dtype,
         )
         if s.chat_template:
             try:

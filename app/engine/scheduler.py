@@ -14,6 +14,7 @@ from collections import deque
 import torch
 
 from app.engine.batch import Batch
+from app.engine.compact_batch import CompactBatch
 from app.engine.embeddings import Embedder
 from app.engine.loader import LoadedModel
 from app.engine.sampling import choose
@@ -48,6 +49,9 @@ class Engine:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.embedder = embedder
+        # GPT-2 and Llama run on our compact forward (CompactBatch); other models on HF's (Batch).
+        self._forward = loaded.compact if loaded.compact is not None else loaded.model
+        self._batch_type = CompactBatch if loaded.compact is not None else Batch
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.max_prefill_tokens = max_prefill_tokens
@@ -59,7 +63,7 @@ class Engine:
         self._cond = threading.Condition()
         self._waiting: deque[Sequence] = deque()
         self._embeds: deque[EmbedRequest] = deque()
-        self._batch: Batch | None = None
+        self._batch: Batch | CompactBatch | None = None
         self._prefilling: list[Sequence] = []  # taken from the queue, not yet in the batch
         self._accepting = True
         self._stop = False
@@ -258,7 +262,7 @@ class Engine:
                     self._retire(s, "cancelled")
             self._batch = self._keep(batch, keep)
 
-    def _keep(self, batch: Batch, keep: list[int]) -> Batch | None:
+    def _keep(self, batch: Batch | CompactBatch, keep: list[int]) -> Batch | CompactBatch | None:
         """`batch` reduced to rows `keep`, or None when no row is left."""
         if not keep:
             return None
@@ -272,7 +276,7 @@ class Engine:
             self.metrics.queue_time.observe(now - seq.arrived)
             self.metrics.prompt_tokens.inc(seq.prompt_len)
         all_logits = any(s.request.prefill_details for s in seqs)
-        batch, logits, full = Batch.prefill(self.model, seqs, all_logits)
+        batch, logits, full = self._batch_type.prefill(self._forward, seqs, all_logits)  # type: ignore[arg-type]
         self.metrics.engine_steps.labels("prefill").inc()
         if full is not None:
             self._record_prefill(batch, full)
@@ -284,7 +288,7 @@ class Engine:
         else:
             self._batch.extend(joined)
 
-    def _record_prefill(self, batch: Batch, logits: torch.Tensor) -> None:
+    def _record_prefill(self, batch: Batch | CompactBatch, logits: torch.Tensor) -> None:
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         width = logits.shape[1]
         for row, seq in enumerate(batch.seqs):
@@ -299,12 +303,12 @@ class Engine:
                 tokens.append(Token(ids[i], self.tokenizer.decode([ids[i]]), lp, special))
             seq.prefill = tokens
 
-    def _decode(self, batch: Batch) -> None:
-        logits = batch.decode(self.model)
+    def _decode(self, batch: Batch | CompactBatch) -> None:
+        logits = batch.decode(self._forward)  # type: ignore[arg-type]
         self.metrics.engine_steps.labels("decode").inc()
         self._batch = self._keep(batch, self._advance(batch, logits))
 
-    def _advance(self, batch: Batch, logits: torch.Tensor) -> list[int]:
+    def _advance(self, batch: Batch | CompactBatch, logits: torch.Tensor) -> list[int]:
         """Choose and emit each row's next token; return the rows that go on."""
         choices = choose(logits, batch.seqs, sorted(self.eos_ids))
         now = time.perf_counter()
