@@ -38,6 +38,11 @@ class Settings(BaseSettings):
         description="Run GPT-2 and Llama models on textgen's own batch-invariant forward; false: "
         "the transformers forward for every model.",
     )
+    batch_invariant: bool = Field(
+        True,
+        description="Compact forward: a request's tokens and logprobs are bitwise the same alone or in any "
+        "batch (CPU). false: faster batch-1 GEMMs and one attention call per step, without that guarantee.",
+    )
     max_input_tokens: int | None = Field(
         None, ge=1, description="Longest prompt in tokens. Default: max_total_tokens - 1."
     )

@@ -56,6 +56,7 @@ class Service:
             adapter=s.adapter,
             compact_forward=s.compact_forward,
             kv_cache_dtype=s.kv_cache_dtype,
+            batch_invariant=s.batch_invariant,
         )
         if s.chat_template:
             try:

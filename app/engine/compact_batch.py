@@ -22,8 +22,8 @@ from app.engine.row_cache import Account, RowCache
 from app.engine.sequence import Sequence
 
 
-def _padded(n: int) -> int:
-    return n + (-n) % ROW_MULTIPLE
+def _padded(n: int, invariant: bool) -> int:
+    return n + (-n) % ROW_MULTIPLE if invariant else n
 
 
 class CompactBatch:
@@ -102,8 +102,9 @@ class CompactBatch:
 
 def _head(model: CompactModel, hidden: torch.Tensor) -> torch.Tensor:
     rows = hidden.shape[0]
-    if rows % ROW_MULTIPLE:
-        hidden = torch.cat([hidden, hidden.new_zeros((_padded(rows) - rows, hidden.shape[1]))])
+    padded = _padded(rows, model.batch_invariant)
+    if padded != rows:
+        hidden = torch.cat([hidden, hidden.new_zeros((padded - rows, hidden.shape[1]))])
     return model.head(hidden)[:rows]
 
 
@@ -118,7 +119,8 @@ def _forward(
     row) and return their final hidden states [N, hidden] (N rounded up to a multiple of 4)."""
     device = cache.device
     real = sum(counts)
-    n = _padded(real)
+    invariant = model.batch_invariant
+    n = _padded(real, invariant)
     id_tensor = torch.zeros(n, dtype=torch.long, device=device)
     id_tensor[:real] = torch.as_tensor(ids, device=device)
     pos_tensor = torch.zeros(n, dtype=torch.long, device=device)
@@ -131,12 +133,25 @@ def _forward(
     for c in counts:
         offsets.append(offsets[-1] + c)
     heads, dim = model.heads, model.head_dim
+    valid = None
+    if not invariant and real == len(counts):
+        valid = torch.arange(max(after), device=device)[None, :] < torch.tensor(after, device=device)[:, None]
     gqa = model.kv_heads != heads
 
     def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         keys, values = cache.keys(layer), cache.values(layer)
         keys[rows, :, columns] = k[:real].to(keys.dtype)
         values[rows, :, columns] = v[:real].to(values.dtype)
+        if not invariant and real == len(counts):  # decode without the guarantee: one padded call
+            width = max(after)
+            o = F.scaled_dot_product_attention(
+                q[:real, :, None],
+                keys[:real, :, :width].to(q.dtype),
+                values[:real, :, :width].to(q.dtype),
+                attn_mask=valid[:, None, None, :width],
+                enable_gqa=gqa,
+            )
+            return o.reshape(real, heads * dim)
         out = q.new_zeros((n, heads * dim))
         for row, (count, length) in enumerate(zip(counts, after, strict=True)):
             start = offsets[row]

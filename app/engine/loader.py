@@ -93,6 +93,7 @@ def load_model(
     adapter: str | None = None,
     compact_forward: bool = True,
     kv_cache_dtype: str = "auto",
+    batch_invariant: bool = True,
 ) -> LoadedModel:
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
@@ -135,6 +136,7 @@ def load_model(
     compact = compact_model(model) if compact_forward else None
     if compact is not None:
         compact.kv_dtype = torch_dtype if kv_cache_dtype == "auto" else getattr(torch, kv_cache_dtype)
+        compact.batch_invariant = batch_invariant
     elif kv_cache_dtype != "auto":
         raise ModelLoadError(
             f"TEXTGEN_KV_CACHE_DTYPE={kv_cache_dtype} needs the compact forward (GPT-2 or Llama with "

@@ -26,6 +26,7 @@ class CompactModel:
     vocab_size: int
     dtype: torch.dtype
     kv_dtype: torch.dtype  # the KV cache's element type (TEXTGEN_KV_CACHE_DTYPE), set by the loader
+    batch_invariant: bool = True  # TEXTGEN_BATCH_INVARIANT, set by the loader
     device: torch.device
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
@@ -47,10 +48,10 @@ ROW_MULTIPLE = 4
 _ELEMENTWISE_ALIGN = 128
 
 
-def rowwise(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """`fn(x)` for an elementwise `fn`, with each row's bits independent of the row count."""
+def rowwise(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, invariant: bool) -> torch.Tensor:
+    """`fn(x)` for an elementwise `fn`; with `invariant`, each row's bits independent of the row count."""
     width = x.shape[-1]
-    if width % _ELEMENTWISE_ALIGN == 0:
+    if not invariant or width % _ELEMENTWISE_ALIGN == 0:
         return fn(x)
     padded = x.new_zeros((x.shape[0], width + (-width) % _ELEMENTWISE_ALIGN))
     padded[:, :width] = x

@@ -70,7 +70,7 @@ class GPT2Compact(CompactModel):
             )
             x = x + torch.addmm(proj[1], a, proj[0])
             h = F.layer_norm(x, (width,), ln2[0], ln2[1], self.eps)
-            h = rowwise(self._activation, torch.addmm(fc[1], h, fc[0]))
+            h = rowwise(self._activation, torch.addmm(fc[1], h, fc[0]), self.batch_invariant)
             x = x + torch.addmm(out[1], h, out[0])
         return F.layer_norm(x, (width,), self.ln_f[0], self.ln_f[1], self.eps)
 

@@ -74,7 +74,9 @@ class LlamaCompact(CompactModel):
             k = k * cos + _rotate_half(k) * sin
             x = x + F.linear(attend(i, q, k, v), wo.weight, wo.bias)
             h = _rms_norm(x, ln2, self.eps)
-            h = rowwise(F.silu, F.linear(h, gate.weight, gate.bias)) * F.linear(h, up.weight, up.bias)
+            h = rowwise(F.silu, F.linear(h, gate.weight, gate.bias), self.batch_invariant) * F.linear(
+                h, up.weight, up.bias
+            )
             x = x + F.linear(h, down.weight, down.bias)
         return _rms_norm(x, self.norm, self.eps)
 
