@@ -16,6 +16,8 @@
 # (TEXTGEN_COMPILE=false/true), starts `python3 -m app.cli serve` on 127.0.0.1 and drives it with
 # bench's own streaming clients at 1, 32 and 128 concurrent clients (128 new tokens each, greedy,
 # EOS suppressed). It stops starting new configurations after --budget-s (default 480 s).
+# GPT-2 runs on textgen's compact forward (TEXTGEN_COMPACT_FORWARD=true). While the app has no
+# TEXTGEN_COMPILE setting, the CUDA-graph configurations are recorded as skipped, not run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
