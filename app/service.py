@@ -84,12 +84,13 @@ class Service:
         engine.start()
         self.loaded, self.embedder, self.engine = loaded, embedder, engine
         log.info(
-            "ready: %s on %s (%s), context %d, max batch %d",
+            "ready: %s on %s (%s), context %d, max batch %d, forward: %s",
             model_id,
             loaded.device,
             str(loaded.dtype).removeprefix("torch."),
             limits.context_length,
             s.max_batch_size,
+            loaded.forward_description,
         )
 
     def shutdown(self) -> None:

@@ -32,6 +32,15 @@ class LoadedModel:
     limits: Limits
     compact: CompactModel | None = None  # our forward (GPT-2, Llama), else the HF model's
 
+    @property
+    def forward_description(self) -> str:
+        """Which forward serves generation, for the startup log."""
+        c = self.compact
+        if c is None:
+            return "transformers"
+        kv = str(c.kv_dtype).removeprefix("torch.")
+        return f"compact {c.family} (batch-invariant: {str(c.batch_invariant).lower()}, KV cache {kv})"
+
 
 def resolve_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
