@@ -41,7 +41,7 @@ class Settings(BaseSettings):
     batch_invariant: bool = Field(
         True,
         description="Compact forward: a request's tokens and logprobs are bitwise the same alone or in any "
-        "batch (CPU). false: faster batch-1 GEMMs and one attention call per step, without that guarantee.",
+        "batch (CPU only; ignored on GPU). false: faster batch-1 GEMMs and one attention call per step.",
     )
     max_input_tokens: int | None = Field(
         None, ge=1, description="Longest prompt in tokens. Default: max_total_tokens - 1."
