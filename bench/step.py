@@ -1,11 +1,13 @@
 """In-process decode-step benchmark: the transformers forward (`Batch`) against the compact forward
-(`CompactBatch`), alternated in rounds, on the GPT-2-124M shape (random weights) or any model dir.
+(`CompactBatch`), batch-invariant and not, alternated in rounds, on the GPT-2-124M shape (random
+weights) or any GPT-2/Llama model directory.
 
     python -m bench.step [--model DIR] [--batch 1,32] [--steps 32] [--rounds 3]
                          [--dtype float32|bfloat16] [--kv-dtype bfloat16] [--profile]
 
 Each round prefills `batch` prompts of 32 tokens, then times `steps` greedy decode steps including
-the sampler (`choose`), as the engine runs them. Prints ms/step and tok/s per path, best round.
+the sampler (`choose`), as the engine runs them. Prints ms/step, tok/s and the speed-up over the
+transformers forward per path, best round.
 """
 
 from __future__ import annotations
@@ -56,7 +58,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--kv-dtype", default="auto")
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
-    p.add_argument("--no-invariant", action="store_true", help="compact forward without batch invariance")
     p.add_argument("--profile", action="store_true", help="print the top ops of the compact step")
     args = p.parse_args(argv)
     if args.threads:
@@ -64,13 +65,19 @@ def main(argv: list[str] | None = None) -> int:
     from app.engine.batch import Batch
     from app.engine.compact_batch import CompactBatch
     from app.engine.loader import load_model
+    from app.engine.models import compact_model
 
     path = args.model or ensure_model(default_model_dir(0)).path
-    lm = load_model(
-        str(path), device="cpu", dtype=args.dtype, kv_cache_dtype=args.kv_dtype, batch_invariant=not args.no_invariant
-    )
+    lm = load_model(str(path), device="cpu", dtype=args.dtype, kv_cache_dtype=args.kv_dtype)
     assert lm.compact is not None, "this model has no compact forward"
-    paths = {"transformers": (lm.model, Batch), "compact": (lm.compact, CompactBatch)}
+    fast = compact_model(lm.model)  # the same weights, without batch invariance
+    assert fast is not None
+    fast.kv_dtype, fast.batch_invariant = lm.compact.kv_dtype, False
+    paths = {
+        "transformers": (lm.model, Batch),
+        "compact": (lm.compact, CompactBatch),
+        "compact, not invariant": (fast, CompactBatch),
+    }
     print(f"model {path} dtype {args.dtype} kv {args.kv_dtype} threads {torch.get_num_threads()}")
     for batch in [int(x) for x in args.batch.split(",")]:
         best: dict[str, float] = {}
@@ -78,8 +85,11 @@ def main(argv: list[str] | None = None) -> int:
             for name, (forward, batch_type) in paths.items():
                 dt = time_steps(name, forward, batch_type, lm, batch, args.steps)
                 best[name] = min(best.get(name, float("inf")), dt)
-        line = "  ".join(f"{n}: {dt * 1e3:7.2f} ms/step {batch / dt:7.1f} tok/s" for n, dt in best.items())
-        print(f"batch {batch:3d}  {line}  ratio {best['transformers'] / best['compact']:.2f}x")
+        line = "  ".join(
+            f"{n}: {dt * 1e3:7.2f} ms/step {batch / dt:6.1f} tok/s ({best['transformers'] / dt:.2f}x)"
+            for n, dt in best.items()
+        )
+        print(f"batch {batch:3d}  {line}")
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
 

@@ -12,4 +12,4 @@ def test_step_benchmark_runs_both_forwards(tiny_gpt2_dir: Path, capsys: pytest.C
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("batch")]
     assert len(lines) == 2
     for line in lines:
-        assert "transformers:" in line and "compact:" in line and "ratio" in line
+        assert "transformers:" in line and "compact:" in line and "compact, not invariant:" in line
