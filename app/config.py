@@ -30,6 +30,19 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto = bfloat16/float16 on GPU, float32 on CPU."
     )
+    kv_cache_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="KV-cache element type (GPT-2/Llama compact forward). auto = the model's dtype."
+    )
+    compact_forward: bool = Field(
+        True,
+        description="Run GPT-2 and Llama models on textgen's own batch-invariant forward; false: "
+        "the transformers forward for every model.",
+    )
+    batch_invariant: bool = Field(
+        True,
+        description="Compact forward: a request's tokens and logprobs are bitwise the same alone or in any "
+        "batch (CPU only; ignored on GPU). false: faster batch-1 GEMMs and one attention call per step.",
+    )
     max_input_tokens: int | None = Field(
         None, ge=1, description="Longest prompt in tokens. Default: max_total_tokens - 1."
     )

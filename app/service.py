@@ -93,6 +93,9 @@ class Service:
             max_total_tokens=s.max_total_tokens,
             max_input_tokens=s.max_input_tokens,
             adapter=s.adapter,
+            compact_forward=s.compact_forward,
+            kv_cache_dtype=s.kv_cache_dtype,
+            batch_invariant=s.batch_invariant,
         )
         self_test(loaded)
         if s.chat_template:
@@ -125,12 +128,13 @@ class Service:
         self.metrics.watch(engine, self.model_name)
         self.loaded, self.embedder, self.engine = loaded, embedder, engine
         log.info(
-            "ready: %s on %s (%s), context %d, max batch %d",
+            "ready: %s on %s (%s), context %d, max batch %d, forward: %s",
             model_id,
             loaded.device,
             str(loaded.dtype).removeprefix("torch."),
             limits.context_length,
             s.max_batch_size,
+            loaded.forward_description,
         )
         if s.ui:
             log.info("playground: %s", self.playground_url())

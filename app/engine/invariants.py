@@ -7,6 +7,7 @@ scheduler or cache change that breaks one fails there, not as a silently wrong t
 import torch
 
 from app.engine.batch import Batch
+from app.engine.compact_batch import CompactBatch
 
 
 def check_keep(keep: list[int], rows: int) -> None:
@@ -15,7 +16,10 @@ def check_keep(keep: list[int], rows: int) -> None:
     assert all(a < b for a, b in zip(keep, keep[1:], strict=False)), f"keep {keep} is not strictly ascending"
 
 
-def check_batch(batch: Batch) -> None:
+def check_batch(batch: Batch | CompactBatch) -> None:
+    if isinstance(batch, CompactBatch):
+        check_compact_batch(batch)
+        return
     rows = len(batch.seqs)
     assert batch.mask.shape[0] == rows, f"mask has {batch.mask.shape[0]} rows, the batch {rows}"
     assert batch.positions.shape == (rows,), f"positions {tuple(batch.positions.shape)} for {rows} rows"
@@ -35,3 +39,17 @@ def check_batch(batch: Batch) -> None:
         f"positions {batch.positions.tolist()} do not count real tokens {real.tolist()}"
     )
     assert bool(batch.mask[:, 0].any()), "the first column is padding in every row (it should have been cut)"
+
+
+def check_compact_batch(batch: CompactBatch) -> None:
+    """The compact forward's per-row cache: no padding, so each row holds exactly its own tokens."""
+    rows = len(batch.seqs)
+    cache = batch.cache
+    assert cache.rows == rows, f"the cache has {cache.rows} rows, the batch {rows}"
+    assert batch.next_ids.shape == (rows,), f"next_ids {tuple(batch.next_ids.shape)} for {rows} rows"
+    assert cache.kv.shape[2] >= rows, f"the KV buffer holds {cache.kv.shape[2]} rows, the batch {rows}"
+    for row, (seq, length) in enumerate(zip(batch.seqs, cache.lengths, strict=True)):
+        # The newest token is in next_ids, not yet in the cache.
+        expected = seq.prompt_len + len(seq.generated) - 1
+        assert length == expected, f"row {row} caches {length} tokens, its sequence has {expected}"
+        assert length <= cache.kv.shape[4], f"row {row} caches {length} tokens in {cache.kv.shape[4]} columns"

@@ -8,6 +8,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from app.engine.models import CompactModel, compact_model
+
 
 class ModelLoadError(Exception):
     """A model that cannot be served; the message says what was tried and what to do."""
@@ -28,6 +30,16 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     limits: Limits
+    compact: CompactModel | None = None  # our forward (GPT-2, Llama), else the HF model's
+
+    @property
+    def forward_description(self) -> str:
+        """Which forward serves generation, for the startup log."""
+        c = self.compact
+        if c is None:
+            return "transformers"
+        kv = str(c.kv_dtype).removeprefix("torch.")
+        return f"compact {c.family} (batch-invariant: {str(c.batch_invariant).lower()}, KV cache {kv})"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -88,6 +100,9 @@ def load_model(
     max_total_tokens: int | None = None,
     max_input_tokens: int | None = None,
     adapter: str | None = None,
+    compact_forward: bool = True,
+    kv_cache_dtype: str = "auto",
+    batch_invariant: bool = True,
 ) -> LoadedModel:
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
@@ -127,7 +142,18 @@ def load_model(
     model.to(dev).eval()
     model.requires_grad_(False)
     limits = resolve_limits(context_length(config), max_total_tokens, max_input_tokens)
-    return LoadedModel(model, tokenizer, model_id, dev, torch_dtype, limits)
+    compact = compact_model(model) if compact_forward else None
+    if compact is not None:
+        compact.kv_dtype = torch_dtype if kv_cache_dtype == "auto" else getattr(torch, kv_cache_dtype)
+        # Invariance is built and tested for CPU kernels only; on GPU one attention call per step
+        # (not one per row) is what keeps kernel launches in check.
+        compact.batch_invariant = batch_invariant and dev.type == "cpu"
+    elif kv_cache_dtype != "auto":
+        raise ModelLoadError(
+            f"TEXTGEN_KV_CACHE_DTYPE={kv_cache_dtype} needs the compact forward (GPT-2 or Llama with "
+            "TEXTGEN_COMPACT_FORWARD=true); this model runs on the transformers forward."
+        )
+    return LoadedModel(model, tokenizer, model_id, dev, torch_dtype, limits, compact)
 
 
 def _apply_adapter(model: PreTrainedModel, adapter: str) -> PreTrainedModel:

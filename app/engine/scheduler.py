@@ -22,6 +22,7 @@ import torch
 from app.engine import admission
 from app.engine.admission import RequestTooLargeError
 from app.engine.batch import Batch
+from app.engine.compact_batch import CompactBatch
 from app.engine.embeddings import Embedder
 from app.engine.invariants import check_batch, check_keep
 from app.engine.kv_cache import KVAccount
@@ -58,6 +59,9 @@ class Engine:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.embedder = embedder
+        # GPT-2 and Llama run on our compact forward (CompactBatch); other models on HF's (Batch).
+        self._forward = loaded.compact if loaded.compact is not None else loaded.model
+        self._batch_type = CompactBatch if loaded.compact is not None else Batch
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.max_prefill_tokens = max_prefill_tokens
@@ -73,7 +77,7 @@ class Engine:
         self._cond = threading.Condition()
         self._waiting: deque[Sequence] = deque()
         self._embeds: deque[EmbedRequest] = deque()
-        self._batch: Batch | None = None
+        self._batch: Batch | CompactBatch | None = None
         self._prefilling: list[Sequence] = []  # taken from the queue, not yet in the batch
         # After a prefill ran out of device memory: admit one request at a time, and none while
         # this many rows (or more) still run, since memory frees only as rows leave.
@@ -290,7 +294,7 @@ class Engine:
                     self._retire(s, "cancelled")
             self._batch = self._keep(batch, keep)
 
-    def _keep(self, batch: Batch, keep: list[int]) -> Batch | None:
+    def _keep(self, batch: Batch | CompactBatch, keep: list[int]) -> Batch | CompactBatch | None:
         """`batch` reduced to rows `keep`, or None (its cache freed) when no row is left."""
         if self.check_invariants:
             check_keep(keep, len(batch))
@@ -308,7 +312,7 @@ class Engine:
             self.metrics.prompt_tokens.inc(seq.prompt_len)
         all_logits = any(s.request.prefill_details for s in seqs)
         try:
-            batch, logits, full = Batch.prefill(self.model, seqs, all_logits, self.kv)
+            batch, logits, full = self._batch_type.prefill(self._forward, seqs, all_logits, self.kv)  # type: ignore[arg-type]
         except torch.OutOfMemoryError as exc:
             self._prefill_out_of_memory(seqs, exc)
             return
@@ -328,7 +332,7 @@ class Engine:
         self._reserve(self._batch, self._batch.seqs)
 
     # The two places the scheduler touches the KV cache's memory, so another batch type adapts here.
-    def _reserve(self, batch: Batch, seqs: list[Sequence]) -> None:
+    def _reserve(self, batch: Batch | CompactBatch, seqs: list[Sequence]) -> None:
         """Size `batch`'s buffers for the longest reservation among `seqs` at their next copy.
 
         Spare rows (so joins rarely copy) are allowed up to what the budget holds even at its
@@ -341,7 +345,7 @@ class Engine:
         batch.cache.max_rows = min(limits.max_batch_size, rows) if rows > len(seqs) else None
 
     @staticmethod
-    def _release(batch: Batch) -> None:
+    def _release(batch: Batch | CompactBatch) -> None:
         """Free `batch`'s KV buffers (and their charge to the budget account) now."""
         batch.cache.release()
 
@@ -365,7 +369,7 @@ class Engine:
         if self.loaded.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _record_prefill(self, batch: Batch, logits: torch.Tensor) -> dict[int, str]:
+    def _record_prefill(self, batch: Batch | CompactBatch, logits: torch.Tensor) -> dict[int, str]:
         """Prompt logprobs (and top candidates) for the sequences that asked for them; return the
         rows whose prompt tokens could not be rendered, with the error (those requests fail alone)."""
         failed: dict[int, str] = {}

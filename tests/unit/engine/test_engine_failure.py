@@ -20,12 +20,13 @@ def test_engine_death_fails_health(tiny_gpt2_dir: Path, caplog: pytest.LogCaptur
             time.sleep(0.05)
         ok = client.post("/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": 2}})
         assert ok.status_code == 200
-        model = app.state.service.engine.model
+        engine = app.state.service.engine
+        model = engine.loaded.compact or engine.model  # the forward the engine runs
 
         def broken_forward(*args: object, **kwargs: object) -> None:
             raise RuntimeError("simulated device failure")
 
-        model.forward = broken_forward
+        model.forward = broken_forward  # type: ignore[method-assign]
         with caplog.at_level(logging.ERROR, logger="textgen.engine"):
             failed = client.post("/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": 2}})
         assert failed.status_code == 500

@@ -1,0 +1,84 @@
+"""Llama as a compact forward: HF's weights read in place, HF's RMSNorm and rotary embedding."""
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from app.engine.models.base import Attend, CompactModel, rowwise
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # As HF's LlamaRMSNorm: the statistics in float32, the scale in the model's dtype.
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LlamaCompact(CompactModel):
+    family = "llama"
+
+    @classmethod
+    def wrap(cls, model: PreTrainedModel) -> "LlamaCompact | None":
+        config = model.config
+        if config.hidden_act != "silu" or getattr(config, "sliding_window", None):
+            return None
+        return cls(model)
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        config = model.config
+        m = model.model
+        self.layers = config.num_hidden_layers
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.vocab_size = config.vocab_size
+        self.eps = config.rms_norm_eps
+        self.embed = m.embed_tokens.weight
+        self.dtype = self.embed.dtype
+        self.kv_dtype = self.dtype
+        self.device = self.embed.device
+        self.rotary = m.rotary_emb  # HF's module: every rope variant (scaling types) as HF computes it
+        self.blocks = [
+            (
+                b.input_layernorm.weight,
+                b.self_attn.q_proj,
+                b.self_attn.k_proj,
+                b.self_attn.v_proj,
+                b.self_attn.o_proj,
+                b.post_attention_layernorm.weight,
+                b.mlp.gate_proj,
+                b.mlp.up_proj,
+                b.mlp.down_proj,
+            )
+            for b in m.layers
+        ]
+        self.norm = m.norm.weight
+        self.lm_head_t = model.lm_head.weight.detach().t().contiguous()
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
+        x = F.embedding(ids, self.embed)
+        n = x.shape[0]
+        cos, sin = self.rotary(x[None], positions[None])
+        cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [N, 1, head_dim]
+        for i, (ln1, wq, wk, wv, wo, ln2, gate, up, down) in enumerate(self.blocks):
+            h = _rms_norm(x, ln1, self.eps)
+            q = F.linear(h, wq.weight, wq.bias).view(n, self.heads, self.head_dim)
+            k = F.linear(h, wk.weight, wk.bias).view(n, self.kv_heads, self.head_dim)
+            v = F.linear(h, wv.weight, wv.bias).view(n, self.kv_heads, self.head_dim)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            x = x + F.linear(attend(i, q, k, v), wo.weight, wo.bias)
+            h = _rms_norm(x, ln2, self.eps)
+            h = rowwise(F.silu, F.linear(h, gate.weight, gate.bias), self.batch_invariant) * F.linear(
+                h, up.weight, up.bias
+            )
+            x = x + F.linear(h, down.weight, down.bias)
+        return _rms_norm(x, self.norm, self.eps)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden @ self.lm_head_t

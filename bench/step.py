@@ -1,0 +1,103 @@
+"""In-process decode-step benchmark: the transformers forward (`Batch`) against the compact forward
+(`CompactBatch`), batch-invariant and not, alternated in rounds, on the GPT-2-124M shape (random
+weights) or any GPT-2/Llama model directory.
+
+    python -m bench.step [--model DIR] [--batch 1,32] [--steps 32] [--rounds 3]
+                         [--dtype float32|bfloat16] [--kv-dtype bfloat16] [--profile]
+
+Each round prefills `batch` prompts of 32 tokens, then times `steps` greedy decode steps including
+the sampler (`choose`), as the engine runs them. Prints ms/step, tok/s and the speed-up over the
+transformers forward per path, best round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from bench.model import default_model_dir, ensure_model
+
+
+def _seqs(tokenizer: object, batch: int, vocab: int) -> list:
+    from app.engine.sequence import Sequence
+    from app.engine.types import GenerationRequest, SamplingParams, StoppingParams
+
+    out = []
+    for i in range(batch):
+        ids = [(97 * i + 31 * j) % (vocab - 10) + 5 for j in range(32)]
+        request = GenerationRequest(ids, SamplingParams(), StoppingParams(10_000), lambda e: None)
+        out.append(Sequence(request, tokenizer, frozenset(), frozenset(), 1 << 20, torch.device("cpu")))  # type: ignore[arg-type]
+    return out
+
+
+@torch.inference_mode()
+def time_steps(path: str, forward: object, batch_type: type, lm: object, batch: int, steps: int) -> float:
+    """Seconds per decode step (sampler included) after a prefill and 2 warm-up steps."""
+    from app.engine.sampling import choose
+
+    seqs = _seqs(lm.tokenizer, batch, lm.model.config.vocab_size)  # type: ignore[attr-defined]
+    b, logits, _ = batch_type.prefill(forward, seqs, False)
+    b.set_next([c.token_id for c in choose(logits, b.seqs, [])])
+    for _ in range(2):
+        b.set_next([c.token_id for c in choose(b.decode(forward), b.seqs, [])])
+    start = time.perf_counter()
+    for _ in range(steps):
+        b.set_next([c.token_id for c in choose(b.decode(forward), b.seqs, [])])
+    return (time.perf_counter() - start) / steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, help="model directory (default: the bench's GPT-2-124M shape)")
+    p.add_argument("--batch", default="1,32")
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--kv-dtype", default="auto")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads")
+    p.add_argument("--profile", action="store_true", help="print the top ops of the compact step")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from app.engine.batch import Batch
+    from app.engine.compact_batch import CompactBatch
+    from app.engine.loader import load_model
+    from app.engine.models import compact_model
+
+    path = args.model or ensure_model(default_model_dir(0)).path
+    lm = load_model(str(path), device="cpu", dtype=args.dtype, kv_cache_dtype=args.kv_dtype)
+    assert lm.compact is not None, "this model has no compact forward"
+    fast = compact_model(lm.model)  # the same weights, without batch invariance
+    assert fast is not None
+    fast.kv_dtype, fast.batch_invariant = lm.compact.kv_dtype, False
+    paths = {
+        "transformers": (lm.model, Batch),
+        "compact": (lm.compact, CompactBatch),
+        "compact, not invariant": (fast, CompactBatch),
+    }
+    print(f"model {path} dtype {args.dtype} kv {args.kv_dtype} threads {torch.get_num_threads()}")
+    for batch in [int(x) for x in args.batch.split(",")]:
+        best: dict[str, float] = {}
+        for _ in range(args.rounds):
+            for name, (forward, batch_type) in paths.items():
+                dt = time_steps(name, forward, batch_type, lm, batch, args.steps)
+                best[name] = min(best.get(name, float("inf")), dt)
+        line = "  ".join(
+            f"{n}: {dt * 1e3:7.2f} ms/step {batch / dt:6.1f} tok/s ({best['transformers'] / dt:.2f}x)"
+            for n, dt in best.items()
+        )
+        print(f"batch {batch:3d}  {line}")
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                time_steps("compact", lm.compact, CompactBatch, lm, batch, 8)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
