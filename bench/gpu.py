@@ -46,6 +46,7 @@ class Config:
     device: str
     dtype: str
     compile: bool
+    compact: bool = True  # False: the transformers forward (TEXTGEN_COMPACT_FORWARD=false), the baseline
 
 
 @dataclass(frozen=True)
@@ -73,10 +74,13 @@ def make_plan(dry_run: bool) -> Plan:
             phase_timeout_s=60.0,
             startup_timeout_s=120.0,
         )
+    # Most telling first, in case the budget runs out: compact vs transformers forward in bf16.
     configs = [
-        Config(f"cuda-{dtype}-{'graphs' if graphs else 'eager'}", "cuda", dtype, graphs)
-        for dtype in ("float16", "bfloat16")
-        for graphs in (False, True)
+        Config("cuda-bfloat16-eager", "cuda", "bfloat16", False),
+        Config("cuda-bfloat16-transformers", "cuda", "bfloat16", False, compact=False),
+        Config("cuda-float16-eager", "cuda", "float16", False),
+        Config("cuda-bfloat16-graphs", "cuda", "bfloat16", True),
+        Config("cuda-float16-graphs", "cuda", "float16", True),
     ]
     return Plan(
         configs=configs,
@@ -132,6 +136,8 @@ class ServeProcess:
             TEXTGEN_DEVICE=config.device,
             TEXTGEN_DTYPE=config.dtype,
             TEXTGEN_COMPILE="true" if config.compile else "false",
+            TEXTGEN_COMPACT_FORWARD="true" if config.compact else "false",
+            TEXTGEN_DRAIN_DELAY="0",
             TEXTGEN_MAX_BATCH_SIZE="128",
             TEXTGEN_MAX_QUEUE="512",
             TEXTGEN_HOST="127.0.0.1",

@@ -22,6 +22,8 @@ _SPARE_COLUMNS = 128
 
 
 class Account(Protocol):
+    reallocations: int  # buffers replaced by larger ones (live rows copied)
+
     def charge(self, slots: int) -> None: ...
     def release(self, slots: int) -> None: ...
 
@@ -74,6 +76,8 @@ class RowCache:
         live, width = self.rows, max(self.lengths, default=0)
         if live and width:
             kv[:, :, :live, :, :width] = self.kv[:, :, :live, :, :width]
+        if self.account is not None and self._charged:
+            self.account.reallocations += 1
         self._adopt(kv)
 
     def _adopt(self, kv: torch.Tensor) -> None:

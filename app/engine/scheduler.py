@@ -397,9 +397,9 @@ class Engine:
                 failed[row] = f"the prompt's tokens could not be decoded ({type(exc).__name__}: {exc})"
         return failed
 
-    def _decode(self, batch: Batch) -> None:
+    def _decode(self, batch: Batch | CompactBatch) -> None:
         try:
-            logits = batch.decode(self.model)
+            logits = batch.decode(self._forward)  # type: ignore[arg-type]
         except torch.OutOfMemoryError as exc:  # these rows fail; the engine serves the next ones
             log.warning("out of memory decoding a batch of %d: %s", len(batch), exc)
             self._batch = None
@@ -430,7 +430,9 @@ class Engine:
                 out.append(f"sampling failed for this request ({type(exc).__name__}: {exc})")
         return out
 
-    def _advance(self, batch: Batch, logits: torch.Tensor, failed: dict[int, str] | None = None) -> list[int]:
+    def _advance(
+        self, batch: Batch | CompactBatch, logits: torch.Tensor, failed: dict[int, str] | None = None
+    ) -> list[int]:
         """Choose and emit each row's next token; return the rows that go on. Rows in `failed`
         (or whose sampling fails) are retired with their error instead."""
         choices = self._choose(logits, batch.seqs)
