@@ -20,6 +20,7 @@ from app.api.openai.protocol import (
     new_id,
     now,
 )
+from app.api.structured import compile_grammar, openai_spec
 from app.engine.types import Event
 from app.service import Service
 
@@ -117,8 +118,15 @@ async def chat(body: ChatRequest, request: Request, ctx: ContextDep):
     ids = await run_in_threadpool(render_prompt, service, body)  # templating is slow work
     ctx.usage["prompt"] = [m.model_dump() for m in body.messages]
     top = (body.top_logprobs or 0) if body.logprobs else 0
+    grammar = await compile_grammar(ctx, *openai_spec(body))
     generations = start_choices(
-        ctx, body, [ids], body.max_completion_tokens or body.max_tokens, top_logprobs=top, prompt_field="messages"
+        ctx,
+        body,
+        [ids],
+        body.max_completion_tokens or body.max_tokens,
+        top_logprobs=top,
+        prompt_field="messages",
+        grammar=grammar,
     )
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -47,12 +47,16 @@ class SamplingFields(RequestModel):
     )
     ignore_eos: bool = Field(False, description="Extension: keep generating past EOS.")
     include_stop_str_in_output: bool = Field(False, description="Extension: keep the matched stop string.")
+    # Structured output (app/api/structured.py checks them and says what is wrong).
+    response_format: Any = Field(None, description="{'type': 'text' | 'json_object' | 'json_schema', ...}.")
+    structured_outputs: Any = Field(
+        None, description="Extension (vLLM): one of json (schema), regex, choice (list), grammar (Lark)."
+    )
+    guided_json: Any = Field(None, description="Extension (older vLLM): a JSON schema.")
+    guided_regex: Any = Field(None, description="Extension (older vLLM): a regex.")
+    guided_choice: Any = Field(None, description="Extension (older vLLM): a list of strings.")
+    guided_grammar: Any = Field(None, description="Extension (older vLLM): a Lark grammar.")
     # Known but not implemented: refused unless null or default.
-    response_format: Annotated[Any, Refused(lambda v: isinstance(v, dict) and v.get("type") == "text")] = None
-    guided_json: Annotated[Any, Refused()] = None
-    guided_regex: Annotated[Any, Refused()] = None
-    guided_choice: Annotated[Any, Refused()] = None
-    guided_grammar: Annotated[Any, Refused()] = None
     use_beam_search: Annotated[Any, Refused(lambda v: v is False)] = None
     skip_special_tokens: Annotated[Any, Refused(lambda v: v is True)] = None
     prompt_logprobs: Annotated[Any, Refused()] = None
