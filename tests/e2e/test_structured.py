@@ -20,7 +20,7 @@ from tests.e2e.server import Server, start, stop
 
 # A chat template that shows the tools to the model (used by the tool-calling tests too).
 TEMPLATE = (
-    "{% if tools %}Tools: {{ tools | tojson }}\n{% endif %}"
+    "{% if tools %}Tools:{% for t in tools %} {{ t.function.name }}{% endfor %}\n{% endif %}"
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] or '' }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
@@ -231,3 +231,164 @@ def test_metrics_count_constrained_requests(srv: Server) -> None:
     assert re.search(r'textgen_constrained_requests_total\{kind="choice"\} [1-9]', text)
     assert re.search(r"textgen_grammar_compile_seconds_count [1-9]", text)
     assert re.search(r"textgen_grammar_mask_seconds_count [1-9]", text)
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"enum": ["Paris", "Rome"]},
+                "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            },
+            "required": ["city", "days"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"enum": ["UTC", "CET"]}},
+            "required": ["zone"],
+            "additionalProperties": False,
+        },
+    },
+}
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
+
+
+def sdk(srv: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused")
+
+
+def check_calls(calls: list, at_least: int = 1) -> None:
+    assert calls is not None and len(calls) >= at_least
+    for call in calls:
+        assert call.type == "function" and call.id.startswith("call_")
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+
+
+@pytest.mark.parametrize("parallel", [False, None])
+def test_tool_choice_required_and_named_through_the_sdk(srv: Server, parallel: bool | None) -> None:
+    client = sdk(srv)
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    extra = {} if parallel is None else {"parallel_tool_calls": parallel}
+    answered = 0
+    for seed in range(3):
+        out = client.chat.completions.create(
+            model=model_id(srv),
+            messages=messages,
+            tools=[WEATHER, TIME],
+            tool_choice="required",
+            max_tokens=150,
+            seed=seed,
+            **extra,
+        )
+        choice = out.choices[0]
+        if choice.finish_reason == "length":  # a random model may list calls until max_tokens
+            assert parallel is None
+            continue
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        check_calls(choice.message.tool_calls)
+        if parallel is False:
+            assert len(choice.message.tool_calls) == 1
+        answered += 1
+    assert answered, "every answer ran out of max_tokens"
+    named = client.chat.completions.create(
+        model=model_id(srv),
+        messages=messages,
+        tools=[WEATHER, TIME],
+        tool_choice={"type": "function", "function": {"name": "get_time"}},
+        max_tokens=60,
+    )
+    assert named.choices[0].finish_reason == "tool_calls"
+    check_calls(named.choices[0].message.tool_calls)
+    assert named.choices[0].message.tool_calls[0].function.name == "get_time"
+
+
+def test_tool_calls_stream_as_deltas(srv: Server) -> None:
+    client = sdk(srv)
+    for choice_arg in ({"type": "function", "function": {"name": "get_weather"}}, "required"):
+        stream = client.chat.completions.create(
+            model=model_id(srv),
+            messages=[{"role": "user", "content": "Weather?"}],
+            tools=[WEATHER],
+            tool_choice=choice_arg,
+            parallel_tool_calls=False,
+            max_tokens=80,
+            stream=True,
+        )
+        calls: dict[int, dict] = {}
+        finish = None
+        for chunk in stream:
+            delta = chunk.choices[0].delta
+            for tc in delta.tool_calls or []:
+                call = calls.setdefault(tc.index, {"id": None, "name": "", "arguments": ""})
+                call["id"] = call["id"] or tc.id
+                call["name"] += (tc.function.name or "") if tc.function else ""
+                call["arguments"] += (tc.function.arguments or "") if tc.function else ""
+            finish = chunk.choices[0].finish_reason or finish
+        assert finish == "tool_calls" and len(calls) == 1
+        assert calls[0]["name"] == "get_weather" and calls[0]["id"].startswith("call_")
+        jsonschema.validate(json.loads(calls[0]["arguments"]), SCHEMAS["get_weather"])
+
+
+def test_tool_choice_auto_is_text_or_a_call(srv: Server) -> None:
+    client = sdk(srv)
+    kinds = set()
+    for seed in range(4):
+        out = client.chat.completions.create(
+            model=model_id(srv),
+            messages=[{"role": "user", "content": "Weather?"}],
+            tools=[WEATHER],
+            max_tokens=30,
+            temperature=1.0,
+            seed=seed,
+        )
+        choice = out.choices[0]
+        if choice.finish_reason == "tool_calls":
+            check_calls(choice.message.tool_calls)
+            kinds.add("call")
+        else:
+            assert not (choice.message.content or "").startswith("<")
+            kinds.add("text")
+    assert kinds
+
+
+def test_tool_errors(srv: Server, tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    base = {"model": model_id(srv), "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    for extra, field, words in [
+        (
+            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            "tool_choice",
+            "nope",
+        ),
+        ({"tool_choice": "required"}, "tool_choice", "needs `tools`"),
+        ({"tools": [{"type": "function"}], "tool_choice": "required"}, "tools", "tools[0]"),
+        (
+            {"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}},
+            "response_format",
+            "not both",
+        ),
+    ]:
+        r = httpx.post(f"{srv.url}/v1/chat/completions", json={**base, **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field and words in r.text, r.text
+    # A template that does not render tools: "auto" would hide them from the model.
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    plain = start(tiny_gpt2_dir, env={"TEXTGEN_CHAT_TEMPLATE": str(template)}, log_dir=tmp_path)
+    try:
+        body = {**base, "model": model_id(plain), "tools": [WEATHER]}
+        r = httpx.post(f"{plain.url}/v1/chat/completions", json=body)
+        assert r.status_code == 400 and "renders `tools`" in r.text, r.text
+        body["tool_choice"] = "required"
+        assert httpx.post(f"{plain.url}/v1/chat/completions", json=body).status_code == 200
+    finally:
+        stop(plain.process)

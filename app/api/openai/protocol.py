@@ -103,14 +103,12 @@ class ChatRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[dict] | None = Field(
-        None, description="Rendered by the chat template; tool calls are not parsed, so tool_choice must be none."
-    )
-    tool_choice: Annotated[Any, Refused(lambda v: v == "none")] = None
+    tools: list[dict] | None = Field(None, description="Functions the model may call (README, Tool calling).")
+    tool_choice: Any = Field(None, description="'none', 'auto' (default with tools), 'required' or a named function.")
     chat_template_kwargs: dict[str, Any] | None = Field(None, description="Extension: extra template variables.")
     add_generation_prompt: bool = Field(True, description="Extension: end the prompt with the assistant header.")
     continue_final_message: bool = Field(False, description="Extension: continue the last message instead.")
-    parallel_tool_calls: Annotated[Any, Refused()] = None
+    parallel_tool_calls: bool | None = Field(None, description="With 'required': one call (false) or a list (true).")
     functions: Annotated[Any, Refused()] = None
     function_call: Annotated[Any, Refused(lambda v: v == "none")] = None
     audio: Annotated[Any, Refused()] = None
@@ -176,7 +174,7 @@ class ChatChoice(BaseModel):
     index: int
     message: dict
     logprobs: dict | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
 
 
 class ChatResponse(BaseModel):
