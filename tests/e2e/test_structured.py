@@ -159,6 +159,10 @@ def test_tgi_grammar_and_huggingface_hub(srv: Server, monkeypatch: pytest.Monkey
     )
     jsonschema.validate(json.loads(details.generated_text), schema)
     assert details.details.finish_reason == "eos_token"
+    pieces = client.text_generation(
+        "a", max_new_tokens=20, stream=True, grammar={"type": "regex", "value": "[xyz]{2,5}"}
+    )
+    assert re.fullmatch("[xyz]{2,5}", "".join(pieces))
 
 
 class Pet(BaseModel):
@@ -392,3 +396,16 @@ def test_tool_errors(srv: Server, tiny_gpt2_dir: Path, tmp_path: Path) -> None:
         assert httpx.post(f"{plain.url}/v1/chat/completions", json=body).status_code == 200
     finally:
         stop(plain.process)
+
+
+def test_compile_time_limit_is_a_400(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    srv = start(tiny_gpt2_dir, env={"TEXTGEN_GRAMMAR_COMPILE_TIMEOUT": "0.000001"}, log_dir=tmp_path)
+    try:
+        body = {"model": model_id(srv), "prompt": "Hi", "max_tokens": 2, "guided_regex": "[a-z]{3}"}
+        r = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 400 and "TEXTGEN_GRAMMAR_COMPILE_TIMEOUT" in r.text, r.text
+        assert r.json()["error"]["param"] == "guided_regex"
+        r = httpx.post(f"{srv.url}/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}}, timeout=60)
+        assert r.status_code == 200, r.text
+    finally:
+        stop(srv.process)
