@@ -357,11 +357,28 @@ def test_tool_choice_auto_is_text_or_a_call(srv: Server) -> None:
             seed=seed,
         )
         choice = out.choices[0]
+        streamed = {"content": "", "calls": [], "finish": None}
+        for chunk in client.chat.completions.create(
+            model=model_id(srv),
+            messages=[{"role": "user", "content": "Weather?"}],
+            tools=[WEATHER],
+            max_tokens=30,
+            temperature=1.0,
+            seed=seed,
+            stream=True,
+        ):
+            delta = chunk.choices[0].delta
+            streamed["content"] += delta.content or ""
+            streamed["calls"] += [(tc.function.name, tc.function.arguments) for tc in delta.tool_calls or []]
+            streamed["finish"] = chunk.choices[0].finish_reason or streamed["finish"]
+        assert streamed["finish"] == choice.finish_reason
         if choice.finish_reason == "tool_calls":
             check_calls(choice.message.tool_calls)
+            assert streamed["calls"] == [(c.function.name, c.function.arguments) for c in choice.message.tool_calls]
             kinds.add("call")
         else:
             assert not (choice.message.content or "").startswith("<")
+            assert streamed["content"] == choice.message.content
             kinds.add("text")
     assert kinds
 

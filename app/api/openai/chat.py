@@ -168,7 +168,7 @@ def _stream(
     def choice(index: int, delta: dict, finish: str | None, logprobs: dict | None = None) -> dict:
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
-    held = [""] * len(generations)  # tool-call output, sent once complete
+    held: list[str | None] = [""] * len(generations)  # tool-call output, sent once complete
     named_call = [new_call(plan.name, "") if plan and plan.name else None for _ in generations]
 
     def render(index: int, event: Event, finish: str | None) -> dict | None:
@@ -190,13 +190,16 @@ def _stream(
                 }
                 named_call[index] = None
             return choice(index, {"tool_calls": [delta]}, "tool_calls" if finish == "stop" else finish, logprobs)
-        if plan is not None:
-            held[index] += event.text
+        if plan is not None and plan.mode == "auto" and not held[index] and event.text[:1] not in ("", "<"):
+            held[index] = None  # free text (a call would start with its tag): stream it as it comes
+        text = held[index]
+        if plan is not None and text is not None:
+            text = held[index] = text + event.text
             if finish is None:
                 return choice(index, {}, None, logprobs) if logprobs else None
-            calls = parse_calls(plan, held[index]) if finish == "stop" else None
+            calls = parse_calls(plan, text) if finish == "stop" else None
             if calls is None:
-                return choice(index, {"content": held[index]} if held[index] else {}, finish, logprobs)
+                return choice(index, {"content": text} if text else {}, finish, logprobs)
             deltas = [{"index": k, **call} for k, call in enumerate(calls)]
             return choice(index, {"tool_calls": deltas}, "tool_calls", logprobs)
         if event.text or finish or logprobs:
