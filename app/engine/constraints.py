@@ -99,8 +99,8 @@ class Matcher:
         self._m = matcher
 
     def _check(self) -> None:
-        if self._m.is_error():
-            raise GrammarError(f"structured output failed: {self._m.get_error()}")
+        if self._m.is_error():  # the first line says why; the rest is a parser state dump
+            raise GrammarError(f"structured output failed: {self._m.get_error().splitlines()[0]}")
 
     def allowed(self, vocab: int, device: torch.device) -> torch.Tensor:
         """[vocab] bool: the tokens the grammar allows next (EOS only once it may end)."""

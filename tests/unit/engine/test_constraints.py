@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+import torch
 
 from app.engine.constraints import GrammarCompiler, GrammarError, GrammarSpec
 from app.engine.loader import LoadedModel, load_model
@@ -127,6 +128,21 @@ def test_invalid_grammars_say_what_is_wrong(tiny_lm: LoadedModel) -> None:
     ]:
         with pytest.raises(GrammarError, match=words):
             comp.compile(spec)
+
+
+def test_mask_keeps_special_tokens_out_and_eos_for_the_end(tiny_lm: LoadedModel) -> None:
+    tok = tiny_lm.tokenizer
+    vocab = tiny_lm.model.config.vocab_size
+    matcher = compiler(tiny_lm).compile(GrammarSpec.choice(["yes"])).matcher()
+    allowed = matcher.allowed(vocab, torch.device("cpu"))
+    assert allowed.shape == (vocab,) and allowed.any()
+    assert not allowed[tok.all_special_ids].any()  # EOS included: "yes" is not written yet
+    for token in tok("yes", add_special_tokens=False)["input_ids"]:
+        matcher.advance(token)
+    assert matcher.complete
+    assert matcher.allowed(vocab, torch.device("cpu")).nonzero().flatten().tolist() == [tok.eos_token_id]
+    with pytest.raises(GrammarError, match="structured output failed: parser stopped"):
+        matcher.advance(tok("no", add_special_tokens=False)["input_ids"][0])
 
 
 def test_cache_returns_the_compiled_grammar(tiny_lm: LoadedModel) -> None:
