@@ -41,6 +41,7 @@ lint: install
 
 bench: install
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.structured
 
 bench-quick: install
 	$(BIN)/python -m bench.run --quick

@@ -66,6 +66,9 @@ class Settings(BaseSettings):
         128, ge=0, description="Waiting requests; beyond this new ones get 429 (0: none wait, idle slots still admit)."
     )
     max_embed_batch: int = Field(64, ge=1, description="Most inputs in one /embed request (413 beyond).")
+    grammar_compile_timeout: float = Field(
+        10.0, gt=0, description="Seconds a structured-output grammar may take to compile (400/422 beyond)."
+    )
     max_stop_sequences: int = Field(8, ge=0, description="Most stop strings per request.")
     max_best_of: int = Field(8, ge=1, description="Largest n (choices) per OpenAI request.")
     max_body_bytes: int = Field(2_000_000, ge=1024, description="Largest request body (413 beyond).")

@@ -58,6 +58,18 @@ class Metrics:
         self.cancelled = Counter(
             "textgen_cancelled_requests", "Generations cancelled (client gone or timeout)", registry=r
         )
+        self.constrained_requests = Counter(
+            "textgen_constrained_requests", "Generations with structured output, by kind", ["kind"], registry=r
+        )
+        self.grammar_compile = Histogram(
+            "textgen_grammar_compile_seconds", "Compiling a grammar (cache misses only)", buckets=_STEP, registry=r
+        )
+        self.grammar_mask = Histogram(
+            "textgen_grammar_mask_seconds",
+            "Computing and applying the allowed-token masks of one decode step",
+            buckets=(0.0001, 0.00025, 0.0005, *_STEP),
+            registry=r,
+        )
         self.embedded_inputs = Counter("textgen_embedded_inputs", "Texts embedded", registry=r)
         self.engine_steps = Counter("textgen_engine_steps", "Forward passes run by the engine", ["kind"], registry=r)
         # Load, read at scrape time: what a gateway routes on.

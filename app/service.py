@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from app.config import Settings
 from app.demo_model import BuildProgress, DemoBuild, DemoBuildError, demo_model_ready
 from app.engine.admission import default_budget, model_layers
+from app.engine.constraints import GrammarCompiler
 from app.engine.embeddings import Embedder, from_causal_lm, load_sentence_transformer
 from app.engine.loader import LoadedModel, ModelLoadError, load_model
 from app.engine.scheduler import Engine
@@ -32,6 +33,7 @@ class Service:
     lame_duck: bool = False  # SIGTERM seen: /ready is 503, requests are still admitted
     draining: bool = False  # admission stopped: new requests get 503, in-flight ones finish
     chat_template: str | None = None
+    grammars: GrammarCompiler | None = None  # structured output (app/engine/constraints.py)
     started: int = field(default_factory=lambda: int(time.time()))
     _hurry: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
     build: DemoBuild | None = None  # set while the demo model is being built
@@ -126,6 +128,13 @@ class Service:
         )
         engine.start()
         self.metrics.watch(engine, self.model_name)
+        self.grammars = GrammarCompiler(
+            loaded.tokenizer,
+            loaded.model.config.vocab_size,
+            sorted(engine.eos_ids),
+            on_compile=self.metrics.grammar_compile.observe,
+        )
+        self.grammars.warm()  # llguidance's view of the vocabulary, built before the first grammar
         self.loaded, self.embedder, self.engine = loaded, embedder, engine
         log.info(
             "ready: %s on %s (%s), context %d, max batch %d, forward: %s",

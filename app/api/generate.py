@@ -31,6 +31,7 @@ from app.api.schemas import (
     StreamEvent,
     TokenOut,
 )
+from app.api.structured import compile_grammar, tgi_spec
 from app.engine.types import Completion, SamplingParams, StoppingParams, Token
 
 router = APIRouter(tags=["generate (TGI)"])
@@ -84,7 +85,8 @@ async def start_generation(ctx: Context, body: GenerateRequest) -> Generation:
         )
     # As TGI does, the matched stop sequence stays in generated_text (and in the stream).
     stopping = StoppingParams(max_new, min_new, check_stop(service, p.stop), include_stop=True)
-    return Generation(ctx, ids, sampling_params(p), stopping, prefill_details=p.decoder_input_details)
+    grammar = await compile_grammar(ctx, tgi_spec(p.grammar), "parameters.grammar")
+    return Generation(ctx, ids, sampling_params(p), stopping, p.decoder_input_details, grammar)
 
 
 def _logprob(value: float) -> float | None:

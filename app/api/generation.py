@@ -19,6 +19,7 @@ from app.api.deps import EngineDep, ServiceDep
 from app.api.errors import APIError, from_engine, validation
 from app.api.middleware import USAGE_KEY
 from app.api.schemas import refused_fields
+from app.engine.constraints import Grammar
 from app.engine.loader import Limits
 from app.engine.scheduler import Engine
 from app.engine.types import (
@@ -120,10 +121,11 @@ class Generation:
         sampling: SamplingParams,
         stopping: StoppingParams,
         prefill_details: bool = False,
+        grammar: Grammar | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
-        self.request = GenerationRequest(prompt_ids, sampling, stopping, self._deliver, prefill_details)
+        self.request = GenerationRequest(prompt_ids, sampling, stopping, self._deliver, prefill_details, grammar)
         self.usage = ctx.usage
         timeout = ctx.service.settings.request_timeout
         self._deadline = None if timeout is None else self._loop.time() + timeout

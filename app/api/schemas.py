@@ -83,7 +83,7 @@ class GenerateParameters(RequestModel):
     truncate: int | None = Field(None, ge=1, description="Keep only the last `truncate` prompt tokens.")
     watermark: bool = Field(False, description="Not supported; must be false.")
     best_of: int | None = Field(None, ge=1, le=1, description="Only 1 is supported.")
-    grammar: Annotated[Any, Refused()] = Field(None, description="Not supported yet; must be null.")
+    grammar: Any = Field(None, description='Structured output: {"type": "json" | "regex", "value": ...}.')
     adapter_id: Annotated[Any, Refused()] = Field(None, description="Not supported yet; must be null.")
 
     model_config = ConfigDict(

@@ -6,7 +6,9 @@ transformers' own logits warpers together; each sampled row then draws with its 
 so a seeded request gives the same tokens whatever else shares the batch.
 """
 
+import time
 from collections import defaultdict
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -69,10 +71,13 @@ def _apply_penalties(scores: torch.Tensor, seq: Sequence) -> None:
         scores -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(scores.dtype)
 
 
-def choose(logits: torch.Tensor, seqs: Seq[Sequence]) -> list[Choice]:
+def choose(logits: torch.Tensor, seqs: Seq[Sequence], on_mask: Callable[[float], None] | None = None) -> list[Choice]:
     """`logits` is [batch, vocab] for the last position of each row of `seqs`. Each row's
-    `top` holds its `top_logprobs` most likely ids with their log-probabilities."""
+    `top` holds its `top_logprobs` most likely ids with their log-probabilities. Rows with a
+    grammar get its allowed-token mask after bias and penalties, before the warpers (as vLLM);
+    `on_mask` receives the seconds spent computing this step's masks."""
     scores = logits.float()
+    mask_s = 0.0
     for row, seq in enumerate(seqs):
         if seq.request.sampling.logit_bias:
             _apply_logit_bias(scores[row], seq)
@@ -81,6 +86,13 @@ def choose(logits: torch.Tensor, seqs: Seq[Sequence]) -> list[Choice]:
         suppressed = seq.suppressed_ids
         if suppressed:
             scores[row, suppressed] = float("-inf")
+        if seq.matcher is not None:
+            start = time.perf_counter()
+            allowed = seq.matcher.allowed(scores.shape[-1], scores.device)
+            scores[row].masked_fill_(~allowed, float("-inf"))
+            mask_s += time.perf_counter() - start
+    if on_mask is not None and mask_s:
+        on_mask(mask_s)
 
     groups: dict[tuple, list[int]] = defaultdict(list)
     for row, seq in enumerate(seqs):

@@ -418,7 +418,7 @@ class Engine:
         is computed from its own logits, settings and generator, so the healthy rows get the
         same tokens either way."""
         try:
-            return list(choose(logits, seqs))
+            return list(choose(logits, seqs, self.metrics.grammar_mask.observe))
         except Exception:
             pass
         out: list[Choice | str] = []

@@ -45,6 +45,7 @@ class Sequence:
         self.text = ""
         self.released = 0  # self.tokens[:released] have been handed to the caller
         self.finish_reason: FinishReason | None = None
+        self.matcher = request.grammar.matcher() if request.grammar is not None else None
         self.renderer = TokenRenderer(tokenizer, request.prompt_ids)
         # Stops are matched in `_match`: the output with special tokens' text kept. Per token:
         # where its text starts in `_match` and in `text`, and whether it is special.
@@ -103,12 +104,16 @@ class Sequence:
 
     def append(self, token_id: int, logprob: float, top: list[tuple[int, float]] | None) -> Event:
         """Record one sampled token, update the text and stop state, and build its event."""
+        if self.matcher is not None:
+            self.matcher.advance(token_id)  # raises GrammarError first: nothing recorded then
         if not self.generated:
             self.first_token_at = time.perf_counter()
         self.generated.append(token_id)
         stopping = self.request.stopping
         if token_id in self.stop_ids and self.eos_allowed:
             self.finish_reason = "eos_token" if token_id in self.eos_ids else "stop_sequence"
+        elif self.matcher is not None and self.matcher.complete:
+            self.finish_reason = "eos_token"  # nothing may follow: as if EOS were sampled
         elif (
             len(self.generated) >= stopping.max_new_tokens
             or self.prompt_len + len(self.generated) >= self.max_total_tokens

@@ -2,7 +2,10 @@
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from app.engine.constraints import Grammar
 
 FinishReason = Literal["length", "eos_token", "stop_sequence", "cancelled", "error"]
 
@@ -126,6 +129,7 @@ class GenerationRequest:
     stopping: StoppingParams
     on_event: Callable[[Event], None]
     prefill_details: bool = False
+    grammar: "Grammar | None" = None  # structured output: every token must fit it
     cancelled: bool = field(default=False, init=False)
 
     def cancel(self) -> None:

@@ -222,12 +222,7 @@ def test_class6_chat_template_sees_every_field(gpt2: Server, scripted_dir: Path)
 
 REFUSED = [
     ("/v1/completions", {"suffix": "end"}, "suffix", 400),
-    ("/v1/completions", {"response_format": {"type": "json_object"}}, "response_format", 400),
-    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format", 400),
-    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice", 400),
     ("/v1/chat/completions", {"tool_choice": "auto"}, "tool_choice", 400),
-    ("/v1/completions", {"guided_json": {"type": "object"}}, "guided_json", 400),
-    ("/generate", {"grammar": {"type": "json", "value": {}}}, "parameters.grammar", 422),
     ("/generate", {"adapter_id": "my-lora"}, "parameters.adapter_id", 422),
 ]
 

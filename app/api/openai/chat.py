@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from app.api.errors import APIError
+from app.api.errors import APIError, validation
 from app.api.generation import ContextDep, Generation, check_refused, run_to_completion
 from app.api.openai.common import FINISH, SSE_RESPONSES, check_model, start_choices, stream_choices
 from app.api.openai.logprobs import chat_logprobs
@@ -20,6 +20,8 @@ from app.api.openai.protocol import (
     new_id,
     now,
 )
+from app.api.openai.tools import ToolPlan, new_call, parse_calls, tool_plan
+from app.api.structured import compile_grammar, openai_spec
 from app.engine.types import Event
 from app.service import Service
 
@@ -49,13 +51,19 @@ def _content(message: ChatMessage, index: int) -> str | None:
     return "".join(texts)
 
 
+def chat_template_of(service: Service) -> str | None:
+    """TEXTGEN_CHAT_TEMPLATE, else the tokenizer's own template."""
+    assert service.loaded is not None
+    return service.chat_template or getattr(service.loaded.tokenizer, "chat_template", None)
+
+
 def render_prompt(service: Service, body: ChatRequest) -> list[int]:
     """Token ids of the conversation rendered by the chat template. Every message field (name,
     tool_calls, tool_call_id, ...), the request's `tools` and `chat_template_kwargs` reach the
     template, as in vLLM."""
     assert service.loaded is not None
     tok = service.loaded.tokenizer
-    template = service.chat_template or getattr(tok, "chat_template", None)
+    template = chat_template_of(service)
     if not template:
         raise APIError(
             400,
@@ -64,14 +72,6 @@ def render_prompt(service: Service, body: ChatRequest) -> list[int]:
             "(a Jinja chat template).",
             "validation",
             "messages",
-        )
-    if body.tools and body.tool_choice is None:
-        raise APIError(
-            400,
-            "tool calls are not supported by this server (they would not be parsed): send tool_choice 'none' "
-            "to show `tools` to the chat template only, or omit `tools`",
-            "validation",
-            "tool_choice",
         )
     conversation = []
     for i, m in enumerate(body.messages):
@@ -114,44 +114,94 @@ async def chat(body: ChatRequest, request: Request, ctx: ContextDep):
     service = ctx.service
     model = check_model(service, body.model)
     check_refused(body)
+    template = chat_template_of(service)
+    # Checked before templating, so a bad tool is named as such (render_prompt refuses no template).
+    plan = tool_plan(body.tools, body.tool_choice, body.parallel_tool_calls, template) if template else None
+    spec, field = openai_spec(body)
+    if plan is not None:
+        if spec is not None:
+            raise validation(f"send `tools` with tool_choice 'none', or `{field.split('.')[0]}`, not both", field)
+        spec, field = plan.spec, "tools"
     ids = await run_in_threadpool(render_prompt, service, body)  # templating is slow work
     ctx.usage["prompt"] = [m.model_dump() for m in body.messages]
     top = (body.top_logprobs or 0) if body.logprobs else 0
+    grammar = await compile_grammar(ctx, spec, field)
     generations = start_choices(
-        ctx, body, [ids], body.max_completion_tokens or body.max_tokens, top_logprobs=top, prompt_field="messages"
+        ctx,
+        body,
+        [ids],
+        body.max_completion_tokens or body.max_tokens,
+        top_logprobs=top,
+        prompt_field="messages",
+        grammar=grammar,
     )
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _stream(body, model, generations, len(ids), include_usage), media_type="text/event-stream"
+            _stream(body, model, generations, len(ids), include_usage, plan), media_type="text/event-stream"
         )
     results = await run_to_completion(request, generations)
-    choices = [
-        ChatChoice(
-            index=i,
-            message={"role": "assistant", "content": c.text},
-            logprobs=chat_logprobs(c.tokens) if body.logprobs else None,
-            finish_reason=FINISH[c.finish_reason],
-        )
-        for i, c in enumerate(results)
-    ]
+    choices = []
+    for i, c in enumerate(results):
+        message: dict = {"role": "assistant", "content": c.text}
+        finish = FINISH[c.finish_reason]
+        calls = parse_calls(plan, c.text) if plan is not None and finish == "stop" else None
+        if calls is not None:
+            message, finish = {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+        logprobs = chat_logprobs(c.tokens) if body.logprobs else None
+        choices.append(ChatChoice(index=i, message=message, logprobs=logprobs, finish_reason=finish))
     completion_tokens = sum(c.generated_tokens for c in results)
     usage = Usage.of(len(ids), completion_tokens)
     return ChatResponse(id=new_id("chatcmpl"), created=now(), model=model, choices=choices, usage=usage)
 
 
 def _stream(
-    body: ChatRequest, model: str, generations: list[Generation], prompt_tokens: int, include_usage: bool
+    body: ChatRequest,
+    model: str,
+    generations: list[Generation],
+    prompt_tokens: int,
+    include_usage: bool,
+    plan: ToolPlan | None,
 ) -> AsyncIterator[str]:
     head = {"id": new_id("chatcmpl"), "object": "chat.completion.chunk", "created": now(), "model": model}
 
     def choice(index: int, delta: dict, finish: str | None, logprobs: dict | None = None) -> dict:
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
+    held: list[str | None] = [""] * len(generations)  # tool-call output, sent once complete
+    named_call = [new_call(plan.name, "") if plan and plan.name else None for _ in generations]
+
     def render(index: int, event: Event, finish: str | None) -> dict | None:
         logprobs = chat_logprobs(event.tokens) if body.logprobs else None
         if logprobs is not None and not logprobs["content"]:
             logprobs = None
+        if plan is not None and plan.mode == "named":
+            # The output is the arguments: they stream as argument deltas of the one call.
+            call = named_call[index]
+            if call is None and not event.text and finish is None and not logprobs:
+                return None
+            delta: dict = {"index": 0, "function": {"arguments": event.text}}
+            if call is not None:  # the first chunk names the call
+                delta = {
+                    "index": 0,
+                    "id": call["id"],
+                    "type": "function",
+                    "function": call["function"] | delta["function"],
+                }
+                named_call[index] = None
+            return choice(index, {"tool_calls": [delta]}, "tool_calls" if finish == "stop" else finish, logprobs)
+        if plan is not None and plan.mode == "auto" and not held[index] and event.text[:1] not in ("", "<"):
+            held[index] = None  # free text (a call would start with its tag): stream it as it comes
+        text = held[index]
+        if plan is not None and text is not None:
+            text = held[index] = text + event.text
+            if finish is None:
+                return choice(index, {}, None, logprobs) if logprobs else None
+            calls = parse_calls(plan, text) if finish == "stop" else None
+            if calls is None:
+                return choice(index, {"content": text} if text else {}, finish, logprobs)
+            deltas = [{"index": k, **call} for k, call in enumerate(calls)]
+            return choice(index, {"tool_calls": deltas}, "tool_calls", logprobs)
         if event.text or finish or logprobs:
             return choice(index, {"content": event.text} if event.text else {}, finish, logprobs)
         return None

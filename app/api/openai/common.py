@@ -13,6 +13,7 @@ from app.api.generation import (
     sse_json,
 )
 from app.api.openai.protocol import OpenAIErrorBody, SamplingFields, Usage
+from app.engine.constraints import Grammar
 from app.engine.types import Event, SamplingParams, StoppingParams
 from app.service import Service
 
@@ -88,6 +89,7 @@ def start_choices(
     per_prompt: int | None = None,
     prompt_field: str = "prompt",
     default_max_tokens: int | None = None,
+    grammar: Grammar | None = None,
 ) -> list[Generation]:
     """`per_prompt` (default n) generations per prompt, in OpenAI's choice order. All or none
     are submitted."""
@@ -134,7 +136,7 @@ def start_choices(
         for ids, stopping in plans:
             for choice in range(count):
                 sampling = sampling_for(body, choice, top_logprobs, logit_bias)
-                generations.append(Generation(ctx, ids, sampling, stopping, prefill_details))
+                generations.append(Generation(ctx, ids, sampling, stopping, prefill_details, grammar))
     except APIError:
         for g in generations:
             g.cancel()

@@ -19,6 +19,7 @@ from app.api.openai.protocol import (
     new_id,
     now,
 )
+from app.api.structured import compile_grammar, openai_spec
 from app.engine.detokenize import render_text
 from app.engine.types import Completion, Event
 from app.service import Service
@@ -87,6 +88,7 @@ async def completions(body: CompletionRequest, request: Request, ctx: ContextDep
         raise validation("`best_of` > `n` cannot be streamed: send stream=false", "best_of")
     ctx.usage["prompt"] = body.prompt if isinstance(body.prompt, str) else list(body.prompt)
     ids, texts = await run_in_threadpool(prompts_of, service, body)  # tokenizing is slow work
+    grammar = await compile_grammar(ctx, *openai_spec(body))
     generations = start_choices(
         ctx,
         body,
@@ -96,6 +98,7 @@ async def completions(body: CompletionRequest, request: Request, ctx: ContextDep
         prefill_details=body.echo and body.logprobs is not None,
         per_prompt=per_prompt,
         default_max_tokens=16,
+        grammar=grammar,
     )
     prompt_tokens = sum(len(i) for i in ids)
     if body.stream:

@@ -47,12 +47,16 @@ class SamplingFields(RequestModel):
     )
     ignore_eos: bool = Field(False, description="Extension: keep generating past EOS.")
     include_stop_str_in_output: bool = Field(False, description="Extension: keep the matched stop string.")
+    # Structured output (app/api/structured.py checks them and says what is wrong).
+    response_format: Any = Field(None, description="{'type': 'text' | 'json_object' | 'json_schema', ...}.")
+    structured_outputs: Any = Field(
+        None, description="Extension (vLLM): one of json (schema), regex, choice (list), grammar (Lark)."
+    )
+    guided_json: Any = Field(None, description="Extension (older vLLM): a JSON schema.")
+    guided_regex: Any = Field(None, description="Extension (older vLLM): a regex.")
+    guided_choice: Any = Field(None, description="Extension (older vLLM): a list of strings.")
+    guided_grammar: Any = Field(None, description="Extension (older vLLM): a Lark grammar.")
     # Known but not implemented: refused unless null or default.
-    response_format: Annotated[Any, Refused(lambda v: isinstance(v, dict) and v.get("type") == "text")] = None
-    guided_json: Annotated[Any, Refused()] = None
-    guided_regex: Annotated[Any, Refused()] = None
-    guided_choice: Annotated[Any, Refused()] = None
-    guided_grammar: Annotated[Any, Refused()] = None
     use_beam_search: Annotated[Any, Refused(lambda v: v is False)] = None
     skip_special_tokens: Annotated[Any, Refused(lambda v: v is True)] = None
     prompt_logprobs: Annotated[Any, Refused()] = None
@@ -99,14 +103,12 @@ class ChatRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[dict] | None = Field(
-        None, description="Rendered by the chat template; tool calls are not parsed, so tool_choice must be none."
-    )
-    tool_choice: Annotated[Any, Refused(lambda v: v == "none")] = None
+    tools: list[dict] | None = Field(None, description="Functions the model may call (README, Tool calling).")
+    tool_choice: Any = Field(None, description="'none', 'auto' (default with tools), 'required' or a named function.")
     chat_template_kwargs: dict[str, Any] | None = Field(None, description="Extension: extra template variables.")
     add_generation_prompt: bool = Field(True, description="Extension: end the prompt with the assistant header.")
     continue_final_message: bool = Field(False, description="Extension: continue the last message instead.")
-    parallel_tool_calls: Annotated[Any, Refused()] = None
+    parallel_tool_calls: bool | None = Field(None, description="With 'required': one call (false) or a list (true).")
     functions: Annotated[Any, Refused()] = None
     function_call: Annotated[Any, Refused(lambda v: v == "none")] = None
     audio: Annotated[Any, Refused()] = None
@@ -172,7 +174,7 @@ class ChatChoice(BaseModel):
     index: int
     message: dict
     logprobs: dict | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
 
 
 class ChatResponse(BaseModel):
