@@ -47,9 +47,10 @@ def check_compact_batch(batch: CompactBatch) -> None:
     cache = batch.cache
     assert cache.rows == rows, f"the cache has {cache.rows} rows, the batch {rows}"
     assert batch.next_ids.shape == (rows,), f"next_ids {tuple(batch.next_ids.shape)} for {rows} rows"
-    assert cache.kv.shape[2] >= rows, f"the KV buffer holds {cache.kv.shape[2]} rows, the batch {rows}"
+    capacity_rows, capacity_columns = cache.capacity
+    assert capacity_rows >= rows, f"the KV buffers hold {capacity_rows} rows, the batch {rows}"
     for row, (seq, length) in enumerate(zip(batch.seqs, cache.lengths, strict=True)):
         # The newest token is in next_ids, not yet in the cache.
         expected = seq.prompt_len + len(seq.generated) - 1
         assert length == expected, f"row {row} caches {length} tokens, its sequence has {expected}"
-        assert length <= cache.kv.shape[4], f"row {row} caches {length} tokens in {cache.kv.shape[4]} columns"
+        assert length <= capacity_columns, f"row {row} caches {length} tokens in {capacity_columns} columns"

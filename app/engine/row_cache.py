@@ -1,10 +1,11 @@
 """The KV cache of the compact forwards: one buffer for every layer, each row's tokens from column 0.
 
-keys/values live in `kv` [2, layers, rows, kv_heads, columns, head_dim]. Row r holds its sequence's
+Each layer's keys/values live in `kv[layer]` [2, rows, kv_heads, columns, head_dim]. Row r holds its sequence's
 tokens in columns [0, lengths[r]); nothing is padded, so attention can read exactly a row's own
 tokens as a view. A decode step writes one column per row; a row that leaves is replaced by moving
 later rows forward; rows that join are copied into spare rows. The buffer is reallocated only when
-rows or columns run out.
+rows or columns run out, one layer at a time, so a reallocation holds at most one layer's old and
+new buffers together (the transient the KV budget allows for: 1/layers of the cache).
 
 Memory: `allocated_tokens` is rows x columns of capacity (one position = one token's keys and
 values in every layer). With `columns` set (the widest any row may grow, which admission budgets),
@@ -44,53 +45,73 @@ class RowCache:
         self.account = account
         self.columns = columns  # the widest a row may grow; sizes buffers exactly when set
         self.lengths: list[int] = []
-        self.kv = torch.zeros((2, layers, 0, kv_heads, 0, head_dim), dtype=dtype, device=device)
-        self._charged = 0
+        self.kv = [self._empty(0, 0) for _ in range(layers)]
+        self._charged = 0  # slots charged to the account: rows x columns summed over layers
+
+    def _empty(self, rows: int, columns: int) -> torch.Tensor:
+        return torch.zeros((2, rows, self.kv_heads, columns, self.head_dim), dtype=self.dtype, device=self.device)
 
     @property
     def rows(self) -> int:
         return len(self.lengths)
 
     @property
+    def capacity(self) -> tuple[int, int]:
+        """(rows, columns) the buffers hold, spare included."""
+        return self.kv[0].shape[1], self.kv[0].shape[3]
+
+    @property
     def allocated_tokens(self) -> int:
         """Capacity in token positions (rows x columns), spare included."""
-        return self.kv.shape[2] * self.kv.shape[4]
+        rows, columns = self.capacity
+        return rows * columns
 
     def keys(self, layer: int) -> torch.Tensor:
-        return self.kv[0, layer]
+        return self.kv[layer][0]
 
     def values(self, layer: int) -> torch.Tensor:
-        return self.kv[1, layer]
+        return self.kv[layer][1]
 
     def reserve(self, rows: int, columns: int) -> None:
         """Room for `rows` rows of `columns` columns; reallocates (copying live rows) if short."""
-        have_rows, have_cols = self.kv.shape[2], self.kv.shape[4]
+        have_rows, have_cols = self.capacity
         if rows <= have_rows and columns <= have_cols:
             return
         exact = self.columns is not None
-        new_cols = have_cols if columns <= have_cols else max(columns, self.columns or 0)
-        if columns > have_cols and not exact:
-            new_cols = columns + _SPARE_COLUMNS
-        new_rows = have_rows if rows <= have_rows else (rows if exact else max(rows, 2 * have_rows))
-        kv = self.kv.new_zeros((2, self.layers, new_rows, self.kv_heads, new_cols, self.head_dim))
-        live, width = self.rows, max(self.lengths, default=0)
-        if live and width:
-            kv[:, :, :live, :, :width] = self.kv[:, :, :live, :, :width]
+        if self.columns is not None:
+            # Exactly the current reservation: columns left over from rows that have gone are dropped,
+            # so the new buffers are never larger than the rectangle admission budgeted.
+            new_cols = max(columns, self.columns, max(self.lengths, default=0))
+        else:
+            new_cols = have_cols if columns <= have_cols else columns + _SPARE_COLUMNS
+        if exact:  # rows left over from sequences that have gone are dropped too
+            new_rows = max(rows, self.rows)
+        else:
+            new_rows = have_rows if rows <= have_rows else max(rows, 2 * have_rows)
         if self.account is not None and self._charged:
             self.account.reallocations += 1
-        self._adopt(kv)
+        self._replace(new_rows, new_cols, copy=True)
 
-    def _adopt(self, kv: torch.Tensor) -> None:
-        slots = kv.shape[2] * kv.shape[4] * self.layers
-        if self.account is not None:
-            self.account.charge(slots)  # the old buffer is still alive: both are counted
-            self.account.release(self._charged)
-        self.kv, self._charged = kv, slots
+    def _replace(self, rows: int, columns: int, copy: bool) -> None:
+        """New buffers of `rows` x `columns`, layer by layer (live rows copied when `copy`)."""
+        live, width = self.rows, max(self.lengths, default=0)
+        old_slots = self.kv[0].shape[1] * self.kv[0].shape[3]
+        new_slots = rows * columns
+        for layer in range(self.layers):
+            new = self._empty(rows, columns)
+            if self.account is not None:
+                self.account.charge(new_slots)  # this layer's old buffer is still alive: both count
+            if copy and live and width:
+                new[:, :live, :, :width] = self.kv[layer][:, :live, :, :width]
+            self.kv[layer] = new
+            if self.account is not None:
+                self.account.release(old_slots)
+        self._charged = new_slots * self.layers
 
     def release(self) -> None:
-        """Drop the buffer (and its charge); the cache is empty afterwards."""
+        """Drop the buffers (and their charge); the cache is empty afterwards."""
         self.lengths = []
-        self._adopt(self.kv[:, :, :0, :, :0])
+        self._replace(0, 0, copy=False)
 
     def __del__(self) -> None:
         if self.account is not None and self._charged:
@@ -105,7 +126,8 @@ class RowCache:
             # Every source is at or after its destination, so later moves never read overwritten rows.
             dst = torch.tensor([d for d, _ in moves], device=self.device)
             src = torch.tensor([s for _, s in moves], device=self.device)
-            self.kv[:, :, dst, :, :width] = self.kv[:, :, src, :, :width]
+            for kv in self.kv:
+                kv[:, dst, :, :width] = kv[:, src, :, :width]
         self.lengths = [self.lengths[i] for i in keep]
 
     def concatenate(self, other: "RowCache") -> None:
@@ -113,5 +135,6 @@ class RowCache:
         width = max(other.lengths, default=0)
         self.reserve(self.rows + other.rows, width)
         start = self.rows
-        self.kv[:, :, start : start + other.rows, :, :width] = other.kv[:, :, : other.rows, :, :width]
+        for mine, theirs in zip(self.kv, other.kv, strict=True):
+            mine[:, start : start + other.rows, :, :width] = theirs[:, : other.rows, :, :width]
         self.lengths = self.lengths + other.lengths

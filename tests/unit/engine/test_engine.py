@@ -1,6 +1,7 @@
 """The engine on a real tiny GPT-2, invariants checked at every step: long runs with rows
 joining and leaving, the KV budget, the queue limit, and one failing request among healthy ones."""
 
+import dataclasses
 import logging
 import threading
 import time
@@ -250,7 +251,8 @@ def test_out_of_memory_in_prefill_requeues_then_fails_only_that_request(
         return real_forward(*args, **kwargs)
 
     monkeypatch.setattr(tiny_lm.model, "forward", forward)
-    engine = make_engine(tiny_lm)
+    # The transformers forward (the one the fault is injected into), not the compact one.
+    engine = make_engine(dataclasses.replace(tiny_lm, compact=None))
     tracker = Tracker()
     caplog.set_level(logging.WARNING, logger="textgen.engine")
     try:
