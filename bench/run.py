@@ -406,7 +406,13 @@ def run_ours(
     if exe is None:
         raise ServerError("the `textgen` CLI is not installed (pip install -e .)")
     port = args.port or free_port()
-    extra = {"TEXTGEN_DEVICE": "cpu", "TEXTGEN_DTYPE": "float32", **parse_env(args.server_env)}
+    # No lame-duck pause on stop: nothing balances across this one server.
+    extra = {
+        "TEXTGEN_DEVICE": "cpu",
+        "TEXTGEN_DTYPE": "float32",
+        "TEXTGEN_DRAIN_DELAY": "0",
+        **parse_env(args.server_env),
+    }
     cmd = [exe, "serve", "--model", str(info.path), "--host", "127.0.0.1", "--port", str(port)]
     server = Server("textgen serve", cmd, port, log_dir / "ours.log", server_env(extra))
     record: dict[str, Any] = {

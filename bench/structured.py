@@ -105,7 +105,13 @@ def main() -> None:
     port = free_port()
     cmd = [sys.executable, "-m", "app.cli", "serve", "--model", str(info.path), "--host", "127.0.0.1"]
     cmd += ["--port", str(port)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TEXTGEN_DEVICE": "cpu", "TEXTGEN_DTYPE": "float32"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TEXTGEN_DEVICE": "cpu",
+        "TEXTGEN_DTYPE": "float32",
+        "TEXTGEN_DRAIN_DELAY": "0",
+    }
     env["TEXTGEN_MAX_BATCH_SIZE"] = str(args.concurrency)
     log = Path(tempfile.gettempdir()) / "textgen-bench-structured.log"
     server = Server("textgen serve", cmd, port, log, env)
