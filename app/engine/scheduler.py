@@ -25,7 +25,7 @@ from app.engine.batch import Batch
 from app.engine.compact_batch import CompactBatch
 from app.engine.embeddings import Embedder
 from app.engine.invariants import check_batch, check_keep
-from app.engine.kv_cache import KVAccount
+from app.engine.kv_cache import KVAccount, SlabCache
 from app.engine.loader import LoadedModel
 from app.engine.sampling import Choice, choose
 from app.engine.sequence import Sequence
@@ -33,6 +33,7 @@ from app.engine.types import (
     EmbedRequest,
     EngineUnavailableError,
     Event,
+    FinishReason,
     GenerationRequest,
     QueueFullError,
 )
@@ -327,7 +328,7 @@ class Engine:
         else:
             # Size the buffers for the new reservations before the copy, so it happens once.
             self._reserve(self._batch, [*self._batch.seqs, *joined.seqs])
-            self._batch.extend(joined)
+            self._batch.extend(joined)  # type: ignore[arg-type]  # both are self._batch_type
             self._release(joined)
         self._reserve(self._batch, self._batch.seqs)
 
@@ -342,7 +343,8 @@ class Engine:
         room = limits.max_batch_tokens - max(limits.max_prefill_tokens, self.loaded.limits.max_input_tokens)
         rows = int(room / (columns * (1 + 1 / limits.layers))) if room > 0 else 0
         batch.cache.columns = columns
-        batch.cache.max_rows = min(limits.max_batch_size, rows) if rows > len(seqs) else None
+        if isinstance(batch.cache, SlabCache):  # only the slab cache caps its spare rows
+            batch.cache.max_rows = min(limits.max_batch_size, rows) if rows > len(seqs) else None
 
     @staticmethod
     def _release(batch: Batch | CompactBatch) -> None:
@@ -472,8 +474,8 @@ class Engine:
         self.metrics.finished.labels(seq.finish_reason).inc()
         self.metrics.e2e.observe(time.perf_counter() - seq.arrived)
 
-    def _retire(self, seq: Sequence, reason: str, error: str | None = None) -> None:
-        seq.finish_reason = reason  # type: ignore[assignment]
+    def _retire(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
+        seq.finish_reason = reason
         if reason == "cancelled":
             self.metrics.cancelled.inc()
         self.metrics.finished.labels(reason).inc()
@@ -485,7 +487,7 @@ class Engine:
         except Exception:  # a consumer's bug must not stop everyone else's generation
             log.exception("event callback failed")
 
-    def _fail_all(self, message: str, reason: str = "error") -> None:
+    def _fail_all(self, message: str, reason: FinishReason = "error") -> None:
         with self._cond:
             waiting, self._waiting = list(self._waiting), deque()
             embeds, self._embeds = list(self._embeds), deque()
