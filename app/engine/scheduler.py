@@ -61,6 +61,7 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.embedder = embedder
         # GPT-2 and Llama run on our compact forward (CompactBatch); other models on HF's (Batch).
+        # The two are paired here; the type: ignores where they meet are mypy not seeing that.
         self._forward = loaded.compact if loaded.compact is not None else loaded.model
         self._batch_type = CompactBatch if loaded.compact is not None else Batch
         self.max_batch_size = max_batch_size
@@ -313,7 +314,7 @@ class Engine:
             self.metrics.prompt_tokens.inc(seq.prompt_len)
         all_logits = any(s.request.prefill_details for s in seqs)
         try:
-            batch, logits, full = self._batch_type.prefill(self._forward, seqs, all_logits, self.kv)  # type: ignore[arg-type]
+            batch, logits, full = self._batch_type.prefill(self._forward, seqs, all_logits, self.kv)  # type: ignore[arg-type]  # paired in __init__
         except torch.OutOfMemoryError as exc:
             self._prefill_out_of_memory(seqs, exc)
             return
@@ -401,7 +402,7 @@ class Engine:
 
     def _decode(self, batch: Batch | CompactBatch) -> None:
         try:
-            logits = batch.decode(self._forward)  # type: ignore[arg-type]
+            logits = batch.decode(self._forward)  # type: ignore[arg-type]  # paired in __init__
         except torch.OutOfMemoryError as exc:  # these rows fail; the engine serves the next ones
             log.warning("out of memory decoding a batch of %d: %s", len(batch), exc)
             self._batch = None

@@ -53,7 +53,7 @@ async def embeddings(body: EmbeddingRequest, engine: EngineDep, service: Service
         ids = await run_in_threadpool(tokenize_inputs, service, list(raw), truncate=False, openai=True)
     else:
         check_batch(service, len(raw), openai=True)
-        ids = _token_inputs(service, list(raw))  # type: ignore[arg-type]
+        ids = _token_inputs(service, list(raw))  # type: ignore[arg-type]  # raw[0] is a list: lists of token ids
     vectors = await embed_ids(engine, ids, normalize=service.embedder.normalize_default)
     data = []
     for i, vector in enumerate(vectors):
