@@ -22,8 +22,8 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	$(BIN)/textgen serve
 
-test: install
-	$(BIN)/ruff check app tests bench
+# Static checks first (seconds), then the tests (minutes). mypy reads [tool.mypy] in pyproject.toml.
+test: lint
 	$(BIN)/python -m pytest -q -m "not fleet"
 
 # The rolling restart through HAProxy (needs `haproxy`; .ci/run installs it): 2-3 minutes on
@@ -38,6 +38,7 @@ fleet: install
 lint: install
 	$(BIN)/ruff check app tests bench
 	$(BIN)/ruff format --check app tests bench
+	$(BIN)/mypy
 
 bench: install
 	$(BIN)/python -m bench.run

@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 
 from fastapi import FastAPI
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -173,6 +174,6 @@ class GenerationSpans:
                 ns(t.finished),
             )
 
-    def _stage(self, name: str, context: object, start_ns: int, end_ns: int, attributes: dict) -> None:
-        stage = self.tracer.start_span(name, context=context, start_time=start_ns, attributes=attributes)  # type: ignore[arg-type]
+    def _stage(self, name: str, context: Context, start_ns: int, end_ns: int, attributes: dict) -> None:
+        stage = self.tracer.start_span(name, context=context, start_time=start_ns, attributes=attributes)
         stage.end(end_time=max(start_ns, end_ns))

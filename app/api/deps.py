@@ -28,7 +28,7 @@ def get_engine(service: ServiceDep) -> Engine:
         else:
             reason = "the model is still loading"
         raise APIError(503, f"not ready: {reason}", "unavailable")
-    return service.engine
+    return engine
 
 
 EngineDep = Annotated[Engine, Depends(get_engine)]

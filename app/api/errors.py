@@ -1,6 +1,7 @@
 """Errors in TGI's shape, `{"error": str, "error_type": str}`; /v1 routes use OpenAI's shape."""
 
 import logging
+from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -53,12 +54,12 @@ def is_openai(request: Request) -> bool:
     return request.url.path.startswith("/v1/")
 
 
-def error_response(request: Request, err: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(request: Request, err: APIError, headers: Mapping[str, str] | None = None) -> JSONResponse:
     if is_openai(request):
         # OpenAI answers invalid requests with 400 (its SDK raises BadRequestError), not 422.
         status = 400 if err.status == 422 else err.status
         code = err.error_type if err.error_type not in ("validation",) else None
-        body = {
+        body: dict[str, object] = {
             "error": {
                 "message": err.message,
                 "type": OPENAI_TYPES.get(err.error_type, err.error_type),

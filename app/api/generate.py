@@ -2,6 +2,7 @@
 
 import math
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -36,7 +37,7 @@ from app.engine.types import Completion, SamplingParams, StoppingParams, Token
 
 router = APIRouter(tags=["generate (TGI)"])
 
-ERRORS = {
+ERRORS: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorBody, "description": "Invalid input"},
     429: {"model": ErrorBody, "description": "Queue full"},
     503: {"model": ErrorBody, "description": "Not ready or shutting down"},
@@ -111,7 +112,7 @@ def generate_response(body: GenerateRequest, c: Completion) -> JSONResponse:
     prefill = [PrefillToken(id=t.id, text=t.text, logprob=_logprob(t.logprob)) for t in c.prefill or []]
     top = [_top_tokens(t) or [] for t in c.tokens] if body.parameters.top_n_tokens else None
     details = Details(
-        finish_reason=c.finish_reason,  # type: ignore[arg-type]
+        finish_reason=c.finish_reason,
         generated_tokens=c.generated_tokens,
         seed=c.seed,
         prefill=prefill,
@@ -148,7 +149,7 @@ def _finish(body: GenerateRequest, out: StreamEvent, c: Completion | None) -> No
     if c is not None:
         out.generated_text = body.inputs + c.text if body.parameters.return_full_text else c.text
         out.details = StreamDetails(
-            finish_reason=c.finish_reason,  # type: ignore[arg-type]
+            finish_reason=c.finish_reason,
             generated_tokens=c.generated_tokens,
             seed=c.seed,
         )

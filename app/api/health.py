@@ -27,8 +27,9 @@ async def health(service: ServiceDep) -> JSONResponse:
     if building is not None:
         body = {"status": "building", "detail": building.detail(), "progress": building.as_json()}
         return JSONResponse(body, status_code=503)
-    if service.error or (service.engine is not None and service.engine.error is not None):
-        return _status(False, f"engine failed: {service.error or service.engine.error}")  # type: ignore[union-attr]
+    engine_error = service.engine.error if service.engine is not None else None
+    if service.error or engine_error is not None:
+        return _status(False, f"engine failed: {service.error or engine_error}")
     return _status(False, "loading model")
 
 

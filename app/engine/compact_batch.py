@@ -143,6 +143,7 @@ def _forward(
         keys[rows, :, columns] = k[:real].to(keys.dtype)
         values[rows, :, columns] = v[:real].to(values.dtype)
         if not invariant and real == len(counts):  # decode without the guarantee: one padded call
+            assert valid is not None  # built above under the same condition
             width = max(after)
             o = F.scaled_dot_product_attention(
                 q[:real, :, None],

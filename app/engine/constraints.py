@@ -15,7 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import llguidance
 import llguidance.hf
@@ -23,11 +23,15 @@ import numpy as np
 import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+if TYPE_CHECKING:  # annotations only (JsonCompileOptions exists only in the stub)
+    from llguidance._lib import JsonCompileOptions
+    from transformers import PreTrainedTokenizerFast
+
 GrammarKind = Literal["json", "regex", "choice", "lark"]
 
 # Compact separators: a model cannot stall on whitespace between JSON items (OpenAI's and vLLM's
 # outputs look the same), and every valid document still parses with any JSON reader.
-_JSON_OPTIONS: dict = {
+_JSON_OPTIONS: "JsonCompileOptions" = {
     "whitespace_flexible": False,
     "item_separator": ", ",
     "key_separator": ": ",
@@ -66,7 +70,9 @@ class GrammarSpec:
             if not isinstance(schema, dict | bool):
                 raise GrammarError("the JSON schema must be an object (or true/false)")
             try:
-                return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
+                # llguidance takes true/false schemas too; its stub lists only dict and str.
+                json_schema = cast(dict[str, Any], schema)
+                return llguidance.LLMatcher.grammar_from_json_schema(json_schema, defaults=_JSON_OPTIONS)
             except ValueError as exc:
                 raise GrammarError(f"invalid JSON schema: {exc}") from None
         if self.kind == "regex":
@@ -150,7 +156,8 @@ class GrammarCompiler:
     def _tokenizer(self) -> llguidance.LLTokenizer:
         with self._lock:
             if self._lltok is None:
-                self._lltok = llguidance.hf.from_tokenizer(self._hf, n_vocab=self._vocab, eos_token=self._eos or None)
+                fast = cast("PreTrainedTokenizerFast", self._hf)  # from_tokenizer checks this itself
+                self._lltok = llguidance.hf.from_tokenizer(fast, n_vocab=self._vocab, eos_token=self._eos or None)
             return self._lltok
 
     def compile(self, spec: GrammarSpec) -> Grammar:

@@ -19,6 +19,7 @@ import re
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import cast
 
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
@@ -149,7 +150,9 @@ class TokenRenderer:
             self.pending_bytes += raw_bytes(tokenizer, i) or b""
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        # One sequence of ids decodes to one str (the stub also allows a batch's list[str]).
+        text = self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return cast(str, text)
 
     def _window_start(self, start: int) -> int:
         start = max(0, start)

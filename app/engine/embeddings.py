@@ -4,7 +4,7 @@ then L2-normalise if the model (or the request) says so, as sentence-transformer
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +64,8 @@ class Embedder:
 def from_causal_lm(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_tokens: int, model_id: str
 ) -> Embedder:
-    return Embedder(model.base_model, tokenizer, max_tokens, "mean", True, model_id)
+    encoder = cast(PreTrainedModel, model.base_model)  # the LM's backbone; typed as a bare Module
+    return Embedder(encoder, tokenizer, max_tokens, "mean", True, model_id)
 
 
 class UnsupportedEmbeddingModel(ValueError):

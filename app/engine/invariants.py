@@ -25,7 +25,7 @@ def check_batch(batch: Batch | CompactBatch) -> None:
     assert batch.positions.shape == (rows,), f"positions {tuple(batch.positions.shape)} for {rows} rows"
     assert batch.next_ids.shape == (rows,), f"next_ids {tuple(batch.next_ids.shape)} for {rows} rows"
     width = batch.mask.shape[1]
-    for index, layer in enumerate(batch.cache.layers):
+    for index, layer in enumerate(batch.cache.slabs):
         for name, states in (("keys", layer.keys), ("values", layer.values)):
             assert states is not None, f"layer {index} has no {name}"
             assert states.shape[0] == rows, f"layer {index} {name} has {states.shape[0]} rows, the batch {rows}"

@@ -17,6 +17,7 @@ they keep 128 spare columns and double their rows.
 
 import math
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from transformers import PretrainedConfig
@@ -165,6 +166,7 @@ class SlabLayer(DynamicLayer):
         self._v[: self.rows, :, self.end : self.end + added] = value_states
         self.end += added
         self._expose()
+        assert self.keys is not None and self.values is not None  # _expose set both
         return self.keys, self.values
 
     def _reallocate(self, row_capacity: int, column_capacity: int, left: int) -> None:
@@ -213,6 +215,7 @@ class SlabLayer(DynamicLayer):
         pad = self.length - other.length
         self._k[new, :, self.start : self.start + pad] = 0
         self._v[new, :, self.start : self.start + pad] = 0
+        assert other.keys is not None and other.values is not None  # `other` has been written
         self._k[new, :, self.start + pad : self.end] = other.keys
         self._v[new, :, self.start + pad : self.end] = other.values
         self.rows = rows
@@ -229,6 +232,7 @@ class SlabCache(Cache):
     def __init__(
         self, config: PretrainedConfig | None = None, account: KVAccount | None = None, columns: int | None = None
     ) -> None:
+        # transformers types this as a class but only calls it, so a factory serves.
         super().__init__(layer_class_to_replicate=lambda: SlabLayer(self))  # type: ignore[arg-type]
         self.account = account
         self.columns = columns
@@ -240,8 +244,13 @@ class SlabCache(Cache):
         layer = self.layers[0] if self.layers else None
         return layer._charged if isinstance(layer, SlabLayer) else 0
 
+    @property
+    def slabs(self) -> list[SlabLayer]:
+        """`layers`, typed: every layer is made by the factory given to `Cache.__init__`."""
+        return cast(list[SlabLayer], self.layers)
+
     def release(self) -> None:
-        for layer in self.layers:
+        for layer in self.slabs:
             layer.release()
 
     def reset(self) -> None:
@@ -249,9 +258,9 @@ class SlabCache(Cache):
 
     def select(self, keep: list[int], drop_columns: int) -> None:
         """Keep rows `keep` (ascending) and drop the first `drop_columns` columns."""
-        for layer in self.layers:
+        for layer in self.slabs:
             layer.select(keep, drop_columns)
 
     def concatenate(self, other: "SlabCache") -> None:
-        for mine, theirs in zip(self.layers, other.layers, strict=True):
+        for mine, theirs in zip(self.slabs, other.slabs, strict=True):
             mine.concatenate(theirs)

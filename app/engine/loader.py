@@ -125,7 +125,7 @@ def load_model(
             "textgen serves AutoModelForCausalLM models (GPT-2, Llama, ...)."
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch_dtype)
+        model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch_dtype)
     except ValueError as exc:
         raise ModelLoadError(
             f"{where} ({type(config).__name__}) is not a causal language model: {_first_line(exc)}; "
@@ -139,7 +139,8 @@ def load_model(
         raise ModelLoadError(f"cannot load a tokenizer from {where}: {_first_line(exc)}.") from exc
     if adapter:
         model = _apply_adapter(model, adapter)
-    model.to(dev).eval()
+    # functools.wraps on PreTrainedModel.to makes mypy see an unbound method (self missing).
+    model.to(dev).eval()  # type: ignore[arg-type]
     model.requires_grad_(False)
     limits = resolve_limits(context_length(config), max_total_tokens, max_input_tokens)
     compact = compact_model(model) if compact_forward else None

@@ -11,6 +11,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from transformers import (
@@ -51,7 +52,7 @@ def _warpers(params: SamplingParams) -> LogitsProcessorList:
 
 def _apply_logit_bias(scores: torch.Tensor, seq: Sequence) -> None:
     """OpenAI's `logit_bias`: added to the raw logits, before penalties and warpers."""
-    bias = [[[token_id], value] for token_id, value in seq.request.sampling.logit_bias]
+    bias: list[list[list[int] | float]] = [[[token_id], value] for token_id, value in seq.request.sampling.logit_bias]
     processor = SequenceBiasLogitsProcessor(sequence_bias=bias)
     ids = torch.tensor([seq.all_ids()], device=scores.device)
     scores.copy_(processor(ids, scores[None])[0])
@@ -102,8 +103,9 @@ def choose(logits: torch.Tensor, seqs: Seq[Sequence], on_mask: Callable[[float],
         index = torch.tensor(rows, device=scores.device)
         warpers = _warpers(seqs[rows[0]].request.sampling)
         if warpers:
-            ids = torch.zeros((len(rows), 1), dtype=torch.long, device=scores.device)
-            scores[index] = warpers(ids, scores[index])
+            # Warpers ignore the ids; HF's signature types them as LongTensor.
+            no_ids = cast(torch.LongTensor, torch.zeros((len(rows), 1), dtype=torch.long, device=scores.device))
+            scores[index] = warpers(no_ids, scores[index])
 
     # Extreme settings (temperature 1e-30, huge penalties) can overflow; NaN must never win.
     scores = torch.nan_to_num(scores, nan=float("-inf"))

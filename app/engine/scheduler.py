@@ -25,7 +25,7 @@ from app.engine.batch import Batch
 from app.engine.compact_batch import CompactBatch
 from app.engine.embeddings import Embedder
 from app.engine.invariants import check_batch, check_keep
-from app.engine.kv_cache import KVAccount
+from app.engine.kv_cache import KVAccount, SlabCache
 from app.engine.loader import LoadedModel
 from app.engine.sampling import Choice, choose
 from app.engine.sequence import Sequence
@@ -33,6 +33,7 @@ from app.engine.types import (
     EmbedRequest,
     EngineUnavailableError,
     Event,
+    FinishReason,
     GenerationRequest,
     QueueFullError,
 )
@@ -60,6 +61,7 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.embedder = embedder
         # GPT-2 and Llama run on our compact forward (CompactBatch); other models on HF's (Batch).
+        # The two are paired here; the type: ignores where they meet are mypy not seeing that.
         self._forward = loaded.compact if loaded.compact is not None else loaded.model
         self._batch_type = CompactBatch if loaded.compact is not None else Batch
         self.max_batch_size = max_batch_size
@@ -312,7 +314,7 @@ class Engine:
             self.metrics.prompt_tokens.inc(seq.prompt_len)
         all_logits = any(s.request.prefill_details for s in seqs)
         try:
-            batch, logits, full = self._batch_type.prefill(self._forward, seqs, all_logits, self.kv)  # type: ignore[arg-type]
+            batch, logits, full = self._batch_type.prefill(self._forward, seqs, all_logits, self.kv)  # type: ignore[arg-type]  # paired in __init__
         except torch.OutOfMemoryError as exc:
             self._prefill_out_of_memory(seqs, exc)
             return
@@ -327,7 +329,7 @@ class Engine:
         else:
             # Size the buffers for the new reservations before the copy, so it happens once.
             self._reserve(self._batch, [*self._batch.seqs, *joined.seqs])
-            self._batch.extend(joined)
+            self._batch.extend(joined)  # type: ignore[arg-type]  # both are self._batch_type
             self._release(joined)
         self._reserve(self._batch, self._batch.seqs)
 
@@ -342,7 +344,8 @@ class Engine:
         room = limits.max_batch_tokens - max(limits.max_prefill_tokens, self.loaded.limits.max_input_tokens)
         rows = int(room / (columns * (1 + 1 / limits.layers))) if room > 0 else 0
         batch.cache.columns = columns
-        batch.cache.max_rows = min(limits.max_batch_size, rows) if rows > len(seqs) else None
+        if isinstance(batch.cache, SlabCache):  # only the slab cache caps its spare rows
+            batch.cache.max_rows = min(limits.max_batch_size, rows) if rows > len(seqs) else None
 
     @staticmethod
     def _release(batch: Batch | CompactBatch) -> None:
@@ -399,7 +402,7 @@ class Engine:
 
     def _decode(self, batch: Batch | CompactBatch) -> None:
         try:
-            logits = batch.decode(self._forward)  # type: ignore[arg-type]
+            logits = batch.decode(self._forward)  # type: ignore[arg-type]  # paired in __init__
         except torch.OutOfMemoryError as exc:  # these rows fail; the engine serves the next ones
             log.warning("out of memory decoding a batch of %d: %s", len(batch), exc)
             self._batch = None
@@ -472,8 +475,8 @@ class Engine:
         self.metrics.finished.labels(seq.finish_reason).inc()
         self.metrics.e2e.observe(time.perf_counter() - seq.arrived)
 
-    def _retire(self, seq: Sequence, reason: str, error: str | None = None) -> None:
-        seq.finish_reason = reason  # type: ignore[assignment]
+    def _retire(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
+        seq.finish_reason = reason
         if reason == "cancelled":
             self.metrics.cancelled.inc()
         self.metrics.finished.labels(reason).inc()
@@ -485,7 +488,7 @@ class Engine:
         except Exception:  # a consumer's bug must not stop everyone else's generation
             log.exception("event callback failed")
 
-    def _fail_all(self, message: str, reason: str = "error") -> None:
+    def _fail_all(self, message: str, reason: FinishReason = "error") -> None:
         with self._cond:
             waiting, self._waiting = list(self._waiting), deque()
             embeds, self._embeds = list(self._embeds), deque()

@@ -10,8 +10,11 @@ decode again, and compare every row's logits with the same tokens run alone thro
 chose), so a near-tie between two tokens cannot make a healthy model fail.
 """
 
+from typing import cast
+
 import torch
-from transformers import PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from app.engine.batch import Batch
 from app.engine.kv_cache import KVAccount
@@ -29,7 +32,8 @@ _PROMPTS = (
 
 def _reference(model: PreTrainedModel, ids: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
     """Greedy tokens and raw next-token logits [steps + 1, vocab] for `ids` alone."""
-    out = model.generate(
+    lm = cast(GenerationMixin, model)  # AutoModelForCausalLM's classes mix it into PreTrainedModel
+    generated = lm.generate(
         torch.tensor([ids], device=model.device),
         attention_mask=torch.ones((1, len(ids)), dtype=torch.long, device=model.device),
         max_new_tokens=steps + 1,
@@ -39,6 +43,8 @@ def _reference(model: PreTrainedModel, ids: list[int], steps: int) -> tuple[list
         return_dict_in_generate=True,
         pad_token_id=0,
     )
+    out = cast(GenerateDecoderOnlyOutput, generated)  # what return_dict_in_generate gives a decoder
+    assert out.logits is not None  # output_logits=True
     tokens = out.sequences[0, len(ids) :].tolist()
     return tokens, torch.cat([step.float() for step in out.logits])
 

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from app.finetune.sizes import SCRATCH_SIZES
 
+# A Literal built from the size table at runtime, which mypy cannot evaluate.
 ScratchSizeName = Literal[tuple(SCRATCH_SIZES)]  # type: ignore[valid-type]
 
 
@@ -46,7 +47,7 @@ class FinetuneConfig(BaseModel):
     )
     no_merge: bool = Field(False, description="With --lora: export the adapter alone instead of a merged model.")
     resume: bool = Field(False, description="Continue from the latest checkpoint in OUTPUT/checkpoints.")
-    from_scratch: ScratchSizeName | None = Field(  # type: ignore[valid-type]
+    from_scratch: ScratchSizeName | None = Field(  # type: ignore[valid-type]  # see ScratchSizeName
         None,
         description="Train a new GPT-2-architecture model of this size. Uses --model's tokenizer if given, "
         "else trains a BPE tokenizer on the data.",

@@ -14,7 +14,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import TrainerCallback
@@ -146,13 +146,14 @@ def generate_samples(model_dir: Path, prompt: str = SAMPLE_PROMPT, max_new_token
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     inputs = tokenizer(prompt, return_tensors="pt")
     out: dict[str, str] = {}
-    for name, kwargs in {
+    settings: dict[str, dict[str, Any]] = {
         "greedy": {"do_sample": False},
         "sampled (temperature 0.8, top_k 40, seed 0)": {"do_sample": True, "temperature": 0.8, "top_k": 40},
-    }.items():
+    }
+    for name, kwargs in settings.items():
         torch.manual_seed(0)
         ids = model.generate(**inputs, max_new_tokens=max_new_tokens, **kwargs)
-        out[name] = tokenizer.decode(ids[0], skip_special_tokens=True)
+        out[name] = cast(str, tokenizer.decode(ids[0], skip_special_tokens=True))  # one sequence: one str
     return out
 
 

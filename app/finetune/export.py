@@ -5,7 +5,7 @@ import os
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -28,10 +28,11 @@ def export_model(
     staging.mkdir(parents=True)
     if isinstance(model, PeftModel) and merge:
         model = model.merge_and_unload()
-    model.save_pretrained(staging)
+    model.save_pretrained(str(staging))
     if isinstance(model, PeftModel):
         # peft writes no generation config; keeping the base's lets an adapter dir stand on its own.
-        model.get_base_model().generation_config.save_pretrained(staging)
+        base = cast(PreTrainedModel, model.get_base_model())  # peft types it as a bare Module
+        base.generation_config.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     publish(staging, output)
     staging.rmdir()

@@ -44,7 +44,7 @@ def add_lora(model: PreTrainedModel, config: FinetuneConfig) -> PeftModel:
         raise ConfigError("LoRA targets must all be Linear or all be GPT-2 Conv1D layers")
     lora_config = LoraConfig(
         r=config.lora_rank,
-        lora_alpha=config.lora_alpha,
+        lora_alpha=config.lora_alpha,  # type: ignore[arg-type]  # peft says int; scaling is alpha / r, floats work
         lora_dropout=config.lora_dropout,
         target_modules=targets,
         fan_in_fan_out=fan_in_fan_out,

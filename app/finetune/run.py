@@ -6,7 +6,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import transformers
@@ -205,7 +205,8 @@ def finetune(
             f"{splits.eval.target_tokens:,}",
         )
     if state.is_main_process:
-        write_outputs(config, trainer.model, prepared.tokenizer, data.sha256, metrics)
+        model = cast("PreTrainedModel | PeftModel", trainer.model)  # the one given to the Trainer
+        write_outputs(config, model, prepared.tokenizer, data.sha256, metrics)
         if not config.keep_checkpoints:
             shutil.rmtree(checkpoint_dir)
         log.info("wrote %s", config.output)

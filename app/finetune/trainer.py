@@ -4,7 +4,7 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -47,7 +47,12 @@ def distributed_state() -> PartialState:
     return PartialState(cpu=cpu_only())
 
 
-def mixed_precision() -> dict[str, bool]:
+class MixedPrecision(TypedDict, total=False):
+    bf16: bool
+    fp16: bool
+
+
+def mixed_precision() -> MixedPrecision:
     """bf16 where the GPU has it, else fp16 on GPU; CPUs train in fp32."""
     if not torch.cuda.is_available():
         return {}
@@ -116,7 +121,7 @@ class FinetuneTrainer(Trainer):
         self.accelerator.wait_for_everyone()  # every rank has written its RNG state
         best = self.state.best_model_checkpoint
         best_in_staging = best is not None and Path(best).parent == staging
-        if best_in_staging:
+        if best is not None and best_in_staging:
             # Saved state must name where the checkpoint will live, not where it was written.
             self.state.best_model_checkpoint = str(root / Path(best).name)
         if self.args.should_save:

@@ -89,7 +89,7 @@ def render_prompt(service: Service, body: ChatRequest) -> list[int]:
     try:
         text = tok.apply_chat_template(
             conversation,
-            tools=body.tools,
+            tools=[*body.tools] if body.tools is not None else None,  # a copy: the stub wants list[dict | Callable]
             chat_template=template,
             tokenize=False,
             add_generation_prompt=body.add_generation_prompt,

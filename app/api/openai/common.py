@@ -196,8 +196,8 @@ async def stream_choices(
     chunk, then `data: [DONE]`; an error mid-stream is sent as an error event before it."""
     completion_tokens = 0
     try:
-        for choice in first:
-            yield sse_json({**head, "choices": [choice]})
+        for first_choice in first:
+            yield sse_json({**head, "choices": [first_choice]})
         async for index, event in merged(generations):
             finish = None
             if event.completion is not None:

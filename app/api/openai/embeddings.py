@@ -11,12 +11,14 @@ from app.api.embed import check_batch, embed_ids, tokenize_inputs
 from app.api.errors import validation
 from app.api.openai.common import check_model
 from app.api.openai.protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, OpenAIErrorBody, Usage
+from app.service import Service
 
 router = APIRouter(tags=["OpenAI"])
 
 
-def _token_inputs(service: object, items: list[list[int]]) -> list[list[int]]:
-    embedder = service.embedder  # type: ignore[attr-defined]
+def _token_inputs(service: Service, items: list[list[int]]) -> list[list[int]]:
+    embedder = service.embedder
+    assert embedder is not None  # check_model(embedding=True) refused the request otherwise
     vocab = len(embedder.tokenizer)
     for i, ids in enumerate(items):
         if max(ids) >= vocab:
@@ -45,13 +47,13 @@ async def embeddings(body: EmbeddingRequest, engine: EngineDep, service: Service
     if isinstance(raw, str):
         ids = await run_in_threadpool(tokenize_inputs, service, [raw], truncate=False, openai=True)
     elif raw and isinstance(raw[0], int):
-        ids = _token_inputs(service, [raw])  # type: ignore[list-item]
+        ids = _token_inputs(service, [raw])
     elif raw and isinstance(raw[0], str):
         check_batch(service, len(raw), openai=True)
-        ids = await run_in_threadpool(tokenize_inputs, service, list(raw), truncate=False, openai=True)  # type: ignore[arg-type]
+        ids = await run_in_threadpool(tokenize_inputs, service, list(raw), truncate=False, openai=True)
     else:
         check_batch(service, len(raw), openai=True)
-        ids = _token_inputs(service, list(raw))  # type: ignore[arg-type]
+        ids = _token_inputs(service, list(raw))  # type: ignore[arg-type]  # raw[0] is a list: lists of token ids
     vectors = await embed_ids(engine, ids, normalize=service.embedder.normalize_default)
     data = []
     for i, vector in enumerate(vectors):

@@ -28,30 +28,28 @@ class GPT2Compact(CompactModel):
 
     def __init__(self, model: PreTrainedModel, approximate: str) -> None:
         config = model.config
-        t = model.transformer
+        # get_parameter, not attribute access: nn.Module's __getattr__ is typed Tensor | Module.
+        weight = model.get_parameter
         self.approximate = approximate
         self.layers = config.n_layer
         self.heads = self.kv_heads = config.n_head
         self.head_dim = config.n_embd // config.n_head
         self.vocab_size = config.vocab_size
         self.eps = config.layer_norm_epsilon
-        self.wte = t.wte.weight
-        self.wpe = t.wpe.weight
+        self.wte = weight("transformer.wte.weight")
+        self.wpe = weight("transformer.wpe.weight")
         self.dtype = self.wte.dtype
         self.kv_dtype = self.dtype
         self.device = self.wte.device
+        # Per block: (weight, bias) of ln_1, c_attn, attn c_proj, ln_2, c_fc, mlp c_proj.
         self.blocks = [
-            (
-                (b.ln_1.weight, b.ln_1.bias),
-                (b.attn.c_attn.weight, b.attn.c_attn.bias),
-                (b.attn.c_proj.weight, b.attn.c_proj.bias),
-                (b.ln_2.weight, b.ln_2.bias),
-                (b.mlp.c_fc.weight, b.mlp.c_fc.bias),
-                (b.mlp.c_proj.weight, b.mlp.c_proj.bias),
+            tuple(
+                (weight(f"transformer.h.{i}.{name}.weight"), weight(f"transformer.h.{i}.{name}.bias"))
+                for name in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")
             )
-            for b in t.h
+            for i in range(config.n_layer)
         ]
-        self.ln_f = (t.ln_f.weight, t.ln_f.bias)
+        self.ln_f = (weight("transformer.ln_f.weight"), weight("transformer.ln_f.bias"))
         # MKL reads a [hidden, vocab] weight with one row of input about 1.6x faster than the
         # [vocab, hidden] layout nn.Linear keeps (../shared/notes/peers.md): keep a transposed copy.
         self.lm_head_t = model.lm_head.weight.detach().t().contiguous()
