@@ -4,6 +4,7 @@ Loading happens after the server starts listening, so /health can answer 503 mea
 TEXTGEN_MODEL, the first start also builds the offline demo model then (see app/demo_model.py).
 """
 
+import gc
 import logging
 import threading
 import time
@@ -128,6 +129,12 @@ class Service:
         )
         engine.start()
         self.metrics.watch(engine, self.model_name)
+        # Everything loaded so far (torch, transformers, the model, the web stack) lives as long as
+        # the process: move it out of the collector's reach, so a full collection triggered by a
+        # request's many small objects (a 2 MB prompt's token ids) traverses only request objects
+        # instead of pausing every thread, the event loop included, for ~0.2 s. vLLM does the same.
+        gc.collect()
+        gc.freeze()
         self.grammars = GrammarCompiler(
             loaded.tokenizer,
             loaded.model.config.vocab_size,
