@@ -4,9 +4,9 @@ Batch invariance by construction (a request's ids and logprobs are bitwise the s
 any batch, on CPU):
 - no padding inside a sequence: prompts are packed one after another ([N, hidden], N = real
   tokens), and each row's attention reads exactly its own cached tokens (a view of `RowCache`);
-- every GEMM sees a row count that is a multiple of 4 (zero rows are appended): MKL's fp32 and
-  bf16 kernels then give a row the same bits whatever the other rows are, while 1-3 leftover rows
-  take other kernels (measured; ../shared/notes/measurements.md);
+- every GEMM sees a row count that is a multiple of the model's `row_multiple` (zero rows are
+  appended): oneDNN's kernels then give a row the same bits whatever the other rows are, while a
+  single fp32 row takes another kernel (measured; see app/engine/models/base.py);
 - one attention call per row, on the same shapes as alone. (Rows of equal lengths batched into
   one SDPA call do NOT give the bits of the call alone: measured, torch 2.13 CPU.)
 The interface is `Batch`'s, so the scheduler drives either.
@@ -17,13 +17,13 @@ from collections.abc import Sequence as Seq
 import torch
 import torch.nn.functional as F
 
-from app.engine.models.base import ROW_MULTIPLE, CompactModel
+from app.engine.models.base import CompactModel
 from app.engine.row_cache import Account, RowCache
 from app.engine.sequence import Sequence
 
 
-def _padded(n: int, invariant: bool) -> int:
-    return n + (-n) % ROW_MULTIPLE if invariant else n
+def _padded(n: int, model: CompactModel) -> int:
+    return n + (-n) % model.row_multiple if model.batch_invariant else n
 
 
 class CompactBatch:
@@ -102,7 +102,7 @@ class CompactBatch:
 
 def _head(model: CompactModel, hidden: torch.Tensor) -> torch.Tensor:
     rows = hidden.shape[0]
-    padded = _padded(rows, model.batch_invariant)
+    padded = _padded(rows, model)
     if padded != rows:
         hidden = torch.cat([hidden, hidden.new_zeros((padded - rows, hidden.shape[1]))])
     return model.head(hidden)[:rows]
@@ -116,11 +116,11 @@ def _forward(
     counts: list[int],
 ) -> torch.Tensor:
     """Append `counts[r]` new tokens to each row r of `cache` (ids and positions packed row after
-    row) and return their final hidden states [N, hidden] (N rounded up to a multiple of 4)."""
+    row) and return their final hidden states [N, hidden] (N rounded up to `row_multiple`)."""
     device = cache.device
     real = sum(counts)
     invariant = model.batch_invariant
-    n = _padded(real, invariant)
+    n = _padded(real, model)
     id_tensor = torch.zeros(n, dtype=torch.long, device=device)
     id_tensor[:real] = torch.as_tensor(ids, device=device)
     pos_tensor = torch.zeros(n, dtype=torch.long, device=device)
