@@ -7,8 +7,10 @@ any batch, on CPU):
 - every GEMM sees a row count that is a multiple of the model's `row_multiple` (zero rows are
   appended): oneDNN's kernels then give a row the same bits whatever the other rows are, while a
   single fp32 row takes another kernel (measured; see app/engine/models/base.py);
-- one attention call per row, on the same shapes as alone. (Rows of equal lengths batched into
-  one SDPA call do NOT give the bits of the call alone: measured, torch 2.13 CPU.)
+- prefill: one attention call per row, on the same shapes as alone. (Rows of equal lengths batched
+  into one SDPA call do NOT give the bits of the call alone: measured, torch 2.13 CPU.) Decode: one
+  set of ops for the whole batch whose reductions have shapes fixed by the row alone
+  (app/engine/attention.py).
 The interface is `Batch`'s, so the scheduler drives either.
 """
 
@@ -17,6 +19,7 @@ from collections.abc import Sequence as Seq
 import torch
 import torch.nn.functional as F
 
+from app.engine.attention import decode_attention
 from app.engine.models.base import CompactModel
 from app.engine.row_cache import Account, RowCache
 from app.engine.sequence import Sequence
@@ -137,11 +140,15 @@ def _forward(
     if not invariant and real == len(counts):
         valid = torch.arange(max(after), device=device)[None, :] < torch.tensor(after, device=device)[:, None]
     gqa = model.kv_heads != heads
+    lengths = torch.tensor(after, device=device)
 
     def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         keys, values = cache.keys(layer), cache.values(layer)
         keys[rows, :, columns] = k[:real].to(keys.dtype)
         values[rows, :, columns] = v[:real].to(values.dtype)
+        if invariant and real == len(counts):  # decode: one set of ops for the batch, invariant per row
+            o = decode_attention(q[:real], keys[:real], values[:real], lengths, dim**-0.5)
+            return torch.cat([o.reshape(real, heads * dim), o.new_zeros((n - real, heads * dim))])
         if not invariant and real == len(counts):  # decode without the guarantee: one padded call
             assert valid is not None  # built above under the same condition
             width = max(after)
