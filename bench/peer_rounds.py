@@ -463,9 +463,27 @@ def prefix_metrics(base_url: str) -> dict[str, float] | str:
     return found or "no textgen_prefix_cache_* metrics: this server has no prefix cache"
 
 
+def split_available(paths: PeerPaths, log: Log, only: set[str] | None = None) -> tuple[list[Contender], dict[str, str]]:
+    """The contenders that can run here (of `only`, when given), and why each other one cannot."""
+    live: list[Contender] = []
+    skipped: dict[str, str] = {}
+    for c in CONTENDERS:
+        reason = "not selected (--peers)" if only is not None and c.key not in only else availability(c, paths)
+        if reason:
+            log(f"peers: {c.label} skipped: {reason}")
+            skipped[c.key] = reason
+        else:
+            live.append(c)
+    return live, skipped
+
+
+NO_PEER = "no peer available (llama-server, CTranslate2): run `make bench-peers`"
+
+
 def run_rounds(
     model_dir: Path,
     paths: PeerPaths,
+    live: list[Contender],
     workload: Workload,
     rounds: int,
     log: Log,
@@ -473,20 +491,8 @@ def run_rounds(
     startup_timeout: float,
     phase_timeout: float,
 ) -> dict[str, Any]:
-    """All available contenders, `rounds` times, alternating the order; returns the JSON section."""
-    section: dict[str, Any] = {"rounds": rounds, "skipped": {}, "choices": CHOICES}
-    live: list[Contender] = []
-    for c in CONTENDERS:
-        reason = availability(c, paths)
-        if reason:
-            log(f"peers: {c.label} skipped: {reason}")
-            section["skipped"][c.key] = reason
-        else:
-            live.append(c)
-    if not any(c.kind != "textgen" for c in live):
-        section["error"] = "no peer available (llama-server, CTranslate2): run `make bench-peers`"
-        log(f"peers: {section['error']}")
-        return section
+    """The `live` contenders, `rounds` times, alternating the order; returns the JSON section."""
+    section: dict[str, Any] = {"rounds": rounds, "choices": CHOICES}
     runner = Runner(model_dir, paths, workload, log, log_dir, startup_timeout, phase_timeout)
     for r in range(rounds):
         for c in round_order(live, r):

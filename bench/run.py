@@ -145,6 +145,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="skip the llama.cpp / CTranslate2 rounds (run when `make bench-peers` built them)",
     )
+    p.add_argument(
+        "--peers",
+        help="contenders of the peer rounds, comma-separated (default all: "
+        "textgen,textgen_bf16,textgen_nocache,llama_f16,llama_f32,ct2)",
+    )
     p.add_argument("--peer-rounds", type=int, help="alternated rounds of the peer phases (default 3, quick 2)")
     p.add_argument("--skip-inprocess", action="store_true", help="skip baseline, ceiling, TTFT ref, static")
     p.add_argument("--skip-ours", action="store_true", help="do not run textgen serve")
@@ -153,6 +158,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.mixed_max < MIXED_MIN or args.new_tokens < 1:
         p.error(f"--mixed-max must be >= {MIXED_MIN} and --new-tokens >= 1")
+    if args.peers:
+        from bench.peer_rounds import CONTENDERS
+
+        unknown = {k.strip() for k in args.peers.split(",")} - {c.key for c in CONTENDERS}
+        if unknown:
+            p.error(f"--peers: unknown {', '.join(sorted(unknown))}; known: {', '.join(c.key for c in CONTENDERS)}")
     if args.levels and not all(x.strip().isdigit() and int(x) > 0 for x in args.levels.split(",")):
         p.error("--levels wants positive integers separated by commas, e.g. 1,8,32,64")
     return args
@@ -616,16 +627,22 @@ def run_peers(
     log_dir: Path,
 ) -> None:
     """llama.cpp and CTranslate2 against textgen serve, alternated in rounds (bench/peer_rounds.py)."""
-    from bench.peer_rounds import build_workload, run_rounds
+    from bench.peer_rounds import NO_PEER, build_workload, run_rounds, split_available
     from bench.peers_build import PeerPaths, cache_root
 
     paths = PeerPaths(cache_root(), info.path)
-    workload = build_workload(
-        info.path, texts, plan.new_tokens, plan.quick, lengths[:32] if plan.quick else lengths[:64]
-    )
+    only = {k.strip() for k in args.peers.split(",") if k.strip()} if args.peers else None
+    live, skipped = split_available(paths, log, only)
+    if not any(c.kind != "textgen" for c in live):
+        log(f"peers: {NO_PEER}")
+        results["peers"] = {"rounds": 0, "skipped": skipped, "error": NO_PEER}
+        return
+    mixed = lengths[:32] if plan.quick else lengths[:64]
+    workload = build_workload(info.path, texts, plan.new_tokens, plan.quick, mixed)
     results["peers"] = run_rounds(
-        info.path, paths, workload, plan.peer_rounds, log, log_dir, args.startup_timeout, args.phase_timeout
+        info.path, paths, live, workload, plan.peer_rounds, log, log_dir, args.startup_timeout, args.phase_timeout
     )
+    results["peers"]["skipped"] = skipped
 
 
 if __name__ == "__main__":
