@@ -297,7 +297,7 @@ class Runner:
         after: Callable[[str, str], None] | None = None,
     ) -> None:
         port = int(cmd[cmd.index("--port") + 1])
-        server = Server(c.label, cmd, port, self.log_dir / f"{c.key}.log", env)
+        server = Server(c.label, cmd, port, self.log_dir / f"{c.key}-r{round_index + 1}-{phases[0]}.log", env)
         self.results.setdefault(c.key, {})["command"] = " ".join(cmd)
         try:
             server.start()

@@ -193,3 +193,26 @@ def test_peer_ratio_table() -> None:
     assert "greedy tokens, textgen vs llama_f32: 32/32 prompts identical" in text
     assert "ct2: skipped (not built)" in text
     assert "PASS" in text and "MISS" in text
+
+
+def test_ct2_spec_per_phase(tmp_path: Path) -> None:
+    from bench.peer_rounds import Runner, Workload
+
+    texts = ["a b", "c d"]
+    prefix = ["SYS\nq1", "SYS\nq2"]
+    tokens = {
+        "a b": ["a", "Ġb"],
+        "c d": ["c", "Ġd"],
+        "system": ["SYS"],
+        "q:SYS\nq1": ["Ċ", "q1"],
+        "q:SYS\nq2": ["Ċ", "q2"],
+    }
+    w = Workload(texts, {}, tokens, 4, 2, 2, prefix, [7], {}, [3, 5])
+    r = Runner(tmp_path, PeerPaths(tmp_path, tmp_path / "m"), w, print, tmp_path, 1.0, 1.0)
+    c1 = r.ct2_spec("c1")
+    assert c1["mode"] == "sequential" and c1["prompts"] == [["a", "Ġb"], ["c", "Ġd"]] and c1["new_tokens"] == [4, 4]
+    assert c1["static_prompt"] is None and c1["threads"] == 2
+    pre = r.ct2_spec("prefix")
+    assert pre["mode"] == "batch" and pre["batch"] == 32
+    assert pre["static_prompt"] == ["SYS"] and pre["prompts"] == [["Ċ", "q1"], ["Ċ", "q2"]]
+    assert r.ct2_spec("mixed")["new_tokens"] == [3, 5]
