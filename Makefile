@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 # torch is pinned and installed first: this wheel is CPU-only where pip's find-links has it;
 # a GPU host installs its own torch before `make install` and pip keeps it.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= train,dev
+# bench: CTranslate2, the in-process peer of `make bench` (and of its dry-run test).
+EXTRAS ?= train,dev,bench
 
 .PHONY: install run test test-fleet fleet lint bench bench-quick bench-peers soak container-smoke clean
 
@@ -49,7 +50,6 @@ bench: install
 # GGUF and CTranslate2, all cached under ${XDG_CACHE_HOME:-~/.cache}/textgen/peers; `make bench` then
 # runs the peer rounds (bench/peer_rounds.py).
 bench-peers: install
-	$(BIN)/pip install --quiet -e ".[$(EXTRAS),bench]"
 	$(BIN)/python -m bench.peers_build
 
 bench-quick: install
