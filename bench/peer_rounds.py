@@ -490,21 +490,31 @@ def run_rounds(
     log_dir: Path,
     startup_timeout: float,
     phase_timeout: float,
+    section: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The `live` contenders, `rounds` times, alternating the order; returns the JSON section."""
-    section: dict[str, Any] = {"rounds": rounds, "choices": CHOICES}
+    """The `live` contenders, `rounds` times, alternating the order; fills and returns the JSON
+    section (`section`, when given, so that an interrupted run keeps what it measured)."""
+    section = {} if section is None else section
+    section.update({"rounds": rounds, "choices": CHOICES})
     runner = Runner(model_dir, paths, workload, log, log_dir, startup_timeout, phase_timeout)
-    for r in range(rounds):
-        for c in round_order(live, r):
-            log(f"peers round {r + 1}/{rounds}: {c.label} ({', '.join(c.phases)})")
-            t = time.monotonic()
-            try:
-                {"textgen": runner.run_textgen, "llama": runner.run_llama, "ct2": runner.run_ct2}[c.kind](c, r)
-            except Exception as exc:  # noqa: BLE001 - a failed contender is reported, the rest still run
-                log(f"peers: {c.label} round {r + 1} FAILED: {type(exc).__name__}: {exc}")
-                for phase in c.phases:
-                    runner.record(c.key, r, phase, {"error": f"{type(exc).__name__}: {str(exc)[:500]}"})
-            log(f"peers: {c.label} took {time.monotonic() - t:.0f}s")
+    try:
+        for r in range(rounds):
+            for c in round_order(live, r):
+                log(f"peers round {r + 1}/{rounds}: {c.label} ({', '.join(c.phases)})")
+                t = time.monotonic()
+                try:
+                    {"textgen": runner.run_textgen, "llama": runner.run_llama, "ct2": runner.run_ct2}[c.kind](c, r)
+                except Exception as exc:  # noqa: BLE001 - a failed contender is reported, the rest still run
+                    log(f"peers: {c.label} round {r + 1} FAILED: {type(exc).__name__}: {exc}")
+                    for phase in c.phases:
+                        runner.record(c.key, r, phase, {"error": f"{type(exc).__name__}: {str(exc)[:500]}"})
+                log(f"peers: {c.label} took {time.monotonic() - t:.0f}s")
+    finally:  # also when interrupted: what was measured so far is summarized
+        summarize_section(section, live, runner)
+    return section
+
+
+def summarize_section(section: dict[str, Any], live: list[Contender], runner: Runner) -> None:
     section["contenders"] = {}
     for c in live:
         entry = runner.results.get(c.key, {})
@@ -512,7 +522,6 @@ def run_rounds(
         entry["best"] = {phase: best_of(rs) for phase, rs in entry.get("rounds", {}).items()}
         section["contenders"][c.key] = entry
     section["greedy"] = greedy_summary(runner.greedy)
-    return section
 
 
 def greedy_summary(greedy: dict[str, list[list[int]]]) -> dict[str, Any]:

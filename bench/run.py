@@ -553,11 +553,24 @@ def main(argv: list[str] | None = None) -> int:
         results["meta"]["interrupted"] = True
         log(f"interrupted: writing what was measured to {out}")
         write_json(out, results, log)
+        print_peers(results, out, log)
         raise
     ratios = compute_ratios(results, RSS_ALLOWANCE_BYTES)
     results["ratios"] = [r.to_json() for r in ratios]
     write_json(out, results, log)
     print(render(results, ratios))
+    print_peers(results, out, log)
+    start_load, end_load = results["meta"]["loadavg_start"][0], results["meta"]["loadavg_end"][0]
+    busy = " BUSY MACHINE: not a measurement" if max(start_load, end_load) > BUSY_LOAD else ""
+    print(
+        f"\nwrote {out} ({results['meta']['total_s']:.0f} s; load average {start_load:.1f} at start, "
+        f"{end_load:.1f} at end, {os.cpu_count()} CPUs){busy}"
+    )
+    return 0
+
+
+def print_peers(results: dict[str, Any], out: Path, log: Log) -> None:
+    """The peer table and ratios (bench/peer_report.py), also saved in the JSON."""
     peers = results.get("peers") or {}
     if peers.get("contenders") or peers.get("error"):
         from bench.peer_report import peer_ratios, render_peers
@@ -569,13 +582,6 @@ def main(argv: list[str] | None = None) -> int:
         print(render_peers(peers, peer_list))
     elif peers.get("skipped"):
         print(f"\npeers (llama.cpp, CTranslate2): skipped ({peers['skipped']})")
-    start_load, end_load = results["meta"]["loadavg_start"][0], results["meta"]["loadavg_end"][0]
-    busy = " BUSY MACHINE: not a measurement" if max(start_load, end_load) > BUSY_LOAD else ""
-    print(
-        f"\nwrote {out} ({results['meta']['total_s']:.0f} s; load average {start_load:.1f} at start, "
-        f"{end_load:.1f} at end, {os.cpu_count()} CPUs){busy}"
-    )
-    return 0
 
 
 def write_json(out: Path, results: dict[str, Any], log: Log) -> None:
@@ -639,10 +645,20 @@ def run_peers(
         return
     mixed = lengths[:32] if plan.quick else lengths[:64]
     workload = build_workload(info.path, texts, plan.new_tokens, plan.quick, mixed)
-    results["peers"] = run_rounds(
-        info.path, paths, live, workload, plan.peer_rounds, log, log_dir, args.startup_timeout, args.phase_timeout
+    section: dict[str, Any] = {"skipped": skipped}
+    results["peers"] = section
+    run_rounds(
+        info.path,
+        paths,
+        live,
+        workload,
+        plan.peer_rounds,
+        log,
+        log_dir,
+        args.startup_timeout,
+        args.phase_timeout,
+        section,
     )
-    results["peers"]["skipped"] = skipped
 
 
 if __name__ == "__main__":
