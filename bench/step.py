@@ -9,9 +9,9 @@ weights) or any GPT-2/Llama model directory.
 Each round prefills `batch` prompts of 32 tokens, then times `steps` greedy decode steps including
 the sampler (`choose`), as the engine runs them. Prints ms/step, tok/s and the speed-up over the
 first path timed, best round. `--quantize` loads the model with TEXTGEN_QUANTIZE's
-int8 layers and adds the compact forward over unquantized weights of the same dtype
-("compact-unquantized"). Ratios are against the first path timed (`--paths`, default all:
-transformers, compact, compact-not-invariant[, compact-unquantized]).
+int8 layers; with it or another dtype than fp32, the default fp32 compact forward runs too
+("compact-fp32", batch-invariant), the reference for the mode. Ratios are against the first path
+timed (`--paths`, default all: transformers, compact, compact-not-invariant[, compact-fp32]).
 """
 
 from __future__ import annotations
@@ -84,10 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         "compact": (lm.compact, CompactBatch),
         "compact-not-invariant": (fast, CompactBatch),
     }
-    if args.quantize != "none":
-        plain = load_model(str(path), device="cpu", dtype=args.dtype, kv_cache_dtype=args.kv_dtype)
+    if args.quantize != "none" or args.dtype != "float32" or args.kv_dtype not in ("auto", "float32"):
+        plain = load_model(str(path), device="cpu", dtype="float32")
         assert plain.compact is not None
-        paths["compact-unquantized"] = (plain.compact, CompactBatch)
+        paths["compact-fp32"] = (plain.compact, CompactBatch)
     if args.paths:
         wanted = args.paths.split(",")
         paths = {n: paths[n] for n in wanted}
