@@ -43,6 +43,17 @@ class Settings(BaseSettings):
         description="Compact forward: a request's tokens and logprobs are bitwise the same alone or in any "
         "batch (CPU only; ignored on GPU). false: faster batch-1 GEMMs and one attention call per step.",
     )
+    quantize: Literal["none", "int8-weight-only", "int8-dynamic"] = Field(
+        "none",
+        description="int8 linear layers through torchao (pip install 'textgen-service[quantize]'), LM head "
+        "and embeddings kept: int8-weight-only (int8 weights, float activations) or int8-dynamic (int8 weights "
+        "and per-token int8 activations). none: the weights as loaded.",
+    )
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="Threads for torch's compute (torch.set_num_threads). Unset: torch's default, one per core.",
+    )
     max_input_tokens: int | None = Field(
         None, ge=1, description="Longest prompt in tokens. Default: max_total_tokens - 1."
     )

@@ -10,6 +10,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from app.config import Settings
 from app.demo_model import BuildProgress, DemoBuild, DemoBuildError, demo_model_ready
 from app.engine.admission import default_budget, model_layers
@@ -88,7 +90,9 @@ class Service:
             finally:
                 self.build = None
         model_id = s.resolved_model()
-        log.info("loading model %s", model_id)
+        if s.torch_threads is not None:
+            torch.set_num_threads(s.torch_threads)  # process-wide: the engine thread's GEMMs use it
+        log.info("loading model %s (torch threads: %d)", model_id, torch.get_num_threads())
         loaded = load_model(
             model_id,
             device=s.device,
@@ -99,6 +103,7 @@ class Service:
             compact_forward=s.compact_forward,
             kv_cache_dtype=s.kv_cache_dtype,
             batch_invariant=s.batch_invariant,
+            quantize=s.quantize,
         )
         self_test(loaded)
         if s.chat_template:

@@ -3,11 +3,15 @@
 weights) or any GPT-2/Llama model directory.
 
     python -m bench.step [--model DIR] [--batch 1,32] [--steps 32] [--rounds 3]
-                         [--dtype float32|bfloat16] [--kv-dtype bfloat16] [--profile]
+                         [--dtype float32|bfloat16] [--kv-dtype bfloat16]
+                         [--quantize int8-weight-only|int8-dynamic] [--paths compact,...] [--profile]
 
 Each round prefills `batch` prompts of 32 tokens, then times `steps` greedy decode steps including
 the sampler (`choose`), as the engine runs them. Prints ms/step, tok/s and the speed-up over the
-transformers forward per path, best round.
+first path timed, best round. `--quantize` loads the model with TEXTGEN_QUANTIZE's
+int8 layers; with it or another dtype than fp32, the default fp32 compact forward runs too
+("compact-fp32", batch-invariant), the reference for the mode. Ratios are against the first path
+timed (`--paths`, default all: transformers, compact, compact-not-invariant[, compact-fp32]).
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--kv-dtype", default="auto")
+    p.add_argument("--quantize", default="none", choices=["none", "int8-weight-only", "int8-dynamic"])
+    p.add_argument("--paths", help="comma-separated paths to time, in this order (default: all)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
     p.add_argument("--profile", action="store_true", help="print the top ops of the compact step")
     args = p.parse_args(argv)
@@ -68,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     from app.engine.models import compact_model
 
     path = args.model or ensure_model(default_model_dir(0)).path
-    lm = load_model(str(path), device="cpu", dtype=args.dtype, kv_cache_dtype=args.kv_dtype)
+    lm = load_model(str(path), device="cpu", dtype=args.dtype, kv_cache_dtype=args.kv_dtype, quantize=args.quantize)
     assert lm.compact is not None, "this model has no compact forward"
     fast = compact_model(lm.model)  # the same weights, without batch invariance
     assert fast is not None
@@ -76,18 +82,27 @@ def main(argv: list[str] | None = None) -> int:
     paths = {
         "transformers": (lm.model, Batch),
         "compact": (lm.compact, CompactBatch),
-        "compact, not invariant": (fast, CompactBatch),
+        "compact-not-invariant": (fast, CompactBatch),
     }
-    print(f"model {path} dtype {args.dtype} kv {args.kv_dtype} threads {torch.get_num_threads()}")
+    if args.quantize != "none" or args.dtype != "float32" or args.kv_dtype not in ("auto", "float32"):
+        plain = load_model(str(path), device="cpu", dtype="float32")
+        assert plain.compact is not None
+        paths["compact-fp32"] = (plain.compact, CompactBatch)
+    if args.paths:
+        wanted = args.paths.split(",")
+        paths = {n: paths[n] for n in wanted}
+    print(
+        f"model {path} dtype {args.dtype} kv {args.kv_dtype} quantize {args.quantize} threads {torch.get_num_threads()}"
+    )
     for batch in [int(x) for x in args.batch.split(",")]:
         best: dict[str, float] = {}
         for _ in range(args.rounds):
             for name, (forward, batch_type) in paths.items():
                 dt = time_steps(name, forward, batch_type, lm, batch, args.steps)
                 best[name] = min(best.get(name, float("inf")), dt)
+        first = next(iter(best.values()))
         line = "  ".join(
-            f"{n}: {dt * 1e3:7.2f} ms/step {batch / dt:6.1f} tok/s ({best['transformers'] / dt:.2f}x)"
-            for n, dt in best.items()
+            f"{n}: {dt * 1e3:7.2f} ms/step {batch / dt:6.1f} tok/s ({first / dt:.2f}x)" for n, dt in best.items()
         )
         print(f"batch {batch:3d}  {line}")
         if args.profile:

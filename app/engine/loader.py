@@ -1,5 +1,6 @@
 """Load one causal LM and its tokenizer, resolve device/dtype and the token limits it allows."""
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,6 +10,9 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from app.engine.models import CompactModel, compact_model
+from app.engine.quantize import Quantize, QuantizeUnavailable, quantize_model
+
+log = logging.getLogger(__name__)
 
 
 class ModelLoadError(Exception):
@@ -31,15 +35,17 @@ class LoadedModel:
     dtype: torch.dtype
     limits: Limits
     compact: CompactModel | None = None  # our forward (GPT-2, Llama), else the HF model's
+    quantize: Quantize = "none"  # TEXTGEN_QUANTIZE: int8 linear layers (torchao)
 
     @property
     def forward_description(self) -> str:
         """Which forward serves generation, for the startup log."""
         c = self.compact
+        weights = "" if self.quantize == "none" else f", weights {self.quantize}"
         if c is None:
-            return "transformers"
+            return f"transformers{f' ({weights[2:]})' if weights else ''}"
         kv = str(c.kv_dtype).removeprefix("torch.")
-        return f"compact {c.family} (batch-invariant: {str(c.batch_invariant).lower()}, KV cache {kv})"
+        return f"compact {c.family} (batch-invariant: {str(c.batch_invariant).lower()}, KV cache {kv}{weights})"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -103,6 +109,7 @@ def load_model(
     compact_forward: bool = True,
     kv_cache_dtype: str = "auto",
     batch_invariant: bool = True,
+    quantize: Quantize = "none",
 ) -> LoadedModel:
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
@@ -142,6 +149,10 @@ def load_model(
     # functools.wraps on PreTrainedModel.to makes mypy see an unbound method (self missing).
     model.to(dev).eval()  # type: ignore[arg-type]
     model.requires_grad_(False)
+    try:
+        quantize_model(model, quantize)
+    except QuantizeUnavailable as exc:
+        raise ModelLoadError(str(exc)) from exc
     limits = resolve_limits(context_length(config), max_total_tokens, max_input_tokens)
     compact = compact_model(model) if compact_forward else None
     if compact is not None:
@@ -149,12 +160,20 @@ def load_model(
         # Invariance is built and tested for CPU kernels only; on GPU one attention call per step
         # (not one per row) is what keeps kernel launches in check.
         compact.batch_invariant = batch_invariant and dev.type == "cpu"
+        if compact.batch_invariant and quantize == "int8-weight-only":
+            # torchao runs these as torch.mm over the weight converted to float (MKL), whose bits
+            # depend on the row count even padded to 4 (tests/unit/engine/test_compact.py found it).
+            log.warning(
+                "TEXTGEN_QUANTIZE=int8-weight-only is not batch-invariant: a request's logprobs may "
+                "differ in the last bits alone and in a batch (int8-dynamic and bfloat16 are invariant)"
+            )
+            compact.batch_invariant = False
     elif kv_cache_dtype != "auto":
         raise ModelLoadError(
             f"TEXTGEN_KV_CACHE_DTYPE={kv_cache_dtype} needs the compact forward (GPT-2 or Llama with "
             "TEXTGEN_COMPACT_FORWARD=true); this model runs on the transformers forward."
         )
-    return LoadedModel(model, tokenizer, model_id, dev, torch_dtype, limits, compact)
+    return LoadedModel(model, tokenizer, model_id, dev, torch_dtype, limits, compact, quantize)
 
 
 def _apply_adapter(model: PreTrainedModel, adapter: str) -> PreTrainedModel:

@@ -49,10 +49,12 @@ def _reference(model: PreTrainedModel, ids: list[int], steps: int) -> tuple[list
     return tokens, torch.cat([step.float() for step in out.logits])
 
 
-def _tolerance(logits: torch.Tensor) -> float:
+def _tolerance(logits: torch.Tensor, quantized: bool = False) -> float:
     """Kernel noise between batch shapes is ~1e-6 relative in fp32; a wrong mask, position or
-    cache row is off by whole units. Half precision gets a wider margin."""
-    relative = 1e-3 if logits.dtype == torch.float32 else 5e-2
+    cache row is off by whole units. Half precision gets a wider margin, and so does int8
+    (TEXTGEN_QUANTIZE): that noise can move an activation across an int8 rounding step (0.11 on
+    the tests' tiny GPT-2 with int8-dynamic)."""
+    relative = 1e-3 if logits.dtype == torch.float32 and not quantized else 5e-2
     return relative * max(1.0, float(logits.abs().max()))
 
 
@@ -81,7 +83,7 @@ def self_test(loaded: LoadedModel) -> None:
                 for row, owner in enumerate(owners):
                     expected = references[owner][1][fed[owner]]
                     diff = float((logits[row].float() - expected).abs().max())
-                    if diff > _tolerance(expected):
+                    if diff > _tolerance(expected, loaded.quantize != "none"):
                         raise _Mismatch(f"{what}: row {row} (prompt {owner}) differs from model.generate by {diff:.3g}")
                 batch.set_next([references[o][0][fed[o]] for o in owners])
                 for owner in owners:

@@ -15,6 +15,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from app.engine.quantize import is_dynamic_int8
+
 # attend(layer, q [N, heads, dim], k [N, kv_heads, dim], v [N, kv_heads, dim]) -> [N, heads * dim]
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -35,10 +37,15 @@ def onednn_linear(weight: torch.Tensor) -> bool:
 def row_multiple(weight: torch.Tensor) -> int:
     """The row count every GEMM over `weight` is padded to a multiple of, for batch invariance.
 
-    oneDNN: fp32 takes another kernel for a single row (up to 5e-5 apart), bf16 does not; MKL
-    (any other CPU case) needs 4 rows (measured: 1 row and 2-3 rows differ from >= 4)."""
+    oneDNN: fp32 takes another kernel for a single row (up to 5e-5 apart), bf16 does not; torchao's
+    dynamic int8 (TEXTGEN_QUANTIZE=int8-dynamic) quantizes each row on its own and sums in int32,
+    exactly, so any row count; MKL (any other CPU case, torchao's int8 weight-only included, which
+    runs `torch.mm` on the weight converted to float) needs 4 rows (measured: 1 row and 2-3 rows
+    differ from >= 4)."""
     if onednn_linear(weight):
         return 1 if weight.dtype == torch.bfloat16 else 2
+    if is_dynamic_int8(weight):
+        return 1
     return 4
 
 

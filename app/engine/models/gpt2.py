@@ -42,12 +42,19 @@ class GPT2Compact(CompactModel):
         self.kv_dtype = self.dtype
         self.device = self.wte.device
         # Per block: (weight, bias) of ln_1, c_attn, attn c_proj, ln_2, c_fc, mlp c_proj; the Conv1D
-        # weights ([in, out]) as [out, in], the layout `linear` takes, sharing the HF storage.
+        # weights ([in, out]) as [out, in], the layout `linear` takes, sharing the HF storage. Layers
+        # already turned into nn.Linear (TEXTGEN_QUANTIZE) are [out, in] and maybe int8: used as they are.
         conv1d = {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"}
+
+        def gemm_weight(name: str) -> torch.Tensor:
+            if isinstance(model.get_submodule(name.removesuffix(".weight")), torch.nn.Linear):
+                return weight(name).detach()
+            return as_linear_weight(weight(name))
+
         self.blocks = [
             tuple(
                 (
-                    as_linear_weight(weight(f"transformer.h.{i}.{name}.weight"))
+                    gemm_weight(f"transformer.h.{i}.{name}.weight")
                     if name in conv1d
                     else weight(f"transformer.h.{i}.{name}.weight"),
                     weight(f"transformer.h.{i}.{name}.bias"),
@@ -58,7 +65,8 @@ class GPT2Compact(CompactModel):
         ]
         self.ln_f = (weight("transformer.ln_f.weight"), weight("transformer.ln_f.bias"))
         self.lm_head = model.lm_head.weight.detach()  # [vocab, hidden]; tied to wte in GPT-2
-        self.row_multiple = row_multiple(self.lm_head)
+        gemms = [self.lm_head] + [block[k][0] for block in self.blocks for k in (1, 2, 4, 5)]
+        self.row_multiple = max(row_multiple(w) for w in gemms)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
         x = F.embedding(ids, self.wte) + F.embedding(positions, self.wpe)

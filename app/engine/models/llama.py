@@ -59,7 +59,8 @@ class LlamaCompact(CompactModel):
         ]
         self.norm = m.norm.weight
         self.lm_head = model.lm_head.weight.detach()  # [vocab, hidden]
-        self.row_multiple = row_multiple(self.lm_head)
+        gemms = [self.lm_head] + [m.weight for block in self.blocks for m in block if isinstance(m, torch.nn.Linear)]
+        self.row_multiple = max(row_multiple(w) for w in gemms)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
         x = F.embedding(ids, self.embed)

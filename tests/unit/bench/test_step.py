@@ -12,4 +12,15 @@ def test_step_benchmark_runs_both_forwards(tiny_gpt2_dir: Path, capsys: pytest.C
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("batch")]
     assert len(lines) == 2
     for line in lines:
-        assert "transformers:" in line and "compact:" in line and "compact, not invariant:" in line
+        assert "transformers:" in line and "compact:" in line and "compact-not-invariant:" in line
+
+
+def test_step_benchmark_times_a_quantized_mode_against_fp32(
+    tiny_gpt2_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--model", str(tiny_gpt2_dir), "--batch", "2", "--steps", "2", "--rounds", "1"]
+    assert main([*argv, "--quantize", "int8-dynamic", "--paths", "compact-fp32,compact"]) == 0
+    out = capsys.readouterr().out
+    assert "quantize int8-dynamic" in out
+    (line,) = [line for line in out.splitlines() if line.startswith("batch")]
+    assert line.index("compact-fp32:") < line.index(" compact:") and "transformers:" not in line
