@@ -7,8 +7,13 @@ any batch, on CPU):
 - every GEMM sees a row count that is a multiple of 4 (zero rows are appended): MKL's fp32 and
   bf16 kernels then give a row the same bits whatever the other rows are, while 1-3 leftover rows
   take other kernels (measured; ../shared/notes/measurements.md);
-- one attention call per row, on the same shapes as alone. (Rows of equal lengths batched into
-  one SDPA call do NOT give the bits of the call alone: measured, torch 2.13 CPU.)
+- attention calls per row, on the same shapes as alone. (Rows of equal lengths batched into
+  one SDPA call do NOT give the bits of the call alone: measured, torch 2.13 CPU.) A prompt's
+  queries go in chunks ending on multiples of ATTENTION_CHUNK positions, each over the keys up to
+  its end, so a prompt whose first blocks come from the prefix cache (app/engine/prefix_cache.py)
+  runs the very calls of its remaining chunks: the same bits as without the cache. (One causal
+  call over the whole prompt differed in the last bits from the call over a suffix in 16 of 80
+  prompts: measured, torch 2.13 CPU.)
 The interface is `Batch`'s, so the scheduler drives either.
 """
 
@@ -20,6 +25,10 @@ import torch.nn.functional as F
 from app.engine.models.base import ROW_MULTIPLE, CompactModel
 from app.engine.row_cache import Account, RowCache
 from app.engine.sequence import Sequence
+
+# Prefill attention runs in query chunks aligned to this many positions when batch invariant, and
+# the prefix cache stores blocks of this size: a cached prefix always ends on a chunk boundary.
+ATTENTION_CHUNK = 16
 
 
 def _padded(n: int, invariant: bool) -> int:
@@ -42,13 +51,25 @@ class CompactBatch:
 
     @classmethod
     def prefill(
-        cls, model: CompactModel, seqs: list[Sequence], all_logits: bool, account: Account | None = None
+        cls,
+        model: CompactModel,
+        seqs: list[Sequence],
+        all_logits: bool,
+        account: Account | None = None,
+        prefixes: Seq[list[torch.Tensor]] | None = None,
     ) -> tuple["CompactBatch", torch.Tensor, torch.Tensor | None]:
         """Run the prompts of `seqs` (packed). Returns the batch, the last position's logits
-        [batch, vocab], and every position's logits [batch, longest prompt, vocab] (left-padded,
-        as `Batch` gives them) when `all_logits`."""
-        counts = [s.prompt_len for s in seqs]
-        longest = max(counts)
+        [batch, vocab], and the logits of every position run [batch, longest prompt, vocab]
+        (left-padded, as `Batch` gives them) when `all_logits`.
+
+        `prefixes[r]`, when given, is row r's blocks from the prefix cache: the K/V of its first
+        c prompt tokens (c < its prompt length) in blocks [layers, 2, kv_heads, block, head_dim].
+        Those tokens are copied into the cache instead of being run (their logits, if asked for,
+        are zeros)."""
+        blocks = list(prefixes) if prefixes is not None else [[] for _ in seqs]
+        starts = [sum(b.shape[3] for b in row) for row in blocks]
+        counts = [s.prompt_len - c for s, c in zip(seqs, starts, strict=True)]
+        longest = max(s.prompt_len for s in seqs)
         cache = RowCache(
             model.layers,
             model.kv_heads,
@@ -59,9 +80,16 @@ class CompactBatch:
             columns=longest if account is not None else None,
         )
         cache.reserve(len(seqs), longest)
-        cache.lengths = [0] * len(seqs)
-        ids = [t for s in seqs for t in s.request.prompt_ids]
-        positions = [p for c in counts for p in range(c)]
+        for row, row_blocks in enumerate(blocks):
+            column = 0
+            for block in row_blocks:  # block by block: no uncounted copy of the whole prefix
+                width = block.shape[3]
+                for layer, kv in enumerate(cache.kv):
+                    kv[:, row, :, column : column + width] = block[layer]
+                column += width
+        cache.lengths = starts
+        ids = [t for s, c in zip(seqs, starts, strict=True) for t in s.request.prompt_ids[c:]]
+        positions = [p for s, c in zip(seqs, starts, strict=True) for p in range(c, s.prompt_len)]
         hidden = _forward(model, cache, ids, positions, counts)
         ends = torch.tensor(counts, device=model.device).cumsum(0) - 1
         logits = _head(model, hidden.index_select(0, ends))
@@ -74,6 +102,11 @@ class CompactBatch:
                 full[row, longest - count :] = every[start : start + count]
                 start += count
         return cls(list(seqs), cache), logits, full
+
+    def prompt_kv(self, row: int, start: int, end: int) -> torch.Tensor:
+        """The K/V of row `row`'s tokens [start, end): [layers, 2, kv_heads, end - start, head_dim]
+        (a new tensor)."""
+        return torch.stack([kv[:, row, :, start:end] for kv in self.cache.kv])
 
     def decode(self, model: CompactModel) -> torch.Tensor:
         """One step for every row: feed `next_ids`, return next-token logits [batch, vocab]."""
@@ -154,18 +187,26 @@ def _forward(
             )
             return o.reshape(real, heads * dim)
         out = q.new_zeros((n, heads * dim))
-        for row, (count, length) in enumerate(zip(counts, after, strict=True)):
-            start = offsets[row]
-            qr = q[start : start + count].transpose(0, 1)[None]  # [1, heads, count, dim]
-            kr = keys[row : row + 1, :, :length].to(q.dtype)
-            vr = values[row : row + 1, :, :length].to(q.dtype)
-            mask = None
-            if 1 < count < length:  # new tokens after cached ones: causal, bottom-right aligned
-                mask = torch.ones((count, length), dtype=torch.bool, device=device).tril(length - count)
-            o = F.scaled_dot_product_attention(
-                qr, kr, vr, attn_mask=mask, is_causal=count > 1 and mask is None, enable_gqa=gqa
-            )
-            out[start : start + count] = o[0].transpose(0, 1).reshape(count, heads * dim)
+        for row, (first, last) in enumerate(zip(before, after, strict=True)):
+            # Invariant: queries in chunks that end on multiples of ATTENTION_CHUNK, each over keys
+            # [0, its end), so a token's attention is the same call whichever earlier tokens came
+            # from the prefix cache. Otherwise one call for all of the row's new tokens.
+            step = ATTENTION_CHUNK if invariant else last
+            pos = first
+            while pos < last:
+                end = min(last, (pos // step + 1) * step) if invariant else last
+                count, start = end - pos, offsets[row] + pos - first
+                qr = q[start : start + count].transpose(0, 1)[None]  # [1, heads, count, dim]
+                kr = keys[row : row + 1, :, :end].to(q.dtype)
+                vr = values[row : row + 1, :, :end].to(q.dtype)
+                mask = None
+                if 1 < count < end:  # new tokens after cached ones: causal, bottom-right aligned
+                    mask = torch.ones((count, end), dtype=torch.bool, device=device).tril(end - count)
+                o = F.scaled_dot_product_attention(
+                    qr, kr, vr, attn_mask=mask, is_causal=count > 1 and mask is None, enable_gqa=gqa
+                )
+                out[start : start + count] = o[0].transpose(0, 1).reshape(count, heads * dim)
+                pos = end
         return out
 
     hidden = model.forward(id_tensor, pos_tensor, attend)

@@ -37,6 +37,7 @@ class Sequence:
         self.max_total_tokens = max_total_tokens
         self.arrived = time.perf_counter()
         self.admitted = 0.0
+        self.cached_tokens = 0  # prompt tokens whose K/V came from the prefix cache
         self.first_token_at = 0.0
         self.last_token_at = 0.0
         self.generated: list[int] = []
@@ -204,6 +205,7 @@ class Sequence:
             finish_reason=self.finish_reason or "error",
             generated_tokens=len(self.generated),
             prompt_tokens=self.prompt_len,
+            cached_tokens=self.cached_tokens,
             seed=self.seed,
             tokens=self.tokens,
             prefill=self.prefill,
