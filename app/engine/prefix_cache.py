@@ -69,14 +69,21 @@ class PrefixCache:
         """Cached token positions (blocks x block_size)."""
         return len(self._blocks) * self.block_size
 
-    def match(self, ids: list[int]) -> list[bytes]:
-        """Keys of the longest run of cached blocks that starts `ids`, covering at most
-        len(ids) - 1 tokens. The run becomes the most recently used, its first block last."""
-        found: list[bytes] = []
-        for key in block_keys(ids[: len(ids) - 1], self.block_size):
-            if key not in self._blocks:
-                break
-            found.append(key)
+    def prompt_keys(self, ids: list[int]) -> list[bytes]:
+        """The keys a prompt `ids` may hit: its full blocks within the first len(ids) - 1 tokens."""
+        return block_keys(ids[: len(ids) - 1], self.block_size)
+
+    def cached_tokens(self, keys: list[bytes]) -> int:
+        """Tokens the leading run of `keys` that is cached covers (the LRU order is unchanged)."""
+        run = 0
+        while run < len(keys) and keys[run] in self._blocks:
+            run += 1
+        return run * self.block_size
+
+    def match(self, keys: list[bytes]) -> list[bytes]:
+        """The leading run of `keys` (from `prompt_keys`) that is cached. The run becomes the
+        most recently used, its first block last."""
+        found = keys[: self.cached_tokens(keys) // self.block_size]
         self._touch(found)
         return found
 

@@ -267,6 +267,9 @@ class Engine:
     def _take_admissible(self) -> list[Sequence]:
         """Move the requests `admission.admit` picks from the queue to `_prefilling`."""
         running = self._running_seqs()
+        if self.prefix is not None:  # the prefill bound counts only what the cache does not hold
+            for seq in self._waiting:
+                self._look_up(seq, touch=False)
         plan = admission.admit(list(self._waiting), running, self.limits, self._live_allocated())
         for seq in plan.cancelled:  # they free their queue slots now
             self._retire(seq, "cancelled")
@@ -379,13 +382,27 @@ class Engine:
         assert self.prefix is not None  # the caller checked
         out: list[list[torch.Tensor]] = []
         for seq in seqs:
-            blocks: list[torch.Tensor] = []
+            blocks = self._look_up(seq, touch=True)
             if not seq.request.prefill_details:
-                blocks = self.prefix.blocks(self.prefix.match(seq.request.prompt_ids))
-                self.metrics.prefix_cache(seq.prompt_len, len(blocks) * self.prefix.block_size)
-            seq.cached_tokens = len(blocks) * self.prefix.block_size
+                self.metrics.prefix_cache(seq.prompt_len, seq.cached_tokens)
             out.append(blocks)
         return out
+
+    def _look_up(self, seq: Sequence, touch: bool) -> list[torch.Tensor]:
+        """Set `seq.cached_tokens` to what the prefix cache holds of its prompt; with `touch`,
+        return those blocks (now the most recently used)."""
+        assert self.prefix is not None  # the callers checked
+        if seq.request.prefill_details:
+            seq.cached_tokens = 0
+            return []
+        if seq.prefix_keys is None:
+            seq.prefix_keys = self.prefix.prompt_keys(seq.request.prompt_ids)
+        if not touch:
+            seq.cached_tokens = self.prefix.cached_tokens(seq.prefix_keys)
+            return []
+        blocks = self.prefix.blocks(self.prefix.match(seq.prefix_keys))
+        seq.cached_tokens = len(blocks) * self.prefix.block_size
+        return blocks
 
     def _store_prefixes(self, batch: CompactBatch) -> None:
         """Cache the full blocks of the prompts just prefilled, within the room the budget leaves."""

@@ -37,7 +37,8 @@ class Sequence:
         self.max_total_tokens = max_total_tokens
         self.arrived = time.perf_counter()
         self.admitted = 0.0
-        self.cached_tokens = 0  # prompt tokens whose K/V came from the prefix cache
+        self.cached_tokens = 0  # prompt tokens whose K/V came from the prefix cache (or will)
+        self.prefix_keys: list[bytes] | None = None  # its prompt's prefix-cache keys, once looked up
         self.first_token_at = 0.0
         self.last_token_at = 0.0
         self.generated: list[int] = []
@@ -64,6 +65,11 @@ class Sequence:
     @property
     def prompt_len(self) -> int:
         return len(self.request.prompt_ids)
+
+    @property
+    def prefill_len(self) -> int:
+        """Prompt tokens its prefill runs: those not in the prefix cache."""
+        return self.prompt_len - self.cached_tokens
 
     @property
     def reserved_tokens(self) -> int:

@@ -191,3 +191,27 @@ def test_the_non_invariant_forward_also_uses_the_cache(tiny_gpt2_dir: Path) -> N
         assert [t.id for t in on[key].tokens] == [t.id for t in off[key].tokens]
         worst = max(abs(a.logprob - b.logprob) for a, b in zip(on[key].tokens, off[key].tokens, strict=True))
         assert worst <= 1e-5, f"request {key}: logprobs differ by {worst}"
+
+
+def test_the_prefill_bound_counts_only_tokens_not_cached(tiny_lm: LoadedModel) -> None:
+    """TEXTGEN_MAX_PREFILL_TOKENS=64 and prompts of 45 tokens: one prompt per prefill step without
+    the cache; with 32 of them cached, 4 x 13 new tokens fit one step."""
+    prompts = [ids[:45] for ids in shared_prompts(tiny_lm, 10) if len(ids) >= 45][:5]
+    assert len(prompts) == 5
+    steps = []
+    for prefix_tokens in (0, 4096):
+        engine = make_engine(tiny_lm, prefix_tokens, max_prefill_tokens=64, max_batch_size=8)
+        try:
+            runs = Runs(engine)
+            runs.submit(0, prompts[0], 1)
+            runs.wait(1)
+            before = engine.metrics.engine_steps.labels("prefill")._value.get()
+            with engine._cond:  # queued together, so one admission sees them all
+                for key in range(1, 5):
+                    runs.submit(key, prompts[key], 4)
+            runs.wait(5)
+            steps.append(engine.metrics.engine_steps.labels("prefill")._value.get() - before)
+        finally:
+            engine.stop()
+        assert all(runs.done[k].cached_tokens == (32 if prefix_tokens else 0) for k in range(1, 5))
+    assert steps == [4, 1]

@@ -22,6 +22,11 @@ class Reader:
         return values[None, None, None, :, None].expand(LAYERS, 2, 1, end - start, 2).clone()
 
 
+def hit(pc: PrefixCache, ids: list[int]) -> list[bytes]:
+    """The cached run of blocks prompt `ids` hits (and touches)."""
+    return pc.match(pc.prompt_keys(ids))
+
+
 def cache(max_tokens: int = 1000, account: KVAccount | None = None) -> PrefixCache:
     return PrefixCache(max_tokens, LAYERS, account, block_size=B)
 
@@ -40,11 +45,11 @@ def test_match_returns_the_cached_run_and_leaves_the_last_token() -> None:
     pc = cache()
     ids = list(range(12))
     assert pc.insert(ids, Reader(ids), room=1000) == 3
-    assert len(pc.match(ids)) == 2, "12 tokens: at most 11 may come from the cache, so 2 blocks"
-    assert len(pc.match([*ids, 50])) == 3
-    assert len(pc.match([0, 1, 2, 3, 9, 9, 9, 9, 9])) == 1  # diverges in block 1
-    assert pc.match([7, 1, 2, 3, 4]) == []
-    blocks = pc.blocks(pc.match([*ids, 50]))
+    assert len(hit(pc, ids)) == 2, "12 tokens: at most 11 may come from the cache, so 2 blocks"
+    assert len(hit(pc, [*ids, 50])) == 3
+    assert len(hit(pc, [0, 1, 2, 3, 9, 9, 9, 9, 9])) == 1  # diverges in block 1
+    assert hit(pc, [7, 1, 2, 3, 4]) == []
+    blocks = pc.blocks(hit(pc, [*ids, 50]))
     got = torch.cat([b[0, 0, 0, :, 0] for b in blocks])
     assert got.tolist() == [float(t) for t in ids], "the blocks hold the K/V of their tokens, in order"
 
@@ -64,12 +69,12 @@ def test_lru_evicts_the_oldest_chain_tail_first() -> None:
     a, b = [1] * 8, [2] * 8
     pc.insert(a, Reader(a), room=1000)
     pc.insert(b, Reader(b), room=1000)
-    pc.match([*a, 0])  # a is now the most recent
+    hit(pc, [*a, 0])  # a is now the most recent
     c = [3] * 4
     pc.insert(c, Reader(c), room=1000)  # one block over: b's tail goes, b's head stays
-    assert len(pc.match([*b, 0])) == 1
-    assert len(pc.match([*a, 0])) == 2
-    assert len(pc.match([*c, 0])) == 1
+    assert len(hit(pc, [*b, 0])) == 1
+    assert len(hit(pc, [*a, 0])) == 2
+    assert len(hit(pc, [*c, 0])) == 1
     assert pc.tokens == 4 * B
 
 
@@ -94,15 +99,26 @@ def test_evict_to_keeps_the_most_recent_blocks() -> None:
     for value in range(5):
         ids = [value] * B
         pc.insert(ids, Reader(ids), room=1000)
-    pc.match([0] * B + [1])  # the oldest becomes the newest
+    hit(pc, [0] * B + [1])  # the oldest becomes the newest
     pc.evict_to(2 * B)
-    assert [len(pc.match([v] * B + [0])) for v in range(5)] == [1, 0, 0, 0, 1]
+    assert [len(hit(pc, [v] * B + [0])) for v in range(5)] == [1, 0, 0, 0, 1]
 
 
 def test_blocks_stop_at_the_first_evicted_one() -> None:
     pc = cache()
     ids = list(range(12))
     pc.insert(ids, Reader(ids), room=1000)
-    keys = pc.match([*ids, 0])
+    keys = hit(pc, [*ids, 0])
     pc.evict_to(2 * B)  # the chain's tail (least recently used) goes first
     assert len(pc.blocks(keys)) == 2
+
+
+def test_cached_tokens_peeks_without_touching() -> None:
+    pc = cache(max_tokens=2 * B)
+    a, b = [1] * B, [2] * B
+    pc.insert(a, Reader(a), room=1000)
+    pc.insert(b, Reader(b), room=1000)
+    assert pc.cached_tokens(pc.prompt_keys([*a, 0])) == B
+    assert pc.cached_tokens(pc.prompt_keys(a)) == 0, "the last token is never cached"
+    pc.insert([3] * B, Reader([3] * B), room=1000)  # evicts the least recently used: still a
+    assert hit(pc, [*a, 0]) == [] and len(hit(pc, [*b, 0])) == 1
