@@ -9,11 +9,11 @@ any batch, on CPU):
   take other kernels (measured; ../shared/notes/measurements.md);
 - attention calls per row, on the same shapes as alone. (Rows of equal lengths batched into
   one SDPA call do NOT give the bits of the call alone: measured, torch 2.13 CPU.) A prompt's
-  queries go in chunks ending on multiples of ATTENTION_CHUNK positions, each over the keys up to
-  its end, so a prompt whose first blocks come from the prefix cache (app/engine/prefix_cache.py)
-  runs the very calls of its remaining chunks: the same bits as without the cache. (One causal
-  call over the whole prompt differed in the last bits from the call over a suffix in 16 of 80
-  prompts: measured, torch 2.13 CPU.)
+  queries go in chunks of ATTENTION_CHUNK positions, each a batch entry of one call over all the
+  prompt's keys (`_chunked_attention`), so a prompt whose first chunks come from the prefix cache
+  (app/engine/prefix_cache.py) computes its other chunks with the same bits as without the cache.
+  (One causal call over the whole prompt differed in the last bits from a call over its suffix in
+  16 of 80 prompts; chunked, 0 of 80: measured, torch 2.13 CPU.)
 The interface is `Batch`'s, so the scheduler drives either.
 """
 
@@ -26,8 +26,8 @@ from app.engine.models.base import ROW_MULTIPLE, CompactModel
 from app.engine.row_cache import Account, RowCache
 from app.engine.sequence import Sequence
 
-# Prefill attention runs in query chunks aligned to this many positions when batch invariant, and
-# the prefix cache stores blocks of this size: a cached prefix always ends on a chunk boundary.
+# Prefill attention runs in query chunks of this many positions when batch invariant, and the
+# prefix cache stores blocks of this size: a cached prefix always ends on a chunk boundary.
 ATTENTION_CHUNK = 16
 
 
@@ -90,7 +90,7 @@ class CompactBatch:
         cache.lengths = starts
         ids = [t for s, c in zip(seqs, starts, strict=True) for t in s.request.prompt_ids[c:]]
         positions = [p for s, c in zip(seqs, starts, strict=True) for p in range(c, s.prompt_len)]
-        hidden = _forward(model, cache, ids, positions, counts)
+        hidden = _forward(model, cache, ids, positions, counts, prompt=True)
         ends = torch.tensor(counts, device=model.device).cumsum(0) - 1
         logits = _head(model, hidden.index_select(0, ends))
         full = None
@@ -147,9 +147,11 @@ def _forward(
     ids: torch.Tensor | list[int],
     positions: list[int],
     counts: list[int],
+    prompt: bool = False,
 ) -> torch.Tensor:
     """Append `counts[r]` new tokens to each row r of `cache` (ids and positions packed row after
-    row) and return their final hidden states [N, hidden] (N rounded up to a multiple of 4)."""
+    row) and return their final hidden states [N, hidden] (N rounded up to a multiple of 4).
+    `prompt`: the new tokens are the rest of each row's prompt (a prefill)."""
     device = cache.device
     real = sum(counts)
     invariant = model.batch_invariant
@@ -170,6 +172,8 @@ def _forward(
     if not invariant and real == len(counts):
         valid = torch.arange(max(after), device=device)[None, :] < torch.tensor(after, device=device)[:, None]
     gqa = model.kv_heads != heads
+    chunked = prompt and invariant
+    masks = [_chunk_mask(first, last, device) for first, last in zip(before, after, strict=True)] if chunked else []
 
     def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         keys, values = cache.keys(layer), cache.values(layer)
@@ -188,27 +192,52 @@ def _forward(
             return o.reshape(real, heads * dim)
         out = q.new_zeros((n, heads * dim))
         for row, (first, last) in enumerate(zip(before, after, strict=True)):
-            # Invariant: queries in chunks that end on multiples of ATTENTION_CHUNK, each over keys
-            # [0, its end), so a token's attention is the same call whichever earlier tokens came
-            # from the prefix cache. Otherwise one call for all of the row's new tokens.
-            step = ATTENTION_CHUNK if invariant else last
-            pos = first
-            while pos < last:
-                end = min(last, (pos // step + 1) * step) if invariant else last
-                count, start = end - pos, offsets[row] + pos - first
-                qr = q[start : start + count].transpose(0, 1)[None]  # [1, heads, count, dim]
-                kr = keys[row : row + 1, :, :end].to(q.dtype)
-                vr = values[row : row + 1, :, :end].to(q.dtype)
-                mask = None
-                if 1 < count < end:  # new tokens after cached ones: causal, bottom-right aligned
-                    mask = torch.ones((count, end), dtype=torch.bool, device=device).tril(end - count)
-                o = F.scaled_dot_product_attention(
-                    qr, kr, vr, attn_mask=mask, is_causal=count > 1 and mask is None, enable_gqa=gqa
-                )
-                out[start : start + count] = o[0].transpose(0, 1).reshape(count, heads * dim)
-                pos = end
+            count, start = last - first, offsets[row]
+            kr = keys[row, :, :last].to(q.dtype)  # [kv_heads, last, dim]
+            vr = values[row, :, :last].to(q.dtype)
+            if chunked:
+                out[start : start + count] = _chunked_attention(q[start : start + count], kr, vr, masks[row], gqa)
+                continue
+            qr = q[start : start + count].transpose(0, 1)[None]  # [1, heads, count, dim]
+            mask = None
+            if 1 < count < last:  # new tokens after cached ones: causal, bottom-right aligned
+                mask = torch.ones((count, last), dtype=torch.bool, device=device).tril(last - count)
+            o = F.scaled_dot_product_attention(
+                qr, kr[None], vr[None], attn_mask=mask, is_causal=count > 1 and mask is None, enable_gqa=gqa
+            )
+            out[start : start + count] = o[0].transpose(0, 1).reshape(count, heads * dim)
         return out
 
     hidden = model.forward(id_tensor, pos_tensor, attend)
     cache.lengths = after
     return hidden
+
+
+def _chunk_mask(first: int, last: int, device: torch.device) -> torch.Tensor:
+    """The causal mask of a prompt's positions [first, last) (first a multiple of ATTENTION_CHUNK)
+    in chunks of ATTENTION_CHUNK queries, each over keys [0, last): [chunks, 1, CHUNK, last]."""
+    assert first % ATTENTION_CHUNK == 0, f"a cached prefix of {first} tokens does not end on a chunk"
+    chunks = -(-(last - first) // ATTENTION_CHUNK)
+    queries = torch.arange(first, first + chunks * ATTENTION_CHUNK, device=device)
+    mask = torch.arange(last, device=device)[None, :] <= queries[:, None]
+    return mask.view(chunks, 1, ATTENTION_CHUNK, last)
+
+
+def _chunked_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gqa: bool
+) -> torch.Tensor:
+    """Attention of a prompt's new queries q [count, heads, dim] over the row's keys and values
+    [kv_heads, last, dim], as one call over `mask`'s chunks (zero queries pad the last one).
+
+    Each chunk of ATTENTION_CHUNK queries is a batch entry over the same keys [0, last), so its
+    result depends only on its own queries and the prompt, never on how many chunks precede it:
+    a prompt whose first chunks come from the prefix cache gets the same bits for the rest."""
+    count, heads, dim = q.shape
+    chunks = mask.shape[0]
+    padded = q.new_zeros((chunks * ATTENTION_CHUNK, heads, dim))
+    padded[:count] = q
+    qc = padded.view(chunks, ATTENTION_CHUNK, heads, dim).transpose(1, 2)  # [chunks, heads, CHUNK, dim]
+    kc = keys[None].expand(chunks, -1, -1, -1)
+    vc = values[None].expand(chunks, -1, -1, -1)
+    o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, enable_gqa=gqa)
+    return o.transpose(1, 2).reshape(chunks * ATTENTION_CHUNK, heads * dim)[:count]

@@ -389,19 +389,18 @@ class Engine:
         return out
 
     def _look_up(self, seq: Sequence, touch: bool) -> list[torch.Tensor]:
-        """Set `seq.cached_tokens` to what the prefix cache holds of its prompt; with `touch`,
-        return those blocks (now the most recently used)."""
+        """Set `seq.cacheable_tokens` to what the prefix cache holds of its prompt. With `touch`
+        (at its prefill), return those blocks, now the most recently used, and set `cached_tokens`."""
         assert self.prefix is not None  # the callers checked
         if seq.request.prefill_details:
-            seq.cached_tokens = 0
             return []
         if seq.prefix_keys is None:
             seq.prefix_keys = self.prefix.prompt_keys(seq.request.prompt_ids)
         if not touch:
-            seq.cached_tokens = self.prefix.cached_tokens(seq.prefix_keys)
+            seq.cacheable_tokens = self.prefix.cached_tokens(seq.prefix_keys)
             return []
         blocks = self.prefix.blocks(self.prefix.match(seq.prefix_keys))
-        seq.cached_tokens = len(blocks) * self.prefix.block_size
+        seq.cached_tokens = seq.cacheable_tokens = len(blocks) * self.prefix.block_size
         return blocks
 
     def _store_prefixes(self, batch: CompactBatch) -> None:

@@ -37,7 +37,8 @@ class Sequence:
         self.max_total_tokens = max_total_tokens
         self.arrived = time.perf_counter()
         self.admitted = 0.0
-        self.cached_tokens = 0  # prompt tokens whose K/V came from the prefix cache (or will)
+        self.cached_tokens = 0  # prompt tokens whose K/V came from the prefix cache at its prefill
+        self.cacheable_tokens = 0  # what the prefix cache held of its prompt when last looked up
         self.prefix_keys: list[bytes] | None = None  # its prompt's prefix-cache keys, once looked up
         self.first_token_at = 0.0
         self.last_token_at = 0.0
@@ -69,7 +70,7 @@ class Sequence:
     @property
     def prefill_len(self) -> int:
         """Prompt tokens its prefill runs: those not in the prefix cache."""
-        return self.prompt_len - self.cached_tokens
+        return self.prompt_len - self.cacheable_tokens
 
     @property
     def reserved_tokens(self) -> int:
