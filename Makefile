@@ -5,9 +5,10 @@ BIN := $(VENV)/bin
 # torch is pinned and installed first: this wheel is CPU-only where pip's find-links has it;
 # a GPU host installs its own torch before `make install` and pip keeps it.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= train,dev
+# bench: CTranslate2, the in-process peer of `make bench` (and of its dry-run test).
+EXTRAS ?= train,dev,bench
 
-.PHONY: install run test test-fleet fleet lint bench bench-quick soak container-smoke clean
+.PHONY: install run test test-fleet fleet lint bench bench-quick bench-peers soak container-smoke clean
 
 install: $(VENV)/.installed
 
@@ -44,6 +45,12 @@ bench: install
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.structured
 	$(BIN)/python -m bench.step --batch 1,32 --steps 12 --rounds 3
+
+# Builds llama.cpp's llama-server (CPU, ~10 minutes on 2 cores, once) and converts the bench model to
+# GGUF and CTranslate2, all cached under ${XDG_CACHE_HOME:-~/.cache}/textgen/peers; `make bench` then
+# runs the peer rounds (bench/peer_rounds.py).
+bench-peers: install
+	$(BIN)/python -m bench.peers_build
 
 bench-quick: install
 	$(BIN)/python -m bench.run --quick

@@ -12,7 +12,7 @@ GIB = 1024**3
 class Ratio:
     name: str
     value: float | None
-    op: str  # ">=" or "<="
+    op: str  # ">=" or "<=", or "" for a ratio shown without a target
     target: float
     note: str = ""
 
@@ -20,6 +20,8 @@ class Ratio:
     def status(self) -> str:
         if self.value is None:
             return "SKIP"
+        if not self.op:
+            return "INFO"
         ok = self.value >= self.target if self.op == ">=" else self.value <= self.target
         return "PASS" if ok else "MISS"
 
@@ -27,7 +29,7 @@ class Ratio:
         return {
             "name": self.name,
             "value": None if self.value is None else round(self.value, 4),
-            "target": f"{self.op} {self.target:g}",
+            "target": f"{self.op} {self.target:g}" if self.op else None,
             "status": self.status,
             "note": self.note,
         }
@@ -178,7 +180,12 @@ def render(results: dict[str, Any], ratios: list[Ratio]) -> str:
     lines.append("")
     lines.append("ratios (from this run):")
     for r in ratios:
-        value = "n/a" if r.value is None else f"{r.value:.3f}"
-        note = f"  [{r.note}]" if r.note else ""
-        lines.append(f"  {r.status:<4}  {r.name:<62} {value:>7}  target {r.op} {r.target:g}{note}")
+        lines.append(ratio_line(r))
     return "\n".join(lines)
+
+
+def ratio_line(r: Ratio) -> str:
+    value = "n/a" if r.value is None else f"{r.value:.3f}"
+    note = f"  [{r.note}]" if r.note else ""
+    target = f"target {r.op} {r.target:g}" if r.op else "(no target)"
+    return f"  {r.status:<4}  {r.name:<62} {value:>7}  {target}{note}"

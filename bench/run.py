@@ -62,6 +62,7 @@ class Plan:
     ttft_reps: int
     new_tokens: int
     mixed_max: int
+    peer_rounds: int
 
     def level_requests(self, concurrency: int) -> int:
         return max(concurrency, 4) if self.quick else max(2 * concurrency, 16)
@@ -89,6 +90,7 @@ class Plan:
             ttft_reps=5 if quick else 20,
             new_tokens=args.new_tokens,
             mixed_max=args.mixed_max,
+            peer_rounds=0 if args.skip_peers else (args.peer_rounds or (2 if quick else 3)),
         )
 
 
@@ -138,6 +140,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=MIXED_MAX,
         help="longest mixed request (default %(default)s; smoke tests only)",
     )
+    p.add_argument(
+        "--skip-peers",
+        action="store_true",
+        help="skip the llama.cpp / CTranslate2 rounds (run when `make bench-peers` built them)",
+    )
+    p.add_argument(
+        "--peers",
+        help="contenders of the peer rounds, comma-separated (default all: "
+        "textgen,textgen_bf16,textgen_nocache,llama_f16,llama_f32,ct2)",
+    )
+    p.add_argument("--peer-rounds", type=int, help="alternated rounds of the peer phases (default 3, quick 2)")
     p.add_argument("--skip-inprocess", action="store_true", help="skip baseline, ceiling, TTFT ref, static")
     p.add_argument("--skip-ours", action="store_true", help="do not run textgen serve")
     p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for /health")
@@ -145,6 +158,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.mixed_max < MIXED_MIN or args.new_tokens < 1:
         p.error(f"--mixed-max must be >= {MIXED_MIN} and --new-tokens >= 1")
+    if args.peers:
+        from bench.peer_rounds import CONTENDERS
+
+        unknown = {k.strip() for k in args.peers.split(",")} - {c.key for c in CONTENDERS}
+        if unknown:
+            p.error(f"--peers: unknown {', '.join(sorted(unknown))}; known: {', '.join(c.key for c in CONTENDERS)}")
     if args.levels and not all(x.strip().isdigit() and int(x) > 0 for x in args.levels.split(",")):
         p.error("--levels wants positive integers separated by commas, e.g. 1,8,32,64")
     return args
@@ -534,11 +553,13 @@ def main(argv: list[str] | None = None) -> int:
         results["meta"]["interrupted"] = True
         log(f"interrupted: writing what was measured to {out}")
         write_json(out, results, log)
+        print_peers(results, out, log)
         raise
     ratios = compute_ratios(results, RSS_ALLOWANCE_BYTES)
     results["ratios"] = [r.to_json() for r in ratios]
     write_json(out, results, log)
     print(render(results, ratios))
+    print_peers(results, out, log)
     start_load, end_load = results["meta"]["loadavg_start"][0], results["meta"]["loadavg_end"][0]
     busy = " BUSY MACHINE: not a measurement" if max(start_load, end_load) > BUSY_LOAD else ""
     print(
@@ -546,6 +567,21 @@ def main(argv: list[str] | None = None) -> int:
         f"{end_load:.1f} at end, {os.cpu_count()} CPUs){busy}"
     )
     return 0
+
+
+def print_peers(results: dict[str, Any], out: Path, log: Log) -> None:
+    """The peer table and ratios (bench/peer_report.py), also saved in the JSON."""
+    peers = results.get("peers") or {}
+    if peers.get("contenders") or peers.get("error"):
+        from bench.peer_report import peer_ratios, render_peers
+
+        peer_list = peer_ratios(peers, (results["phases"].get("peer") or {}).get("tok_per_s"))
+        peers["ratios"] = [r.to_json() for r in peer_list]
+        write_json(out, results, log)
+        print()
+        print(render_peers(peers, peer_list))
+    elif peers.get("skipped"):
+        print(f"\npeers (llama.cpp, CTranslate2): skipped ({peers['skipped']})")
 
 
 def write_json(out: Path, results: dict[str, Any], log: Log) -> None:
@@ -580,6 +616,49 @@ def run_phases(
             log,
             lambda: run_ours(results, info, plan, texts, lengths, args, log, log_dir),
         )
+    if plan.peer_rounds > 0:
+        guarded(results, "peers", log, lambda: run_peers(results, info, plan, texts, lengths, args, log, log_dir))
+    else:
+        results["peers"] = {"skipped": "--skip-peers"}
+
+
+def run_peers(
+    results: dict[str, Any],
+    info: ModelInfo,
+    plan: Plan,
+    texts: list[str],
+    lengths: list[int],
+    args: argparse.Namespace,
+    log: Log,
+    log_dir: Path,
+) -> None:
+    """llama.cpp and CTranslate2 against textgen serve, alternated in rounds (bench/peer_rounds.py)."""
+    from bench.peer_rounds import NO_PEER, build_workload, run_rounds, split_available
+    from bench.peers_build import PeerPaths, cache_root
+
+    paths = PeerPaths(cache_root(), info.path)
+    only = {k.strip() for k in args.peers.split(",") if k.strip()} if args.peers else None
+    live, skipped = split_available(paths, log, only)
+    if not any(c.kind != "textgen" for c in live):
+        log(f"peers: {NO_PEER}")
+        results["peers"] = {"rounds": 0, "skipped": skipped, "error": NO_PEER}
+        return
+    mixed = lengths[:32] if plan.quick else lengths[:64]
+    workload = build_workload(info.path, texts, plan.new_tokens, plan.quick, mixed)
+    section: dict[str, Any] = {"skipped": skipped}
+    results["peers"] = section
+    run_rounds(
+        info.path,
+        paths,
+        live,
+        workload,
+        plan.peer_rounds,
+        log,
+        log_dir,
+        args.startup_timeout,
+        args.phase_timeout,
+        section,
+    )
 
 
 if __name__ == "__main__":

@@ -4,16 +4,17 @@ Batch invariance by construction (a request's ids and logprobs are bitwise the s
 any batch, on CPU):
 - no padding inside a sequence: prompts are packed one after another ([N, hidden], N = real
   tokens), and each row's attention reads exactly its own cached tokens (a view of `RowCache`);
-- every GEMM sees a row count that is a multiple of 4 (zero rows are appended): MKL's fp32 and
-  bf16 kernels then give a row the same bits whatever the other rows are, while 1-3 leftover rows
-  take other kernels (measured; ../shared/notes/measurements.md);
-- attention calls per row, on the same shapes as alone. (Rows of equal lengths batched into
-  one SDPA call do NOT give the bits of the call alone: measured, torch 2.13 CPU.) A prompt's
+- every GEMM sees a row count that is a multiple of the model's `row_multiple` (zero rows are
+  appended): oneDNN's kernels then give a row the same bits whatever the other rows are, while a
+  single fp32 row takes another kernel (measured; see app/engine/models/base.py);
+- prefill: attention calls per row, on the same shapes as alone. (Rows of equal lengths batched
+  into one SDPA call do NOT give the bits of the call alone: measured, torch 2.13 CPU.) A prompt's
   queries go in chunks of ATTENTION_CHUNK positions, each a batch entry of one call over all the
   prompt's keys (`_chunked_attention`), so a prompt whose first chunks come from the prefix cache
   (app/engine/prefix_cache.py) computes its other chunks with the same bits as without the cache.
   (One causal call over the whole prompt differed in the last bits from a call over its suffix in
-  16 of 80 prompts; chunked, 0 of 80: measured, torch 2.13 CPU.)
+  16 of 80 prompts; chunked, 0 of 80: measured, torch 2.13 CPU.) Decode: one set of ops for the
+  whole batch whose reductions have shapes fixed by the row alone (app/engine/attention.py).
 The interface is `Batch`'s, so the scheduler drives either.
 """
 
@@ -22,7 +23,8 @@ from collections.abc import Sequence as Seq
 import torch
 import torch.nn.functional as F
 
-from app.engine.models.base import ROW_MULTIPLE, CompactModel
+from app.engine.attention import decode_attention
+from app.engine.models.base import CompactModel
 from app.engine.row_cache import Account, RowCache
 from app.engine.sequence import Sequence
 
@@ -31,8 +33,8 @@ from app.engine.sequence import Sequence
 ATTENTION_CHUNK = 16
 
 
-def _padded(n: int, invariant: bool) -> int:
-    return n + (-n) % ROW_MULTIPLE if invariant else n
+def _padded(n: int, model: CompactModel) -> int:
+    return n + (-n) % model.row_multiple if model.batch_invariant else n
 
 
 class CompactBatch:
@@ -135,7 +137,7 @@ class CompactBatch:
 
 def _head(model: CompactModel, hidden: torch.Tensor) -> torch.Tensor:
     rows = hidden.shape[0]
-    padded = _padded(rows, model.batch_invariant)
+    padded = _padded(rows, model)
     if padded != rows:
         hidden = torch.cat([hidden, hidden.new_zeros((padded - rows, hidden.shape[1]))])
     return model.head(hidden)[:rows]
@@ -150,12 +152,12 @@ def _forward(
     prompt: bool = False,
 ) -> torch.Tensor:
     """Append `counts[r]` new tokens to each row r of `cache` (ids and positions packed row after
-    row) and return their final hidden states [N, hidden] (N rounded up to a multiple of 4).
-    `prompt`: the new tokens are the rest of each row's prompt (a prefill)."""
+    row) and return their final hidden states [N, hidden] (N rounded up to `row_multiple`).
+    `prompt`: the new tokens are the rest of each row's prompt (a prefill, even of one token)."""
     device = cache.device
     real = sum(counts)
     invariant = model.batch_invariant
-    n = _padded(real, invariant)
+    n = _padded(real, model)
     id_tensor = torch.zeros(n, dtype=torch.long, device=device)
     id_tensor[:real] = torch.as_tensor(ids, device=device)
     pos_tensor = torch.zeros(n, dtype=torch.long, device=device)
@@ -174,11 +176,17 @@ def _forward(
     gqa = model.kv_heads != heads
     chunked = prompt and invariant
     masks = [_chunk_mask(first, last, device) for first, last in zip(before, after, strict=True)] if chunked else []
+    lengths = torch.tensor(after, device=device)
 
     def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         keys, values = cache.keys(layer), cache.values(layer)
         keys[rows, :, columns] = k[:real].to(keys.dtype)
         values[rows, :, columns] = v[:real].to(values.dtype)
+        # A prompt whose cached prefix leaves one token per row has real == len(counts) too, but
+        # must take the prompt's chunked path to get the bits it would without the cache.
+        if invariant and not prompt and real == len(counts):  # decode: one set of ops for the batch
+            o = decode_attention(q[:real], keys[:real], values[:real], lengths, dim**-0.5)
+            return torch.cat([o.reshape(real, heads * dim), o.new_zeros((n - real, heads * dim))])
         if not invariant and real == len(counts):  # decode without the guarantee: one padded call
             assert valid is not None  # built above under the same condition
             width = max(after)

@@ -1,21 +1,77 @@
-"""What a compact forward provides to the batch: embeddings, decoder layers, the LM head."""
+"""What a compact forward provides to the batch: embeddings, decoder layers, the LM head.
+
+Every GEMM goes through `linear`, which on CPU calls oneDNN's matmul (the primitive PyTorch's
+inductor uses for frozen linears) rather than MKL's, for two measured reasons (torch 2.13, 2 cores,
+avx512; ../shared/notes and `python -m bench.step`):
+- batch invariance: oneDNN gives a row the same bits for every row count >= 2 (tested to 3000
+  rows, any position, 1 or 2 threads; fp32 and bf16, fused GELU/SiLU included), where MKL needs
+  >= 4 rows and a different kernel takes 1-3;
+- speed at few rows: MKL's 4-row path reads GPT-2's [50257, 768] LM head in 25 ms, oneDNN's 2-row
+  path in 8 ms (32 rows: 35 ms against 18 ms).
+"""
 
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 # attend(layer, q [N, heads, dim], k [N, kv_heads, dim], v [N, kv_heads, dim]) -> [N, heads * dim]
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def onednn_linear(weight: torch.Tensor) -> bool:
+    """Whether `linear` runs `weight` through oneDNN: a plain fp32/bf16 CPU tensor, [out, in] contiguous."""
+    return (
+        _ONEDNN
+        and weight.device.type == "cpu"
+        and type(weight) in (torch.Tensor, torch.nn.Parameter)  # not a quantized tensor subclass
+        and weight.dtype in (torch.float32, torch.bfloat16)
+        and weight.is_contiguous()
+    )
+
+
+def row_multiple(weight: torch.Tensor) -> int:
+    """The row count every GEMM over `weight` is padded to a multiple of, for batch invariance.
+
+    oneDNN: fp32 takes another kernel for a single row (up to 5e-5 apart), bf16 does not; MKL
+    (any other CPU case) needs 4 rows (measured: 1 row and 2-3 rows differ from >= 4)."""
+    if onednn_linear(weight):
+        return 1 if weight.dtype == torch.bfloat16 else 2
+    return 4
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "none") -> torch.Tensor:
+    """`activation(x @ weight.T + bias)`: x [N, in], weight [out, in] -> [N, out].
+
+    activation: "none", "gelu_tanh", "gelu" (erf) or "silu", fused into the GEMM on oneDNN."""
+    if onednn_linear(weight) and x.dtype == weight.dtype:
+        kind, algorithm = _ONEDNN_ACTIVATIONS[activation]
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, kind, [], algorithm)
+    return _ACTIVATIONS[activation](F.linear(x, weight, bias))
+
+
+_ONEDNN_ACTIVATIONS = {
+    "none": ("none", ""),
+    "gelu_tanh": ("gelu", "tanh"),
+    "gelu": ("gelu", "none"),
+    "silu": ("swish", ""),
+}
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "none": lambda x: x,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "silu": F.silu,
+}
 
 
 class CompactModel:
     """A decoder-only LM as plain tensor code over flattened tokens [N, hidden].
 
-    Every op is row-wise (norms, activations, residuals) or a GEMM over the rows, so a token's
-    result depends only on its own row as long as GEMMs see a row count that is a multiple of
-    `ROW_MULTIPLE` (MKL's fp32 kernels then give each row the same bits for any row count,
-    measured here for every shape these models use). Attention is the caller's: it sees each
-    sequence's own keys only.
+    Every op is row-wise (norms, activations, residuals) or a GEMM over the rows (`linear`), so a
+    token's result depends only on its own row as long as GEMMs see a row count that is a multiple
+    of `row_multiple`. Attention is the caller's: it sees each sequence's own keys only.
     """
 
     family: str = ""
@@ -27,32 +83,23 @@ class CompactModel:
     dtype: torch.dtype
     kv_dtype: torch.dtype  # the KV cache's element type (TEXTGEN_KV_CACHE_DTYPE), set by the loader
     batch_invariant: bool = True  # TEXTGEN_BATCH_INVARIANT, set by the loader
+    row_multiple: int = 4  # see `row_multiple()`; set from the weights at wrap time
     device: torch.device
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
-        """ids, positions: [N] (N a multiple of ROW_MULTIPLE). Returns final hidden states [N, hidden]."""
+        """ids, positions: [N] (N a multiple of row_multiple). Returns final hidden states [N, hidden]."""
         raise NotImplementedError
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits [N, vocab] for hidden states [N, hidden] (N a multiple of ROW_MULTIPLE)."""
+        """Logits [N, vocab] for hidden states [N, hidden] (N a multiple of row_multiple)."""
         raise NotImplementedError
 
 
-ROW_MULTIPLE = 4
+def as_linear_weight(conv1d_weight: torch.nn.Parameter) -> torch.Tensor:
+    """An [out, in] contiguous tensor sharing storage with a GPT-2 `Conv1D` weight [in, out].
 
-# ATen's vectorised elementwise loops finish a contiguous range (per thread) with a scalar loop
-# whose transcendental functions (exp, tanh) can differ from the vector ones in the last bit. A
-# row whose width is not a multiple of this many elements can straddle that tail depending on the
-# row count (measured: silu over [M, 172] changes the last row's bits with M), so such activations
-# run on a zero-padded copy whose rows start and end on vector boundaries.
-_ELEMENTWISE_ALIGN = 128
-
-
-def rowwise(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, invariant: bool) -> torch.Tensor:
-    """`fn(x)` for an elementwise `fn`; with `invariant`, each row's bits independent of the row count."""
-    width = x.shape[-1]
-    if not invariant or width % _ELEMENTWISE_ALIGN == 0:
-        return fn(x)
-    padded = x.new_zeros((x.shape[0], width + (-width) % _ELEMENTWISE_ALIGN))
-    padded[:, :width] = x
-    return fn(padded)[:, :width]
+    The parameter is re-pointed at the transposed storage (a view with its old shape and values),
+    so HF's forward still works and no second copy is kept."""
+    out_in = conv1d_weight.detach().t().contiguous()
+    conv1d_weight.data = out_in.t()
+    return out_in

@@ -1,12 +1,12 @@
-"""GPT-2 as a compact forward: HF's weights read in place, HF's arithmetic (Conv1D is addmm)."""
+"""GPT-2 as a compact forward: HF's weights read in place (Conv1D's re-laid out as [out, in]), HF's arithmetic."""
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from app.engine.models.base import Attend, CompactModel, rowwise
+from app.engine.models.base import Attend, CompactModel, as_linear_weight, linear, row_multiple
 
-_ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": None, "gelu": "none"}
+_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": None, "gelu": "gelu"}
 
 
 class GPT2Compact(CompactModel):
@@ -41,39 +41,42 @@ class GPT2Compact(CompactModel):
         self.dtype = self.wte.dtype
         self.kv_dtype = self.dtype
         self.device = self.wte.device
-        # Per block: (weight, bias) of ln_1, c_attn, attn c_proj, ln_2, c_fc, mlp c_proj.
+        # Per block: (weight, bias) of ln_1, c_attn, attn c_proj, ln_2, c_fc, mlp c_proj; the Conv1D
+        # weights ([in, out]) as [out, in], the layout `linear` takes, sharing the HF storage.
+        conv1d = {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"}
         self.blocks = [
             tuple(
-                (weight(f"transformer.h.{i}.{name}.weight"), weight(f"transformer.h.{i}.{name}.bias"))
+                (
+                    as_linear_weight(weight(f"transformer.h.{i}.{name}.weight"))
+                    if name in conv1d
+                    else weight(f"transformer.h.{i}.{name}.weight"),
+                    weight(f"transformer.h.{i}.{name}.bias"),
+                )
                 for name in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")
             )
             for i in range(config.n_layer)
         ]
         self.ln_f = (weight("transformer.ln_f.weight"), weight("transformer.ln_f.bias"))
-        # MKL reads a [hidden, vocab] weight with one row of input about 1.6x faster than the
-        # [vocab, hidden] layout nn.Linear keeps (../shared/notes/peers.md): keep a transposed copy.
-        self.lm_head_t = model.lm_head.weight.detach().t().contiguous()
+        self.lm_head = model.lm_head.weight.detach()  # [vocab, hidden]; tied to wte in GPT-2
+        self.row_multiple = row_multiple(self.lm_head)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
         x = F.embedding(ids, self.wte) + F.embedding(positions, self.wpe)
         n, width = x.shape
         for i, (ln1, qkv, proj, ln2, fc, out) in enumerate(self.blocks):
             h = F.layer_norm(x, (width,), ln1[0], ln1[1], self.eps)
-            q, k, v = torch.addmm(qkv[1], h, qkv[0]).split(width, dim=1)
+            q, k, v = linear(h, qkv[0], qkv[1]).split(width, dim=1)
             a = attend(
                 i,
                 q.view(n, self.heads, self.head_dim),
                 k.view(n, self.heads, self.head_dim),
                 v.view(n, self.heads, self.head_dim),
             )
-            x = x + torch.addmm(proj[1], a, proj[0])
+            x = x + linear(a, proj[0], proj[1])
             h = F.layer_norm(x, (width,), ln2[0], ln2[1], self.eps)
-            h = rowwise(self._activation, torch.addmm(fc[1], h, fc[0]), self.batch_invariant)
-            x = x + torch.addmm(out[1], h, out[0])
+            h = linear(h, fc[0], fc[1], self.approximate)
+            x = x + linear(h, out[0], out[1])
         return F.layer_norm(x, (width,), self.ln_f[0], self.ln_f[1], self.eps)
 
-    def _activation(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(x, approximate=self.approximate)
-
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden @ self.lm_head_t
+        return linear(hidden, self.lm_head, None)

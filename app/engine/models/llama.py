@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from app.engine.models.base import Attend, CompactModel, rowwise
+from app.engine.models.base import Attend, CompactModel, linear, row_multiple
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -58,7 +58,8 @@ class LlamaCompact(CompactModel):
             for b in m.layers
         ]
         self.norm = m.norm.weight
-        self.lm_head_t = model.lm_head.weight.detach().t().contiguous()
+        self.lm_head = model.lm_head.weight.detach()  # [vocab, hidden]
+        self.row_multiple = row_multiple(self.lm_head)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
         x = F.embedding(ids, self.embed)
@@ -67,18 +68,16 @@ class LlamaCompact(CompactModel):
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [N, 1, head_dim]
         for i, (ln1, wq, wk, wv, wo, ln2, gate, up, down) in enumerate(self.blocks):
             h = _rms_norm(x, ln1, self.eps)
-            q = F.linear(h, wq.weight, wq.bias).view(n, self.heads, self.head_dim)
-            k = F.linear(h, wk.weight, wk.bias).view(n, self.kv_heads, self.head_dim)
-            v = F.linear(h, wv.weight, wv.bias).view(n, self.kv_heads, self.head_dim)
+            q = linear(h, wq.weight, wq.bias).view(n, self.heads, self.head_dim)
+            k = linear(h, wk.weight, wk.bias).view(n, self.kv_heads, self.head_dim)
+            v = linear(h, wv.weight, wv.bias).view(n, self.kv_heads, self.head_dim)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            x = x + F.linear(attend(i, q, k, v), wo.weight, wo.bias)
+            x = x + linear(attend(i, q, k, v), wo.weight, wo.bias)
             h = _rms_norm(x, ln2, self.eps)
-            h = rowwise(F.silu, F.linear(h, gate.weight, gate.bias), self.batch_invariant) * F.linear(
-                h, up.weight, up.bias
-            )
-            x = x + F.linear(h, down.weight, down.bias)
+            h = linear(h, gate.weight, gate.bias, "silu") * linear(h, up.weight, up.bias)
+            x = x + linear(h, down.weight, down.bias)
         return _rms_norm(x, self.norm, self.eps)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden @ self.lm_head_t
+        return linear(hidden, self.lm_head, None)

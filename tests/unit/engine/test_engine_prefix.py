@@ -215,3 +215,28 @@ def test_the_prefill_bound_counts_only_tokens_not_cached(tiny_lm: LoadedModel) -
             engine.stop()
         assert all(runs.done[k].cached_tokens == (32 if prefix_tokens else 0) for k in range(1, 5))
     assert steps == [4, 1]
+
+
+def test_prompts_with_one_token_left_to_prefill_equal_the_uncached_run(lm: LoadedModel) -> None:
+    """33-token prompts sharing 32 cached tokens, prefilled together: every row runs one token,
+    as in a decode step, yet it is the prompt's last chunk and must get the uncached bits."""
+    head = shared_prompts(lm, 1, system=32)[0][:32]
+    prompts = [head + [t] for t in (5, 6, 7)]
+    done: list[dict[int, Completion]] = []
+    for prefix_tokens in (0, 4096):
+        engine = make_engine(lm, prefix_tokens)
+        try:
+            runs = Runs(engine)
+            runs.submit(0, prompts[0], 3)
+            runs.wait(1)
+            with engine._cond:  # queued together: one prefill of two one-token suffixes
+                runs.submit(1, prompts[1], 5)
+                runs.submit(2, prompts[2], 5)
+            runs.wait(3)
+        finally:
+            engine.stop()
+        done.append(runs.done)
+    off, on = done
+    assert [on[k].cached_tokens for k in range(3)] == [0, 32, 32]
+    for key in range(3):
+        assert outputs(on[key]) == outputs(off[key]), f"request {key} differs with the prefix cache"
