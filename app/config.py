@@ -70,6 +70,17 @@ class Settings(BaseSettings):
         description="KV-cache budget in cached token positions, counting everything allocated (spare "
         "capacity, prefills in flight, copies). Default: enough for max_batch_size full-length requests.",
     )
+    prefix_cache: bool = Field(
+        True,
+        description="Automatic prefix caching (compact forward): keep the K/V of recent prompts in 16-token "
+        "blocks and prefill only the part of a new prompt not cached. false: every prompt is prefilled whole.",
+    )
+    prefix_cache_max_tokens: int = Field(
+        2048,
+        ge=16,  # one block (app.engine.compact_batch.ATTENTION_CHUNK)
+        description="Most token positions the prefix cache keeps (within what TEXTGEN_MAX_BATCH_TOKENS leaves "
+        "free of live requests, which always win).",
+    )
     max_prefill_tokens: int = Field(
         2048, ge=1, description="Prompt tokens prefilled in one step (bounds decode stalls)."
     )

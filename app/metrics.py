@@ -72,6 +72,26 @@ class Metrics:
         )
         self.embedded_inputs = Counter("textgen_embedded_inputs", "Texts embedded", registry=r)
         self.engine_steps = Counter("textgen_engine_steps", "Forward passes run by the engine", ["kind"], registry=r)
+        # Prefix caching, in prompt tokens (as vLLM v1 counts): hits / queries is the hit rate.
+        self.prefix_queries = Counter(
+            "textgen_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", registry=r
+        )
+        self.prefix_hits = Counter(
+            "textgen_prefix_cache_hits", "Prompt tokens found in the prefix cache (not prefilled)", registry=r
+        )
+        self.vllm_prefix_queries = Counter(
+            "vllm:prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache (vLLM's name)",
+            ["model_name"],
+            registry=r,
+        )
+        self.vllm_prefix_hits = Counter(
+            "vllm:prefix_cache_hits",
+            "Prompt tokens found in the prefix cache (vLLM's name)",
+            ["model_name"],
+            registry=r,
+        )
+        self.model_name = ""
         # Load, read at scrape time: what a gateway routes on.
         self.running_requests = Gauge("textgen_running_requests", "Requests in the running batch", registry=r)
         self.waiting_requests = Gauge("textgen_waiting_requests", "Requests waiting to be admitted", registry=r)
@@ -111,3 +131,13 @@ class Metrics:
         self.vllm_kv_cache.labels(model_name).set_function(lambda: engine.kv_cache_usage)
         self.vllm_gpu_cache.labels(model_name).set_function(lambda: engine.kv_cache_usage)
         self.lora_info.labels(str(max_lora), "", "").set_function(time.time)
+        self.model_name = model_name
+        self.vllm_prefix_queries.labels(model_name)  # exported as 0 before the first request
+        self.vllm_prefix_hits.labels(model_name)
+
+    def prefix_cache(self, queries: int, hits: int) -> None:
+        """Count one prefix-cache lookup: `queries` prompt tokens, `hits` of them cached."""
+        self.prefix_queries.inc(queries)
+        self.prefix_hits.inc(hits)
+        self.vllm_prefix_queries.labels(self.model_name).inc(queries)
+        self.vllm_prefix_hits.labels(self.model_name).inc(hits)

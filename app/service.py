@@ -131,6 +131,7 @@ class Service:
             max_queue=s.max_queue,
             max_embed_batch=s.max_embed_batch,
             metrics=self.metrics,
+            prefix_cache_tokens=s.prefix_cache_max_tokens if s.prefix_cache else 0,
         )
         engine.start()
         self.metrics.watch(engine, self.model_name)

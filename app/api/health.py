@@ -69,6 +69,8 @@ async def info(service: ServiceDep) -> dict:
             max_input_tokens=lm.limits.max_input_tokens,
             max_total_tokens=lm.limits.max_total_tokens,
             max_batch_tokens=service.engine.max_batch_tokens,
+            prefix_caching=service.engine.prefix is not None,
+            prefix_cache_max_tokens=service.engine.prefix.max_tokens if service.engine.prefix is not None else 0,
             embedding_model=service.embedder.model_id if service.embedder else None,
             embedding_dimensions=service.embedder.dimensions if service.embedder else None,
             chat_template=bool(service.chat_template or getattr(lm.tokenizer, "chat_template", None)),

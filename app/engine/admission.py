@@ -10,7 +10,9 @@ The rules, in order:
 - The first request is always admitted when nothing is running (a request larger than the
   budget is refused at submission by `fits_alone`, so this never breaks the memory bound).
 - Each budget binds: `max_batch_size` rows, `max_prefill_tokens` for the newcomers' padded
-  prompts, and `max_batch_tokens` for the KV cache (see `peak_tokens`).
+  prompts, and `max_batch_tokens` for the KV cache (see `peak_tokens`). The prefill bound counts
+  the tokens a prefill runs (`prefill_len`: the prompt less what the prefix cache holds, as vLLM
+  counts); memory counts whole prompts, since a prefill's cache holds the cached part too.
 
 KV memory is counted in cached token positions: one position is one token's keys and values in
 every layer. The running batch's cache is a left-padded rectangle of rows x longest reservation
@@ -45,6 +47,9 @@ class Candidate(Protocol):
     def prompt_len(self) -> int: ...
 
     @property
+    def prefill_len(self) -> int: ...  # prompt tokens the prefill runs (not in the prefix cache)
+
+    @property
     def reserved_tokens(self) -> int: ...
 
     @property
@@ -58,7 +63,7 @@ T = TypeVar("T", bound=Candidate)
 class Limits:
     max_batch_size: int
     max_batch_tokens: int  # KV budget, cached token positions (see the module docstring)
-    max_prefill_tokens: int  # newcomers x longest newcomer prompt, per step
+    max_prefill_tokens: int  # newcomers x longest newcomer prefill_len, per step
     layers: int = 1  # decoder layers: the old cache is copied one layer at a time
 
 
@@ -108,20 +113,21 @@ def admit(waiting: Sequence[T], running: Sequence[Candidate], limits: Limits, al
     cancelled = [w for w in waiting if w.request.cancelled]
     queue = [w for w in waiting if not w.request.cancelled]
     admitted: list[T] = []
-    longest_prompt = 0
+    longest_prompt = longest_prefill = 0
     longest_reserved = max((r.reserved_tokens for r in live), default=0)
     for request in queue:
         rows = len(live) + len(admitted) + 1
         prompt = max(longest_prompt, request.prompt_len)
+        prefill = max(longest_prefill, request.prefill_len)
         reserved = max(longest_reserved, request.reserved_tokens)
         first = not live and not admitted
         if rows > limits.max_batch_size:
             break
-        if not first and (len(admitted) + 1) * prompt > limits.max_prefill_tokens:
+        if not first and (len(admitted) + 1) * prefill > limits.max_prefill_tokens:
             break
         peak = peak_tokens(rows, reserved, len(admitted) + 1, prompt, allocated, limits.layers)
         if not first and peak > limits.max_batch_tokens:
             break
         admitted.append(request)
-        longest_prompt, longest_reserved = prompt, reserved
+        longest_prompt, longest_prefill, longest_reserved = prompt, prefill, reserved
     return Admission(admitted, cancelled, queue[len(admitted) :])

@@ -22,11 +22,12 @@ import torch
 from app.engine import admission
 from app.engine.admission import RequestTooLargeError
 from app.engine.batch import Batch
-from app.engine.compact_batch import CompactBatch
+from app.engine.compact_batch import ATTENTION_CHUNK, CompactBatch
 from app.engine.embeddings import Embedder
 from app.engine.invariants import check_batch, check_keep
 from app.engine.kv_cache import KVAccount, SlabCache
 from app.engine.loader import LoadedModel
+from app.engine.prefix_cache import PrefixCache
 from app.engine.sampling import Choice, choose
 from app.engine.sequence import Sequence
 from app.engine.types import (
@@ -55,6 +56,7 @@ class Engine:
         max_embed_batch: int = 64,
         metrics: Metrics | None = None,
         check_invariants: bool = False,
+        prefix_cache_tokens: int = 0,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -74,6 +76,13 @@ class Engine:
         layers = admission.model_layers(self.model.config)
         self.limits = admission.Limits(max_batch_size, max_batch_tokens, max_prefill_tokens, layers)
         self.kv = KVAccount(layers)
+        # Automatic prefix caching (compact forward only: the HF path's left-padded cache has no
+        # per-row prefix to reuse). Its blocks are charged to `kv` and hold only what the live
+        # requests' planned peak leaves of the budget (`_prefix_room`), so live requests win.
+        self.prefix: PrefixCache | None = None
+        if loaded.compact is not None and prefix_cache_tokens > 0:
+            self.prefix = PrefixCache(prefix_cache_tokens, layers, self.kv, ATTENTION_CHUNK)
+        self._prefix_room = 0
         self.eos_ids = frozenset(self._eos_ids())
         self.special_ids = frozenset(self.tokenizer.all_special_ids)
         self._cond = threading.Condition()
@@ -126,8 +135,13 @@ class Engine:
     @property
     def kv_cache_usage(self) -> float:
         """KV-cache positions allocated now (spare capacity and in-flight prefills included)
-        divided by the budget, TEXTGEN_MAX_BATCH_TOKENS; 0 to 1."""
-        return min(1.0, self.kv.allocated / self.limits.max_batch_tokens)
+        divided by the budget, TEXTGEN_MAX_BATCH_TOKENS; 0 to 1. Prefix-cache blocks count as free."""
+        return min(1.0, self._live_allocated() / self.limits.max_batch_tokens)
+
+    def _live_allocated(self) -> int:
+        """KV positions held for requests: everything charged but the prefix cache's blocks,
+        which are evicted whenever requests need the room (so they count as free, as in vLLM)."""
+        return self.kv.allocated - (self.prefix.tokens if self.prefix is not None else 0)
 
     def _running_seqs(self) -> list[Sequence]:
         batch = self._batch
@@ -163,7 +177,7 @@ class Engine:
 
     def _starts_now(self, seq: Sequence) -> bool:
         """Whether `seq` would be admitted at the next step, so it needs no room in the queue."""
-        plan = admission.admit([*self._waiting, seq], self._running_seqs(), self.limits, self.kv.allocated)
+        plan = admission.admit([*self._waiting, seq], self._running_seqs(), self.limits, self._live_allocated())
         return bool(plan.admitted) and plan.admitted[-1] is seq
 
     def embed(self, request: EmbedRequest) -> None:
@@ -253,7 +267,10 @@ class Engine:
     def _take_admissible(self) -> list[Sequence]:
         """Move the requests `admission.admit` picks from the queue to `_prefilling`."""
         running = self._running_seqs()
-        plan = admission.admit(list(self._waiting), running, self.limits, self.kv.allocated)
+        if self.prefix is not None:  # the prefill bound counts only what the cache does not hold
+            for seq in self._waiting:
+                self._look_up(seq, touch=False)
+        plan = admission.admit(list(self._waiting), running, self.limits, self._live_allocated())
         for seq in plan.cancelled:  # they free their queue slots now
             self._retire(seq, "cancelled")
         admitted, waiting = plan.admitted, plan.waiting
@@ -263,7 +280,27 @@ class Engine:
             admitted, waiting = admitted[:1], [*admitted[1:], *waiting]
         self._waiting = deque(waiting)
         self._prefilling = admitted
+        if self.prefix is not None:
+            self._prefix_room = self._room_left(running, admitted)
+            self.prefix.evict_to(self._prefix_room)
         return admitted
+
+    def _room_left(self, running: list[Sequence], admitted: list[Sequence]) -> int:
+        """KV positions the budget leaves free at the planned peak of this step and the decode
+        steps after it (`admission.peak_tokens` of the running rows and the newcomers)."""
+        live = [s for s in running if not s.request.cancelled]
+        rows = [*live, *admitted]
+        if not rows:
+            return self.limits.max_batch_tokens
+        peak = admission.peak_tokens(
+            len(rows),
+            max(s.reserved_tokens for s in rows),
+            len(admitted),
+            max((s.prompt_len for s in admitted), default=0),
+            self._live_allocated() if live else 0,
+            self.limits.layers,
+        )
+        return max(0, self.limits.max_batch_tokens - peak)
 
     def _run_embeds(self, requests: list[EmbedRequest]) -> None:
         inputs = [ids for r in requests for ids in r.token_ids]
@@ -314,7 +351,12 @@ class Engine:
             self.metrics.prompt_tokens.inc(seq.prompt_len)
         all_logits = any(s.request.prefill_details for s in seqs)
         try:
-            batch, logits, full = self._batch_type.prefill(self._forward, seqs, all_logits, self.kv)  # type: ignore[arg-type]  # paired in __init__
+            if self.prefix is not None:
+                prefixes = self._cached_prefixes(seqs)
+                batch, logits, full = CompactBatch.prefill(self._forward, seqs, all_logits, self.kv, prefixes)  # type: ignore[arg-type]  # compact when prefix is set
+                self._store_prefixes(batch)  # type: ignore[arg-type]  # the same
+            else:
+                batch, logits, full = self._batch_type.prefill(self._forward, seqs, all_logits, self.kv)  # type: ignore[arg-type]  # paired in __init__
         except torch.OutOfMemoryError as exc:
             self._prefill_out_of_memory(seqs, exc)
             return
@@ -332,6 +374,44 @@ class Engine:
             self._batch.extend(joined)  # type: ignore[arg-type]  # both are self._batch_type
             self._release(joined)
         self._reserve(self._batch, self._batch.seqs)
+
+    def _cached_prefixes(self, seqs: list[Sequence]) -> list[list[torch.Tensor]]:
+        """Each newcomer's blocks from the prefix cache (its `cached_tokens` set), counted in the
+        hit/query metrics. A request that asked for prompt logprobs needs every prompt token's
+        logits, so it bypasses the cache (and is not counted)."""
+        assert self.prefix is not None  # the caller checked
+        out: list[list[torch.Tensor]] = []
+        for seq in seqs:
+            blocks = self._look_up(seq, touch=True)
+            if not seq.request.prefill_details:
+                self.metrics.prefix_cache(seq.prompt_len, seq.cached_tokens)
+            out.append(blocks)
+        return out
+
+    def _look_up(self, seq: Sequence, touch: bool) -> list[torch.Tensor]:
+        """Set `seq.cacheable_tokens` to what the prefix cache holds of its prompt. With `touch`
+        (at its prefill), return those blocks, now the most recently used, and set `cached_tokens`."""
+        assert self.prefix is not None  # the callers checked
+        if seq.request.prefill_details:
+            return []
+        if seq.prefix_keys is None:
+            seq.prefix_keys = self.prefix.prompt_keys(seq.request.prompt_ids)
+        if not touch:
+            seq.cacheable_tokens = self.prefix.cached_tokens(seq.prefix_keys)
+            return []
+        blocks = self.prefix.blocks(self.prefix.match(seq.prefix_keys))
+        seq.cached_tokens = seq.cacheable_tokens = len(blocks) * self.prefix.block_size
+        return blocks
+
+    def _store_prefixes(self, batch: CompactBatch) -> None:
+        """Cache the full blocks of the prompts just prefilled, within the room the budget leaves."""
+        assert self.prefix is not None  # the caller checked
+        for row, seq in enumerate(batch.seqs):
+            self.prefix.insert(
+                seq.request.prompt_ids,
+                lambda start, end, row=row: batch.prompt_kv(row, start, end),  # type: ignore[misc]  # bound per row
+                self._prefix_room,
+            )
 
     # The two places the scheduler touches the KV cache's memory, so another batch type adapts here.
     def _reserve(self, batch: Batch | CompactBatch, seqs: list[Sequence]) -> None:

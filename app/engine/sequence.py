@@ -37,6 +37,9 @@ class Sequence:
         self.max_total_tokens = max_total_tokens
         self.arrived = time.perf_counter()
         self.admitted = 0.0
+        self.cached_tokens = 0  # prompt tokens whose K/V came from the prefix cache at its prefill
+        self.cacheable_tokens = 0  # what the prefix cache held of its prompt when last looked up
+        self.prefix_keys: list[bytes] | None = None  # its prompt's prefix-cache keys, once looked up
         self.first_token_at = 0.0
         self.last_token_at = 0.0
         self.generated: list[int] = []
@@ -63,6 +66,11 @@ class Sequence:
     @property
     def prompt_len(self) -> int:
         return len(self.request.prompt_ids)
+
+    @property
+    def prefill_len(self) -> int:
+        """Prompt tokens its prefill runs: those not in the prefix cache."""
+        return self.prompt_len - self.cacheable_tokens
 
     @property
     def reserved_tokens(self) -> int:
@@ -204,6 +212,7 @@ class Sequence:
             finish_reason=self.finish_reason or "error",
             generated_tokens=len(self.generated),
             prompt_tokens=self.prompt_len,
+            cached_tokens=self.cached_tokens,
             seed=self.seed,
             tokens=self.tokens,
             prefill=self.prefill,

@@ -104,6 +104,7 @@ class Completion:
     tokens: list[Token]
     prefill: list[Token] | None = None
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (not prefilled)
     queue_time: float = 0.0
     timeline: Timeline | None = None
 

@@ -9,14 +9,14 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.errors import APIError, validation
 from app.api.generation import ContextDep, Generation, check_refused, run_to_completion
-from app.api.openai.common import FINISH, SSE_RESPONSES, check_model, start_choices, stream_choices
+from app.api.openai.common import FINISH, SSE_RESPONSES, cached_tokens, check_model, start_choices, stream_choices
 from app.api.openai.logprobs import chat_logprobs
 from app.api.openai.protocol import (
     ChatChoice,
     ChatMessage,
     ChatRequest,
     ChatResponse,
-    Usage,
+    CompletionUsage,
     new_id,
     now,
 )
@@ -151,7 +151,7 @@ async def chat(body: ChatRequest, request: Request, ctx: ContextDep):
         logprobs = chat_logprobs(c.tokens) if body.logprobs else None
         choices.append(ChatChoice(index=i, message=message, logprobs=logprobs, finish_reason=finish))
     completion_tokens = sum(c.generated_tokens for c in results)
-    usage = Usage.of(len(ids), completion_tokens)
+    usage = CompletionUsage.of(len(ids), completion_tokens, cached_tokens(results, len(results)))
     return ChatResponse(id=new_id("chatcmpl"), created=now(), model=model, choices=choices, usage=usage)
 
 
@@ -207,4 +207,4 @@ def _stream(
         return None
 
     first = [choice(i, {"role": "assistant", "content": ""}, None) for i in range(len(generations))]
-    return stream_choices(head, generations, first, render, prompt_tokens, include_usage)
+    return stream_choices(head, generations, first, render, prompt_tokens, include_usage, len(generations))

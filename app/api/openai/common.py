@@ -12,9 +12,9 @@ from app.api.generation import (
     resolve_max_new_tokens,
     sse_json,
 )
-from app.api.openai.protocol import OpenAIErrorBody, SamplingFields, Usage
+from app.api.openai.protocol import CompletionUsage, OpenAIErrorBody, SamplingFields
 from app.engine.constraints import Grammar
-from app.engine.types import Event, SamplingParams, StoppingParams
+from app.engine.types import Completion, Event, SamplingParams, StoppingParams
 from app.service import Service
 
 FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
@@ -184,6 +184,12 @@ def sse_error(exc: APIError) -> str:
     return sse_json({"error": {"message": exc.message, "type": kind, "param": exc.param, "code": None}})
 
 
+def cached_tokens(completions: list[Completion], per_prompt: int) -> int:
+    """Prompt tokens served from the prefix cache, counting each prompt once (as prompt_tokens
+    does): its first choice's, since `completions` are `per_prompt` choices per prompt."""
+    return sum(c.cached_tokens for c in completions[::per_prompt])
+
+
 async def stream_choices(
     head: dict,
     generations: list[Generation],
@@ -191,10 +197,13 @@ async def stream_choices(
     render: ChoiceRenderer,
     prompt_tokens: int,
     include_usage: bool,
+    per_prompt: int = 1,
 ) -> AsyncIterator[str]:
     """OpenAI's streaming shape: `first` chunks, one chunk per rendered event, an optional usage
-    chunk, then `data: [DONE]`; an error mid-stream is sent as an error event before it."""
+    chunk, then `data: [DONE]`; an error mid-stream is sent as an error event before it.
+    `generations` are `per_prompt` choices per prompt, prompt after prompt."""
     completion_tokens = 0
+    cached_tokens = 0
     try:
         for first_choice in first:
             yield sse_json({**head, "choices": [first_choice]})
@@ -203,11 +212,13 @@ async def stream_choices(
             if event.completion is not None:
                 finish = FINISH[event.completion.finish_reason]
                 completion_tokens += event.completion.generated_tokens
+                if index % per_prompt == 0:
+                    cached_tokens += event.completion.cached_tokens
             choice = render(index, event, finish)
             if choice is not None:
                 yield sse_json({**head, "choices": [choice]})
         if include_usage:
-            usage = Usage.of(prompt_tokens, completion_tokens)
+            usage = CompletionUsage.of(prompt_tokens, completion_tokens, cached_tokens)
             yield sse_json({**head, "choices": [], "usage": usage.model_dump()})
     except APIError as exc:
         yield sse_error(exc)

@@ -8,14 +8,14 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.errors import validation
 from app.api.generation import ContextDep, Generation, run_to_completion
-from app.api.openai.common import FINISH, SSE_RESPONSES, check_model, start_choices, stream_choices
+from app.api.openai.common import FINISH, SSE_RESPONSES, cached_tokens, check_model, start_choices, stream_choices
 from app.api.openai.logprobs import completion_logprobs
 from app.api.openai.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
-    Usage,
+    CompletionUsage,
     new_id,
     now,
 )
@@ -115,7 +115,7 @@ async def completions(body: CompletionRequest, request: Request, ctx: ContextDep
         created=now(),
         model=model,
         choices=choices,
-        usage=Usage.of(prompt_tokens, completion_tokens),
+        usage=CompletionUsage.of(prompt_tokens, completion_tokens, cached_tokens(results, per_prompt)),
     )
 
 
@@ -151,4 +151,4 @@ def _stream(
             return choice(index, text, finish, logprobs)
         return None
 
-    return stream_choices(head, generations, [], render, prompt_tokens, include_usage)
+    return stream_choices(head, generations, [], render, prompt_tokens, include_usage, body.n)

@@ -147,6 +147,25 @@ class Usage(BaseModel):
         )
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (not prefilled)
+
+
+class CompletionUsage(Usage):
+    """Usage of completions and chat: OpenAI's, with `prompt_tokens_details.cached_tokens`."""
+
+    prompt_tokens_details: PromptTokensDetails
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int = 0, cached_tokens: int = 0) -> "CompletionUsage":
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
+        )
+
+
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
     token_logprobs: list[float | None]
@@ -167,7 +186,7 @@ class CompletionResponse(BaseModel):
     created: int
     model: str
     choices: list[CompletionChoice]
-    usage: Usage | None = None
+    usage: CompletionUsage | None = None
 
 
 class ChatChoice(BaseModel):
@@ -183,7 +202,7 @@ class ChatResponse(BaseModel):
     created: int
     model: str
     choices: list[ChatChoice]
-    usage: Usage
+    usage: CompletionUsage
 
 
 class EmbeddingData(BaseModel):

@@ -16,10 +16,15 @@ class R:
     prompt_len: int = 4
     max_new: int = 4
     request: Req = field(default_factory=Req)
+    cached: int = 0  # prompt tokens in the prefix cache
 
     @property
     def reserved_tokens(self) -> int:
         return self.prompt_len + self.max_new
+
+    @property
+    def prefill_len(self) -> int:
+        return self.prompt_len - self.cached
 
 
 BIG = Limits(max_batch_size=100, max_batch_tokens=10**9, max_prefill_tokens=10**9, layers=4)
@@ -108,3 +113,14 @@ def test_fits_alone() -> None:
     assert fits_alone(R("ok", 20, 40), limits)
     # 1 x 70 + 18 + 20 = 108.
     assert not fits_alone(R("too big", 20, 50), limits)
+
+
+def test_the_prefill_bound_counts_only_tokens_not_in_the_prefix_cache() -> None:
+    limits = Limits(max_batch_size=100, max_batch_tokens=10**9, max_prefill_tokens=100, layers=1)
+    cached = [R(str(i), prompt_len=40, cached=32) for i in range(12)]
+    assert len(admit(cached, [], limits).admitted) == 12, "12 x 8 new tokens fit 100"
+    fresh = [R(str(i), prompt_len=40) for i in range(12)]
+    assert len(admit(fresh, [], limits).admitted) == 2, "2 x 40 fit, 3 x 40 do not"
+    # The KV bound still counts whole prompts: the prefill's cache holds the cached part too.
+    tight = Limits(max_batch_size=100, max_batch_tokens=peak_tokens(2, 44, 2, 40, 0, 1), max_prefill_tokens=100)
+    assert len(admit(cached, [], tight).admitted) == 2
