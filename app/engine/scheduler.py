@@ -350,11 +350,12 @@ class Engine:
             self.metrics.queue_time.observe(now - seq.arrived)
             self.metrics.prompt_tokens.inc(seq.prompt_len)
         all_logits = any(s.request.prefill_details for s in seqs)
+        batch: Batch | CompactBatch
         try:
             if self.prefix is not None:
                 prefixes = self._cached_prefixes(seqs)
                 batch, logits, full = CompactBatch.prefill(self._forward, seqs, all_logits, self.kv, prefixes)  # type: ignore[arg-type]  # compact when prefix is set
-                self._store_prefixes(batch)  # type: ignore[arg-type]  # the same
+                self._store_prefixes(batch)
             else:
                 batch, logits, full = self._batch_type.prefill(self._forward, seqs, all_logits, self.kv)  # type: ignore[arg-type]  # paired in __init__
         except torch.OutOfMemoryError as exc:
