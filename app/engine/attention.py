@@ -31,6 +31,10 @@ def decode_attention(
     number of valid keys (>= 1). heads must be a multiple of kv_heads (grouped-query attention).
     Returns [B, heads, dim] in q's dtype.
     """
+    if q.dtype != torch.float32:
+        # Half-precision GEMMs' per-element results depend on the key count in other ways than
+        # fp32's (measured: bf16 rows differed alone vs batched); reduce in fp32 and convert back.
+        return decode_attention(q.float(), keys, values, lengths, scale).to(q.dtype)
     batch, heads, dim = q.shape
     kv_heads = keys.shape[1]
     group = heads // kv_heads
