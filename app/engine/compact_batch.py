@@ -17,6 +17,7 @@ from collections.abc import Sequence as Seq
 import torch
 import torch.nn.functional as F
 
+from app.engine.lora import Adapter, LoraRows
 from app.engine.models.base import CompactModel
 from app.engine.row_cache import Account, RowCache
 from app.engine.sequence import Sequence
@@ -62,7 +63,7 @@ class CompactBatch:
         cache.lengths = [0] * len(seqs)
         ids = [t for s in seqs for t in s.request.prompt_ids]
         positions = [p for c in counts for p in range(c)]
-        hidden = _forward(model, cache, ids, positions, counts)
+        hidden = _forward(model, cache, ids, positions, counts, [s.adapter for s in seqs])
         ends = torch.tensor(counts, device=model.device).cumsum(0) - 1
         logits = _head(model, hidden.index_select(0, ends))
         full = None
@@ -79,7 +80,8 @@ class CompactBatch:
         """One step for every row: feed `next_ids`, return next-token logits [batch, vocab]."""
         lengths = self.cache.lengths
         self.cache.reserve(len(self), max(lengths) + 1)
-        hidden = _forward(model, self.cache, self.next_ids, lengths, [1] * len(self))
+        adapters = [s.adapter for s in self.seqs]
+        hidden = _forward(model, self.cache, self.next_ids, lengths, [1] * len(self), adapters)
         return _head(model, hidden)[: len(self)]
 
     def set_next(self, ids: Seq[int]) -> None:
@@ -114,9 +116,11 @@ def _forward(
     ids: torch.Tensor | list[int],
     positions: list[int],
     counts: list[int],
+    adapters: list[Adapter | None] | None = None,
 ) -> torch.Tensor:
     """Append `counts[r]` new tokens to each row r of `cache` (ids and positions packed row after
-    row) and return their final hidden states [N, hidden] (N rounded up to `row_multiple`)."""
+    row) and return their final hidden states [N, hidden] (N rounded up to `row_multiple`).
+    `adapters[r]`: row r's LoRA adapter (None: the base model)."""
     device = cache.device
     real = sum(counts)
     invariant = model.batch_invariant
@@ -168,6 +172,7 @@ def _forward(
             out[start : start + count] = o[0].transpose(0, 1).reshape(count, heads * dim)
         return out
 
-    hidden = model.forward(id_tensor, pos_tensor, attend)
+    lora = LoraRows.build(model, adapters, counts) if adapters else None
+    hidden = model.forward(id_tensor, pos_tensor, attend, lora)
     cache.lengths = after
     return hidden

@@ -27,6 +27,7 @@ from app.engine.embeddings import Embedder
 from app.engine.invariants import check_batch, check_keep
 from app.engine.kv_cache import KVAccount, SlabCache
 from app.engine.loader import LoadedModel
+from app.engine.lora import AdapterRegistry, UnknownAdapterError
 from app.engine.sampling import Choice, choose
 from app.engine.sequence import Sequence
 from app.engine.types import (
@@ -55,6 +56,7 @@ class Engine:
         max_embed_batch: int = 64,
         metrics: Metrics | None = None,
         check_invariants: bool = False,
+        adapters: AdapterRegistry | None = None,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -71,6 +73,8 @@ class Engine:
         self.max_embed_batch = max_embed_batch
         self.metrics = metrics or Metrics()
         self.check_invariants = check_invariants
+        # Unmerged LoRA adapters by name (compact forward only; empty on the transformers forward).
+        self.adapters = adapters or AdapterRegistry(loaded.compact, loaded.model_id, 0, 0)
         layers = admission.model_layers(self.model.config)
         self.limits = admission.Limits(max_batch_size, max_batch_tokens, max_prefill_tokens, layers)
         self.kv = KVAccount(layers)
@@ -134,7 +138,11 @@ class Engine:
         return [*(batch.seqs if batch is not None else []), *self._prefilling]
 
     def submit(self, request: GenerationRequest) -> None:
-        """Queue a generation; raises QueueFullError (429) or EngineUnavailableError (503)."""
+        """Queue a generation; raises QueueFullError (429), EngineUnavailableError (503) or
+        UnknownAdapterError (no adapter `request.adapter` is loaded)."""
+        if request.adapter is not None and self.adapters.model is None:
+            raise UnknownAdapterError(f"the model '{request.adapter}' does not exist (no adapters are served)")
+        adapter = self.adapters.acquire(request.adapter) if request.adapter is not None else None
         seq = Sequence(
             request,
             self.tokenizer,
@@ -142,7 +150,22 @@ class Engine:
             self.special_ids,
             self.loaded.limits.max_total_tokens,
             self.loaded.device,
+            adapter,
         )
+        try:
+            self._enqueue(seq)
+        except BaseException:
+            self._release_adapter(seq)
+            raise
+
+    def _release_adapter(self, seq: Sequence) -> None:
+        """Let go of `seq`'s adapter (once), so an unload waiting on it can finish."""
+        adapter, seq.adapter = seq.adapter, None
+        if adapter is not None:
+            self.adapters.release(adapter)
+
+    def _enqueue(self, seq: Sequence) -> None:
+        request = seq.request
         if not admission.fits_alone(seq, self.limits):
             self.metrics.rejected.inc()
             raise RequestTooLargeError(
@@ -472,10 +495,12 @@ class Engine:
         return keep
 
     def _record_finish(self, seq: Sequence) -> None:
+        self._release_adapter(seq)
         self.metrics.finished.labels(seq.finish_reason).inc()
         self.metrics.e2e.observe(time.perf_counter() - seq.arrived)
 
     def _retire(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
+        self._release_adapter(seq)
         seq.finish_reason = reason
         if reason == "cancelled":
             self.metrics.cancelled.inc()
