@@ -143,6 +143,8 @@ class Engine:
         if request.adapter is not None and self.adapters.model is None:
             raise UnknownAdapterError(f"the model '{request.adapter}' does not exist (no adapters are served)")
         adapter = self.adapters.acquire(request.adapter) if request.adapter is not None else None
+        if adapter is not None:
+            self.metrics.lora_requests.labels(adapter.name).inc()
         seq = Sequence(
             request,
             self.tokenizer,
