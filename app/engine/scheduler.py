@@ -74,7 +74,7 @@ class Engine:
         self.metrics = metrics or Metrics()
         self.check_invariants = check_invariants
         # Unmerged LoRA adapters by name (compact forward only; empty on the transformers forward).
-        self.adapters = adapters or AdapterRegistry(loaded.compact, loaded.model_id, 0, 0)
+        self.adapters = adapters if adapters is not None else AdapterRegistry(loaded.compact, loaded.model_id, 0, 0)
         layers = admission.model_layers(self.model.config)
         self.limits = admission.Limits(max_batch_size, max_batch_tokens, max_prefill_tokens, layers)
         self.kv = KVAccount(layers)
