@@ -43,6 +43,7 @@ lint: install
 bench: install
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.structured
+	$(BIN)/python -m bench.lora
 	$(BIN)/python -m bench.step --batch 1,32 --steps 12 --rounds 3
 
 bench-quick: install

@@ -3,10 +3,13 @@
 from pathlib import Path
 
 
-def build_adapter(base: Path, out: Path, targets: list[str], rank: int, seed: int, alpha: float = 16.0) -> Path:
+def build_adapter(
+    base: Path, out: Path, targets: list[str], rank: int, seed: int, alpha: float = 16.0, std: float = 0.3
+) -> Path:
     """Save a LoRA adapter for the model at `base` to `out`. Both lora_A and lora_B are random
-    (peft's default B = 0 would make the adapter a no-op), scaled down so outputs change but the
-    logits stay peaked (no near-ties for greedy decoding)."""
+    (peft's default B = 0 would make the adapter a no-op), with standard deviation `std`: large
+    enough that outputs change, small enough that attention does not saturate (which would
+    amplify float rounding: 0.3 suits the tiny fixtures, wide models need less)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -27,7 +30,7 @@ def build_adapter(base: Path, out: Path, targets: list[str], rank: int, seed: in
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
     peft_model.save_pretrained(out)
     return out
 
