@@ -194,3 +194,20 @@ def test_refuses_an_adapter_for_another_base(tiny_gpt2_dir: Path, tmp_path: Path
     with pytest.raises(AdapterRefusedError, match="not a PEFT adapter directory"):
         registry.load("none", tmp_path)
     assert registry.names() == []
+
+
+def test_transformers_forward_refuses_unmerged_adapters(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    lm = load_model(str(tiny_gpt2_dir), compact_forward=False)
+    registry = AdapterRegistry(lm.compact, lm.model_id, max_loras=4, max_rank=64)
+    adapter = build_adapter(tiny_gpt2_dir, tmp_path / "a", ["c_attn"], 4, seed=1)
+    with pytest.raises(AdapterRefusedError, match="need the compact forward .* merge one adapter with --adapter"):
+        registry.load("a", adapter)
+
+
+def test_lora_adapters_setting_is_parsed_strictly() -> None:
+    from app.config import Settings
+
+    assert Settings(lora_adapters=" a=/x/a , b=rel/b ,").lora_adapter_map() == {"a": "/x/a", "b": "rel/b"}
+    for bad in ("a", "=x", "a=", "a=/x,a=/y"):
+        with pytest.raises(ValueError, match="TEXTGEN_LORA_ADAPTERS"):
+            Settings(lora_adapters=bad).lora_adapter_map()
