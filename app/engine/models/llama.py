@@ -63,8 +63,8 @@ class LlamaCompact(CompactModel):
         self.row_multiple = row_multiple(self.lm_head)
 
     def lora_targets(self) -> dict[str, tuple[int, str, int, int]]:
-        slots = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
-        slots += ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+        attention = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+        slots = (*attention, "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
         return {
             f"model.layers.{i}.{slot}": (i, slot, *module.weight.shape)
             for i, block in enumerate(self.blocks)
