@@ -23,7 +23,24 @@ class Settings(BaseSettings):
     model: str | None = Field(
         None, description="Hub id or local directory of a causal LM. Unset: the offline demo model."
     )
-    adapter: str | None = Field(None, description="A PEFT (LoRA) adapter directory to apply to the model.")
+    adapter: str | None = Field(
+        None,
+        description="A PEFT (LoRA) adapter directory merged into the model at load (one adapter, any model; "
+        "to serve several unmerged, use lora_adapters).",
+    )
+    lora_adapters: str | None = Field(
+        None,
+        description="LoRA adapters served unmerged beside the base, chosen per request: name=path,... "
+        "(GPT-2/Llama compact forward).",
+    )
+    max_loras: int = Field(4, ge=0, description="Most LoRA adapters loaded at once (startup and runtime).")
+    max_lora_rank: int = Field(64, ge=1, description="Highest LoRA rank an adapter may have (refused above).")
+    allow_runtime_lora: bool = Field(
+        False, description="Enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (behind the API key)."
+    )
+    lora_root: Path | None = Field(
+        None, description="Runtime-loaded adapters must lie under this directory (required for runtime loading)."
+    )
     host: str = Field("127.0.0.1", description="Interface to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = GPU when present.")
@@ -135,6 +152,20 @@ class Settings(BaseSettings):
         if self.api_key_file is not None:
             keys += [line.strip() for line in self.api_key_file.read_text(encoding="utf-8").splitlines()]
         return [k for k in keys if k and not k.startswith("#")]
+
+    def lora_adapter_map(self) -> dict[str, str]:
+        """TEXTGEN_LORA_ADAPTERS parsed: {name: path}. Raises ValueError on a malformed entry."""
+        out: dict[str, str] = {}
+        for entry in (self.lora_adapters or "").split(","):
+            if not entry.strip():
+                continue
+            name, sep, path = entry.strip().partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise ValueError(f"TEXTGEN_LORA_ADAPTERS entry {entry!r} is not name=path")
+            if name.strip() in out:
+                raise ValueError(f"TEXTGEN_LORA_ADAPTERS names {name.strip()!r} twice")
+            out[name.strip()] = path.strip()
+        return out
 
     def cors_origin_list(self) -> list[str]:
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]

@@ -120,6 +120,36 @@ class Metrics:
             registry=r,
         )
 
+        self.lora_loaded = Gauge("textgen_lora_adapters_loaded", "LoRA adapters loaded (unmerged)", registry=r)
+        self.lora_requests = Counter(
+            "textgen_lora_requests",
+            "Generation requests submitted per LoRA adapter (a series lives while its adapter is loaded)",
+            ["adapter"],
+            registry=r,
+        )
+        self.lora_load = Histogram(
+            "textgen_lora_load_seconds", "Time to read, check and add a LoRA adapter", buckets=_LATENCY, registry=r
+        )
+        self.lora_unload = Histogram(
+            "textgen_lora_unload_seconds",
+            "Time to unload a LoRA adapter, waiting for its in-flight requests included",
+            buckets=_LATENCY,
+            registry=r,
+        )
+
+    def lora_changed(self, event: str, name: str, seconds: float) -> None:
+        """An adapter was loaded or unloaded (AdapterRegistry's callback)."""
+        if event == "load":
+            self.lora_loaded.inc()
+            self.lora_load.observe(seconds)
+        else:
+            self.lora_loaded.dec()
+            self.lora_unload.observe(seconds)
+            try:
+                self.lora_requests.remove(name)  # bounded: only loaded adapters keep a series
+            except KeyError:
+                pass
+
     def watch(self, engine: EngineLoad, model_name: str, max_lora: int = 0) -> None:
         """Bind the load gauges to `engine` (read on every scrape). No adapters are loaded per
         request (TEXTGEN_ADAPTER is merged into the model), so the adapter lists are empty."""

@@ -18,6 +18,7 @@ from app.engine.admission import default_budget, model_layers
 from app.engine.constraints import GrammarCompiler
 from app.engine.embeddings import Embedder, from_causal_lm, load_sentence_transformer
 from app.engine.loader import LoadedModel, ModelLoadError, load_model
+from app.engine.lora import AdapterError, AdapterRegistry
 from app.engine.scheduler import Engine
 from app.engine.selftest import self_test
 from app.metrics import Metrics
@@ -132,9 +133,10 @@ class Service:
             max_embed_batch=s.max_embed_batch,
             metrics=self.metrics,
             prefix_cache_tokens=s.prefix_cache_max_tokens if s.prefix_cache else 0,
+            adapters=self._adapters(loaded),
         )
         engine.start()
-        self.metrics.watch(engine, self.model_name)
+        self.metrics.watch(engine, self.model_name, s.max_loras)
         # Everything loaded so far (torch, transformers, the model, the web stack) lives as long as
         # the process: move it out of the collector's reach, so a full collection triggered by a
         # request's many small objects (a 2 MB prompt's token ids) traverses only request objects
@@ -160,6 +162,24 @@ class Service:
         )
         if s.ui:
             log.info("playground: %s", self.playground_url())
+
+    def _adapters(self, loaded: LoadedModel) -> AdapterRegistry:
+        """The LoRA adapter registry, with TEXTGEN_LORA_ADAPTERS loaded. Raises ModelLoadError."""
+        s = self.settings
+        registry = AdapterRegistry(
+            loaded.compact, self.model_name, s.max_loras, s.max_lora_rank, self.metrics.lora_changed
+        )
+        try:
+            wanted = s.lora_adapter_map()
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from exc
+        for name, path in wanted.items():
+            try:
+                registry.load(name, path)
+            except AdapterError as exc:
+                raise ModelLoadError(f"cannot serve LoRA adapter {name}={path}: {exc}") from exc
+            log.info("LoRA adapter %s loaded from %s (rank %d)", name, path, registry.get(name).rank)  # type: ignore[union-attr]
+        return registry
 
     def retire(self, lame_duck_s: float) -> bool:
         """Blocking (run it off the event loop): the graceful exit after SIGTERM.

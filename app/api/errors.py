@@ -10,6 +10,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.content_type import ORIGINAL_KEY
 from app.engine.admission import RequestTooLargeError
+from app.engine.lora import UnknownAdapterError
 from app.engine.types import EngineUnavailableError, QueueFullError
 
 log = logging.getLogger("textgen")
@@ -33,6 +34,8 @@ def from_engine(exc: Exception) -> APIError:
         return APIError(429, str(exc), "overloaded")
     if isinstance(exc, EngineUnavailableError):
         return APIError(503, str(exc), "unavailable")
+    if isinstance(exc, UnknownAdapterError):  # TGI routes turn this into their 422
+        return APIError(404, str(exc), "model_not_found", "model")
     if isinstance(exc, RequestTooLargeError):
         return APIError(413, str(exc), "payload_too_large", "max_new_tokens")
     return APIError(500, str(exc), "generation")
@@ -47,6 +50,8 @@ OPENAI_TYPES = {
     "not_found": "not_found_error",
     "model_not_found": "invalid_request_error",
     "payload_too_large": "invalid_request_error",
+    "permission": "permission_error",
+    "conflict": "invalid_request_error",
 }
 
 

@@ -87,7 +87,13 @@ async def start_generation(ctx: Context, body: GenerateRequest) -> Generation:
     # As TGI does, the matched stop sequence stays in generated_text (and in the stream).
     stopping = StoppingParams(max_new, min_new, check_stop(service, p.stop), include_stop=True)
     grammar = await compile_grammar(ctx, tgi_spec(p.grammar), "parameters.grammar")
-    return Generation(ctx, ids, sampling_params(p), stopping, p.decoder_input_details, grammar)
+    adapter = p.adapter_id if p.adapter_id not in (None, service.model_name) else None
+    try:
+        return Generation(ctx, ids, sampling_params(p), stopping, p.decoder_input_details, grammar, adapter)
+    except APIError as exc:
+        if exc.error_type == "model_not_found":  # TGI answers an unknown adapter with 422
+            raise validation(f"`adapter_id`: {exc.message}", "parameters.adapter_id") from exc
+        raise
 
 
 def _logprob(value: float) -> float | None:

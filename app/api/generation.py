@@ -122,10 +122,13 @@ class Generation:
         stopping: StoppingParams,
         prefill_details: bool = False,
         grammar: Grammar | None = None,
+        adapter: str | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
-        self.request = GenerationRequest(prompt_ids, sampling, stopping, self._deliver, prefill_details, grammar)
+        self.request = GenerationRequest(
+            prompt_ids, sampling, stopping, self._deliver, prefill_details, grammar, adapter=adapter
+        )
         self.usage = ctx.usage
         timeout = ctx.service.settings.request_timeout
         self._deadline = None if timeout is None else self._loop.time() + timeout

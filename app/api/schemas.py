@@ -84,7 +84,9 @@ class GenerateParameters(RequestModel):
     watermark: bool = Field(False, description="Not supported; must be false.")
     best_of: int | None = Field(None, ge=1, le=1, description="Only 1 is supported.")
     grammar: Any = Field(None, description='Structured output: {"type": "json" | "regex", "value": ...}.')
-    adapter_id: Annotated[Any, Refused()] = Field(None, description="Not supported yet; must be null.")
+    adapter_id: str | None = Field(
+        None, description="A loaded LoRA adapter's name (README, Serving many adapters); null: the base model."
+    )
 
     model_config = ConfigDict(
         json_schema_extra={"examples": [{"max_new_tokens": 20, "do_sample": True, "temperature": 0.8, "seed": 1}]},

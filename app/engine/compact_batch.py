@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from app.engine.attention import decode_attention
+from app.engine.lora import Adapter, LoraRows
 from app.engine.models.base import CompactModel
 from app.engine.row_cache import Account, RowCache
 from app.engine.sequence import Sequence
@@ -92,7 +93,7 @@ class CompactBatch:
         cache.lengths = starts
         ids = [t for s, c in zip(seqs, starts, strict=True) for t in s.request.prompt_ids[c:]]
         positions = [p for s, c in zip(seqs, starts, strict=True) for p in range(c, s.prompt_len)]
-        hidden = _forward(model, cache, ids, positions, counts, prompt=True)
+        hidden = _forward(model, cache, ids, positions, counts, [s.adapter for s in seqs], prompt=True)
         ends = torch.tensor(counts, device=model.device).cumsum(0) - 1
         logits = _head(model, hidden.index_select(0, ends))
         full = None
@@ -114,7 +115,8 @@ class CompactBatch:
         """One step for every row: feed `next_ids`, return next-token logits [batch, vocab]."""
         lengths = self.cache.lengths
         self.cache.reserve(len(self), max(lengths) + 1)
-        hidden = _forward(model, self.cache, self.next_ids, lengths, [1] * len(self))
+        adapters = [s.adapter for s in self.seqs]
+        hidden = _forward(model, self.cache, self.next_ids, lengths, [1] * len(self), adapters)
         return _head(model, hidden)[: len(self)]
 
     def set_next(self, ids: Seq[int]) -> None:
@@ -149,11 +151,13 @@ def _forward(
     ids: torch.Tensor | list[int],
     positions: list[int],
     counts: list[int],
+    adapters: list[Adapter | None] | None = None,
     prompt: bool = False,
 ) -> torch.Tensor:
     """Append `counts[r]` new tokens to each row r of `cache` (ids and positions packed row after
     row) and return their final hidden states [N, hidden] (N rounded up to `row_multiple`).
-    `prompt`: the new tokens are the rest of each row's prompt (a prefill, even of one token)."""
+    `adapters[r]`: row r's LoRA adapter (None: the base model). `prompt`: the new tokens are the
+    rest of each row's prompt (a prefill, even of one token)."""
     device = cache.device
     real = sum(counts)
     invariant = model.batch_invariant
@@ -216,7 +220,8 @@ def _forward(
             out[start : start + count] = o[0].transpose(0, 1).reshape(count, heads * dim)
         return out
 
-    hidden = model.forward(id_tensor, pos_tensor, attend)
+    lora = LoraRows.build(model, adapters, counts) if adapters else None
+    hidden = model.forward(id_tensor, pos_tensor, attend, lora)
     cache.lengths = after
     return hidden
 

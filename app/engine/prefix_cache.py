@@ -29,13 +29,14 @@ from app.engine.row_cache import Account
 BLOCK_SIZE = 16
 
 
-def block_keys(ids: list[int], block_size: int = BLOCK_SIZE) -> list[bytes]:
+def block_keys(ids: list[int], block_size: int = BLOCK_SIZE, namespace: bytes = b"") -> list[bytes]:
     """The chained key of every full block of `ids` (len(ids) // block_size keys).
 
     Key i hashes key i-1 and the ids of block i, so equal keys mean equal prefixes (up to a
-    128-bit hash collision)."""
+    128-bit hash collision). `namespace` seeds the chain: K/V computed with other weights (a LoRA
+    adapter) must never match the base model's blocks for the same ids."""
     keys: list[bytes] = []
-    parent = b""
+    parent = hashlib.blake2b(namespace, digest_size=16).digest() if namespace else b""
     for start in range(0, len(ids) - block_size + 1, block_size):
         data = array("q", ids[start : start + block_size]).tobytes()
         parent = hashlib.blake2b(parent + data, digest_size=16).digest()
@@ -69,9 +70,9 @@ class PrefixCache:
         """Cached token positions (blocks x block_size)."""
         return len(self._blocks) * self.block_size
 
-    def prompt_keys(self, ids: list[int]) -> list[bytes]:
+    def prompt_keys(self, ids: list[int], namespace: bytes = b"") -> list[bytes]:
         """The keys a prompt `ids` may hit: its full blocks within the first len(ids) - 1 tokens."""
-        return block_keys(ids[: len(ids) - 1], self.block_size)
+        return block_keys(ids[: len(ids) - 1], self.block_size, namespace)
 
     def cached_tokens(self, keys: list[bytes]) -> int:
         """Tokens the leading run of `keys` that is cached covers (the LRU order is unchanged)."""
@@ -97,13 +98,15 @@ class PrefixCache:
             out.append(block)
         return out
 
-    def insert(self, ids: list[int], read: Callable[[int, int], torch.Tensor], room: int) -> int:
+    def insert(
+        self, ids: list[int], read: Callable[[int, int], torch.Tensor], room: int, namespace: bytes = b""
+    ) -> int:
         """Store the full blocks of `ids` not cached yet. `read(start, end)` gives the K/V of
         tokens [start, end) as a new tensor (not a view: each block must free its memory alone).
         Older blocks are evicted to fit within min(max_tokens, `room`); blocks that still do not
         fit are not stored. Returns the blocks stored."""
         limit = min(self.max_tokens, room)
-        keys = block_keys(ids, self.block_size)
+        keys = block_keys(ids, self.block_size, namespace)
         stored = 0
         chain: list[bytes] = []
         for i, key in enumerate(keys):

@@ -27,6 +27,7 @@ from app.engine.embeddings import Embedder
 from app.engine.invariants import check_batch, check_keep
 from app.engine.kv_cache import KVAccount, SlabCache
 from app.engine.loader import LoadedModel
+from app.engine.lora import AdapterRegistry, UnknownAdapterError
 from app.engine.prefix_cache import PrefixCache
 from app.engine.sampling import Choice, choose
 from app.engine.sequence import Sequence
@@ -57,6 +58,7 @@ class Engine:
         metrics: Metrics | None = None,
         check_invariants: bool = False,
         prefix_cache_tokens: int = 0,
+        adapters: AdapterRegistry | None = None,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -73,6 +75,8 @@ class Engine:
         self.max_embed_batch = max_embed_batch
         self.metrics = metrics or Metrics()
         self.check_invariants = check_invariants
+        # Unmerged LoRA adapters by name (compact forward only; empty on the transformers forward).
+        self.adapters = adapters if adapters is not None else AdapterRegistry(loaded.compact, loaded.model_id, 0, 0)
         layers = admission.model_layers(self.model.config)
         self.limits = admission.Limits(max_batch_size, max_batch_tokens, max_prefill_tokens, layers)
         self.kv = KVAccount(layers)
@@ -148,7 +152,13 @@ class Engine:
         return [*(batch.seqs if batch is not None else []), *self._prefilling]
 
     def submit(self, request: GenerationRequest) -> None:
-        """Queue a generation; raises QueueFullError (429) or EngineUnavailableError (503)."""
+        """Queue a generation; raises QueueFullError (429), EngineUnavailableError (503) or
+        UnknownAdapterError (no adapter `request.adapter` is loaded)."""
+        if request.adapter is not None and self.adapters.model is None:
+            raise UnknownAdapterError(f"the model '{request.adapter}' does not exist (no adapters are served)")
+        adapter = self.adapters.acquire(request.adapter) if request.adapter is not None else None
+        if adapter is not None:
+            self.metrics.lora_requests.labels(adapter.name).inc()
         seq = Sequence(
             request,
             self.tokenizer,
@@ -156,7 +166,22 @@ class Engine:
             self.special_ids,
             self.loaded.limits.max_total_tokens,
             self.loaded.device,
+            adapter,
         )
+        try:
+            self._enqueue(seq)
+        except BaseException:
+            self._release_adapter(seq)
+            raise
+
+    def _release_adapter(self, seq: Sequence) -> None:
+        """Let go of `seq`'s adapter (once), so an unload waiting on it can finish."""
+        adapter, seq.adapter = seq.adapter, None
+        if adapter is not None:
+            self.adapters.release(adapter)
+
+    def _enqueue(self, seq: Sequence) -> None:
+        request = seq.request
         if not admission.fits_alone(seq, self.limits):
             self.metrics.rejected.inc()
             raise RequestTooLargeError(
@@ -396,7 +421,7 @@ class Engine:
         if seq.request.prefill_details:
             return []
         if seq.prefix_keys is None:
-            seq.prefix_keys = self.prefix.prompt_keys(seq.request.prompt_ids)
+            seq.prefix_keys = self.prefix.prompt_keys(seq.request.prompt_ids, _prefix_namespace(seq))
         if not touch:
             seq.cacheable_tokens = self.prefix.cached_tokens(seq.prefix_keys)
             return []
@@ -412,6 +437,7 @@ class Engine:
                 seq.request.prompt_ids,
                 lambda start, end, row=row: batch.prompt_kv(row, start, end),  # type: ignore[misc]  # bound per row
                 self._prefix_room,
+                _prefix_namespace(seq),
             )
 
     # The two places the scheduler touches the KV cache's memory, so another batch type adapts here.
@@ -553,10 +579,12 @@ class Engine:
         return keep
 
     def _record_finish(self, seq: Sequence) -> None:
+        self._release_adapter(seq)
         self.metrics.finished.labels(seq.finish_reason).inc()
         self.metrics.e2e.observe(time.perf_counter() - seq.arrived)
 
     def _retire(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
+        self._release_adapter(seq)
         seq.finish_reason = reason
         if reason == "cancelled":
             self.metrics.cancelled.inc()
@@ -585,3 +613,8 @@ class Engine:
             request.on_done(RuntimeError(message))
         self.metrics.queue_size.set(0)
         self.metrics.batch_size.set(0)
+
+
+def _prefix_namespace(seq: Sequence) -> bytes:
+    """The prefix cache's namespace for `seq`'s K/V: the base model's (empty) or its adapter's load."""
+    return b"" if seq.adapter is None else f"lora:{seq.adapter.load_id}".encode()

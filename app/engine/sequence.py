@@ -15,6 +15,7 @@ import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from app.engine.detokenize import TokenRenderer, special_text
+from app.engine.lora import Adapter
 from app.engine.types import Completion, Event, FinishReason, GenerationRequest, Timeline, Token
 
 
@@ -27,8 +28,10 @@ class Sequence:
         special_ids: frozenset[int],
         max_total_tokens: int,
         device: torch.device,
+        adapter: Adapter | None = None,
     ) -> None:
         self.request = request
+        self.adapter = adapter  # held from submit until the engine retires the sequence
         self.tokenizer = tokenizer
         stopping = request.stopping
         self.eos_ids = frozenset() if stopping.ignore_eos else eos_ids

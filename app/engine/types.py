@@ -131,6 +131,7 @@ class GenerationRequest:
     on_event: Callable[[Event], None]
     prefill_details: bool = False
     grammar: "Grammar | None" = None  # structured output: every token must fit it
+    adapter: str | None = None  # a loaded LoRA adapter's name; None: the base model
     cancelled: bool = field(default=False, init=False)
 
     def cancel(self) -> None:

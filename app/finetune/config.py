@@ -46,6 +46,12 @@ class FinetuneConfig(BaseModel):
         None, description="Module names to adapt. Default: chosen per architecture (GPT-2 c_attn, Llama q/k/v/o)."
     )
     no_merge: bool = Field(False, description="With --lora: export the adapter alone instead of a merged model.")
+    serve_to: str | None = Field(
+        None,
+        description="With --lora --no-merge: load the adapter into the textgen server at this URL "
+        "(http://host:port) when training ends; its key, if any, from TEXTGEN_API_KEY.",
+    )
+    name: str | None = Field(None, description="The adapter's name on the server. Default: OUTPUT's directory name.")
     resume: bool = Field(False, description="Continue from the latest checkpoint in OUTPUT/checkpoints.")
     from_scratch: ScratchSizeName | None = Field(  # type: ignore[valid-type]  # see ScratchSizeName
         None,
@@ -73,9 +79,18 @@ class FinetuneConfig(BaseModel):
             raise ValueError("--lora adapts a pretrained model; it cannot be combined with --from-scratch")
         if self.no_merge and not self.lora:
             raise ValueError("--no-merge only applies with --lora")
+        if self.serve_to is not None and not self.no_merge:
+            raise ValueError("--serve-to loads an unmerged adapter: it needs --lora --no-merge")
+        if self.serve_to is not None and not self.serve_to.startswith(("http://", "https://")):
+            raise ValueError(f"--serve-to takes the server's http(s):// URL; got {self.serve_to!r}")
         if self.early_stopping_patience and not (self.eval_file or self.eval_split > 0):
             raise ValueError("--early-stopping-patience needs evaluation data (--eval-split > 0 or --eval-file)")
         return self
+
+    @property
+    def adapter_name(self) -> str:
+        """The adapter's name on a server: --name, else the output directory's name."""
+        return self.name or self.output.resolve().name
 
     @property
     def has_eval(self) -> bool:

@@ -126,6 +126,17 @@ def make_splits(config: FinetuneConfig, data: LoadedData, eval_data: LoadedData 
     return split_blocks(blocks, config.eval_split, config.seed)
 
 
+def hand_over(config: FinetuneConfig) -> None:
+    """The adapter to a running server (--serve-to), or the one-line curl that loads it."""
+    from app.finetune.serve_to import curl_command, serve_to
+
+    if config.serve_to is None:
+        print(f"load it into a running textgen server:\n{curl_command(config.adapter_name, config.output)}")
+        return
+    answer = serve_to(config.serve_to, config.adapter_name, config.output)
+    log.info("%s: %s (query it with model=%r)", config.serve_to, answer, config.adapter_name)
+
+
 def finetune(
     config: FinetuneConfig,
     examples: Sequence[Example] | None = None,
@@ -210,5 +221,7 @@ def finetune(
         if not config.keep_checkpoints:
             shutil.rmtree(checkpoint_dir)
         log.info("wrote %s", config.output)
+        if config.no_merge:
+            hand_over(config)
     state.wait_for_everyone()
     return metrics

@@ -223,7 +223,6 @@ def test_class6_chat_template_sees_every_field(gpt2: Server, scripted_dir: Path)
 REFUSED = [
     ("/v1/completions", {"suffix": "end"}, "suffix", 400),
     ("/v1/chat/completions", {"tool_choice": "auto"}, "tool_choice", 400),
-    ("/generate", {"adapter_id": "my-lora"}, "parameters.adapter_id", 422),
 ]
 
 

@@ -52,7 +52,7 @@ def test_gateway_metrics_follow_the_load(long_context_gpt2: Path) -> None:
         lora = [(labels, v) for (name, labels), v in scrape(url).items() if name == "vllm:lora_requests_info"]
         assert len(lora) == 1
         labels, stamp = lora[0]
-        assert dict(labels) == {"max_lora": "0", "running_lora_adapters": "", "waiting_lora_adapters": ""}
+        assert dict(labels) == {"max_lora": "4", "running_lora_adapters": "", "waiting_lora_adapters": ""}
         assert abs(stamp - time.time()) < 60  # the value is the last update's Unix time
 
         clients = [httpx.Client(base_url=url, timeout=60) for _ in range(HELD)]

@@ -2,8 +2,8 @@
 
 from fastapi import APIRouter
 
-from app.api.openai import chat, completions, embeddings, models
+from app.api.openai import chat, completions, embeddings, lora, models
 
 router = APIRouter()
-for module in (models, completions, chat, embeddings):
+for module in (models, completions, chat, embeddings, lora):
     router.include_router(module.router)

@@ -9,7 +9,15 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.errors import APIError, validation
 from app.api.generation import ContextDep, Generation, check_refused, run_to_completion
-from app.api.openai.common import FINISH, SSE_RESPONSES, cached_tokens, check_model, start_choices, stream_choices
+from app.api.openai.common import (
+    FINISH,
+    SSE_RESPONSES,
+    adapter_of,
+    cached_tokens,
+    check_model,
+    start_choices,
+    stream_choices,
+)
 from app.api.openai.logprobs import chat_logprobs
 from app.api.openai.protocol import (
     ChatChoice,
@@ -134,6 +142,7 @@ async def chat(body: ChatRequest, request: Request, ctx: ContextDep):
         top_logprobs=top,
         prompt_field="messages",
         grammar=grammar,
+        adapter=adapter_of(service, model),
     )
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -29,9 +29,13 @@ ChoiceRenderer = Callable[[int, Event, str | None], dict | None]
 
 
 def check_model(service: Service, name: str, *, embedding: bool = False) -> str:
+    """`name` when it is served (the base model, a loaded LoRA adapter, or for embeddings the
+    embedding model); else a 404 model_not_found."""
     served = {service.model_name}
     if embedding and service.settings.embedding_model:
         served.add(service.settings.embedding_model)
+    if not embedding and service.engine is not None:
+        served.update(service.engine.adapters.names())
     if name not in served:
         raise APIError(
             404,
@@ -40,6 +44,11 @@ def check_model(service: Service, name: str, *, embedding: bool = False) -> str:
             "model",
         )
     return name
+
+
+def adapter_of(service: Service, model: str) -> str | None:
+    """The LoRA adapter a checked `model` names, or None for the base model."""
+    return None if model == service.model_name else model
 
 
 def logit_bias_of(body: SamplingFields, vocab: int) -> tuple[tuple[int, float], ...]:
@@ -90,6 +99,7 @@ def start_choices(
     prompt_field: str = "prompt",
     default_max_tokens: int | None = None,
     grammar: Grammar | None = None,
+    adapter: str | None = None,
 ) -> list[Generation]:
     """`per_prompt` (default n) generations per prompt, in OpenAI's choice order. All or none
     are submitted."""
@@ -136,7 +146,7 @@ def start_choices(
         for ids, stopping in plans:
             for choice in range(count):
                 sampling = sampling_for(body, choice, top_logprobs, logit_bias)
-                generations.append(Generation(ctx, ids, sampling, stopping, prefill_details, grammar))
+                generations.append(Generation(ctx, ids, sampling, stopping, prefill_details, grammar, adapter))
     except APIError:
         for g in generations:
             g.cancel()

@@ -8,7 +8,15 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.errors import validation
 from app.api.generation import ContextDep, Generation, run_to_completion
-from app.api.openai.common import FINISH, SSE_RESPONSES, cached_tokens, check_model, start_choices, stream_choices
+from app.api.openai.common import (
+    FINISH,
+    SSE_RESPONSES,
+    adapter_of,
+    cached_tokens,
+    check_model,
+    start_choices,
+    stream_choices,
+)
 from app.api.openai.logprobs import completion_logprobs
 from app.api.openai.protocol import (
     CompletionChoice,
@@ -99,6 +107,7 @@ async def completions(body: CompletionRequest, request: Request, ctx: ContextDep
         per_prompt=per_prompt,
         default_max_tokens=16,
         grammar=grammar,
+        adapter=adapter_of(service, model),
     )
     prompt_tokens = sum(len(i) for i in ids)
     if body.stream:

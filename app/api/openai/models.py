@@ -14,7 +14,14 @@ def cards(service: Service) -> list[ModelCard]:
     ids = [service.model_name]
     if service.settings.embedding_model:
         ids.append(service.settings.embedding_model)
-    return [ModelCard(id=i, created=service.started) for i in ids]
+    out = [ModelCard(id=i, created=service.started, root=i) for i in ids]
+    if service.engine is not None:  # LoRA adapters, as vLLM lists them: `parent` is the base
+        registry = service.engine.adapters
+        for name in registry.names():
+            adapter = registry.get(name)
+            if adapter is not None:
+                out.append(ModelCard(id=name, created=service.started, root=adapter.path, parent=service.model_name))
+    return out
 
 
 @router.get("/v1/models", response_model=ModelList)

@@ -223,6 +223,8 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "textgen"
+    root: str | None = Field(None, description="A LoRA adapter's path; the base model's id otherwise (vLLM).")
+    parent: str | None = Field(None, description="A LoRA adapter's base model id; null for the base (vLLM).")
 
 
 class ModelList(BaseModel):

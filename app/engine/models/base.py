@@ -11,11 +11,15 @@ avx512; ../shared/notes and `python -m bench.step`):
 """
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from app.engine.quantize import is_dynamic_int8
+
+if TYPE_CHECKING:
+    from app.engine.lora import LoraRows
 
 # attend(layer, q [N, heads, dim], k [N, kv_heads, dim], v [N, kv_heads, dim]) -> [N, heads * dim]
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -93,8 +97,16 @@ class CompactModel:
     row_multiple: int = 4  # see `row_multiple()`; set from the weights at wrap time
     device: torch.device
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
-        """ids, positions: [N] (N a multiple of row_multiple). Returns final hidden states [N, hidden]."""
+    def forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend, lora: "LoraRows | None" = None
+    ) -> torch.Tensor:
+        """ids, positions: [N] (N a multiple of row_multiple); `lora`: the rows' LoRA adapters, if
+        any. Returns final hidden states [N, hidden]."""
+        raise NotImplementedError
+
+    def lora_targets(self) -> dict[str, tuple[int, str, int, int]]:
+        """The layers a LoRA adapter may adapt: module path in the HF model (as in peft's tensor
+        names) -> (layer index, slot in the block, out features, in features)."""
         raise NotImplementedError
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:

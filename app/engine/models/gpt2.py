@@ -4,8 +4,10 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from app.engine.lora import LoraRows, adapted_linear
 from app.engine.models.base import Attend, CompactModel, as_linear_weight, linear, row_multiple
 
+_SLOTS = ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")
 _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": None, "gelu": "gelu"}
 
 
@@ -59,7 +61,7 @@ class GPT2Compact(CompactModel):
                     else weight(f"transformer.h.{i}.{name}.weight"),
                     weight(f"transformer.h.{i}.{name}.bias"),
                 )
-                for name in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")
+                for name in _SLOTS
             )
             for i in range(config.n_layer)
         ]
@@ -68,22 +70,32 @@ class GPT2Compact(CompactModel):
         gemms = [self.lm_head] + [block[k][0] for block in self.blocks for k in (1, 2, 4, 5)]
         self.row_multiple = max(row_multiple(w) for w in gemms)
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
+    def lora_targets(self) -> dict[str, tuple[int, str, int, int]]:
+        return {
+            f"transformer.h.{i}.{slot}": (i, slot, *weight.shape)
+            for i, block in enumerate(self.blocks)
+            for slot, (weight, _) in zip(_SLOTS, block, strict=True)
+            if weight.dim() == 2
+        }
+
+    def forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend, lora: LoraRows | None = None
+    ) -> torch.Tensor:
         x = F.embedding(ids, self.wte) + F.embedding(positions, self.wpe)
         n, width = x.shape
         for i, (ln1, qkv, proj, ln2, fc, out) in enumerate(self.blocks):
             h = F.layer_norm(x, (width,), ln1[0], ln1[1], self.eps)
-            q, k, v = linear(h, qkv[0], qkv[1]).split(width, dim=1)
+            q, k, v = adapted_linear(h, qkv[0], qkv[1], "none", lora, i, "attn.c_attn").split(width, dim=1)
             a = attend(
                 i,
                 q.view(n, self.heads, self.head_dim),
                 k.view(n, self.heads, self.head_dim),
                 v.view(n, self.heads, self.head_dim),
             )
-            x = x + linear(a, proj[0], proj[1])
+            x = x + adapted_linear(a, proj[0], proj[1], "none", lora, i, "attn.c_proj")
             h = F.layer_norm(x, (width,), ln2[0], ln2[1], self.eps)
-            h = linear(h, fc[0], fc[1], self.approximate)
-            x = x + linear(h, out[0], out[1])
+            h = adapted_linear(h, fc[0], fc[1], self.approximate, lora, i, "mlp.c_fc")
+            x = x + adapted_linear(h, out[0], out[1], "none", lora, i, "mlp.c_proj")
         return F.layer_norm(x, (width,), self.ln_f[0], self.ln_f[1], self.eps)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:

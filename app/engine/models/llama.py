@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from app.engine.lora import LoraRows, adapted_linear
 from app.engine.models.base import Attend, CompactModel, linear, row_multiple
 
 
@@ -62,22 +63,37 @@ class LlamaCompact(CompactModel):
         gemms = [self.lm_head] + [m.weight for block in self.blocks for m in block if isinstance(m, torch.nn.Linear)]
         self.row_multiple = max(row_multiple(w) for w in gemms)
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
+    def lora_targets(self) -> dict[str, tuple[int, str, int, int]]:
+        attention = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+        slots = (*attention, "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+        return {
+            f"model.layers.{i}.{slot}": (i, slot, *module.weight.shape)
+            for i, block in enumerate(self.blocks)
+            for slot, module in zip(slots, (*block[1:5], *block[6:]), strict=True)
+        }
+
+    def forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend, lora: LoraRows | None = None
+    ) -> torch.Tensor:
         x = F.embedding(ids, self.embed)
         n = x.shape[0]
         cos, sin = self.rotary(x[None], positions[None])
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [N, 1, head_dim]
         for i, (ln1, wq, wk, wv, wo, ln2, gate, up, down) in enumerate(self.blocks):
             h = _rms_norm(x, ln1, self.eps)
-            q = linear(h, wq.weight, wq.bias).view(n, self.heads, self.head_dim)
-            k = linear(h, wk.weight, wk.bias).view(n, self.kv_heads, self.head_dim)
-            v = linear(h, wv.weight, wv.bias).view(n, self.kv_heads, self.head_dim)
+            q = adapted_linear(h, wq.weight, wq.bias, "none", lora, i, "self_attn.q_proj")
+            k = adapted_linear(h, wk.weight, wk.bias, "none", lora, i, "self_attn.k_proj")
+            v = adapted_linear(h, wv.weight, wv.bias, "none", lora, i, "self_attn.v_proj")
+            q = q.view(n, self.heads, self.head_dim)
+            k = k.view(n, self.kv_heads, self.head_dim)
+            v = v.view(n, self.kv_heads, self.head_dim)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            x = x + linear(attend(i, q, k, v), wo.weight, wo.bias)
+            x = x + adapted_linear(attend(i, q, k, v), wo.weight, wo.bias, "none", lora, i, "self_attn.o_proj")
             h = _rms_norm(x, ln2, self.eps)
-            h = linear(h, gate.weight, gate.bias, "silu") * linear(h, up.weight, up.bias)
-            x = x + linear(h, down.weight, down.bias)
+            g = adapted_linear(h, gate.weight, gate.bias, "silu", lora, i, "mlp.gate_proj")
+            h = g * adapted_linear(h, up.weight, up.bias, "none", lora, i, "mlp.up_proj")
+            x = x + adapted_linear(h, down.weight, down.bias, "none", lora, i, "mlp.down_proj")
         return _rms_norm(x, self.norm, self.eps)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,90 @@
+"""Runtime LoRA adapters, vLLM's routes: POST /v1/load_lora_adapter and /v1/unload_lora_adapter.
+
+Off unless TEXTGEN_ALLOW_RUNTIME_LORA=true, behind the API key like every /v1 route, and paths
+only under TEXTGEN_LORA_ROOT (resolved, symlinks included, so `..` cannot leave it). The files are
+read on a worker thread, never on the event loop or the engine's thread. Success answers vLLM's
+plain-text message.
+"""
+
+from pathlib import Path
+
+from fastapi import APIRouter
+from fastapi.responses import PlainTextResponse
+from pydantic import Field
+from starlette.concurrency import run_in_threadpool
+
+from app.api.deps import EngineDep, ServiceDep
+from app.api.errors import APIError
+from app.api.openai.protocol import OpenAIErrorBody
+from app.api.schemas import RequestModel
+from app.engine.lora import AdapterLimitError, AdapterRefusedError, UnknownAdapterError
+from app.service import Service
+
+router = APIRouter(tags=["OpenAI"])
+ERRORS: dict[int | str, dict] = {code: {"model": OpenAIErrorBody} for code in (400, 403, 404, 409, 422)}
+UNLOAD_TIMEOUT_S = 300.0  # an unload waits this long for the adapter's in-flight requests
+
+
+class LoadLoraAdapterRequest(RequestModel):
+    lora_name: str = Field(min_length=1, max_length=200, description="The name requests send as `model`.")
+    lora_path: str = Field(min_length=1, description="Adapter directory, under TEXTGEN_LORA_ROOT (or relative to it).")
+
+
+class UnloadLoraAdapterRequest(RequestModel):
+    lora_name: str = Field(min_length=1, description="A loaded adapter's name.")
+
+
+def _check_enabled(service: Service) -> Path:
+    """TEXTGEN_LORA_ROOT, resolved; 403 when runtime loading is off."""
+    s = service.settings
+    if not s.allow_runtime_lora:
+        raise APIError(
+            403, "runtime LoRA loading is disabled; start the server with TEXTGEN_ALLOW_RUNTIME_LORA=true", "permission"
+        )
+    if s.lora_root is None:
+        raise APIError(
+            403, "runtime LoRA loading needs TEXTGEN_LORA_ROOT (the directory adapters load from)", "permission"
+        )
+    return s.lora_root.resolve()
+
+
+def resolve_under(root: Path, path: str) -> Path:
+    """`path` (absolute, or relative to `root`) resolved; 400 unless it lies inside `root`."""
+    candidate = (root / path).resolve()  # an absolute `path` replaces root here
+    if not candidate.is_relative_to(root):
+        raise APIError(
+            400, f"`lora_path` must lie under TEXTGEN_LORA_ROOT ({root}); got {path!r}", "validation", "lora_path"
+        )
+    return candidate
+
+
+@router.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=ERRORS)
+async def load_lora_adapter(body: LoadLoraAdapterRequest, service: ServiceDep, engine: EngineDep) -> PlainTextResponse:
+    """Load a PEFT LoRA adapter (`textgen finetune --lora --no-merge` output) under a name."""
+    root = _check_enabled(service)
+    path = resolve_under(root, body.lora_path)
+    if body.lora_name == service.model_name:
+        raise APIError(400, f"`lora_name` {body.lora_name!r} is the base model's name", "validation", "lora_name")
+    try:
+        await run_in_threadpool(engine.adapters.load, body.lora_name, path)
+    except AdapterRefusedError as exc:
+        raise APIError(400, str(exc), "validation", "lora_path") from exc
+    except AdapterLimitError as exc:
+        raise APIError(409, str(exc), "conflict", "lora_name") from exc
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+
+@router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=ERRORS)
+async def unload_lora_adapter(
+    body: UnloadLoraAdapterRequest, service: ServiceDep, engine: EngineDep
+) -> PlainTextResponse:
+    """Unload an adapter: new requests for it get 404 at once; the call returns once its
+    in-flight requests have finished."""
+    _check_enabled(service)
+    try:
+        await run_in_threadpool(engine.adapters.unload, body.lora_name, UNLOAD_TIMEOUT_S)
+    except UnknownAdapterError as exc:
+        raise APIError(404, str(exc), "model_not_found", "lora_name") from exc
+    except TimeoutError as exc:
+        raise APIError(409, f"{exc}; retry the unload later", "conflict", "lora_name") from exc
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
