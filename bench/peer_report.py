@@ -117,20 +117,33 @@ def peer_ratios(section: dict[str, Any], transformers_serve_tps: float | None = 
     return ratios
 
 
+def _short(error: str) -> str:
+    """A failure's head and tail: a server's own message is at the end of its log."""
+    return error if len(error) <= 200 else f"{error[:50]} ... {error[-150:]}"
+
+
 def _fmt(value: float | None, scale: float, spec: str) -> str:
     return "-" if value is None else format(value * scale, spec)
 
 
 def render_peers(section: dict[str, Any], ratios: list[Ratio]) -> str:
     """Best round of each contender per phase, then the ratios and the greedy-token check."""
-    lines = [f"peers, best of {section.get('rounds')} alternated rounds (per metric):"]
+    done = max(
+        (
+            b.get("rounds", 0)
+            for e in (section.get("contenders") or {}).values()
+            for b in (e.get("best") or {}).values()
+        ),
+        default=0,
+    )
+    lines = [f"peers, best of {done} of {section.get('rounds')} planned alternated rounds (per metric):"]
     header = f"{'contender':<34} {'phase':<13} {'tok/s':>7} {'TTFT p50 ms':>11} {'ITL p50 ms':>10} {'peak RSS GiB':>12} {'err':>3}"
     lines += [header, "-" * len(header)]
     for key, entry in (section.get("contenders") or {}).items():
         for phase, best in (entry.get("best") or {}).items():
             if best.get("error"):
                 lines.append(
-                    f"{entry.get('label', key)[:34]:<34} {PHASE_NAMES.get(phase, phase):<13} FAILED: {best['error'][:120]}"
+                    f"{entry.get('label', key)[:34]:<34} {PHASE_NAMES.get(phase, phase):<13} FAILED: {_short(best['error'])}"
                 )
                 continue
             lines.append(
