@@ -28,3 +28,9 @@ def test_a_model_the_batch_cannot_serve_is_refused_at_load(tiny_gpt2_dir: Path, 
     with pytest.raises(ModelLoadError, match=r"self-test failed for this 'mamba' model while prefilling two prompts"):
         service.load()
     assert service.engine is None
+
+
+def test_a_bf16_model_passes_with_half_precision_margins(stories260k_dir: Path) -> None:
+    # The references are upcast to fp32, so the margin must follow the model's dtype, not theirs
+    # (stories260k in bf16 was refused at 0.0625 against the fp32 margin).
+    self_test(load_model(str(stories260k_dir), dtype="bfloat16"))
