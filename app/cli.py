@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the HTTP server",
         description="Run the HTTP server. Every flag is also a TEXTGEN_* environment variable; a flag wins. "
-        "Without --model, the offline demo model is built once (about 3 minutes; the server listens meanwhile, "
+        "Without --model, the offline demo model is built once (about a minute; the server listens meanwhile, "
         "/health reports the progress) and served.",
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

@@ -5,10 +5,10 @@ the install does) to the first answer from POST /generate. A script, not a timed
     python -m bench.first_run --command "make run"  # on a fresh clone, after `make install`
 
 The demo model is built into a new, empty XDG_CACHE_HOME (`--cache DIR` keeps it), so every run is a
-real first run. Prints
-one JSON object: seconds until the port listens, until /health reports the build, until the build
-ended (/health left "building"), and until /generate answered; the CPU seconds the server and its
-build child used; and the machine's load average, since on a shared machine that dominates the result.
+real first run. Prints one JSON object, then its headline in words: seconds until the port listens,
+until /health reports the build, until the build ended (/health left "building"), and until
+/generate answered (the first-run time); the CPU seconds the server and its build child used; and
+the machine's load average, since on a shared machine that dominates the result.
 """
 
 import argparse
@@ -96,6 +96,17 @@ def measure(command: list[str], timeout: float, cache: Path | None = None) -> di
     }
 
 
+def summary(result: dict) -> str:
+    """The headline in words, under the JSON: the first-run time and how busy the machine was."""
+    load = result["load_average_before"][0], result["load_average_after"][0]
+    return (
+        f"first run: /generate answered {result['answered_s']} s after start "
+        f"(listening {result['listening_s']} s, build done {result['built_s']} s); "
+        f"{result['cpu_s']} CPU-s on {result['cpus']} cores, 1-min load average {load[0]} before, {load[1]} after"
+        " (a quiet machine is near 0)"
+    )
+
+
 def _children_cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # waited-for descendants
     return usage.ru_utime + usage.ru_stime
@@ -110,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     command = shlex.split(args.command) if args.command else [sys.executable, "-m", "app.cli", "serve"]
-    print(json.dumps(measure(command, args.timeout, args.cache)), flush=True)
+    result = measure(command, args.timeout, args.cache)
+    print(json.dumps(result), flush=True)
+    print(summary(result), flush=True)
     return 0
 
 

@@ -12,8 +12,8 @@ class ScratchSize:
     n_head: int
 
 
-# "small" is what the offline demo model uses: about the largest shape that learns readable text from
-# the ~110k-token Python docs corpus within about three minutes on two CPU cores.
+# "small" is what the offline demo model uses: a shape that learns readable text from the ~120k-token
+# Python docs corpus in about a minute of training on two CPU cores.
 SCRATCH_SIZES: dict[str, ScratchSize] = {
     "tiny": ScratchSize(n_embd=64, n_layer=2, n_head=4),
     "small": ScratchSize(n_embd=192, n_layer=4, n_head=6),
