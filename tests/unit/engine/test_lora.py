@@ -46,7 +46,7 @@ def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     return Family(request.param, base, tmp_path_factory.mktemp(f"lora-{request.param}"))
 
 
-def engine_for(lm: LoadedModel, adapters: dict[str, Path]) -> Engine:
+def engine_for(lm: LoadedModel, adapters: dict[str, Path], prefix_cache_tokens: int = 0) -> Engine:
     registry = AdapterRegistry(lm.compact, lm.model_id, max_loras=8, max_rank=64)
     for name, path in adapters.items():
         registry.load(name, path)
@@ -58,6 +58,7 @@ def engine_for(lm: LoadedModel, adapters: dict[str, Path]) -> Engine:
         max_prefill_tokens=4096,
         max_queue=128,
         adapters=registry,
+        prefix_cache_tokens=prefix_cache_tokens,
     )
 
 
@@ -222,21 +223,7 @@ def test_the_prefix_cache_never_gives_an_adapter_the_base_models_kv(tiny_gpt2_di
     prompt = prompts(lm, 1, seed=9)[0] * 4
     prompt = (prompt * 40)[:40]
 
-    def engine(prefix_tokens: int) -> Engine:
-        registry = AdapterRegistry(lm.compact, lm.model_id, max_loras=8, max_rank=64)
-        registry.load("a", adapter)
-        return Engine(
-            lm,
-            None,  # type: ignore[arg-type]  # no embedding requests here
-            max_batch_size=8,
-            max_batch_tokens=8 * 512,
-            max_prefill_tokens=4096,
-            max_queue=16,
-            adapters=registry,
-            prefix_cache_tokens=prefix_tokens,
-        )
-
-    cached = engine(512)
+    cached = engine_for(lm, {"a": adapter}, prefix_cache_tokens=512)
     cached.start()
     try:
         base_first = run(cached, [(prompt, None)])[0]
@@ -244,7 +231,7 @@ def test_the_prefix_cache_never_gives_an_adapter_the_base_models_kv(tiny_gpt2_di
         assert cached.prefix is not None and len(cached.prefix) > 0, "the base prompt's blocks were not cached"
     finally:
         cached.stop()
-    plain = engine(0)
+    plain = engine_for(lm, {"a": adapter})
     plain.start()
     try:
         without = run(plain, [(prompt, "a")])[0]
