@@ -23,15 +23,8 @@ from pathlib import Path
 
 import torch
 
-from app.engine.models.base import CompactModel, linear
+from app.engine.models.base import ACTIVATIONS, CompactModel, linear
 from app.engine.types import EngineError
-
-_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "none": lambda x: x,
-    "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
-    "gelu": torch.nn.functional.gelu,
-    "silu": torch.nn.functional.silu,
-}
 
 
 class AdapterError(EngineError):
@@ -215,7 +208,7 @@ class LoraRows:
             # row falls in the tensor (vector body vs scalar tail), and one row is always the same.
             pre = linear(self._pad(x.index_select(0, rows)), weight, bias)[: rows.shape[0]]
             pre = pre + self._delta(x, rows, w)
-            act = _ACTIVATIONS[activation]
+            act = ACTIVATIONS[activation]
             out.index_copy_(0, rows, torch.cat([act(pre[i : i + 1]) for i in range(pre.shape[0])]))
         return out
 

@@ -60,7 +60,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act
     if onednn_linear(weight) and x.dtype == weight.dtype:
         kind, algorithm = _ONEDNN_ACTIVATIONS[activation]
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, kind, [], algorithm)
-    return _ACTIVATIONS[activation](F.linear(x, weight, bias))
+    return ACTIVATIONS[activation](F.linear(x, weight, bias))
 
 
 _ONEDNN_ACTIVATIONS = {
@@ -69,7 +69,8 @@ _ONEDNN_ACTIVATIONS = {
     "gelu": ("gelu", "none"),
     "silu": ("swish", ""),
 }
-_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+# The same activations unfused, by the names `linear` takes.
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "none": lambda x: x,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "gelu": F.gelu,
