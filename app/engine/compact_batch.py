@@ -25,17 +25,13 @@ import torch.nn.functional as F
 
 from app.engine.attention import decode_attention
 from app.engine.lora import Adapter, LoraRows
-from app.engine.models.base import CompactModel
+from app.engine.models.base import CompactModel, pad_rows, padded_rows
 from app.engine.row_cache import Account, RowCache
 from app.engine.sequence import Sequence
 
 # Prefill attention runs in query chunks of this many positions when batch invariant, and the
 # prefix cache stores blocks of this size: a cached prefix always ends on a chunk boundary.
 ATTENTION_CHUNK = 16
-
-
-def _padded(n: int, model: CompactModel) -> int:
-    return n + (-n) % model.row_multiple if model.batch_invariant else n
 
 
 class CompactBatch:
@@ -138,11 +134,7 @@ class CompactBatch:
 
 
 def _head(model: CompactModel, hidden: torch.Tensor) -> torch.Tensor:
-    rows = hidden.shape[0]
-    padded = _padded(rows, model)
-    if padded != rows:
-        hidden = torch.cat([hidden, hidden.new_zeros((padded - rows, hidden.shape[1]))])
-    return model.head(hidden)[:rows]
+    return model.head(pad_rows(hidden, model))[: hidden.shape[0]]
 
 
 def _forward(
@@ -161,7 +153,7 @@ def _forward(
     device = cache.device
     real = sum(counts)
     invariant = model.batch_invariant
-    n = _padded(real, model)
+    n = padded_rows(real, model)
     id_tensor = torch.zeros(n, dtype=torch.long, device=device)
     id_tensor[:real] = torch.as_tensor(ids, device=device)
     pos_tensor = torch.zeros(n, dtype=torch.long, device=device)

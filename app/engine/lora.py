@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from app.engine.models.base import ACTIVATIONS, CompactModel, linear
+from app.engine.models.base import ACTIVATIONS, CompactModel, linear, pad_rows
 from app.engine.types import EngineError
 
 
@@ -176,14 +176,10 @@ class LoraRows:
         device = model.device
         return cls(model, [(a, torch.tensor(r, dtype=torch.long, device=device)) for a, r in rows.values()])
 
-    def _pad(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        extra = (-n) % self.model.row_multiple if self.model.batch_invariant else 0
-        return torch.cat([x, x.new_zeros((extra, x.shape[1]))]) if extra else x
-
-    def _delta(self, x: torch.Tensor, rows: torch.Tensor, w: LoraWeights) -> torch.Tensor:
-        xs = self._pad(x.index_select(0, rows))
-        return linear(linear(xs, w.a, None), w.b, None)[: rows.shape[0]] * w.scale
+    @staticmethod
+    def _delta(xs: torch.Tensor, count: int, w: LoraWeights) -> torch.Tensor:
+        """The LoRA delta of the first `count` of the (padded) rows `xs`."""
+        return linear(linear(xs, w.a, None), w.b, None)[:count] * w.scale
 
     def apply(
         self,
@@ -200,14 +196,15 @@ class LoraRows:
             w = adapter.modules.get((layer, slot))
             if w is None:
                 continue
+            count = rows.shape[0]
+            xs = pad_rows(x.index_select(0, rows), self.model)
             if activation == "none":
-                out.index_add_(0, rows, self._delta(x, rows, w))
+                out.index_add_(0, rows, self._delta(xs, count, w))
                 continue
             # The activation is fused into the base GEMM, so these rows redo the GEMM unfused and
             # take the activation one row at a time: an elementwise op's bits may depend on where a
             # row falls in the tensor (vector body vs scalar tail), and one row is always the same.
-            pre = linear(self._pad(x.index_select(0, rows)), weight, bias)[: rows.shape[0]]
-            pre = pre + self._delta(x, rows, w)
+            pre = linear(xs, weight, bias)[:count] + self._delta(xs, count, w)
             act = ACTIVATIONS[activation]
             out.index_copy_(0, rows, torch.cat([act(pre[i : i + 1]) for i in range(pre.shape[0])]))
         return out

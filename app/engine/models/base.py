@@ -115,6 +115,18 @@ class CompactModel:
         raise NotImplementedError
 
 
+def padded_rows(n: int, model: CompactModel) -> int:
+    """The row count a GEMM over `n` rows runs with: n rounded up to `model.row_multiple` when
+    batch invariant, else n."""
+    return n + (-n) % model.row_multiple if model.batch_invariant else n
+
+
+def pad_rows(x: torch.Tensor, model: CompactModel) -> torch.Tensor:
+    """`x` [N, width] with zero rows appended up to `padded_rows(N, model)`."""
+    extra = padded_rows(x.shape[0], model) - x.shape[0]
+    return torch.cat([x, x.new_zeros((extra, x.shape[1]))]) if extra else x
+
+
 def as_linear_weight(conv1d_weight: torch.nn.Parameter) -> torch.Tensor:
     """An [out, in] contiguous tensor sharing storage with a GPT-2 `Conv1D` weight [in, out].
 
