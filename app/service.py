@@ -127,7 +127,9 @@ class Service:
             embedder,
             max_batch_size=s.max_batch_size,
             max_batch_tokens=s.max_batch_tokens
-            or default_budget(s.max_batch_size, limits.max_total_tokens, max_prefill, layers),
+            or default_budget(
+                s.max_batch_size, limits.max_total_tokens, max_prefill, layers, loaded.kv_column_multiple
+            ),
             max_prefill_tokens=max_prefill,
             max_queue=s.max_queue,
             max_embed_batch=s.max_embed_batch,

@@ -65,6 +65,7 @@ class Limits:
     max_batch_tokens: int  # KV budget, cached token positions (see the module docstring)
     max_prefill_tokens: int  # newcomers x longest newcomer prefill_len, per step
     layers: int = 1  # decoder layers: the old cache is copied one layer at a time
+    column_multiple: int = 1  # the KV cache allocates widths in multiples of this (RowCache: CHUNK)
 
 
 @dataclass
@@ -75,19 +76,29 @@ class Admission(Generic[T]):
 
 
 def peak_tokens(
-    rows: int, longest_reserved: int, prefill_rows: int, longest_prompt: int, allocated: int, layers: int
+    rows: int,
+    longest_reserved: int,
+    prefill_rows: int,
+    longest_prompt: int,
+    allocated: int,
+    layers: int,
+    column_multiple: int = 1,
 ) -> int:
     """The most KV positions held at once from admitting `prefill_rows` newcomers until the
     batch's next reservation change: their prefill cache, and the larger of the new rectangle and
-    the current allocation plus one layer's copy of it."""
-    largest = max(rows * longest_reserved, allocated)
-    return largest + math.ceil(largest / max(layers, 1)) + prefill_rows * longest_prompt
+    the current allocation plus one layer's copy of it. Widths count as the cache allocates them:
+    rounded up to `column_multiple`."""
+    reserved, prompt = (-(-width // column_multiple) * column_multiple for width in (longest_reserved, longest_prompt))
+    largest = max(rows * reserved, allocated)
+    return largest + math.ceil(largest / max(layers, 1)) + prefill_rows * prompt
 
 
-def default_budget(max_batch_size: int, max_total_tokens: int, max_prefill_tokens: int, layers: int) -> int:
+def default_budget(
+    max_batch_size: int, max_total_tokens: int, max_prefill_tokens: int, layers: int, column_multiple: int = 1
+) -> int:
     """The KV budget when TEXTGEN_MAX_BATCH_TOKENS is unset: enough that it never binds before
     `max_batch_size` requests of `max_total_tokens` each (so only the batch size limits)."""
-    return peak_tokens(max_batch_size, max_total_tokens, 1, max_prefill_tokens, 0, layers)
+    return peak_tokens(max_batch_size, max_total_tokens, 1, max_prefill_tokens, 0, layers, column_multiple)
 
 
 def model_layers(config: object) -> int:
@@ -98,7 +109,8 @@ def model_layers(config: object) -> int:
 
 def fits_alone(request: Candidate, limits: Limits) -> bool:
     """Whether `request` fits the KV budget on an idle engine (else it can never run)."""
-    return peak_tokens(1, request.reserved_tokens, 1, request.prompt_len, 0, limits.layers) <= limits.max_batch_tokens
+    peak = peak_tokens(1, request.reserved_tokens, 1, request.prompt_len, 0, limits.layers, limits.column_multiple)
+    return peak <= limits.max_batch_tokens
 
 
 def admit(waiting: Sequence[T], running: Sequence[Candidate], limits: Limits, allocated: int = 0) -> Admission[T]:
@@ -125,7 +137,7 @@ def admit(waiting: Sequence[T], running: Sequence[Candidate], limits: Limits, al
             break
         if not first and (len(admitted) + 1) * prefill > limits.max_prefill_tokens:
             break
-        peak = peak_tokens(rows, reserved, len(admitted) + 1, prompt, allocated, limits.layers)
+        peak = peak_tokens(rows, reserved, len(admitted) + 1, prompt, allocated, limits.layers, limits.column_multiple)
         if not first and peak > limits.max_batch_tokens:
             break
         admitted.append(request)

@@ -23,7 +23,7 @@ from collections.abc import Sequence as Seq
 import torch
 import torch.nn.functional as F
 
-from app.engine.attention import decode_attention
+from app.engine.attention import chunk_width, decode_attention
 from app.engine.lora import Adapter, LoraRows
 from app.engine.models.base import CompactModel, pad_rows, padded_rows
 from app.engine.row_cache import Account, RowCache
@@ -181,7 +181,7 @@ def _forward(
         # A prompt whose cached prefix leaves one token per row has real == len(counts) too, but
         # must take the prompt's chunked path to get the bits it would without the cache.
         if invariant and not prompt and real == len(counts):  # decode: one set of ops for the batch
-            o = decode_attention(q[:real], keys[:real], values[:real], lengths, dim**-0.5)
+            o = decode_attention(q[:real], keys[:real], values[:real], lengths, dim**-0.5, chunk_width(max(after)))
             return torch.cat([o.reshape(real, heads * dim), o.new_zeros((n - real, heads * dim))])
         if not invariant and real == len(counts):  # decode without the guarantee: one padded call
             assert valid is not None  # built above under the same condition

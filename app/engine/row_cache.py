@@ -8,8 +8,11 @@ rows or columns run out, one layer at a time, so a reallocation holds at most on
 new buffers together (the transient the KV budget allows for: 1/layers of the cache).
 
 Memory: `allocated_tokens` is rows x columns of capacity (one position = one token's keys and
-values in every layer). With `columns` set (the widest any row may grow, which admission budgets),
-capacity is exactly that wide and exactly as many rows as are live; without it (standalone use)
+values in every layer). Columns are allocated in multiples of the decode attention's CHUNK, so
+attention reads whole chunks in place (app/engine/attention.py); `Sequence.reserved_tokens` rounds
+the same way, so admission budgets what is allocated. With `columns` set (the widest any row may
+grow, which admission budgets), capacity is exactly that wide (rounded) and exactly as many rows
+as are live; without it (standalone use)
 128 spare columns are kept and rows double. An optional account (anything with `charge(slots)` and
 `release(slots)`, slots = rows x columns summed over layers) is charged for every live buffer,
 including both sides of a reallocation.
@@ -18,6 +21,8 @@ including both sides of a reallocation.
 from typing import Protocol
 
 import torch
+
+from app.engine.attention import chunk_width
 
 _SPARE_COLUMNS = 128
 
@@ -84,6 +89,7 @@ class RowCache:
             new_cols = max(columns, self.columns, max(self.lengths, default=0))
         else:
             new_cols = have_cols if columns <= have_cols else columns + _SPARE_COLUMNS
+        new_cols = chunk_width(new_cols)
         if exact:  # rows left over from sequences that have gone are dropped too
             new_rows = max(rows, self.rows)
         else:

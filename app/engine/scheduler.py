@@ -78,7 +78,9 @@ class Engine:
         # Unmerged LoRA adapters by name (compact forward only; empty on the transformers forward).
         self.adapters = adapters if adapters is not None else AdapterRegistry(loaded.compact, loaded.model_id, 0, 0)
         layers = admission.model_layers(self.model.config)
-        self.limits = admission.Limits(max_batch_size, max_batch_tokens, max_prefill_tokens, layers)
+        self.limits = admission.Limits(
+            max_batch_size, max_batch_tokens, max_prefill_tokens, layers, loaded.kv_column_multiple
+        )
         self.kv = KVAccount(layers)
         # Automatic prefix caching (compact forward only: the HF path's left-padded cache has no
         # per-row prefix to reuse). Its blocks are charged to `kv` and hold only what the live
@@ -324,6 +326,7 @@ class Engine:
             max((s.prompt_len for s in admitted), default=0),
             self._live_allocated() if live else 0,
             self.limits.layers,
+            self.limits.column_multiple,
         )
         return max(0, self.limits.max_batch_tokens - peak)
 

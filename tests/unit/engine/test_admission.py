@@ -124,3 +124,13 @@ def test_the_prefill_bound_counts_only_tokens_not_in_the_prefix_cache() -> None:
     # The KV bound still counts whole prompts: the prefill's cache holds the cached part too.
     tight = Limits(max_batch_size=100, max_batch_tokens=peak_tokens(2, 44, 2, 40, 0, 1), max_prefill_tokens=100)
     assert len(admit(cached, [], tight).admitted) == 2
+
+
+def test_widths_count_as_the_cache_allocates_them() -> None:
+    # The compact forward's cache allocates widths in whole attention chunks (column_multiple):
+    # a row reserving 20 positions holds 64, and a 10-token prefill holds 64 too.
+    assert peak_tokens(2, 20, 1, 10, 0, 4, column_multiple=64) == 2 * 64 + 32 + 64
+    limits = Limits(max_batch_size=4, max_batch_tokens=100, max_prefill_tokens=10**9, layers=4)
+    assert fits_alone(R("ok", 20, 40), limits)
+    chunked = Limits(max_batch_size=4, max_batch_tokens=100, max_prefill_tokens=10**9, layers=4, column_multiple=64)
+    assert not fits_alone(R("ok", 20, 40), chunked), "64 + 16 + 64 = 144 > 100"
