@@ -25,6 +25,8 @@ def root(tiny_gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     for i, (targets, rank) in enumerate([(["c_attn"], 4), (["c_attn", "c_proj"], 8), (["c_fc"], 2)]):
         build_adapter(tiny_gpt2_dir, root / f"a{i}", targets, rank, seed=20 + i)
     build_adapter(tiny_gpt2_dir, root / "big", ["c_attn"], 32, seed=5)
+    build_adapter(tiny_gpt2_dir, root / "corrupt", ["c_attn"], 4, seed=7)
+    (root / "corrupt" / "adapter_model.safetensors").write_bytes(b"\0" * 64)
     wide = tmp_path_factory.mktemp("wide-base")
     GPT2LMHeadModel(GPT2Config(vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=2)).save_pretrained(wide)
     AutoTokenizer.from_pretrained(tiny_gpt2_dir).save_pretrained(wide)
@@ -181,6 +183,15 @@ def test_runtime_refusals(http: httpx.Client, lora_server: Server, root: Path) -
     assert r.status_code == 400 and r.json()["error"]["param"] == "lora_name", r.text
     r = http.post("/v1/unload_lora_adapter", json={"lora_name": "nope"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
+    r = load("x", "a1\u0000b")  # was a 500 (Path.resolve's ValueError)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path", r.text
+    # vLLM's fields that textgen does not implement are refused, not ignored.
+    r = http.post("/v1/load_lora_adapter", json={"lora_name": "a0", "lora_path": "a1", "load_inplace": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "load_inplace", r.text
+    r = http.post("/v1/unload_lora_adapter", json={"lora_name": "a0", "lora_int_id": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "lora_int_id", r.text
+    r = load("x", "corrupt")  # was a 500 (SafetensorError)
+    assert r.status_code == 400 and "cannot read the weights of adapter 'x'" in r.text, r.text
     for name in ("b1", "b2"):
         assert load(name, "a2").status_code == 200
     r = load("b3", "a2")
