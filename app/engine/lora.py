@@ -40,7 +40,11 @@ class AdapterRefusedError(AdapterError):
 
 
 class AdapterLimitError(AdapterError):
-    """TEXTGEN_MAX_LORAS adapters are loaded already, or the name is taken: 409."""
+    """TEXTGEN_MAX_LORAS adapters are loaded already: 409."""
+
+
+class AdapterExistsError(AdapterError):
+    """An adapter of that name is loaded (or loading) already: 400, as vLLM answers it."""
 
 
 @dataclass(frozen=True)
@@ -286,8 +290,8 @@ class AdapterRegistry:
 
     def load(self, name: str, path: str | Path) -> Adapter:
         """Read, check and add adapter `name` from `path`. Raises AdapterRefusedError (does not
-        fit, or this model serves no unmerged adapter) or AdapterLimitError (name taken, or
-        TEXTGEN_MAX_LORAS loaded)."""
+        fit, or this model serves no unmerged adapter), AdapterExistsError (name taken) or
+        AdapterLimitError (TEXTGEN_MAX_LORAS loaded)."""
         started = time.perf_counter()
         if self.model is None:
             raise AdapterRefusedError(
@@ -298,7 +302,7 @@ class AdapterRegistry:
             raise AdapterRefusedError(f"adapter name {name!r} is empty or the base model's name")
         with self._cond:
             if name in self._adapters or name in self._loading:
-                raise AdapterLimitError(f"an adapter named '{name}' is already loaded; unload it first")
+                raise AdapterExistsError(f"an adapter named '{name}' is already loaded; unload it first")
             if len(self._adapters) + len(self._loading) >= self.max_loras:
                 raise AdapterLimitError(f"{self.max_loras} adapters are loaded (TEXTGEN_MAX_LORAS); unload one first")
             self._loading.add(name)

@@ -175,10 +175,12 @@ def test_runtime_refusals(http: httpx.Client, lora_server: Server, root: Path) -
     assert r.status_code == 400 and "does not fit the base model" in r.text and "attn.c_attn" in r.text, r.text
     r = load("x", "big")
     assert r.status_code == 400 and "rank 32, above the ceiling TEXTGEN_MAX_LORA_RANK=16" in r.text, r.text
-    r = load("x", "missing")
+    r = load("x", "missing")  # vLLM's 404 "No adapter found"
+    assert r.status_code == 404 and r.json()["error"]["param"] == "lora_path", r.text
+    r = load("x", ".")  # there, but not an adapter
     assert r.status_code == 400 and "not a PEFT adapter directory" in r.text, r.text
-    r = load("a0", "a1")
-    assert r.status_code == 409 and "already loaded" in r.text, r.text
+    r = load("a0", "a1")  # vLLM answers a name loaded twice with 400
+    assert r.status_code == 400 and "already loaded" in r.text and r.json()["error"]["param"] == "lora_name", r.text
     r = load(base_name(http), "a1")
     assert r.status_code == 400 and r.json()["error"]["param"] == "lora_name", r.text
     r = http.post("/v1/unload_lora_adapter", json={"lora_name": "nope"})

@@ -19,7 +19,7 @@ from app.api.errors import APIError
 from app.api.generation import check_refused
 from app.api.openai.protocol import OpenAIErrorBody
 from app.api.schemas import Refused, RequestModel
-from app.engine.lora import AdapterLimitError, AdapterRefusedError, UnknownAdapterError
+from app.engine.lora import AdapterExistsError, AdapterLimitError, AdapterRefusedError, UnknownAdapterError
 from app.service import Service
 
 router = APIRouter(tags=["OpenAI"])
@@ -75,10 +75,14 @@ async def load_lora_adapter(body: LoadLoraAdapterRequest, service: ServiceDep, e
     path = resolve_under(root, body.lora_path)
     if body.lora_name == service.model_name:
         raise APIError(400, f"`lora_name` {body.lora_name!r} is the base model's name", "validation", "lora_name")
+    if not path.exists():  # vLLM's 404 ("No adapter found")
+        raise APIError(404, f"no adapter found at `lora_path` {body.lora_path!r} ({path})", "not_found", "lora_path")
     try:
         await run_in_threadpool(engine.adapters.load, body.lora_name, path)
     except AdapterRefusedError as exc:
         raise APIError(400, str(exc), "validation", "lora_path") from exc
+    except AdapterExistsError as exc:  # vLLM answers a name loaded twice with 400
+        raise APIError(400, str(exc), "validation", "lora_name") from exc
     except AdapterLimitError as exc:
         raise APIError(409, str(exc), "conflict", "lora_name") from exc
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")

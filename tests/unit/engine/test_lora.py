@@ -16,7 +16,13 @@ import pytest
 import torch
 
 from app.engine.loader import LoadedModel, load_model
-from app.engine.lora import AdapterLimitError, AdapterRefusedError, AdapterRegistry, UnknownAdapterError
+from app.engine.lora import (
+    AdapterExistsError,
+    AdapterLimitError,
+    AdapterRefusedError,
+    AdapterRegistry,
+    UnknownAdapterError,
+)
 from app.engine.scheduler import Engine
 from app.engine.types import Completion, Event, GenerationRequest, SamplingParams, StoppingParams
 from tests.adapters import build_adapter, build_merged
@@ -150,7 +156,7 @@ def test_registry_refusals_and_unload_waits(tiny_gpt2_dir: Path, tmp_path: Path)
         registry.load("a", adapter)
     registry.max_rank = 16
     registry.load("a", adapter)
-    with pytest.raises(AdapterLimitError, match="already loaded"):
+    with pytest.raises(AdapterExistsError, match="already loaded"):
         registry.load("a", adapter)
     with pytest.raises(AdapterLimitError, match="TEXTGEN_MAX_LORAS"):
         registry.load("b", adapter)
