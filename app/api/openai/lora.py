@@ -55,15 +55,22 @@ def _check_enabled(service: Service) -> Path:
 
 
 def resolve_under(root: Path, path: str) -> Path:
-    """`path` (absolute, or relative to `root`) resolved; 400 unless it lies inside `root`."""
+    """`path` (absolute, or relative to `root`) resolved; 400 unless it lies inside `root`, 404
+    when nothing is there (vLLM's "No adapter found")."""
     try:
         candidate = (root / path).resolve()  # an absolute `path` replaces root here
+        inside = candidate.is_relative_to(root)
+        exists = inside and candidate.exists()
     except (ValueError, OSError) as exc:  # a NUL byte, a name too long for the file system
-        raise APIError(400, f"`lora_path` {path!r} is not a usable path: {exc}", "validation", "lora_path") from exc
-    if not candidate.is_relative_to(root):
+        raise APIError(
+            400, f"`lora_path` {path[:200]!r} is not a usable path: {exc}", "validation", "lora_path"
+        ) from exc
+    if not inside:
         raise APIError(
             400, f"`lora_path` must lie under TEXTGEN_LORA_ROOT ({root}); got {path!r}", "validation", "lora_path"
         )
+    if not exists:
+        raise APIError(404, f"no adapter found at `lora_path` {path!r} ({candidate})", "not_found", "lora_path")
     return candidate
 
 
@@ -75,8 +82,6 @@ async def load_lora_adapter(body: LoadLoraAdapterRequest, service: ServiceDep, e
     path = resolve_under(root, body.lora_path)
     if body.lora_name == service.model_name:
         raise APIError(400, f"`lora_name` {body.lora_name!r} is the base model's name", "validation", "lora_name")
-    if not path.exists():  # vLLM's 404 ("No adapter found")
-        raise APIError(404, f"no adapter found at `lora_path` {body.lora_path!r} ({path})", "not_found", "lora_path")
     try:
         await run_in_threadpool(engine.adapters.load, body.lora_name, path)
     except AdapterRefusedError as exc:
