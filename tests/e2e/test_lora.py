@@ -210,3 +210,34 @@ def test_runtime_loading_is_off_by_default(client: httpx.Client) -> None:
     ):
         r = client.post(route, json=body)
         assert r.status_code == 403 and "TEXTGEN_ALLOW_RUNTIME_LORA=true" in r.json()["error"]["message"], r.text
+
+
+def lora_info(http: httpx.Client) -> dict[str, str]:
+    """The labels of the one vllm:lora_requests_info series."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = [
+        f for f in text_string_to_metric_families(http.get("/metrics").text) if f.name == "vllm:lora_requests_info"
+    ]
+    assert len(families) == 1 and len(families[0].samples) == 1, families
+    return families[0].samples[0].labels
+
+
+def test_lora_requests_info_names_the_adapters_in_use(http: httpx.Client) -> None:
+    """vLLM's running_lora_adapters label (what endpoint pickers read for LoRA affinity) names the
+    adapters with running requests; it was always empty."""
+    assert lora_info(http) == {"max_lora": "3", "running_lora_adapters": "", "waiting_lora_adapters": ""}
+    body = {"model": "a0", "prompt": "the list", "max_tokens": 240, "min_tokens": 240, "stream": True}
+    seen: list[dict[str, str]] = []
+    with http.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        next(line for line in lines if line.startswith("data: {"))  # running now
+        seen.append(lora_info(http))
+        for _ in lines:  # drain: the request finishes
+            pass
+    assert seen[0]["running_lora_adapters"] == "a0", seen
+    deadline = time.monotonic() + 10
+    while lora_info(http)["running_lora_adapters"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert lora_info(http)["running_lora_adapters"] == ""
