@@ -35,22 +35,23 @@ class EngineLoad(Protocol):
 class LoraInfo(Collector):
     """vllm:lora_requests_info, read from the engine on every scrape: one series whose labels are
     `max_lora` and the comma-joined names of the adapters with running and with waiting requests
-    (vLLM's labels, which endpoint pickers read for LoRA affinity); the value is the scrape time."""
+    (vLLM's labels, which endpoint pickers read for LoRA affinity); the value is the scrape time.
+    No series until `engine` is set (Metrics.watch)."""
 
-    NAME = "vllm:lora_requests_info"
-
-    def __init__(self, engine: EngineLoad, max_lora: int) -> None:
-        self.engine = engine
-        self.max_lora = max_lora
+    def __init__(self) -> None:
+        self.engine: EngineLoad | None = None
+        self.max_lora = 0
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        running, waiting = self.engine.lora_adapters
         family = GaugeMetricFamily(
-            self.NAME,
+            "vllm:lora_requests_info",
             "LoRA adapters (labels); the value is the time of the last update, so the newest series wins",
             labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
         )
-        family.add_metric([str(self.max_lora), ",".join(sorted(running)), ",".join(sorted(waiting))], time.time())
+        if self.engine is not None:
+            running, waiting = self.engine.lora_adapters
+            labels = [str(self.max_lora), ",".join(sorted(running)), ",".join(sorted(waiting))]
+            family.add_metric(labels, time.time())
         yield family
 
 
@@ -140,7 +141,8 @@ class Metrics:
             ["model_name"],
             registry=r,
         )
-        self.lora_info: LoraInfo | None = None  # registered by watch()
+        self.lora_info = LoraInfo()
+        r.register(self.lora_info)
 
         self.lora_loaded = Gauge("textgen_lora_adapters_loaded", "LoRA adapters loaded (unmerged)", registry=r)
         self.lora_requests = Counter(
@@ -181,10 +183,7 @@ class Metrics:
         self.vllm_waiting.labels(model_name).set_function(lambda: engine.waiting)
         self.vllm_kv_cache.labels(model_name).set_function(lambda: engine.kv_cache_usage)
         self.vllm_gpu_cache.labels(model_name).set_function(lambda: engine.kv_cache_usage)
-        if self.lora_info is not None:
-            self.registry.unregister(self.lora_info)
-        self.lora_info = LoraInfo(engine, max_lora)
-        self.registry.register(self.lora_info)
+        self.lora_info.engine, self.lora_info.max_lora = engine, max_lora
         self.model_name = model_name
         self.vllm_prefix_queries.labels(model_name)  # exported as 0 before the first request
         self.vllm_prefix_hits.labels(model_name)
