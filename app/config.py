@@ -69,7 +69,11 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         None,
         ge=1,
-        description="Threads for torch's compute (torch.set_num_threads). Unset: torch's default, one per core.",
+        # torch accepts any count, then segfaults in the first GEMM (100000, 2026-11-30); 1024 passes
+        # every CPU sold and stays far below where thread creation fails.
+        le=1024,
+        description="Threads for torch's compute (torch.set_num_threads), at most 1024; more than the cores "
+        "only slows it down. Unset: torch's default, one per core.",
     )
     max_input_tokens: int | None = Field(
         None, ge=1, description="Longest prompt in tokens. Default: max_total_tokens - 1."

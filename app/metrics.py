@@ -8,9 +8,12 @@ vllm:lora_requests_info. Those are read from the engine when /metrics is scraped
 """
 
 import time
+from collections.abc import Iterator
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _STEP = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -25,6 +28,31 @@ class EngineLoad(Protocol):
     def waiting(self) -> int: ...
     @property
     def kv_cache_usage(self) -> float: ...
+    @property
+    def lora_adapters(self) -> tuple[set[str], set[str]]: ...
+
+
+class LoraInfo(Collector):
+    """vllm:lora_requests_info, read from the engine on every scrape: one series whose labels are
+    `max_lora` and the comma-joined names of the adapters with running and with waiting requests
+    (vLLM's labels, which endpoint pickers read for LoRA affinity); the value is the scrape time.
+    No series until `engine` is set (Metrics.watch)."""
+
+    def __init__(self) -> None:
+        self.engine: EngineLoad | None = None
+        self.max_lora = 0
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "vllm:lora_requests_info",
+            "LoRA adapters (labels); the value is the time of the last update, so the newest series wins",
+            labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+        )
+        if self.engine is not None:
+            running, waiting = self.engine.lora_adapters
+            labels = [str(self.max_lora), ",".join(sorted(running)), ",".join(sorted(waiting))]
+            family.add_metric(labels, time.time())
+        yield family
 
 
 class Metrics:
@@ -113,12 +141,8 @@ class Metrics:
             ["model_name"],
             registry=r,
         )
-        self.lora_info = Gauge(
-            "vllm:lora_requests_info",
-            "LoRA adapters (labels); the value is the time of the last update, so the newest series wins",
-            ["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
-            registry=r,
-        )
+        self.lora_info = LoraInfo()
+        r.register(self.lora_info)
 
         self.lora_loaded = Gauge("textgen_lora_adapters_loaded", "LoRA adapters loaded (unmerged)", registry=r)
         self.lora_requests = Counter(
@@ -151,8 +175,7 @@ class Metrics:
                 pass
 
     def watch(self, engine: EngineLoad, model_name: str, max_lora: int = 0) -> None:
-        """Bind the load gauges to `engine` (read on every scrape). No adapters are loaded per
-        request (TEXTGEN_ADAPTER is merged into the model), so the adapter lists are empty."""
+        """Bind the load gauges and vllm:lora_requests_info to `engine` (read on every scrape)."""
         self.running_requests.set_function(lambda: engine.running)
         self.waiting_requests.set_function(lambda: engine.waiting)
         self.kv_cache_usage.set_function(lambda: engine.kv_cache_usage)
@@ -160,7 +183,7 @@ class Metrics:
         self.vllm_waiting.labels(model_name).set_function(lambda: engine.waiting)
         self.vllm_kv_cache.labels(model_name).set_function(lambda: engine.kv_cache_usage)
         self.vllm_gpu_cache.labels(model_name).set_function(lambda: engine.kv_cache_usage)
-        self.lora_info.labels(str(max_lora), "", "").set_function(time.time)
+        self.lora_info.engine, self.lora_info.max_lora = engine, max_lora
         self.model_name = model_name
         self.vllm_prefix_queries.labels(model_name)  # exported as 0 before the first request
         self.vllm_prefix_hits.labels(model_name)

@@ -37,13 +37,16 @@ class Refused:
 
 
 def refused_fields(body: BaseModel, prefix: str = "") -> list[str]:
-    """Names of the refused fields that `body` sets to something other than null or default."""
+    """Names of the refused fields that `body` (and the request models it nests, such as
+    `stream_options`) sets to something other than null or default."""
     out = []
     for name, info in type(body).model_fields.items():
+        value = getattr(body, name)
         for mark in info.metadata:
-            value = getattr(body, name)
             if isinstance(mark, Refused) and value is not None and not mark.accepts(value):
                 out.append(prefix + name)
+        if isinstance(value, RequestModel):
+            out += refused_fields(value, f"{prefix}{name}.")
     return out
 
 

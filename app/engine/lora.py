@@ -40,7 +40,11 @@ class AdapterRefusedError(AdapterError):
 
 
 class AdapterLimitError(AdapterError):
-    """TEXTGEN_MAX_LORAS adapters are loaded already, or the name is taken: 409."""
+    """TEXTGEN_MAX_LORAS adapters are loaded already: 409."""
+
+
+class AdapterExistsError(AdapterError):
+    """An adapter of that name is loaded (or loading) already: 400, as vLLM answers it."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ class LoraWeights:
 
 
 _LOADS = itertools.count(1)
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # what peft's load_peft_weights reads
 
 
 @dataclass(eq=False)
@@ -101,14 +106,28 @@ def read_adapter(name: str, path: str, model: CompactModel, max_rank: int, base_
         raise AdapterRefusedError(
             f"adapter '{name}' uses {', '.join(unsupported)}, which unmerged serving does not apply"
         )
+    # peft reads adapter_config.json without checking types or ranges; a bad value would be a 500.
+    if isinstance(config.r, bool) or not isinstance(config.r, int) or config.r < 1:
+        raise AdapterRefusedError(
+            f"adapter '{name}' has r={config.r!r} in adapter_config.json; it must be an integer >= 1"
+        )
+    alpha = config.lora_alpha
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
+        raise AdapterRefusedError(
+            f"adapter '{name}' has lora_alpha={alpha!r} in adapter_config.json; it must be a number"
+        )
     if config.r > max_rank:
         raise AdapterRefusedError(
             f"adapter '{name}' has rank {config.r}, above the ceiling TEXTGEN_MAX_LORA_RANK={max_rank}"
         )
     trained_on = f" (trained on base_model_name_or_path={config.base_model_name_or_path!r})"
+    if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in WEIGHT_FILES):
+        raise AdapterRefusedError(
+            f"adapter '{name}' has no weights: '{path}' holds neither {' nor '.join(WEIGHT_FILES)}"
+        )
     try:
         tensors = load_peft_weights(path, device="cpu")
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # safetensors' SafetensorError, pickle errors in a .bin: all a bad file
         raise AdapterRefusedError(f"cannot read the weights of adapter '{name}': {_first_line(exc)}") from exc
     targets = model.lora_targets()
     pairs: dict[str, dict[str, torch.Tensor]] = {}
@@ -124,24 +143,32 @@ def read_adapter(name: str, path: str, model: CompactModel, max_rank: int, base_
         pairs.setdefault(module, {})[part[0]] = tensor
     if not pairs:
         raise AdapterRefusedError(f"adapter '{name}' holds no LoRA weights")
-    scale_of = (lambda r: config.lora_alpha / math.sqrt(r)) if config.use_rslora else (lambda r: config.lora_alpha / r)
+    scale_of = (lambda r: alpha / math.sqrt(r)) if config.use_rslora else (lambda r: alpha / r)
     modules: dict[tuple[int, str], LoraWeights] = {}
     for module, ab in pairs.items():
         if set(ab) != {"A", "B"}:
             raise AdapterRefusedError(f"adapter '{name}' has lora_A or lora_B missing for module '{module}'")
         layer, slot, out_features, in_features = targets[module]
         a, b = ab["A"], ab["B"]
+        if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
+            raise AdapterRefusedError(
+                f"adapter '{name}' has lora_B {list(b.shape)} and lora_A {list(a.shape)} at '{module}', "
+                "which do not multiply (lora_B must be [out, r] and lora_A [r, in])"
+            )
         rank = a.shape[0]
-        if a.shape[1] != in_features or b.shape != (out_features, rank):
+        if a.shape[1] != in_features or b.shape[0] != out_features:
             raise AdapterRefusedError(
                 f"adapter '{name}' does not fit the base model {base_name}: module '{module}' takes "
                 f"[{out_features}, {in_features}] but the adapter's lora_B @ lora_A is "
                 f"[{b.shape[0]}, {a.shape[1]}]{trained_on}"
             )
-        if rank > max_rank:
+        if rank != config.r:
+            # peft scales by lora_alpha / r from the config; a mismatch means a broken adapter.
             raise AdapterRefusedError(
-                f"adapter '{name}' has rank {rank} at '{module}', above TEXTGEN_MAX_LORA_RANK={max_rank}"
+                f"adapter '{name}' has rank {rank} at '{module}' but r={config.r} in adapter_config.json"
             )
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise AdapterRefusedError(f"adapter '{name}' has NaN or infinite weights at '{module}'")
         modules[(layer, slot)] = LoraWeights(
             a.to(model.device, model.dtype).contiguous(),
             b.to(model.device, model.dtype).contiguous(),
@@ -263,8 +290,8 @@ class AdapterRegistry:
 
     def load(self, name: str, path: str | Path) -> Adapter:
         """Read, check and add adapter `name` from `path`. Raises AdapterRefusedError (does not
-        fit, or this model serves no unmerged adapter) or AdapterLimitError (name taken, or
-        TEXTGEN_MAX_LORAS loaded)."""
+        fit, or this model serves no unmerged adapter), AdapterExistsError (name taken) or
+        AdapterLimitError (TEXTGEN_MAX_LORAS loaded)."""
         started = time.perf_counter()
         if self.model is None:
             raise AdapterRefusedError(
@@ -275,7 +302,7 @@ class AdapterRegistry:
             raise AdapterRefusedError(f"adapter name {name!r} is empty or the base model's name")
         with self._cond:
             if name in self._adapters or name in self._loading:
-                raise AdapterLimitError(f"an adapter named '{name}' is already loaded; unload it first")
+                raise AdapterExistsError(f"an adapter named '{name}' is already loaded; unload it first")
             if len(self._adapters) + len(self._loading) >= self.max_loras:
                 raise AdapterLimitError(f"{self.max_loras} adapters are loaded (TEXTGEN_MAX_LORAS); unload one first")
             self._loading.add(name)
@@ -302,8 +329,11 @@ class AdapterRegistry:
             adapter.unloading = True
             if not self._cond.wait_for(lambda: adapter.in_flight == 0, timeout):
                 raise TimeoutError(f"adapter '{name}' still has {adapter.in_flight} requests in flight")
-            if self._adapters.get(name) is adapter:
-                del self._adapters[name]
+            if self._adapters.get(name) is not adapter:
+                # A concurrent unload of the same adapter removed it first: one removal, one
+                # success (as vLLM: the other finds no such adapter), and one "unload" event.
+                raise UnknownAdapterError(f"no adapter named '{name}' is loaded")
+            del self._adapters[name]
         if self._on_change is not None:
             self._on_change("unload", name, time.perf_counter() - started)
 

@@ -139,6 +139,16 @@ class Engine:
         return len(self._waiting)
 
     @property
+    def lora_adapters(self) -> tuple[set[str], set[str]]:
+        """Names of the LoRA adapters of running requests, and of waiting ones (vLLM's
+        `running_lora_adapters` / `waiting_lora_adapters`). Read from any thread: the copies
+        are taken whole under the GIL, and a sequence whose adapter was just released counts
+        for neither."""
+        running = {seq.adapter.name for seq in list(self._running_seqs()) if seq.adapter is not None}
+        waiting = {seq.adapter.name for seq in list(self._waiting) if seq.adapter is not None}
+        return running, waiting
+
+    @property
     def kv_cache_usage(self) -> float:
         """KV-cache positions allocated now (spare capacity and in-flight prefills included)
         divided by the budget, TEXTGEN_MAX_BATCH_TOKENS; 0 to 1. Prefix-cache blocks count as free."""

@@ -70,3 +70,14 @@ def test_bad_flag_value() -> None:
     result = subprocess.run([*CLI, "serve", "--port", "-5"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "port" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_torch_threads_beyond_the_ceiling_fail_at_startup() -> None:
+    """torch takes any count and then segfaults in the first GEMM (100000 did on the 2-core CI
+    machine): the setting is refused before anything starts, naming the variable."""
+    for value in ("100000", "0"):
+        env = {"PATH": "/usr/bin:/bin", "TEXTGEN_TORCH_THREADS": value}
+        result = subprocess.run([*CLI, "serve", "--port", "0"], capture_output=True, text=True, timeout=60, env=env)
+        assert result.returncode == 2, result.stderr[-2000:]
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("textgen: error: invalid torch_threads") and "TEXTGEN_TORCH_THREADS" in last, last

@@ -25,6 +25,8 @@ def root(tiny_gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     for i, (targets, rank) in enumerate([(["c_attn"], 4), (["c_attn", "c_proj"], 8), (["c_fc"], 2)]):
         build_adapter(tiny_gpt2_dir, root / f"a{i}", targets, rank, seed=20 + i)
     build_adapter(tiny_gpt2_dir, root / "big", ["c_attn"], 32, seed=5)
+    build_adapter(tiny_gpt2_dir, root / "corrupt", ["c_attn"], 4, seed=7)
+    (root / "corrupt" / "adapter_model.safetensors").write_bytes(b"\0" * 64)
     wide = tmp_path_factory.mktemp("wide-base")
     GPT2LMHeadModel(GPT2Config(vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=2)).save_pretrained(wide)
     AutoTokenizer.from_pretrained(tiny_gpt2_dir).save_pretrained(wide)
@@ -173,14 +175,26 @@ def test_runtime_refusals(http: httpx.Client, lora_server: Server, root: Path) -
     assert r.status_code == 400 and "does not fit the base model" in r.text and "attn.c_attn" in r.text, r.text
     r = load("x", "big")
     assert r.status_code == 400 and "rank 32, above the ceiling TEXTGEN_MAX_LORA_RANK=16" in r.text, r.text
-    r = load("x", "missing")
+    r = load("x", "missing")  # vLLM's 404 "No adapter found"
+    assert r.status_code == 404 and r.json()["error"]["param"] == "lora_path", r.text
+    r = load("x", ".")  # there, but not an adapter
     assert r.status_code == 400 and "not a PEFT adapter directory" in r.text, r.text
-    r = load("a0", "a1")
-    assert r.status_code == 409 and "already loaded" in r.text, r.text
+    r = load("a0", "a1")  # vLLM answers a name loaded twice with 400
+    assert r.status_code == 400 and "already loaded" in r.text and r.json()["error"]["param"] == "lora_name", r.text
     r = load(base_name(http), "a1")
     assert r.status_code == 400 and r.json()["error"]["param"] == "lora_name", r.text
     r = http.post("/v1/unload_lora_adapter", json={"lora_name": "nope"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
+    for path in ("a1\u0000b", "x" * 5000):  # were 500s (ValueError: embedded null byte; OSError: name too long)
+        r = load("x", path)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path", r.text
+    # vLLM's fields that textgen does not implement are refused, not ignored.
+    r = http.post("/v1/load_lora_adapter", json={"lora_name": "a0", "lora_path": "a1", "load_inplace": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "load_inplace", r.text
+    r = http.post("/v1/unload_lora_adapter", json={"lora_name": "a0", "lora_int_id": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "lora_int_id", r.text
+    r = load("x", "corrupt")  # was a 500 (SafetensorError)
+    assert r.status_code == 400 and "cannot read the weights of adapter 'x'" in r.text, r.text
     for name in ("b1", "b2"):
         assert load(name, "a2").status_code == 200
     r = load("b3", "a2")
@@ -196,3 +210,34 @@ def test_runtime_loading_is_off_by_default(client: httpx.Client) -> None:
     ):
         r = client.post(route, json=body)
         assert r.status_code == 403 and "TEXTGEN_ALLOW_RUNTIME_LORA=true" in r.json()["error"]["message"], r.text
+
+
+def lora_info(http: httpx.Client) -> dict[str, str]:
+    """The labels of the one vllm:lora_requests_info series."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = [
+        f for f in text_string_to_metric_families(http.get("/metrics").text) if f.name == "vllm:lora_requests_info"
+    ]
+    assert len(families) == 1 and len(families[0].samples) == 1, families
+    return families[0].samples[0].labels
+
+
+def test_lora_requests_info_names_the_adapters_in_use(http: httpx.Client) -> None:
+    """vLLM's running_lora_adapters label (what endpoint pickers read for LoRA affinity) names the
+    adapters with running requests; it was always empty."""
+    assert lora_info(http) == {"max_lora": "3", "running_lora_adapters": "", "waiting_lora_adapters": ""}
+    body = {"model": "a0", "prompt": "the list", "max_tokens": 240, "min_tokens": 240, "stream": True}
+    seen: list[dict[str, str]] = []
+    with http.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        next(line for line in lines if line.startswith("data: {"))  # running now
+        seen.append(lora_info(http))
+        for _ in lines:  # drain: the request finishes
+            pass
+    assert seen[0]["running_lora_adapters"] == "a0", seen
+    deadline = time.monotonic() + 10
+    while lora_info(http)["running_lora_adapters"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert lora_info(http)["running_lora_adapters"] == ""

@@ -120,6 +120,38 @@ def test_streaming_completion(client: openai.OpenAI) -> None:
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
 
 
+def test_stream_options_are_checked(client: openai.OpenAI) -> None:
+    """As vLLM: `stream_options` needs `stream: true`, and vLLM's `continuous_usage_stats` (usage
+    on every chunk), which textgen does not implement, is refused, not ignored."""
+    messages = [{"role": "user", "content": "hi"}]
+    for create, kwargs in (
+        (client.completions.create, {"prompt": "hi"}),
+        (client.chat.completions.create, {"messages": messages}),
+    ):
+        with pytest.raises(openai.BadRequestError) as e:
+            create(model="tiny", max_tokens=2, stream_options={"include_usage": True}, **kwargs)
+        assert e.value.body["param"] == "stream_options", e.value.body
+        with pytest.raises(openai.BadRequestError) as e:
+            create(
+                model="tiny",
+                max_tokens=2,
+                stream=True,
+                stream_options={"include_usage": True, "continuous_usage_stats": True},
+                **kwargs,
+            )
+        assert e.value.body["param"] == "stream_options.continuous_usage_stats", e.value.body
+        chunks = list(
+            create(
+                model="tiny",
+                max_tokens=2,
+                stream=True,
+                stream_options={"include_usage": True, "continuous_usage_stats": False},
+                **kwargs,
+            )
+        )
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 2
+
+
 def test_penalties_accepted(client: openai.OpenAI) -> None:
     r = client.completions.create(
         model="tiny",

@@ -111,6 +111,9 @@ def start_choices(
         raise validation(f"`{field}` is {count}; at most {limit} choices are allowed (TEXTGEN_MAX_BEST_OF)", field)
     assert service.loaded is not None
     check_refused(body)
+    if body.stream_options is not None and not body.stream:
+        # As vLLM and OpenAI: the options would be silently meaningless.
+        raise validation("`stream_options` is only allowed with `stream: true`", "stream_options")
     stop = check_stop(service, body.stop_list())
     if any(not s for s in stop):
         raise validation("`stop` strings must not be empty", "stop")

@@ -16,8 +16,10 @@ from app.api.schemas import Refused, RequestModel
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(RequestModel):
     include_usage: bool = False
+    # vLLM's usage on every chunk; only the final usage chunk is implemented.
+    continuous_usage_stats: Annotated[Any, Refused(lambda v: v is False)] = None
 
 
 class SamplingFields(RequestModel):

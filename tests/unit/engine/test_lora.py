@@ -9,13 +9,20 @@ are bitwise the same (`==` on ids and logprobs) alone and in the mixed batch.
 
 import random
 import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from app.engine.loader import LoadedModel, load_model
-from app.engine.lora import AdapterLimitError, AdapterRefusedError, AdapterRegistry, UnknownAdapterError
+from app.engine.lora import (
+    AdapterExistsError,
+    AdapterLimitError,
+    AdapterRefusedError,
+    AdapterRegistry,
+    UnknownAdapterError,
+)
 from app.engine.scheduler import Engine
 from app.engine.types import Completion, Event, GenerationRequest, SamplingParams, StoppingParams
 from tests.adapters import build_adapter, build_merged
@@ -149,7 +156,7 @@ def test_registry_refusals_and_unload_waits(tiny_gpt2_dir: Path, tmp_path: Path)
         registry.load("a", adapter)
     registry.max_rank = 16
     registry.load("a", adapter)
-    with pytest.raises(AdapterLimitError, match="already loaded"):
+    with pytest.raises(AdapterExistsError, match="already loaded"):
         registry.load("a", adapter)
     with pytest.raises(AdapterLimitError, match="TEXTGEN_MAX_LORAS"):
         registry.load("b", adapter)
@@ -239,3 +246,94 @@ def test_the_prefix_cache_never_gives_an_adapter_the_base_models_kv(tiny_gpt2_di
         plain.stop()
     assert with_cache == without
     assert with_cache != base_first, "the adapter changed nothing, so the check above proves nothing"
+
+
+def _broken_copy(src: Path, dst: Path, config: dict | None = None, tensors=None) -> Path:
+    """A copy of adapter `src` at `dst`, its adapter_config.json updated with `config`, its
+    tensors replaced by `tensors(original)` when given."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    if config:
+        path = dst / "adapter_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+    if tensors is not None:
+        file = dst / "adapter_model.safetensors"
+        save_file(tensors(load_file(file)), file)
+    return dst
+
+
+def test_broken_adapter_files_are_refused_naming_the_problem(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    """Each of these was a 500 (SafetensorError, TypeError) or was served wrongly (a config r that
+    is not the tensors' rank, NaN weights answering empty tokens) before it was refused."""
+    lm = load_model(str(tiny_gpt2_dir))
+    registry = AdapterRegistry(lm.compact, lm.model_id, max_loras=8, max_rank=64)
+    good = build_adapter(tiny_gpt2_dir, tmp_path / "good", ["c_attn"], 4, seed=1)
+
+    def first_b(t: dict[str, torch.Tensor], value: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        key = next(k for k in sorted(t) if "lora_B" in k)
+        t[key] = value if value is not None else t[key].clone().fill_(float("nan"))
+        return t
+
+    corrupt = _broken_copy(good, tmp_path / "corrupt")
+    (corrupt / "adapter_model.safetensors").write_bytes(b"\0" * 100)
+    no_weights = _broken_copy(good, tmp_path / "no-weights")
+    (no_weights / "adapter_model.safetensors").unlink()
+    cases = {
+        "corrupt": (corrupt, "cannot read the weights of adapter 'corrupt'"),
+        "no-weights": (no_weights, "has no weights: .* holds neither adapter_model.safetensors nor adapter_model.bin"),
+        "r0": (_broken_copy(good, tmp_path / "r0", {"r": 0}), r"r=0 in adapter_config.json; it must be an integer"),
+        "r-text": (_broken_copy(good, tmp_path / "r-text", {"r": "4"}), r"r='4' in adapter_config.json"),
+        "r8": (_broken_copy(good, tmp_path / "r8", {"r": 8}), r"rank 4 at .* but r=8 in adapter_config.json"),
+        "alpha": (_broken_copy(good, tmp_path / "alpha", {"lora_alpha": "abc"}), "lora_alpha='abc'.*must be a number"),
+        "nan": (_broken_copy(good, tmp_path / "nan", tensors=first_b), "NaN or infinite weights at 'transformer.h.0"),
+        "inner": (
+            _broken_copy(good, tmp_path / "inner", tensors=lambda t: first_b(t, torch.zeros(192, 3))),
+            r"lora_B \[192, 3\] and lora_A \[4, 64\] at .* do not multiply",
+        ),
+    }
+    for name, (path, message) in cases.items():
+        with pytest.raises(AdapterRefusedError, match=message):
+            registry.load(name, path)
+    assert registry.names() == [] and len(registry) == 0
+    registry.load("good", good)  # the source of every broken copy loads
+    assert registry.names() == ["good"]
+
+
+def test_concurrent_unloads_of_one_adapter_remove_it_once(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    """Two unloads waiting on the same in-flight request: one succeeds and reports the unload, the
+    other finds no such adapter. Both succeeding drove `textgen_lora_adapters_loaded` negative,
+    and the late one could report the unload of a new adapter loaded under the name meanwhile."""
+    events: list[str] = []
+    lm = load_model(str(tiny_gpt2_dir))
+    registry = AdapterRegistry(
+        lm.compact, lm.model_id, max_loras=4, max_rank=64, on_change=lambda e, n, s: events.append(f"{e} {n}")
+    )
+    path = build_adapter(tiny_gpt2_dir, tmp_path / "a", ["c_attn"], 4, seed=1)
+    registry.load("a", path)
+    held = registry.acquire("a")
+    outcomes: list[str] = []
+
+    def unload() -> None:
+        try:
+            registry.unload("a", timeout=20)
+            outcomes.append("ok")
+        except UnknownAdapterError:
+            outcomes.append("unknown")
+
+    workers = [threading.Thread(target=unload) for _ in range(2)]
+    for w in workers:
+        w.start()
+    deadline = time.monotonic() + 5
+    while not held.unloading and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # both unloads are waiting on the held request
+    registry.release(held)
+    for w in workers:
+        w.join(20)
+    assert sorted(outcomes) == ["ok", "unknown"]
+    assert events == ["load a", "unload a"]
+    assert registry.names() == []
