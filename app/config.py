@@ -60,6 +60,11 @@ class Settings(BaseSettings):
         description="Compact forward: a request's tokens and logprobs are bitwise the same alone or in any "
         "batch (CPU only; ignored on GPU). false: faster batch-1 GEMMs and one attention call per step.",
     )
+    compile: bool = Field(
+        False,
+        description="Compile the GPT-2/Llama decode step with torch.compile (inductor on CPU, CUDA graphs on "
+        "GPU) at startup; takes minutes on small CPUs, and cannot be combined with LoRA adapters.",
+    )
     quantize: Literal["none", "int8-weight-only", "int8-dynamic"] = Field(
         "none",
         description="int8 linear layers through torchao (pip install 'textgen-service[quantize]'), LM head "

@@ -93,6 +93,13 @@ class Service:
         model_id = s.resolved_model()
         if s.torch_threads is not None:
             torch.set_num_threads(s.torch_threads)  # process-wide: the engine thread's GEMMs use it
+        if s.compile and (s.lora_adapters or s.allow_runtime_lora):
+            # A batch with an adapter's rows runs the eager step, whose bits differ from the compiled
+            # one's: a base request's output would depend on its neighbours.
+            raise ModelLoadError(
+                "TEXTGEN_COMPILE cannot be combined with LoRA adapters (TEXTGEN_LORA_ADAPTERS, "
+                "TEXTGEN_ALLOW_RUNTIME_LORA): unset one of them."
+            )
         log.info("loading model %s (torch threads: %d)", model_id, torch.get_num_threads())
         loaded = load_model(
             model_id,
@@ -105,6 +112,7 @@ class Service:
             kv_cache_dtype=s.kv_cache_dtype,
             batch_invariant=s.batch_invariant,
             quantize=s.quantize,
+            compile=s.compile,
         )
         self_test(loaded)
         if s.chat_template:

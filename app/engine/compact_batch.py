@@ -18,7 +18,10 @@ any batch, on CPU):
 The interface is `Batch`'s, so the scheduler drives either.
 """
 
+from collections.abc import Iterator
 from collections.abc import Sequence as Seq
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -108,12 +111,30 @@ class CompactBatch:
         return torch.stack([kv[:, row, :, start:end] for kv in self.cache.kv])
 
     def decode(self, model: CompactModel) -> torch.Tensor:
-        """One step for every row: feed `next_ids`, return next-token logits [batch, vocab]."""
+        """One step for every row: feed `next_ids`, return next-token logits [batch, vocab].
+
+        Batch invariant: `decode_logits`, compiled when the model has a compiled decode step
+        (TEXTGEN_COMPILE) and no row has an adapter (the loader refuses the two together)."""
         lengths = self.cache.lengths
-        self.cache.reserve(len(self), max(lengths) + 1)
+        real = len(self)
+        after = [length + 1 for length in lengths]
+        self.cache.reserve(real, max(after))
         adapters = [s.adapter for s in self.seqs]
-        hidden = _forward(model, self.cache, self.next_ids, lengths, [1] * len(self), adapters)
-        return _head(model, hidden)[: len(self)]
+        lora = LoraRows.build(model, adapters, [1] * real)
+        if not model.batch_invariant and model.compiled is None:
+            hidden = _forward(model, self.cache, self.next_ids, lengths, [1] * real, adapters)
+            return _head(model, hidden)[:real]
+        device = self.cache.device
+        n = padded_rows(real, model)
+        ids = torch.zeros(n, dtype=torch.long, device=device)
+        ids[:real] = self.next_ids
+        positions = torch.zeros(n, dtype=torch.long, device=device)
+        positions[:real] = torch.tensor(lengths, device=device)
+        step = model.compiled if model.compiled is not None and lora is None else decode_logits
+        with decode_context(self.cache.kv, torch.tensor(after, device=device), chunk_width(max(after))):
+            logits = step(model, ids, positions, lora)
+        self.cache.lengths = after
+        return logits[:real]
 
     def set_next(self, ids: Seq[int]) -> None:
         self.next_ids = torch.tensor(list(ids), dtype=torch.long, device=self.cache.device)
@@ -135,6 +156,76 @@ class CompactBatch:
 
 def _head(model: CompactModel, hidden: torch.Tensor) -> torch.Tensor:
     return model.head(pad_rows(hidden, model))[: hidden.shape[0]]
+
+
+@dataclass
+class DecodeContext:
+    """What a decode step's attention reads besides the layer's q/k/v: each layer's whole cache
+    [2, rows, kv_heads, columns, head_dim] (`RowCache.kv`), the real rows' lengths after this token
+    [real] and the key columns attention reads (`chunk_width` of the longest). Held outside the
+    traced function, as vLLM's forward context holds its KV caches, so the compiled graph's inputs
+    are the step's tokens alone."""
+
+    kv: list[torch.Tensor]
+    lengths: torch.Tensor
+    width: int
+
+
+_context: list[DecodeContext] = []  # the step running now (the engine thread runs one at a time)
+
+
+@contextmanager
+def decode_context(kv: list[torch.Tensor], lengths: torch.Tensor, width: int) -> Iterator[None]:
+    _context.append(DecodeContext(kv, lengths, width))
+    try:
+        yield
+    finally:
+        _context.pop()
+
+
+def decode_logits(
+    model: CompactModel, ids: torch.Tensor, positions: torch.Tensor, lora: LoraRows | None = None
+) -> torch.Tensor:
+    """One batch-invariant decode step, inside `decode_context`: the logits [n, vocab] of the next
+    token of every row. ids, positions: [n] (the batch padded to `padded_rows` with zeros); the
+    first `real` rows (the context's lengths) write their new keys/values at column
+    `positions[row]`. TEXTGEN_COMPILE traces this function (app/engine/compiled.py); the cache
+    write and attention are an opaque op there, so the graph's shapes depend on `n` alone."""
+    attend_op = decode_attend if torch.compiler.is_compiling() else _decode_attend
+
+    def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return attend_op(layer, q, k, v, positions)
+
+    return model.head(model.forward(ids, positions, attend, lora))
+
+
+def _decode_attend(
+    layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """Write the real rows' new keys/values into layer `layer`'s cache and attend: q [n, heads,
+    dim], k, v [n, kv_heads, dim], positions [n] -> [n, heads * dim] (padding rows: zeros)."""
+    step = _context[-1]
+    cache = step.kv[layer]
+    n, heads, dim = q.shape
+    real = step.lengths.shape[0]
+    rows = torch.arange(real, device=q.device)
+    columns = positions[:real]
+    cache[0, rows, :, columns] = k[:real].to(cache.dtype)
+    cache[1, rows, :, columns] = v[:real].to(cache.dtype)
+    o = decode_attention(q[:real], cache[0, :real], cache[1, :real], step.lengths, dim**-0.5, step.width)
+    out = o.new_zeros((n, heads * dim))
+    out[:real] = o.reshape(real, heads * dim)
+    return out
+
+
+# The same, as an op torch.compile does not trace into: the cache's and the real rows' shapes would
+# each specialize graphs (sizes of 1, layouts); outside, one graph serves every step.
+decode_attend = torch.library.custom_op("textgen::decode_attend", mutates_args=())(_decode_attend)
+
+
+@decode_attend.register_fake
+def _(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    return q.new_empty((q.shape[0], q.shape[1] * q.shape[2]))
 
 
 def _forward(
@@ -167,23 +258,19 @@ def _forward(
         offsets.append(offsets[-1] + c)
     heads, dim = model.heads, model.head_dim
     valid = None
-    if not invariant and real == len(counts):
+    if not invariant and not prompt and real == len(counts):
         valid = torch.arange(max(after), device=device)[None, :] < torch.tensor(after, device=device)[:, None]
     gqa = model.kv_heads != heads
     chunked = prompt and invariant
     masks = [_chunk_mask(first, last, device) for first, last in zip(before, after, strict=True)] if chunked else []
-    lengths = torch.tensor(after, device=device)
 
     def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         keys, values = cache.keys(layer), cache.values(layer)
         keys[rows, :, columns] = k[:real].to(keys.dtype)
         values[rows, :, columns] = v[:real].to(values.dtype)
-        # A prompt whose cached prefix leaves one token per row has real == len(counts) too, but
-        # must take the prompt's chunked path to get the bits it would without the cache.
-        if invariant and not prompt and real == len(counts):  # decode: one set of ops for the batch
-            o = decode_attention(q[:real], keys[:real], values[:real], lengths, dim**-0.5, chunk_width(max(after)))
-            return torch.cat([o.reshape(real, heads * dim), o.new_zeros((n - real, heads * dim))])
-        if not invariant and real == len(counts):  # decode without the guarantee: one padded call
+        # Batch-invariant decode steps run `decode_logits`; a prompt whose cached prefix leaves one
+        # token per row has real == len(counts) too, but takes the prompt's chunked path below.
+        if not invariant and not prompt and real == len(counts):  # decode without the guarantee
             assert valid is not None  # built above under the same condition
             width = max(after)
             o = F.scaled_dot_product_attention(

@@ -118,6 +118,7 @@ def load_model(
     kv_cache_dtype: str = "auto",
     batch_invariant: bool = True,
     quantize: Quantize = "none",
+    compile: bool = False,
 ) -> LoadedModel:
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
@@ -181,7 +182,30 @@ def load_model(
             f"TEXTGEN_KV_CACHE_DTYPE={kv_cache_dtype} needs the compact forward (GPT-2 or Llama with "
             "TEXTGEN_COMPACT_FORWARD=true); this model runs on the transformers forward."
         )
+    if compile:
+        _compile(compact)
     return LoadedModel(model, tokenizer, model_id, dev, torch_dtype, limits, compact, quantize)
+
+
+def _compile(compact: CompactModel | None) -> None:
+    """TEXTGEN_COMPILE: compile and warm up the decode step (app/engine/compiled.py)."""
+    if compact is None:
+        raise ModelLoadError(
+            "TEXTGEN_COMPILE=true needs the compact forward (GPT-2 or Llama with TEXTGEN_COMPACT_FORWARD=true); "
+            "this model runs on the transformers forward: unset TEXTGEN_COMPILE."
+        )
+    from app.engine.compiled import CompiledDecode  # imports torch's compiler stack only when asked
+
+    compiled = CompiledDecode(compact)
+    try:
+        seconds = compiled.warm_up(compact)
+    except Exception as exc:  # torch.compile raises many kinds (inductor, a missing C++ compiler, ...)
+        raise ModelLoadError(
+            f"TEXTGEN_COMPILE: compiling the decode step failed ({type(exc).__name__}: {_first_line(exc)}); "
+            "unset TEXTGEN_COMPILE to serve with the eager decode step."
+        ) from exc
+    compact.compiled = compiled
+    log.info("decode step compiled in %.1f s (%s)", seconds, ", ".join(compiled.graphs))
 
 
 def _apply_adapter(model: PreTrainedModel, adapter: str) -> PreTrainedModel:

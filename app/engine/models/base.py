@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from app.engine.quantize import is_dynamic_int8
 
 if TYPE_CHECKING:
+    from app.engine.compiled import CompiledDecode
     from app.engine.lora import LoraRows
 
 # attend(layer, q [N, heads, dim], k [N, kv_heads, dim], v [N, kv_heads, dim]) -> [N, heads * dim]
@@ -59,8 +60,25 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act
     activation: "none", "gelu_tanh", "gelu" (erf) or "silu", fused into the GEMM on oneDNN."""
     if onednn_linear(weight) and x.dtype == weight.dtype:
         kind, algorithm = _ONEDNN_ACTIVATIONS[activation]
+        if torch.compiler.is_compiling():  # TEXTGEN_COMPILE: the same kernel, opaque to inductor
+            return onednn_linear_op(x, weight, bias, kind, algorithm)
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, kind, [], algorithm)
     return ACTIVATIONS[activation](F.linear(x, weight, bias))
+
+
+@torch.library.custom_op("textgen::onednn_linear", mutates_args=())
+def onednn_linear_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kind: str, algorithm: str
+) -> torch.Tensor:
+    """oneDNN's linear as an opaque op for torch.compile: inductor's lowering of
+    mkldnn._linear_pointwise expects its own pre-packed weights (it fails on plain ones), and
+    calling the kernel as it is keeps a row's bits those of the eager forward's GEMMs."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, kind, [], algorithm)
+
+
+@onednn_linear_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kind: str, algorithm: str) -> torch.Tensor:
+    return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 _ONEDNN_ACTIVATIONS = {
@@ -95,6 +113,7 @@ class CompactModel:
     dtype: torch.dtype
     kv_dtype: torch.dtype  # the KV cache's element type (TEXTGEN_KV_CACHE_DTYPE), set by the loader
     batch_invariant: bool = True  # TEXTGEN_BATCH_INVARIANT, set by the loader
+    compiled: "CompiledDecode | None" = None  # TEXTGEN_COMPILE: the decode step compiled, set by the loader
     row_multiple: int = 4  # see `row_multiple()`; set from the weights at wrap time
     device: torch.device
 
