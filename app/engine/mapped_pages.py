@@ -7,22 +7,26 @@ alive as long as any weight still lives in it (GPT-2's embeddings do), and the p
 stay resident and count in the process's RSS: ~340 MB of GPT-2-124M's 500 MB in fp32, measured with
 `python -m bench.rss` (README, "Memory").
 
-`page_out_stale` asks the kernel to reclaim those pages (madvise MADV_PAGEOUT, Linux 5.4+). It never
-changes memory contents: a clean file page is dropped and would be read again from the file if
-touched; a page written since (copy-on-write, anonymous) can only be swapped out, so without swap
-it stays. Only page ranges wholly inside a stale weight and inside a file mapping are advised, so
-pages shared with a live weight are left alone. Elsewhere (no /proc, no madvise) it does nothing.
+`page_out_stale` drops those pages from this process (madvise MADV_DONTNEED) without changing
+what any memory holds: it advises only pages that /proc/self/pagemap shows hold nothing but the
+file's contents (never one written since it was mapped, a private copy), so a page touched again
+would be read back from the file unchanged; where pagemap is unreadable it uses MADV_PAGEOUT
+(Linux 5.4+), which never discards a write but skips pages another process maps too. Only page
+ranges wholly inside a stale weight and inside a file mapping are advised, so pages shared with a
+live weight are left alone. Elsewhere (no /proc, no madvise) it does nothing.
 """
 
 import ctypes
 import logging
+import struct
 from collections.abc import Iterable
 
 import torch
 
 log = logging.getLogger(__name__)
 
-_MADV_PAGEOUT = 21  # linux/mman.h
+_MADV_DONTNEED = 4  # linux/mman.h
+_MADV_PAGEOUT = 21
 _PAGE = 4096
 
 
@@ -64,9 +68,36 @@ def file_mappings(maps: str = "/proc/self/maps") -> list[tuple[int, int]]:
     return out
 
 
+def _unwritten_runs(first: int, last: int) -> list[tuple[int, int]] | None:
+    """Runs of pages in [first, last) that hold nothing but the file's contents (not present, or a
+    page-cache page), from /proc/self/pagemap; None where it cannot be read. A private mapping's
+    page written since it was mapped is an anonymous copy (present without bit 61, or swapped):
+    dropping it would lose the write, so runs stop at it."""
+    try:
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek(first // _PAGE * 8)
+            entries = f.read((last - first) // _PAGE * 8)
+    except OSError:
+        return None
+    runs: list[tuple[int, int]] = []
+    run_start: int | None = None
+    for i, (entry,) in enumerate(struct.iter_unpack("<Q", entries)):
+        address = first + i * _PAGE
+        written = (entry >> 63 & 1 and not entry >> 61 & 1) or entry >> 62 & 1  # present anonymous, or swapped
+        if written and run_start is not None:
+            runs.append((run_start, address))
+            run_start = None
+        elif not written and run_start is None:
+            run_start = address
+    if run_start is not None:
+        runs.append((run_start, first + len(entries) // 8 * _PAGE))
+    return runs
+
+
 def page_out_stale(before: dict[int, int], after: dict[int, int]) -> int:
-    """Reclaim the file-backed pages of storages in `before` that are not in `after` (both from
-    `storage_ranges`). Returns the bytes advised (0 when none, or where madvise is unavailable)."""
+    """Drop the file-backed pages of storages in `before` that are not in `after` (both from
+    `storage_ranges`) from this process. Returns the bytes advised (0 when none, or where madvise
+    is unavailable)."""
     stale = [(start, start + size) for start, size in before.items() if start not in after]
     if not stale:
         return 0
@@ -82,8 +113,14 @@ def page_out_stale(before: dict[int, int], after: dict[int, int]) -> int:
         last = end // _PAGE * _PAGE
         if last <= first or not any(lo <= first and last <= hi for lo, hi in mappings):
             continue
-        if madvise(first, last - first, _MADV_PAGEOUT) != 0:
-            log.debug("madvise(MADV_PAGEOUT) failed: errno %d", ctypes.get_errno())
-            return advised
-        advised += last - first
+        runs = _unwritten_runs(first, last)
+        # MADV_DONTNEED unmaps the pages whoever else maps the file (MADV_PAGEOUT skips pages another
+        # process maps: two servers of one checkpoint); without pagemap to prove them unwritten,
+        # MADV_PAGEOUT, which never discards a write.
+        advice = [(first, last, _MADV_PAGEOUT)] if runs is None else [(a, b, _MADV_DONTNEED) for a, b in runs]
+        for lo, hi, how in advice:
+            if madvise(lo, hi - lo, how) != 0:
+                log.debug("madvise(%d) failed: errno %d", how, ctypes.get_errno())
+                return advised
+            advised += hi - lo
     return advised
