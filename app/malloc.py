@@ -9,13 +9,13 @@ them and stay resident.
 
 `fix_mmap_threshold` sets fixed thresholds, as glibc's MALLOC_MMAP_THRESHOLD_ and
 MALLOC_TRIM_THRESHOLD_ environment variables would (either set there wins, and nothing is changed):
-- mmap at 8 MiB: lower measured lower peaks (1 MiB: ~125 MiB less than the dynamic threshold under
-  32 clients, 8 MiB: ~80 MiB; README, "Memory"), but every block above it is a fresh mapping whose
-  pages fault in on first touch, and at 1 MiB a decode step's activations and logits at batch 32
-  doubled the process's page faults; at 8 MiB a step's tensors stay in the heap up to batch ~40
-  (logits [batch, 50257] fp32);
+- mmap at 8 MiB: lower is lower still at the peak (README, "Memory": 1 MiB ~100 MiB below the
+  dynamic threshold under 32 clients, 8 MiB ~50), but every block above it is a fresh mapping whose
+  pages fault in on first touch: at 1 MiB each batch-32 decode step mapped ~18 MiB afresh (+4,700
+  page faults a step), at 8 MiB a decode step adds none (`bench.step`, 4 against 28 steps);
 - trim at 32 MiB: with the mmap threshold fixed, glibc would otherwise give the top of the heap
-  back above 128 KiB and fault it in again on the next step (+30% page faults at batch 1, measured).
+  back above 128 KiB and fault it in again on the next step (+30% page faults at batch 1 with a
+  1 MiB mmap threshold and no trim setting, measured).
 Only where a block comes from changes, never what memory holds. Elsewhere (musl, macOS, an
 LD_PRELOADed allocator with its own policy) it does nothing.
 """

@@ -4,7 +4,7 @@ transformers memory-maps safetensors checkpoints: a loaded weight is a view of t
 paged in when first read. Weights re-laid out after loading (GPT-2's `Conv1D` weights transposed for
 the compact forward, layers converted or quantized) are new anonymous tensors, but the mapping stays
 alive as long as any weight still lives in it (GPT-2's embeddings do), and the pages the copy read
-stay resident and count in the process's RSS: ~340 MB of GPT-2-124M's 500 MB in fp32, measured with
+stay resident and count in the process's RSS: ~325 MiB of GPT-2-124M's 475 MiB in fp32, measured with
 `python -m bench.rss` (README, "Memory").
 
 `page_out_stale` drops those pages from this process (madvise MADV_DONTNEED) without changing
