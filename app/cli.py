@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from app import __version__
 from app.config import Settings
+from app.malloc import fix_mmap_threshold
 from app.service import Service
 
 
@@ -92,6 +93,13 @@ def serve(args: argparse.Namespace) -> int:
         )
         return 2
     configure_logging(args.log_level)
+    # Before the model loads: blocks of 8 MiB and more from mmap, so the heaps do not fragment and
+    # keep peak memory resident (app/malloc.py; README, "Memory").
+    threshold = fix_mmap_threshold()
+    if threshold is not None:
+        logging.getLogger("textgen").info(
+            "malloc: blocks >= %d MiB from mmap (MALLOC_MMAP_THRESHOLD_)", threshold >> 20
+        )
     fatal: list[str] = []
     server_box: list[uvicorn.Server] = []
 

@@ -10,6 +10,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from app.engine.attention import CHUNK
+from app.engine.mapped_pages import module_storages, page_out_stale
 from app.engine.models import CompactModel, compact_model
 from app.engine.quantize import Quantize, QuantizeUnavailable, quantize_model
 
@@ -149,6 +150,7 @@ def load_model(
         ) from exc
     except OSError as exc:
         raise ModelLoadError(f"cannot load weights from {where}: {_first_line(exc)}.") from exc
+    loaded_storages = module_storages(model)  # views of the checkpoint's mapping (safetensors)
     try:
         tokenizer = load_tokenizer(model_id)
     except (OSError, ValueError, TypeError) as exc:
@@ -182,6 +184,11 @@ def load_model(
             f"TEXTGEN_KV_CACHE_DTYPE={kv_cache_dtype} needs the compact forward (GPT-2 or Llama with "
             "TEXTGEN_COMPACT_FORWARD=true); this model runs on the transformers forward."
         )
+    # Weights re-laid out above (the compact forward's, quantized ones) left the checkpoint pages they
+    # were copied from resident; give those back (app/engine/mapped_pages.py).
+    released = page_out_stale(loaded_storages, module_storages(model))
+    if released:
+        log.info("released %d MiB of checkpoint pages no weight reads any more", released >> 20)
     if compile:
         _compile(compact)
     return LoadedModel(model, tokenizer, model_id, dev, torch_dtype, limits, compact, quantize)
