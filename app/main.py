@@ -15,6 +15,7 @@ from app.api.content_type import JSONBody
 from app.api.middleware import APIKeyAuth, BodyLimit, Observability
 from app.config import Settings
 from app.engine.loader import ModelLoadError
+from app.own_thread import on_own_thread
 from app.service import Service
 from app.tracing import instrument, provider_for
 
@@ -77,7 +78,7 @@ def create_app(
 
 async def _load(service: Service, on_fatal: Callable[[str], None] | None) -> None:
     try:
-        await asyncio.to_thread(service.load)
+        await on_own_thread(service.load, name="textgen-load")
     except ModelLoadError as exc:
         service.error = str(exc)
     except Exception as exc:  # anything else from deep inside a loader: still one clear line

@@ -2,7 +2,7 @@
 (`CompactBatch`), batch-invariant and not, alternated in rounds, on the GPT-2-124M shape (random
 weights) or any GPT-2/Llama model directory.
 
-    python -m bench.step [--model DIR] [--batch 1,32] [--steps 32] [--rounds 3]
+    python -m bench.step [--model DIR] [--batch 1,32] [--steps 32] [--rounds 3] [--compile]
                          [--dtype float32|bfloat16] [--kv-dtype bfloat16]
                          [--quantize int8-weight-only|int8-dynamic] [--paths compact,...] [--profile]
 
@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--paths", help="comma-separated paths to time, in this order (default: all)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
     p.add_argument("--profile", action="store_true", help="print the top ops of the compact step")
+    p.add_argument("--compile", action="store_true", help="also time the compiled step (TEXTGEN_COMPILE)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -88,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         plain = load_model(str(path), device="cpu", dtype="float32")
         assert plain.compact is not None
         paths["compact-fp32"] = (plain.compact, CompactBatch)
+    if args.compile:
+        began = time.perf_counter()
+        compiled = load_model(str(path), device="cpu", dtype=args.dtype, kv_cache_dtype=args.kv_dtype, compile=True)
+        print(f"TEXTGEN_COMPILE warm-up: load + compile {time.perf_counter() - began:.1f} s")
+        assert compiled.compact is not None
+        paths["compact-compiled"] = (compiled.compact, CompactBatch)
     if args.paths:
         wanted = args.paths.split(",")
         paths = {n: paths[n] for n in wanted}

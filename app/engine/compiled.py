@@ -49,12 +49,14 @@ class CompiledDecode:
         self._step = torch.compile(decode_logits, dynamic=True, fullgraph=True, mode=self.mode)
         self.warmup_s: float | None = None
         self.graphs: list[str] = []
+        self.steps = 0  # decode steps run compiled (warm-up included)
 
     def __call__(
         self, model: CompactModel, ids: torch.Tensor, positions: torch.Tensor, lora: LoraRows | None = None
     ) -> torch.Tensor:
         if lora is not None:  # the server refuses TEXTGEN_COMPILE with adapters; see app/service.py
             raise ValueError("the compiled decode step does not run LoRA adapters")
+        self.steps += 1
         return self._step(model, ids, positions, None)
 
     def warm_up(self, model: CompactModel) -> float:

@@ -20,6 +20,7 @@ from app.api.generation import check_refused
 from app.api.openai.protocol import OpenAIErrorBody
 from app.api.schemas import Refused, RequestModel
 from app.engine.lora import AdapterExistsError, AdapterLimitError, AdapterRefusedError, UnknownAdapterError
+from app.own_thread import on_own_thread
 from app.service import Service
 
 router = APIRouter(tags=["OpenAI"])
@@ -83,7 +84,8 @@ async def load_lora_adapter(body: LoadLoraAdapterRequest, service: ServiceDep, e
     if body.lora_name == service.model_name:
         raise APIError(400, f"`lora_name` {body.lora_name!r} is the base model's name", "validation", "lora_name")
     try:
-        await run_in_threadpool(engine.adapters.load, body.lora_name, path)
+        # Its own thread: reading and checking weights may run parallel torch ops (app/own_thread.py).
+        await on_own_thread(engine.adapters.load, body.lora_name, path, name="textgen-lora-load")
     except AdapterRefusedError as exc:
         raise APIError(400, str(exc), "validation", "lora_path") from exc
     except AdapterExistsError as exc:  # vLLM answers a name loaded twice with 400

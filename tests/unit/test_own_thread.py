@@ -1,0 +1,56 @@
+"""app/own_thread.py: work runs on a thread that ends, and takes its OpenMP team with it."""
+
+import asyncio
+import os
+import threading
+
+import pytest
+import torch
+
+from app.own_thread import on_own_thread
+
+
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def _parallel_op() -> str:
+    torch.randn(4_000_000).sum()  # big enough for torch to run it on its OpenMP team
+    return threading.current_thread().name
+
+
+def test_returns_the_result_from_a_thread_that_has_ended() -> None:
+    async def main() -> None:
+        before = {t.ident for t in threading.enumerate()}
+        assert await on_own_thread(_parallel_op, name="probe") == "probe"
+        assert {t.ident for t in threading.enumerate()} == before
+
+    asyncio.run(main())
+
+
+def test_raises_the_exception() -> None:
+    def boom() -> None:
+        raise ValueError("from the thread")
+
+    with pytest.raises(ValueError, match="from the thread"):
+        asyncio.run(on_own_thread(boom))
+
+
+@pytest.mark.skipif(
+    torch.get_num_threads() < 2 or not os.path.isdir("/proc/self/task"), reason="needs 2+ torch threads and /proc"
+)
+def test_leaves_no_openmp_team_behind_where_a_pool_thread_does() -> None:
+    """The reason the module exists: a pool thread that ran a parallel op keeps an OpenMP worker
+    alive (libgomp then stops spinning and the engine's steps slow down); our thread does not."""
+    _parallel_op()  # this thread's own team, once, so it is not counted below
+
+    async def main() -> tuple[int, int]:
+        start = _threads()
+        await on_own_thread(_parallel_op)
+        after_own = _threads()
+        await asyncio.to_thread(_parallel_op)
+        return after_own - start, _threads() - after_own
+
+    own, pool = asyncio.run(main())
+    assert own == 0
+    assert pool >= 2, "a pool thread and its OpenMP worker stay (the baseline this guards against)"
