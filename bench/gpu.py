@@ -66,7 +66,10 @@ class Plan:
 def make_plan(dry_run: bool) -> Plan:
     if dry_run:
         return Plan(
-            configs=[Config("cpu-float32-eager", "cpu", "float32", False)],
+            configs=[
+                Config("cpu-float32-eager", "cpu", "float32", False),
+                Config("cpu-float32-compiled", "cpu", "float32", True),
+            ],
             levels=[1, 4],
             new_tokens=8,
             prompt_words=12,

@@ -21,12 +21,14 @@ def test_gpu_script_dry_run_writes_results(gpt2_tokenizer_dir: Path, tmp_path: P
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads((tmp_path / "gpu.json").read_text())
     assert results["dry_run"] is True
-    run = results["configs"]["cpu-float32-eager"]
-    assert "error" not in run, run.get("error")
-    assert run["info"]["model_device_type"] == "cpu"
-    assert [level["concurrency"] for level in run["levels"]] == [1, 4]
-    for level in run["levels"]:
-        assert level["errors"] == 0
-        assert level["generated_tokens"] == level["requests"] * results["workload"]["new_tokens"]
-        assert level["tok_per_s"] > 0
-    assert "cpu-float32-eager" in proc.stdout  # the table
+    for name in ("cpu-float32-eager", "cpu-float32-compiled"):  # TEXTGEN_COMPILE off and on
+        run = results["configs"][name]
+        assert "error" not in run and "skipped" not in run, run
+        assert run["info"]["model_device_type"] == "cpu"
+        assert run["info"]["compile"]["enabled"] is name.endswith("compiled")
+        assert [level["concurrency"] for level in run["levels"]] == [1, 4]
+        for level in run["levels"]:
+            assert level["errors"] == 0
+            assert level["generated_tokens"] == level["requests"] * results["workload"]["new_tokens"]
+            assert level["tok_per_s"] > 0
+        assert name in proc.stdout  # the table
