@@ -126,6 +126,10 @@ class CompactBatch:
             return _head(model, hidden)[:real]
         device = self.cache.device
         n = padded_rows(real, model)
+        if model.compiled is not None:
+            # torch specializes a graph for 1 row, whose bits differ from the general graph's (bf16
+            # rows alone and batched differed): compiled steps run 2+ rows, so one graph serves all.
+            n = max(n, 2)
         ids = torch.zeros(n, dtype=torch.long, device=device)
         ids[:real] = self.next_ids
         positions = torch.zeros(n, dtype=torch.long, device=device)

@@ -1,24 +1,26 @@
 """TEXTGEN_COMPILE: the compact forward's decode step through `torch.compile`.
 
 What is compiled is `compact_batch.decode_logits`, a whole decode step of a compact model (GPT-2,
-Llama): embeddings, every layer (norms, GEMMs, the KV-cache write, decode attention) and the LM
-head, as one graph. Shapes are dynamic (`torch.compile(dynamic=True)`): one graph serves every
-batch size and KV width, so no buckets are needed and nothing is padded beyond what the eager step
-pads. torch specializes sizes of 1, so one running row, a cache of one row and a KV width of one
-attention chunk get graphs of their own: `warm_up` compiles the six at startup (serving then
-compiles no more: tested in tests/unit/engine/test_compiled.py).
+Llama): embeddings, every layer's norms, GEMMs and residuals, and the LM head, as one graph with
+dynamic shapes (`torch.compile(dynamic=True)`). Two things are opaque custom ops inside it: oneDNN's
+GEMMs (`models/base.py` `onednn_linear_op`: the eager kernels, so a row's bits do not depend on the
+batch) and the KV-cache write plus decode attention (`compact_batch.decode_attend`, reading the
+step's cache from `decode_context`), whose shapes (rows, KV width, cache layout) would otherwise each
+specialize graphs. The graph's only size is the row count; torch specializes a count of 1, so
+compiled steps always run 2+ rows (`CompactBatch.decode`) and `warm_up` compiles the one graph that
+serves every step (tests/unit/engine/test_compiled.py checks that serving compiles no other).
 
 Backends (https://pytorch.org/docs/stable/torch.compiler.html):
-- CPU: inductor's C++/OpenMP kernels fuse the norms, residuals, masks and softmax; the GEMMs stay
-  oneDNN's, called as an opaque op (`models/base.py` `onednn_linear_op`), so a row's bits do not
-  depend on the batch with compile on either (tested). Inductor's fused reductions round differently
-  from eager's: logits differ from the eager step's by ~1e-6, so greedy tokens agree (tested) but
-  logprobs are not bitwise those of TEXTGEN_COMPILE=false.
+- CPU: inductor's C++/OpenMP kernels. Its fused norms round differently from eager's: logits differ
+  from the eager step's by ~2e-5 (fp32), so greedy tokens agree (tested) but logprobs are not bitwise
+  those of TEXTGEN_COMPILE=false; batch invariance holds with compile on (tested, fp32 and bf16).
+  Measured: no faster than eager in fp32 (the GEMMs dominate and stay opaque); int8-dynamic reaches
+  fp32's speed (README "Compiled decode step").
 - CUDA: mode="reduce-overhead": CUDA graphs through torch's cudagraph trees, as vLLM and gpt-fast
   capture their decode steps. Not run here (no GPU lent to this project yet); bench/gpu.sh measures it.
 
-Compiling takes minutes on 2 cores (README "Compiled decode step" has the measured time); inductor
-caches its kernels on disk (TORCHINDUCTOR_CACHE_DIR), so a restart with the same model compiles faster.
+Compiling the GPT-2-124M step takes ~30 s on 2 cores; inductor caches its kernels on disk
+(TORCHINDUCTOR_CACHE_DIR), so a restart with the same model compiles in seconds.
 """
 
 import logging
@@ -60,29 +62,16 @@ class CompiledDecode:
         return self._step(model, ids, positions, None)
 
     def warm_up(self, model: CompactModel) -> float:
-        """Compile the graphs serving traffic will use, logging progress: 1 and 2+ running rows, each
-        with KV widths of 1 and 2+ attention chunks. Returns the seconds it took. Raises what
-        torch.compile raises (the loader turns it into a load error naming TEXTGEN_COMPILE)."""
+        """Compile the graph serving uses (any row count from 2, any KV width), logging progress.
+        Returns the seconds it took. Raises what torch.compile raises (the loader turns it into a
+        load error naming TEXTGEN_COMPILE)."""
         start = time.perf_counter()
-        # Row counts of 1 get a graph of their own (torch specializes sizes of 1); the GEMMs pad
-        # rows to `row_multiple`, so with fp32 (a multiple of 2) every step runs one graph.
-        counts = sorted({padded_rows(1, model), padded_rows(2, model)})
-        for i, rows in enumerate(counts, 1):
-            log.info(
-                "compiling the decode step, graph %d/%d (%d rows; torch.compile %s, mode %s)...",
-                i,
-                len(counts),
-                rows,
-                self.backend,
-                self.mode,
-            )
-            began = time.perf_counter()
-            with torch.inference_mode():  # as the engine runs: guards check for inference tensors
-                kv, ids, positions, lengths = _dummy_step(model, min(rows, 2))
-                with decode_context(kv, lengths, CHUNK):
-                    self(model, ids, positions)
-            self.graphs.append(f"decode, {'1 row' if rows == 1 else '2+ rows'} (any KV width)")
-            log.info("compiled graph %d/%d in %.1f s", i, len(counts), time.perf_counter() - began)
+        log.info("compiling the decode step (torch.compile %s, mode %s)...", self.backend, self.mode)
+        with torch.inference_mode():  # as the engine runs: guards check for inference tensors
+            kv, ids, positions, lengths = _dummy_step(model, 1)
+            with decode_context(kv, lengths, CHUNK):
+                self(model, ids, positions)
+        self.graphs.append("decode, any rows and KV width")
         self.warmup_s = time.perf_counter() - start
         return self.warmup_s
 
@@ -99,10 +88,11 @@ class CompiledDecode:
 
 
 def _dummy_step(model: CompactModel, real: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A decode step's cache, ids, positions and lengths for `real` rows of 3 cached tokens (zeros)."""
+    """A decode step's cache, ids, positions and lengths for `real` rows of 3 cached tokens (zeros),
+    padded to 2+ rows as `CompactBatch.decode` pads compiled steps."""
     cache = RowCache(model.layers, model.kv_heads, model.head_dim, model.kv_dtype, model.device)
     cache.reserve(real, 4)
-    n = padded_rows(real, model)
+    n = max(padded_rows(real, model), 2)
     ids = torch.zeros(n, dtype=torch.long, device=model.device)
     positions = torch.zeros(n, dtype=torch.long, device=model.device)
     positions[:real] = 3

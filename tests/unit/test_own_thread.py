@@ -2,7 +2,10 @@
 
 import asyncio
 import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,21 +39,40 @@ def test_raises_the_exception() -> None:
         asyncio.run(on_own_thread(boom))
 
 
+_COUNT_THREADS = """
+import asyncio, os, torch
+from app.own_thread import on_own_thread
+
+def threads():
+    return len(os.listdir("/proc/self/task"))
+
+def parallel_op():
+    torch.randn(4_000_000).sum()
+
+parallel_op()  # the main thread's own team, once, so it is not counted below
+
+async def main():
+    start = threads()
+    await on_own_thread(parallel_op)
+    after_own = threads()
+    await asyncio.to_thread(parallel_op)
+    print(after_own - start, threads() - after_own)
+
+asyncio.run(main())
+"""
+
+
 @pytest.mark.skipif(
     torch.get_num_threads() < 2 or not os.path.isdir("/proc/self/task"), reason="needs 2+ torch threads and /proc"
 )
 def test_leaves_no_openmp_team_behind_where_a_pool_thread_does() -> None:
     """The reason the module exists: a pool thread that ran a parallel op keeps an OpenMP worker
-    alive (libgomp then stops spinning and the engine's steps slow down); our thread does not."""
-    _parallel_op()  # this thread's own team, once, so it is not counted below
-
-    async def main() -> tuple[int, int]:
-        start = _threads()
-        await on_own_thread(_parallel_op)
-        after_own = _threads()
-        await asyncio.to_thread(_parallel_op)
-        return after_own - start, _threads() - after_own
-
-    own, pool = asyncio.run(main())
+    alive (libgomp then stops spinning and the engine's steps slow down); our thread does not.
+    Counted in a fresh interpreter: in the test process other tests' threads come and go."""
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    out = subprocess.run([sys.executable, "-c", _COUNT_THREADS], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    own, pool = (int(x) for x in out.stdout.split())
     assert own == 0
     assert pool >= 2, "a pool thread and its OpenMP worker stay (the baseline this guards against)"
