@@ -120,10 +120,10 @@ class CompactBatch:
         after = [length + 1 for length in lengths]
         self.cache.reserve(real, max(after))
         adapters = [s.adapter for s in self.seqs]
-        lora = LoraRows.build(model, adapters, [1] * real)
         if not model.batch_invariant and model.compiled is None:
             hidden = _forward(model, self.cache, self.next_ids, lengths, [1] * real, adapters)
             return _head(model, hidden)[:real]
+        lora = LoraRows.build(model, adapters, [1] * real)
         device = self.cache.device
         n = padded_rows(real, model)
         if model.compiled is not None:

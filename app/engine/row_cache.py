@@ -9,8 +9,8 @@ new buffers together (the transient the KV budget allows for: 1/layers of the ca
 
 Memory: `allocated_tokens` is rows x columns of capacity (one position = one token's keys and
 values in every layer). Columns are allocated in multiples of the decode attention's CHUNK, so
-attention reads whole chunks in place (app/engine/attention.py); `Sequence.reserved_tokens` rounds
-the same way, so admission budgets what is allocated. With `columns` set (the widest any row may
+attention reads whole chunks in place (app/engine/attention.py); admission rounds widths the same
+way (`Limits.column_multiple`), so it budgets what is allocated. With `columns` set (the widest any row may
 grow, which admission budgets), capacity is exactly that wide (rounded) and exactly as many rows
 as are live; without it (standalone use)
 128 spare columns are kept and rows double. An optional account (anything with `charge(slots)` and
