@@ -118,6 +118,11 @@ class Settings(BaseSettings):
     grammar_compile_timeout: float = Field(
         10.0, gt=0, description="Seconds a structured-output grammar may take to compile (400/422 beyond)."
     )
+    json_additional_properties: bool = Field(
+        False,
+        description="What a JSON-schema object that lists `properties` without `additionalProperties` allows: "
+        "false = no other keys (vLLM's default backend, OpenAI strict mode); true = any (JSON Schema's default).",
+    )
     max_stop_sequences: int = Field(8, ge=0, description="Most stop strings per request.")
     max_best_of: int = Field(8, ge=1, description="Largest n (choices) per OpenAI request.")
     max_body_bytes: int = Field(2_000_000, ge=1024, description="Largest request body (413 beyond).")

@@ -158,6 +158,7 @@ class Service:
             loaded.model.config.vocab_size,
             sorted(engine.eos_ids),
             on_compile=self.metrics.grammar_compile.observe,
+            additional_properties=s.json_additional_properties,
         )
         self.grammars.warm()  # llguidance's view of the vocabulary, built before the first grammar
         self.loaded, self.embedder, self.engine = loaded, embedder, engine

@@ -53,15 +53,19 @@ class GrammarSpec:
 
     @classmethod
     def json_schema(cls, schema: dict | bool | str) -> "GrammarSpec":
-        text = schema if isinstance(schema, str) else json.dumps(schema, sort_keys=True)
+        # Never sort_keys: the schema's property order is the order the output must follow.
+        text = schema if isinstance(schema, str) else json.dumps(schema)
         return cls("json", text)
 
     @classmethod
     def choice(cls, choices: list[str]) -> "GrammarSpec":
         return cls("choice", json.dumps(choices))
 
-    def grammar_text(self) -> str:
-        """The llguidance grammar for this spec. Raises GrammarError for malformed input."""
+    def grammar_text(self, additional_properties: bool = False) -> str:
+        """The llguidance grammar for this spec. `additional_properties` is what an object schema
+        that lists `properties` but says nothing of `additionalProperties` allows (false: no other
+        keys, as vLLM's default backend and OpenAI's strict mode; true: JSON Schema's default).
+        Raises GrammarError for malformed input."""
         if self.kind == "json":
             try:
                 schema = json.loads(self.source)
@@ -69,6 +73,8 @@ class GrammarSpec:
                 raise GrammarError(f"the JSON schema is not valid JSON: {exc}") from None
             if not isinstance(schema, dict | bool):
                 raise GrammarError("the JSON schema must be an object (or true/false)")
+            if not additional_properties:
+                schema = closed_objects(schema)
             try:
                 # llguidance takes true/false schemas too; its stub lists only dict and str.
                 json_schema = cast(dict[str, Any], schema)
@@ -86,16 +92,61 @@ class GrammarSpec:
         return llguidance.LLMatcher.grammar_from_lark(self.source)
 
 
+# Keywords whose value is one subschema, a list of them, or a name -> subschema map.
+_ONE = ("additionalProperties", "items", "contains", "not", "if", "then", "else", "propertyNames")
+_LIST = ("anyOf", "oneOf", "prefixItems")
+_MAP = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def closed_objects(schema: Any, in_all_of: bool = False) -> Any:
+    """A copy of `schema` where every object schema that lists `properties` (or
+    `patternProperties`) without `additionalProperties`/`unevaluatedProperties` gets
+    `additionalProperties: false`. An object schema with no properties (`{"type": "object"}`,
+    JSON mode) stays open: it means any object. Branches of `allOf` stay open too, since each
+    closed branch would forbid the other branches' keys."""
+    if isinstance(schema, list):
+        return [closed_objects(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _ONE:
+        if isinstance(out.get(key), dict | list):
+            out[key] = closed_objects(out[key])
+    for key in _LIST:
+        if isinstance(out.get(key), list):
+            out[key] = [closed_objects(s) for s in out[key]]
+    if isinstance(out.get("allOf"), list):
+        out["allOf"] = [closed_objects(s, in_all_of=True) for s in out["allOf"]]
+    for key in _MAP:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: closed_objects(s) for name, s in out[key].items()}
+    lists_keys = "properties" in out or "patternProperties" in out
+    if lists_keys and not in_all_of and "additionalProperties" not in out and "unevaluatedProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 class Grammar:
     """A compiled grammar: a template matcher, copied for each sequence."""
 
-    def __init__(self, spec: GrammarSpec, template: llguidance.LLMatcher, compile_s: float) -> None:
+    def __init__(
+        self, spec: GrammarSpec, template: llguidance.LLMatcher, compile_s: float, tokenizer: llguidance.LLTokenizer
+    ) -> None:
         self.spec = spec
         self._template = template
+        self._tokenizer = tokenizer
         self.compile_s = compile_s
 
     def matcher(self) -> "Matcher":
         return Matcher(self._template.deep_copy())
+
+    def accepts(self, text: str) -> bool:
+        """Whether `text` is a whole document of this grammar (not a prefix of one). Used when a
+        stop string cut constrained output: the cut text is then checked, not the tokens the
+        matcher saw (which include the stop string). Cost: tokenizing `text`, one matcher step
+        per token."""
+        matcher = self._template.deep_copy()
+        return matcher.consume_tokens(self._tokenizer.tokenize_str(text)) and matcher.is_accepting()
 
 
 class Matcher:
@@ -141,8 +192,11 @@ class GrammarCompiler:
         vocab_size: int,
         eos_ids: list[int],
         on_compile: Callable[[float], None] | None = None,
+        additional_properties: bool = False,
     ) -> None:
+        """`additional_properties`: TEXTGEN_JSON_ADDITIONAL_PROPERTIES (see GrammarSpec.grammar_text)."""
         self._on_compile = on_compile
+        self._additional_properties = additional_properties
         self._hf = tokenizer
         self._vocab = max(vocab_size, len(tokenizer))
         self._eos = eos_ids
@@ -169,14 +223,14 @@ class GrammarCompiler:
                 return hit
         tokenizer = self._tokenizer()
         start = time.perf_counter()
-        text = spec.grammar_text()
+        text = spec.grammar_text(self._additional_properties)
         template = llguidance.LLMatcher(tokenizer, text, log_level=0)
         if template.is_error():
             raise GrammarError(template.get_error())
         template.compute_bitmask()  # builds the lexer now, not in the engine's first step
         if template.is_error():
             raise GrammarError(template.get_error())
-        grammar = Grammar(spec, template, time.perf_counter() - start)
+        grammar = Grammar(spec, template, time.perf_counter() - start, tokenizer)
         if self._on_compile is not None:
             self._on_compile(grammar.compile_s)
         with self._lock:

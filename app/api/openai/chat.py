@@ -10,13 +10,14 @@ from starlette.concurrency import run_in_threadpool
 from app.api.errors import APIError, validation
 from app.api.generation import ContextDep, Generation, check_refused, run_to_completion
 from app.api.openai.common import (
-    FINISH,
     SSE_RESPONSES,
     adapter_of,
     cached_tokens,
     check_model,
+    finish_of,
     start_choices,
     stream_choices,
+    usage_flags,
 )
 from app.api.openai.logprobs import chat_logprobs
 from app.api.openai.protocol import (
@@ -28,9 +29,10 @@ from app.api.openai.protocol import (
     new_id,
     now,
 )
-from app.api.openai.tools import ToolPlan, new_call, parse_calls, tool_plan
+from app.api.openai.tools import ToolCallOutput, ToolPlan, collect, end_reason, tool_plan
 from app.api.structured import compile_grammar, openai_spec
-from app.engine.types import Event
+from app.engine.constraints import Grammar
+from app.engine.types import Completion, Event
 from app.service import Service
 
 router = APIRouter(tags=["OpenAI"])
@@ -122,13 +124,20 @@ async def chat(body: ChatRequest, request: Request, ctx: ContextDep):
     service = ctx.service
     model = check_model(service, body.model)
     check_refused(body)
+    spec, field = openai_spec(body)
+    if spec is not None and body.tools and body.tool_choice != "none":
+        # Checked first: the conflict is the error, whatever the chat template.
+        name = field.split(".")[0]
+        raise validation(
+            f"`tools` and `{name}` cannot be combined: the answer would have to be a tool call and a "
+            f"`{name}` document at once. Send one of them, not both (or tool_choice 'none' to show the "
+            "tools to the chat template only)",
+            name,
+        )
     template = chat_template_of(service)
     # Checked before templating, so a bad tool is named as such (render_prompt refuses no template).
     plan = tool_plan(body.tools, body.tool_choice, body.parallel_tool_calls, template) if template else None
-    spec, field = openai_spec(body)
     if plan is not None:
-        if spec is not None:
-            raise validation(f"send `tools` with tool_choice 'none', or `{field.split('.')[0]}`, not both", field)
         spec, field = plan.spec, "tools"
     ids = await run_in_threadpool(render_prompt, service, body)  # templating is slow work
     ctx.usage["prompt"] = [m.model_dump() for m in body.messages]
@@ -145,23 +154,27 @@ async def chat(body: ChatRequest, request: Request, ctx: ContextDep):
         adapter=adapter_of(service, model),
     )
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(
-            _stream(body, model, generations, len(ids), include_usage, plan), media_type="text/event-stream"
-        )
+        include_usage, continuous = usage_flags(body)
+        stream = _stream(body, model, generations, len(ids), include_usage, continuous, plan)
+        return StreamingResponse(stream, media_type="text/event-stream")
     results = await run_to_completion(request, generations)
-    choices = []
-    for i, c in enumerate(results):
-        message: dict = {"role": "assistant", "content": c.text}
-        finish = FINISH[c.finish_reason]
-        calls = parse_calls(plan, c.text) if plan is not None and finish == "stop" else None
-        if calls is not None:
-            message, finish = {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
-        logprobs = chat_logprobs(c.tokens) if body.logprobs else None
-        choices.append(ChatChoice(index=i, message=message, logprobs=logprobs, finish_reason=finish))
+    choices = [_choice(body, i, c, grammar, plan) for i, c in enumerate(results)]
     completion_tokens = sum(c.generated_tokens for c in results)
     usage = CompletionUsage.of(len(ids), completion_tokens, cached_tokens(results, len(results)))
     return ChatResponse(id=new_id("chatcmpl"), created=now(), model=model, choices=choices, usage=usage)
+
+
+def _choice(body: ChatRequest, index: int, c: Completion, grammar: Grammar | None, plan: ToolPlan | None) -> ChatChoice:
+    end = finish_of(c, grammar)
+    logprobs = chat_logprobs(c.tokens) if body.logprobs else None
+    if plan is None:
+        text_message: dict = {"role": "assistant", "content": c.text}
+        return ChatChoice(index=index, message=text_message, logprobs=logprobs, finish_reason=end)
+    out = collect(plan, c.text, end)
+    message: dict = {"role": "assistant", "content": out.content}
+    if out.calls:
+        message["tool_calls"] = [call.openai() for call in out.calls]
+    return ChatChoice(index=index, message=message, logprobs=logprobs, finish_reason=out.finish)
 
 
 def _stream(
@@ -170,6 +183,7 @@ def _stream(
     generations: list[Generation],
     prompt_tokens: int,
     include_usage: bool,
+    continuous_usage: bool,
     plan: ToolPlan | None,
 ) -> AsyncIterator[str]:
     head = {"id": new_id("chatcmpl"), "object": "chat.completion.chunk", "created": now(), "model": model}
@@ -177,43 +191,25 @@ def _stream(
     def choice(index: int, delta: dict, finish: str | None, logprobs: dict | None = None) -> dict:
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
-    held: list[str | None] = [""] * len(generations)  # tool-call output, sent once complete
-    named_call = [new_call(plan.name, "") if plan and plan.name else None for _ in generations]
+    outputs = [ToolCallOutput(plan) for _ in generations] if plan is not None else []
 
     def render(index: int, event: Event, finish: str | None) -> dict | None:
         logprobs = chat_logprobs(event.tokens) if body.logprobs else None
         if logprobs is not None and not logprobs["content"]:
             logprobs = None
-        if plan is not None and plan.mode == "named":
-            # The output is the arguments: they stream as argument deltas of the one call.
-            call = named_call[index]
-            if call is None and not event.text and finish is None and not logprobs:
-                return None
-            delta: dict = {"index": 0, "function": {"arguments": event.text}}
-            if call is not None:  # the first chunk names the call
-                delta = {
-                    "index": 0,
-                    "id": call["id"],
-                    "type": "function",
-                    "function": call["function"] | delta["function"],
-                }
-                named_call[index] = None
-            return choice(index, {"tool_calls": [delta]}, "tool_calls" if finish == "stop" else finish, logprobs)
-        if plan is not None and plan.mode == "auto" and not held[index] and event.text[:1] not in ("", "<"):
-            held[index] = None  # free text (a call would start with its tag): stream it as it comes
-        text = held[index]
-        if plan is not None and text is not None:
-            text = held[index] = text + event.text
-            if finish is None:
-                return choice(index, {}, None, logprobs) if logprobs else None
-            calls = parse_calls(plan, text) if finish == "stop" else None
-            if calls is None:
-                return choice(index, {"content": text} if text else {}, finish, logprobs)
-            deltas = [{"index": k, **call} for k, call in enumerate(calls)]
-            return choice(index, {"tool_calls": deltas}, "tool_calls", logprobs)
-        if event.text or finish or logprobs:
-            return choice(index, {"content": event.text} if event.text else {}, finish, logprobs)
-        return None
+        text = event.text
+        calls: list[dict] = []
+        if outputs:
+            step = outputs[index].feed(event.text, end_reason(finish))
+            text, calls, finish = step.text, [d.openai() for d in step.calls], step.finish
+        if not (text or calls or finish or logprobs):
+            return None
+        delta: dict = {"content": text} if text else {}
+        if calls:
+            delta["tool_calls"] = calls
+        return choice(index, delta, finish, logprobs)
 
     first = [choice(i, {"role": "assistant", "content": ""}, None) for i in range(len(generations))]
-    return stream_choices(head, generations, first, render, prompt_tokens, include_usage, len(generations))
+    return stream_choices(
+        head, generations, first, render, prompt_tokens, include_usage, len(generations), continuous_usage
+    )

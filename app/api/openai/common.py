@@ -2,6 +2,7 @@
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from typing import Literal
 
 from app.api.errors import OPENAI_TYPES, APIError, validation
 from app.api.generation import (
@@ -17,7 +18,7 @@ from app.engine.constraints import Grammar
 from app.engine.types import Completion, Event, SamplingParams, StoppingParams
 from app.service import Service
 
-FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
+FINISH: dict[str, Literal["stop", "length"]] = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
 ERRORS: dict[int | str, dict] = {code: {"model": OpenAIErrorBody} for code in (400, 404, 429, 503, 504)}
 SSE_RESPONSES: dict[int | str, dict] = {
     **ERRORS,
@@ -26,6 +27,16 @@ SSE_RESPONSES: dict[int | str, dict] = {
 
 # Renders one engine event as a streamed choice (or None to send nothing).
 ChoiceRenderer = Callable[[int, Event, str | None], dict | None]
+
+
+def finish_of(completion: Completion, grammar: Grammar | None) -> Literal["stop", "length"]:
+    """OpenAI's finish reason for an engine completion. A stop string (or stop token id) that cut
+    constrained output before its document was whole is "length", as when `max_tokens` cuts it:
+    "stop" would tell the client the JSON is finished. Neither OpenAI nor vLLM has a reason for
+    this (both say "stop"); "length" is the one every client already treats as "cut short"."""
+    if completion.finish_reason == "stop_sequence" and grammar is not None and not grammar.accepts(completion.text):
+        return "length"
+    return FINISH[completion.finish_reason]
 
 
 def check_model(service: Service, name: str, *, embedding: bool = False) -> str:
@@ -203,6 +214,14 @@ def cached_tokens(completions: list[Completion], per_prompt: int) -> int:
     return sum(c.cached_tokens for c in completions[::per_prompt])
 
 
+def usage_flags(body: SamplingFields) -> tuple[bool, bool]:
+    """(a usage chunk at the end, usage in every chunk): `stream_options.include_usage` and, as
+    in vLLM, `continuous_usage_stats` only together with it."""
+    options = body.stream_options
+    include = bool(options and options.include_usage)
+    return include, include and bool(options and options.continuous_usage_stats)
+
+
 async def stream_choices(
     head: dict,
     generations: list[Generation],
@@ -211,25 +230,44 @@ async def stream_choices(
     prompt_tokens: int,
     include_usage: bool,
     per_prompt: int = 1,
+    continuous_usage: bool = False,
 ) -> AsyncIterator[str]:
     """OpenAI's streaming shape: `first` chunks, one chunk per rendered event, an optional usage
     chunk, then `data: [DONE]`; an error mid-stream is sent as an error event before it.
-    `generations` are `per_prompt` choices per prompt, prompt after prompt."""
+    `generations` are `per_prompt` choices per prompt, prompt after prompt. With
+    `continuous_usage` every chunk also carries `usage` as vLLM sends it: its choice's prompt
+    tokens and the tokens that choice has generated so far."""
     completion_tokens = 0
     cached_tokens = 0
+    generated = [0] * len(generations)
+
+    def chunk(index: int, choice: dict) -> str:
+        if not continuous_usage:
+            return sse_json({**head, "choices": [choice]})
+        prompt = len(generations[index].request.prompt_ids)
+        usage = {
+            "prompt_tokens": prompt,
+            "completion_tokens": generated[index],
+            "total_tokens": prompt + generated[index],
+        }
+        return sse_json({**head, "choices": [choice], "usage": usage})
+
     try:
         for first_choice in first:
-            yield sse_json({**head, "choices": [first_choice]})
+            yield chunk(first_choice["index"], first_choice)
         async for index, event in merged(generations):
             finish = None
+            if event.token is not None:
+                generated[index] += 1
             if event.completion is not None:
-                finish = FINISH[event.completion.finish_reason]
+                finish = finish_of(event.completion, generations[index].request.grammar)
                 completion_tokens += event.completion.generated_tokens
+                generated[index] = event.completion.generated_tokens
                 if index % per_prompt == 0:
                     cached_tokens += event.completion.cached_tokens
             choice = render(index, event, finish)
             if choice is not None:
-                yield sse_json({**head, "choices": [choice]})
+                yield chunk(index, choice)
         if include_usage:
             usage = CompletionUsage.of(prompt_tokens, completion_tokens, cached_tokens)
             yield sse_json({**head, "choices": [], "usage": usage.model_dump()})

@@ -9,13 +9,14 @@ from starlette.concurrency import run_in_threadpool
 from app.api.errors import validation
 from app.api.generation import ContextDep, Generation, run_to_completion
 from app.api.openai.common import (
-    FINISH,
     SSE_RESPONSES,
     adapter_of,
     cached_tokens,
     check_model,
+    finish_of,
     start_choices,
     stream_choices,
+    usage_flags,
 )
 from app.api.openai.logprobs import completion_logprobs
 from app.api.openai.protocol import (
@@ -28,6 +29,7 @@ from app.api.openai.protocol import (
     now,
 )
 from app.api.structured import compile_grammar, openai_spec
+from app.engine.constraints import Grammar
 from app.engine.detokenize import render_text
 from app.engine.types import Completion, Event
 from app.service import Service
@@ -61,17 +63,20 @@ def prompts_of(service: Service, body: CompletionRequest) -> tuple[list[list[int
     return ids, [render_text(tok, i) if len(i) <= limit else "" for i in ids]
 
 
-def choice_of(body: CompletionRequest, index: int, prompt_text: str, c: Completion) -> CompletionChoice:
+def choice_of(
+    body: CompletionRequest, index: int, prompt_text: str, c: Completion, grammar: Grammar | None
+) -> CompletionChoice:
     text = prompt_text + c.text if body.echo else c.text
     logprobs = None
     if body.logprobs is not None:
         tokens = (c.prefill or []) + c.tokens if body.echo else c.tokens
         logprobs = completion_logprobs(tokens, 0 if body.echo else len(prompt_text))
-    return CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=FINISH[c.finish_reason])
+    return CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish_of(c, grammar))
 
 
 def best(results: list[Completion], per_prompt: int, n: int) -> list[Completion]:
-    """For each prompt's `per_prompt` results, the `n` with the highest cumulative logprob."""
+    """For each prompt's `per_prompt` results, the `n` with the highest cumulative logprob, best
+    first (`best_of` asks for this ranking)."""
     out = []
     for start in range(0, len(results), per_prompt):
         group = results[start : start + per_prompt]
@@ -111,14 +116,14 @@ async def completions(body: CompletionRequest, request: Request, ctx: ContextDep
     )
     prompt_tokens = sum(len(i) for i in ids)
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(
-            _stream(body, model, texts, generations, prompt_tokens, include_usage), media_type="text/event-stream"
-        )
+        include_usage, continuous = usage_flags(body)
+        stream = _stream(body, model, texts, generations, prompt_tokens, include_usage, continuous)
+        return StreamingResponse(stream, media_type="text/event-stream")
     results = await run_to_completion(request, generations)
     completion_tokens = sum(c.generated_tokens for c in results)
-    chosen = best(results, per_prompt, body.n)
-    choices = [choice_of(body, i, texts[i // body.n], c) for i, c in enumerate(chosen)]
+    # Without best_of, choices stay in seed order (choice i is the seed + i sample, as streamed).
+    chosen = results if body.best_of is None else best(results, per_prompt, body.n)
+    choices = [choice_of(body, i, texts[i // body.n], c, grammar) for i, c in enumerate(chosen)]
     return CompletionResponse(
         id=new_id("cmpl"),
         created=now(),
@@ -135,6 +140,7 @@ def _stream(
     generations: list[Generation],
     prompt_tokens: int,
     include_usage: bool,
+    continuous_usage: bool,
 ) -> AsyncIterator[str]:
     """Chunks carry the same tokens, texts and offsets as the non-streamed answer: the echoed
     prompt (with its logprobs) comes with a choice's first chunk, then released tokens."""
@@ -160,4 +166,4 @@ def _stream(
             return choice(index, text, finish, logprobs)
         return None
 
-    return stream_choices(head, generations, [], render, prompt_tokens, include_usage, body.n)
+    return stream_choices(head, generations, [], render, prompt_tokens, include_usage, body.n, continuous_usage)

@@ -18,8 +18,9 @@ TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 class StreamOptions(RequestModel):
     include_usage: bool = False
-    # vLLM's usage on every chunk; only the final usage chunk is implemented.
-    continuous_usage_stats: Annotated[Any, Refused(lambda v: v is False)] = None
+    continuous_usage_stats: bool = Field(
+        False, description="Extension (vLLM): with include_usage, `usage` in every chunk too (tokens so far)."
+    )
 
 
 class SamplingFields(RequestModel):
