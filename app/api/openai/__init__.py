@@ -2,8 +2,8 @@
 
 from fastapi import APIRouter
 
-from app.api.openai import chat, completions, embeddings, lora, models
+from app.api.openai import chat, completions, embeddings, lora, models, responses
 
 router = APIRouter()
-for module in (models, completions, chat, embeddings, lora):
+for module in (models, completions, chat, responses, embeddings, lora):
     router.include_router(module.router)
