@@ -1,4 +1,5 @@
-"""Errors in TGI's shape, `{"error": str, "error_type": str}`; /v1 routes use OpenAI's shape."""
+"""Errors in TGI's shape, `{"error": str, "error_type": str}`; /v1 routes use OpenAI's shape, and
+/v1/messages Anthropic's (`{"type": "error", "error": {"type", "message"}}`)."""
 
 import logging
 from collections.abc import Mapping
@@ -55,11 +56,40 @@ OPENAI_TYPES = {
 }
 
 
+# Anthropic's error types (docs.anthropic.com, "Errors"); anything else is its catch-all `api_error`.
+ANTHROPIC_TYPES = {
+    "validation": "invalid_request_error",
+    "method_not_allowed": "invalid_request_error",
+    "authentication": "authentication_error",
+    "permission": "permission_error",
+    "model_not_found": "not_found_error",
+    "not_found": "not_found_error",
+    "payload_too_large": "request_too_large",
+    "overloaded": "rate_limit_error",
+    "unavailable": "overloaded_error",
+    "timeout": "timeout_error",
+}
+
+
 def is_openai(request: Request) -> bool:
     return request.url.path.startswith("/v1/")
 
 
+def is_anthropic(path: str) -> bool:
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
+def anthropic_body(err: APIError) -> dict[str, object]:
+    return {
+        "type": "error",
+        "error": {"type": ANTHROPIC_TYPES.get(err.error_type, "api_error"), "message": err.message},
+    }
+
+
 def error_response(request: Request, err: APIError, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    if is_anthropic(request.url.path):
+        # Anthropic, like OpenAI, answers invalid requests with 400 (its SDK raises BadRequestError).
+        return JSONResponse(anthropic_body(err), status_code=400 if err.status == 422 else err.status, headers=headers)
     if is_openai(request):
         # OpenAI answers invalid requests with 400 (its SDK raises BadRequestError), not 422.
         status = 400 if err.status == 422 else err.status

@@ -12,7 +12,7 @@ from starlette.routing import Match, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api import ui
-from app.api.errors import APIError, error_response
+from app.api.errors import APIError, error_response, is_anthropic
 from app.metrics import Metrics
 
 access_log = logging.getLogger("textgen.access")
@@ -166,7 +166,8 @@ OPEN_PATHS = frozenset({"/health", "/ready", "/docs", "/docs/oauth2-redirect", "
 
 class APIKeyAuth:
     """`Authorization: Bearer <key>` on every route but the probes, the docs, the playground page
-    (GET / and /ui/) and /metrics (unless TEXTGEN_METRICS_REQUIRE_KEY). Keys are compared in constant time."""
+    (GET / and /ui/) and /metrics (unless TEXTGEN_METRICS_REQUIRE_KEY); on Anthropic's /v1/messages
+    routes `x-api-key: <key>` too (what the anthropic SDK sends). Keys are compared in constant time."""
 
     def __init__(self, app: ASGIApp, keys: list[str], metrics_require_key: bool = False) -> None:
         self.app = app
@@ -174,12 +175,13 @@ class APIKeyAuth:
         self.open_paths = OPEN_PATHS if metrics_require_key else OPEN_PATHS | {"/metrics"}
 
     def _authorized(self, scope: Scope) -> bool:
-        header = dict(scope["headers"]).get(b"authorization", b"")
-        scheme, _, token = header.partition(b" ")
-        if scheme.lower() != b"bearer" or not token:
-            return False
+        headers = dict(scope["headers"])
+        scheme, _, bearer = headers.get(b"authorization", b"").partition(b" ")
+        tokens = [bearer.strip()] if scheme.lower() == b"bearer" and bearer.strip() else []
+        if is_anthropic(scope["path"]) and headers.get(b"x-api-key", b"").strip():
+            tokens.append(headers[b"x-api-key"].strip())
         # Compare against every key so timing does not reveal which (or whether one) matched.
-        matches = [hmac.compare_digest(token.strip(), key) for key in self.keys]
+        matches = [hmac.compare_digest(token, key) for token in tokens for key in self.keys]
         return any(matches)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -194,6 +196,9 @@ class APIKeyAuth:
         if self._authorized(scope):
             await self.app(scope, receive, send)
             return
-        err = APIError(401, "missing or invalid API key: send `Authorization: Bearer <key>`", "authentication")
+        how = "`x-api-key: <key>` or `Authorization: Bearer <key>`" if is_anthropic(scope["path"]) else None
+        err = APIError(
+            401, f"missing or invalid API key: send {how or '`Authorization: Bearer <key>`'}", "authentication"
+        )
         response = error_response(Request(scope, receive), err, headers={"WWW-Authenticate": "Bearer"})
         await response(scope, receive, send)

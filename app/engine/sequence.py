@@ -51,6 +51,7 @@ class Sequence:
         self.text = ""
         self.released = 0  # self.tokens[:released] have been handed to the caller
         self.finish_reason: FinishReason | None = None
+        self.stop_string: str | None = None  # the stop string that ended it (Anthropic's stop_sequence)
         self.matcher = request.grammar.matcher() if request.grammar is not None else None
         self.renderer = TokenRenderer(tokenizer, request.prompt_ids)
         # Stops are matched in `_match`: the output with special tokens' text kept. Per token:
@@ -158,6 +159,7 @@ class Sequence:
         if not hits:
             return
         begin, end = min(hits)
+        self.stop_string = self._match[begin:end]
         self._cut(end if self.request.stopping.include_stop else begin)
         self.finish_reason = "stop_sequence"
 
@@ -220,6 +222,7 @@ class Sequence:
             tokens=self.tokens,
             prefill=self.prefill,
             error=error,
+            stop_string=self.stop_string,
             queue_time=max(0.0, self.admitted - self.arrived),
             timeline=Timeline(self.arrived, self.admitted, self.first_token_at, time.perf_counter()),
         )

@@ -105,6 +105,7 @@ class Completion:
     prefill: list[Token] | None = None
     error: str | None = None
     cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (not prefilled)
+    stop_string: str | None = None  # which of `stop` ended it (finish_reason "stop_sequence")
     queue_time: float = 0.0
     timeline: Timeline | None = None
 
