@@ -4,7 +4,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -71,6 +71,18 @@ class Settings(BaseSettings):
         description="int8 linear layers through torchao (pip install 'textgen-service[quantize]'), LM head "
         "and embeddings kept: int8-weight-only (int8 weights, float activations) or int8-dynamic (int8 weights "
         "and per-token int8 activations). none: the weights as loaded.",
+    )
+    speculative: Literal["none", "ngram"] = Field(
+        "none",
+        description="Speculative decoding: ngram = prompt-lookup drafts verified exactly (ids and logprobs "
+        "bitwise those of none; compact forward, batch invariant, not compiled). none: off.",
+    )
+    speculative_tokens: int = Field(4, ge=1, le=64, description="Most draft tokens per sequence and step (k).")
+    speculative_ngram_min: int = Field(
+        1, ge=1, description="Shortest n-gram of the newest tokens that must recur in the context for a draft."
+    )
+    speculative_ngram_max: int = Field(
+        4, ge=1, description="Longest n-gram looked up first (the longest that recurs gives the draft)."
     )
     torch_threads: int | None = Field(
         None,
@@ -157,6 +169,15 @@ class Settings(BaseSettings):
     served_model_name: str | None = Field(
         None, description="Model name clients send to /v1 routes. Default: the --model value as given, or textgen-demo."
     )
+
+    @model_validator(mode="after")
+    def _ngram_bounds(self) -> "Settings":
+        if self.speculative_ngram_min > self.speculative_ngram_max:
+            raise ValueError(
+                f"TEXTGEN_SPECULATIVE_NGRAM_MIN ({self.speculative_ngram_min}) is above "
+                f"TEXTGEN_SPECULATIVE_NGRAM_MAX ({self.speculative_ngram_max})"
+            )
+        return self
 
     def resolved_model(self) -> str:
         return self.model or str(demo_model_dir())

@@ -119,6 +119,22 @@ class Metrics:
             ["model_name"],
             registry=r,
         )
+        # Speculative decoding (TEXTGEN_SPECULATIVE), under vLLM's names.
+        self.spec_drafts = Counter(
+            "vllm:spec_decode_num_drafts",
+            "Sequence steps that verified a draft (vLLM's name)",
+            ["model_name"],
+            registry=r,
+        )
+        self.spec_draft_tokens = Counter(
+            "vllm:spec_decode_num_draft_tokens", "Draft tokens verified (vLLM's name)", ["model_name"], registry=r
+        )
+        self.spec_accepted_tokens = Counter(
+            "vllm:spec_decode_num_accepted_tokens",
+            "Draft tokens accepted: the chosen token equalled the draft (vLLM's name)",
+            ["model_name"],
+            registry=r,
+        )
         self.model_name = ""
         # Load, read at scrape time: what a gateway routes on.
         self.running_requests = Gauge("textgen_running_requests", "Requests in the running batch", registry=r)
@@ -187,6 +203,8 @@ class Metrics:
         self.model_name = model_name
         self.vllm_prefix_queries.labels(model_name)  # exported as 0 before the first request
         self.vllm_prefix_hits.labels(model_name)
+        for counter in (self.spec_drafts, self.spec_draft_tokens, self.spec_accepted_tokens):
+            counter.labels(model_name)
 
     def prefix_cache(self, queries: int, hits: int) -> None:
         """Count one prefix-cache lookup: `queries` prompt tokens, `hits` of them cached."""
@@ -194,3 +212,10 @@ class Metrics:
         self.prefix_hits.inc(hits)
         self.vllm_prefix_queries.labels(self.model_name).inc(queries)
         self.vllm_prefix_hits.labels(self.model_name).inc(hits)
+
+    def speculative(self, drafts: int, draft_tokens: int, accepted: int) -> None:
+        """Count one speculative step: `drafts` sequences verified `draft_tokens` draft tokens, of
+        which `accepted` were accepted."""
+        self.spec_drafts.labels(self.model_name).inc(drafts)
+        self.spec_draft_tokens.labels(self.model_name).inc(draft_tokens)
+        self.spec_accepted_tokens.labels(self.model_name).inc(accepted)

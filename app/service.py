@@ -21,6 +21,7 @@ from app.engine.loader import LoadedModel, ModelLoadError, load_model
 from app.engine.lora import AdapterError, AdapterRegistry
 from app.engine.scheduler import Engine
 from app.engine.selftest import self_test
+from app.engine.speculative import SpeculativeConfig
 from app.metrics import Metrics
 
 log = logging.getLogger("textgen")
@@ -144,6 +145,9 @@ class Service:
             metrics=self.metrics,
             prefix_cache_tokens=s.prefix_cache_max_tokens if s.prefix_cache else 0,
             adapters=self._adapters(loaded),
+            speculative=SpeculativeConfig(s.speculative_tokens, s.speculative_ngram_min, s.speculative_ngram_max)
+            if s.speculative == "ngram"
+            else None,
         )
         engine.start()
         self.metrics.watch(engine, self.model_name, s.max_loras)

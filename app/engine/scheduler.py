@@ -20,6 +20,7 @@ from collections import deque
 import torch
 
 from app.engine import admission
+from app.engine import speculative as spec
 from app.engine.admission import RequestTooLargeError
 from app.engine.batch import Batch
 from app.engine.compact_batch import ATTENTION_CHUNK, CompactBatch
@@ -31,6 +32,7 @@ from app.engine.lora import AdapterRegistry, UnknownAdapterError
 from app.engine.prefix_cache import PrefixCache
 from app.engine.sampling import Choice, choose
 from app.engine.sequence import Sequence
+from app.engine.speculative import SpeculativeConfig
 from app.engine.types import (
     EmbedRequest,
     EngineUnavailableError,
@@ -59,6 +61,7 @@ class Engine:
         check_invariants: bool = False,
         prefix_cache_tokens: int = 0,
         adapters: AdapterRegistry | None = None,
+        speculative: SpeculativeConfig | None = None,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -89,6 +92,14 @@ class Engine:
         if loaded.compact is not None and prefix_cache_tokens > 0:
             self.prefix = PrefixCache(prefix_cache_tokens, layers, self.kv, ATTENTION_CHUNK)
         self._prefix_room = 0
+        # Exact speculative decoding (app/engine/speculative.py), where the forward can verify exactly.
+        self.speculative: SpeculativeConfig | None = None
+        if speculative is not None:
+            reason = spec.unsupported_reason(loaded.compact)
+            if reason is None:
+                self.speculative = speculative
+            else:
+                log.warning("TEXTGEN_SPECULATIVE is off: exact verification is not possible on %s", reason)
         self.eos_ids = frozenset(self._eos_ids())
         self.special_ids = frozenset(self.tokenizer.all_special_ids)
         self._cond = threading.Condition()
@@ -521,8 +532,12 @@ class Engine:
         return failed
 
     def _decode(self, batch: Batch | CompactBatch) -> None:
+        drafts = self._drafts(batch)
         try:
-            logits = batch.decode(self._forward)  # type: ignore[arg-type]  # paired in __init__
+            if drafts is None:
+                logits = batch.decode(self._forward)  # type: ignore[arg-type]  # paired in __init__
+            else:
+                logits = spec.verify(batch, self._forward, drafts)  # type: ignore[arg-type]  # compact when drafting
         except torch.OutOfMemoryError as exc:  # these rows fail; the engine serves the next ones
             log.warning("out of memory decoding a batch of %d: %s", len(batch), exc)
             self._batch = None
@@ -532,7 +547,27 @@ class Engine:
                 self._retire(seq, "error", f"out of memory while decoding: {exc}")
             return
         self.metrics.engine_steps.labels("decode").inc()
-        self._batch = self._keep(batch, self._advance(batch, logits))
+        if drafts is None:
+            self._batch = self._keep(batch, self._advance(batch, logits))
+            return
+        keep, accepted = spec.accept(batch, drafts, logits, self._emit_rows(batch))  # type: ignore[arg-type]  # compact when drafting
+        self.metrics.speculative(sum(len(d) > 0 for d in drafts), sum(len(d) for d in drafts), accepted)
+        self._batch = self._keep(batch, keep)
+
+    def _drafts(self, batch: Batch | CompactBatch) -> list[list[int]] | None:
+        """Each row's draft tokens for this step, or None when speculation is off or no row has one."""
+        if self.speculative is None:
+            return None
+        drafts = [spec.draft(seq, self.speculative) for seq in batch.seqs]
+        return drafts if any(drafts) else None
+
+    def _emit_rows(self, batch: Batch | CompactBatch) -> spec.Emit:
+        """`_emit_tokens` for some rows of `batch`: what `spec.accept` calls per draft offset."""
+
+        def emit(rows: list[int], logits: torch.Tensor) -> list[int | None]:
+            return self._emit_tokens([batch.seqs[r] for r in rows], logits)
+
+        return emit
 
     def _choose(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[Choice | str]:
         """Every row's next token, or for a row whose settings make sampling fail, the error.
@@ -558,18 +593,25 @@ class Engine:
     ) -> list[int]:
         """Choose and emit each row's next token; return the rows that go on. Rows in `failed`
         (or whose sampling fails) are retired with their error instead."""
-        choices = self._choose(logits, batch.seqs)
+        tokens = self._emit_tokens(batch.seqs, logits, failed)
+        batch.set_next([0 if t is None else t for t in tokens])
+        return [row for row, t in enumerate(tokens) if t is not None]
+
+    def _emit_tokens(
+        self, seqs: list[Sequence], logits: torch.Tensor, failed: dict[int, str] | None = None
+    ) -> list[int | None]:
+        """Choose and emit one token for each of `seqs` (logits: [len(seqs), vocab]); per row the
+        token, or None when the row finished or was retired with an error (its own, or `failed`)."""
+        choices = self._choose(logits, seqs)
         now = time.perf_counter()
-        keep: list[int] = []
-        next_ids: list[int] = []
+        out: list[int | None] = []
         generated = 0
-        for row, (seq, choice) in enumerate(zip(batch.seqs, choices, strict=True)):
+        for row, (seq, choice) in enumerate(zip(seqs, choices, strict=True)):
             error = choice if isinstance(choice, str) else (failed or {}).get(row)
             if error is not None or isinstance(choice, str):
-                next_ids.append(0)  # the row leaves before the next step
+                out.append(None)  # the row leaves before the next step
                 self._retire(seq, "error", error)
                 continue
-            next_ids.append(choice.token_id)
             generated += 1
             if seq.generated:
                 self.metrics.itl.observe(now - seq.last_token_at)
@@ -581,15 +623,16 @@ class Engine:
             except Exception as exc:  # e.g. a tokenizer failure: this request only
                 log.warning("request failed while decoding: %s", exc)
                 self._retire(seq, "error", f"the generated token could not be decoded ({type(exc).__name__}: {exc})")
+                out.append(None)
                 continue
             self._emit(seq, event)
             if seq.finished:
                 self._record_finish(seq)
+                out.append(None)
             else:
-                keep.append(row)
+                out.append(choice.token_id)
         self.metrics.generated_tokens.inc(generated)
-        batch.set_next(next_ids)
-        return keep
+        return out
 
     def _record_finish(self, seq: Sequence) -> None:
         self._release_adapter(seq)

@@ -1,0 +1,211 @@
+"""Exact speculative decoding (app/engine/speculative.py): drafts, and bitwise equality on/off.
+
+Outputs are compared with `==`: token ids, logprobs, top candidates and text, with speculation on
+(requests batched, joining at staggered times) against speculation off (each request alone).
+"""
+
+import random
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.engine.loader import LoadedModel, load_model
+from app.engine.scheduler import Engine
+from app.engine.speculative import SpeculativeConfig, propose
+from app.engine.types import Completion, Event, GenerationRequest, SamplingParams, StoppingParams
+from app.metrics import Metrics
+
+NGRAM = SpeculativeConfig(num_tokens=4, ngram_min=1, ngram_max=3)
+
+
+def test_propose_takes_what_followed_the_longest_recurring_ngram() -> None:
+    # "7 8" recurs: the 2-gram wins over the 1-gram "8" alone, and what followed it is the draft.
+    assert propose([1, 7, 8, 2, 3, 4, 5, 8, 9, 7, 8], NGRAM, 4) == [2, 3, 4, 5]
+    # Capped by the limit and by the config's k.
+    assert propose([1, 7, 8, 2, 3, 4, 5, 6, 7, 8], NGRAM, 2) == [2, 3]
+    assert propose([5, 1, 2, 3, 4, 5, 6, 7, 8, 9, 5], NGRAM, 10) == [6, 7, 8, 9]
+
+
+def test_propose_prefers_the_newest_occurrence_with_a_full_draft() -> None:
+    ids = [3, 1, 1, 3, 2, 2, 2, 2, 9, 3]
+    assert propose(ids, NGRAM, 4) == [2, 2, 2, 2]  # the newest "3" with 4 tokens after it
+    # A repeated token: the oldest occurrence leaves the longest continuation.
+    assert propose([6, 6, 6], NGRAM, 4) == [6]
+    assert propose([6, 6, 6, 6, 6, 6, 6], NGRAM, 4) == [6, 6, 6, 6]
+
+
+def test_propose_finds_nothing_without_a_recurring_ngram() -> None:
+    assert propose([1, 2, 3, 4], NGRAM, 4) == []
+    assert propose([1], NGRAM, 4) == []
+    assert propose([1, 2, 1], NGRAM, 0) == []
+    assert propose([1, 2, 3, 1, 2], SpeculativeConfig(4, 3, 3), 4) == []  # only 2-grams recur
+
+
+@pytest.fixture(scope="module", params=["tiny-gpt2", "stories260k"])
+def lm(request: pytest.FixtureRequest) -> LoadedModel:
+    path: Path = request.getfixturevalue("tiny_gpt2_dir" if request.param == "tiny-gpt2" else "stories260k_dir")
+    return load_model(str(path))
+
+
+Output = tuple[list[int], list[float], list[object], str, str]
+
+
+def run(
+    lm: LoadedModel,
+    requests: list[tuple[list[int], SamplingParams, StoppingParams]],
+    speculative: SpeculativeConfig | None,
+    gaps: list[float] | None,
+) -> tuple[list[Output], Metrics]:
+    """Submit `requests` to a real engine (`gaps[i]` s after the previous one, or each after the
+    previous one finished when None); return each one's ids, logprobs, top candidates, text and
+    finish reason, and the engine's metrics."""
+    metrics = Metrics()
+    engine = Engine(
+        lm,
+        None,  # type: ignore[arg-type]  # no embedding requests here
+        max_batch_size=64,
+        max_batch_tokens=64 * 512,
+        max_prefill_tokens=4096,
+        max_queue=128,
+        metrics=metrics,
+        check_invariants=True,
+        speculative=speculative,
+    )
+    assert engine.speculative == speculative
+    engine.start()
+    done: dict[int, Completion] = {}
+    finished = {i: threading.Event() for i in range(len(requests))}
+
+    def on_event(i: int):  # noqa: ANN202
+        def handle(event: Event) -> None:
+            if event.completion is not None:
+                done[i] = event.completion
+                finished[i].set()
+
+        return handle
+
+    try:
+        for i, (ids, sampling, stopping) in enumerate(requests):
+            if gaps is not None:
+                time.sleep(gaps[i])
+            engine.submit(GenerationRequest(ids, sampling, stopping, on_event(i)))
+            if gaps is None:
+                assert finished[i].wait(120), "the engine did not finish in time"
+        for event in finished.values():
+            assert event.wait(120), "the engine did not finish in time"
+    finally:
+        engine.stop()
+    out = []
+    for i in range(len(requests)):
+        c = done[i]
+        assert c.error is None, c.error
+        tops = [[(t.id, t.logprob) for t in tok.top] if tok.top else None for tok in c.tokens]
+        out.append(([t.id for t in c.tokens], [t.logprob for t in c.tokens], tops, c.text, c.finish_reason))
+    return out, metrics
+
+
+def counter(metrics: Metrics, name: str) -> float:
+    """A counter's value (0 when never incremented: its labelled series does not exist yet)."""
+    return sum(
+        sample.value for family in metrics.registry.collect() for sample in family.samples if sample.name == name
+    )
+
+
+def repetitive_prompt(lm: LoadedModel, rng: random.Random) -> list[int]:
+    """A phrase repeated a few times, with noise between: greedy continuations tend to copy it."""
+    vocab = lm.model.config.vocab_size
+    phrase = [rng.randrange(3, vocab) for _ in range(rng.randint(3, 8))]
+    out: list[int] = []
+    for _ in range(rng.randint(2, 4)):
+        out += phrase + [rng.randrange(3, vocab) for _ in range(rng.randint(0, 2))]
+    return out
+
+
+STORY = [
+    "Once upon a time, there was a little girl named Lily.",
+    "She loved to play with her ball.",
+    "One day, Lily saw a big dog.",
+    "The dog wanted to play with the ball too.",
+    "Lily and the dog played together.",
+    "They were happy and had lots of fun.",
+]
+
+
+def story_prompt(lm: LoadedModel, rng: random.Random) -> list[int]:
+    """A few sentences of a children's story, told twice: stories260k copies spans of it."""
+    text = " ".join(rng.sample(STORY, rng.randint(2, 4)))
+    return list(lm.tokenizer(f"{text} {text}")["input_ids"])
+
+
+def mixed_requests(lm: LoadedModel, count: int) -> list[tuple[list[int], SamplingParams, StoppingParams]]:
+    rng = random.Random(11)
+    kinds = [
+        SamplingParams(),
+        SamplingParams(do_sample=True, seed=5, temperature=0.7),
+        SamplingParams(top_logprobs=3),
+        SamplingParams(do_sample=True, seed=9, top_k=20, repetition_penalty=1.3),
+        SamplingParams(presence_penalty=0.5, frequency_penalty=0.3),
+    ]
+    out = []
+    for i in range(count):
+        prompt = [
+            [rng.randrange(3, lm.model.config.vocab_size)],
+            repetitive_prompt(lm, rng),
+            story_prompt(lm, rng),
+        ][i % 3]
+        new = rng.randint(6, 40)
+        stopping = StoppingParams(new, min_new_tokens=min(new, 3) if i % 4 == 0 else 0)
+        out.append((prompt, kinds[i % len(kinds)], stopping))
+    return out
+
+
+@torch.inference_mode()
+def test_speculation_is_bitwise_the_same_as_without(lm: LoadedModel) -> None:
+    """Greedy, seeded sampling, penalties, top logprobs and min_new_tokens; requests batched with
+    speculation on, alone without: the same ids, logprob bits, candidates, text and finish reason.
+    Drafts were both accepted and rejected (so both paths ran)."""
+    requests = mixed_requests(lm, 12)
+    rng = random.Random(3)
+    on, metrics = run(lm, requests, NGRAM, [rng.choice([0.0, 0.0, 0.01]) for _ in requests])
+    off, plain = run(lm, requests, None, None)
+    for i, (a, b) in enumerate(zip(on, off, strict=True)):
+        assert a == b, f"request {i} differs with speculation on"
+    drafted = counter(metrics, "vllm:spec_decode_num_draft_tokens_total")
+    accepted = counter(metrics, "vllm:spec_decode_num_accepted_tokens_total")
+    assert 0 < accepted < drafted, (accepted, drafted)
+    assert counter(plain, "vllm:spec_decode_num_draft_tokens_total") == 0
+    # Fewer forward passes for the same tokens: accepted drafts saved steps.
+    steps_on = counter(metrics, "textgen_engine_steps_total")
+    steps_off = counter(plain, "textgen_engine_steps_total")
+    assert steps_on < steps_off, (steps_on, steps_off)
+
+
+@torch.inference_mode()
+def test_speculation_alone_matches_for_a_long_greedy_copy(lm: LoadedModel) -> None:
+    """One long greedy request whose output copies its prompt: most drafts are accepted, and the
+    output equals speculation off, bit for bit."""
+    rng = random.Random(5)
+    prompt = story_prompt(lm, rng) + repetitive_prompt(lm, rng) * 3
+    requests = [(prompt, SamplingParams(top_logprobs=2), StoppingParams(60))]
+    on, metrics = run(lm, requests, SpeculativeConfig(num_tokens=6), None)
+    off, _ = run(lm, requests, None, None)
+    assert on == off
+    assert counter(metrics, "vllm:spec_decode_num_accepted_tokens_total") > 0
+
+
+def test_speculation_is_off_where_verification_cannot_be_exact(tiny_gpt2_dir: Path) -> None:
+    for options in ({"batch_invariant": False}, {"compact_forward": False}):
+        lm = load_model(str(tiny_gpt2_dir), **options)  # type: ignore[arg-type]
+        engine = Engine(
+            lm,
+            None,  # type: ignore[arg-type]
+            max_batch_size=4,
+            max_batch_tokens=4 * 512,
+            max_prefill_tokens=512,
+            max_queue=8,
+            speculative=NGRAM,
+        )
+        assert engine.speculative is None, options
