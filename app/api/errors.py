@@ -1,4 +1,5 @@
-"""Errors in TGI's shape, `{"error": str, "error_type": str}`; /v1 routes use OpenAI's shape."""
+"""Errors in TGI's shape, `{"error": str, "error_type": str}`; /v1 routes use OpenAI's shape and
+the Ollama routes (/api/*) Ollama's, `{"error": str}`."""
 
 import logging
 from collections.abc import Mapping
@@ -59,7 +60,16 @@ def is_openai(request: Request) -> bool:
     return request.url.path.startswith("/v1/")
 
 
+def is_ollama(request: Request) -> bool:
+    return request.url.path.startswith("/api/")
+
+
 def error_response(request: Request, err: APIError, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    if is_ollama(request):
+        # Ollama answers bad requests with 400 and only an `error` string (its clients read that).
+        return JSONResponse(
+            {"error": err.message}, status_code=400 if err.status == 422 else err.status, headers=headers
+        )
     if is_openai(request):
         # OpenAI answers invalid requests with 400 (its SDK raises BadRequestError), not 422.
         status = 400 if err.status == 422 else err.status
