@@ -178,7 +178,7 @@ async def chat(body: protocol.ChatRequest, request: Request, ctx: ContextDep):
 
 
 async def _respond(
-    ctx: Context, request: Request, run: Run, options: protocol.Options | None, stream: bool, prompt_field: str
+    ctx: Context, request: Request, run: Run, options: protocol.Options | None, stream: bool | None, prompt_field: str
 ) -> Any:
     service = ctx.service
     assert service.loaded is not None
@@ -197,7 +197,7 @@ async def _respond(
         grammar=grammar,
         adapter=adapter_of(service, run.model),
     )
-    if stream:
+    if stream is not False:  # Ollama streams unless told not to (null included)
         return StreamingResponse(_stream(run, generations), media_type=NDJSON)
     (completion,) = await run_to_completion(request, generations)
     reason = DONE_REASON[completion.finish_reason]

@@ -89,7 +89,7 @@ class Message(RequestModel):
 
 class _GenerateFields(RequestModel):
     model: Annotated[str, Field(min_length=1)]
-    stream: bool = Field(True, description="NDJSON stream (Ollama's default); false: one JSON object.")
+    stream: bool | None = Field(None, description="NDJSON stream unless false (Ollama's default is true).")
     options: Options | None = None
     format: str | dict[str, Any] | None = Field(None, description="'json' or a JSON schema.")
     keep_alive: float | str | None = Field(None, description="The model stays loaded; 0 (unload) is refused.")
