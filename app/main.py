@@ -10,7 +10,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from opentelemetry.sdk.trace import TracerProvider
 
 from app import __version__
-from app.api import anthropic, embed, errors, generate, health, openai, tokenize, ui
+from app.api import anthropic, embed, errors, generate, health, ollama, openai, tokenize, ui
 from app.api.content_type import JSONBody
 from app.api.middleware import APIKeyAuth, BodyLimit, Observability
 from app.config import Settings
@@ -47,7 +47,7 @@ def create_app(
     app = FastAPI(
         title="textgen",
         version=__version__,
-        description="Text generation and embeddings for Hugging Face causal LMs (TGI, TEI and OpenAI APIs).",
+        description="Text generation and embeddings for Hugging Face causal LMs (TGI, TEI, OpenAI and Ollama APIs).",
         lifespan=lifespan,
     )
     app.state.service = service
@@ -58,6 +58,7 @@ def create_app(
     app.include_router(tokenize.router)
     app.include_router(openai.router)
     app.include_router(anthropic.router)
+    app.include_router(ollama.router)
     if service.settings.ui:
         ui.mount(app)
     # Outermost last: observability sees every response, CORS answers preflights before auth.

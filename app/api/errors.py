@@ -1,5 +1,6 @@
-"""Errors in TGI's shape, `{"error": str, "error_type": str}`; /v1 routes use OpenAI's shape, and
-/v1/messages Anthropic's (`{"type": "error", "error": {"type", "message"}}`)."""
+"""Errors in TGI's shape, `{"error": str, "error_type": str}`; /v1 routes use OpenAI's shape,
+/v1/messages Anthropic's (`{"type": "error", "error": {"type", "message"}}`), and the Ollama routes
+(/api/*) Ollama's, `{"error": str}`."""
 
 import logging
 from collections.abc import Mapping
@@ -86,10 +87,19 @@ def anthropic_body(err: APIError) -> dict[str, object]:
     }
 
 
+def is_ollama(request: Request) -> bool:
+    return request.url.path.startswith("/api/")
+
+
 def error_response(request: Request, err: APIError, headers: Mapping[str, str] | None = None) -> JSONResponse:
     if is_anthropic(request.url.path):
         # Anthropic, like OpenAI, answers invalid requests with 400 (its SDK raises BadRequestError).
         return JSONResponse(anthropic_body(err), status_code=400 if err.status == 422 else err.status, headers=headers)
+    if is_ollama(request):
+        # Ollama answers bad requests with 400 and only an `error` string (its clients read that).
+        return JSONResponse(
+            {"error": err.message}, status_code=400 if err.status == 422 else err.status, headers=headers
+        )
     if is_openai(request):
         # OpenAI answers invalid requests with 400 (its SDK raises BadRequestError), not 422.
         status = 400 if err.status == 422 else err.status
