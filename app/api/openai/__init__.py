@@ -2,8 +2,8 @@
 
 from fastapi import APIRouter
 
-from app.api.openai import chat, completions, embeddings, lora, models
+from app.api.openai import chat, completions, decisions, embeddings, lora, models
 
 router = APIRouter()
-for module in (models, completions, chat, embeddings, lora):
+for module in (models, completions, chat, embeddings, lora, decisions):
     router.include_router(module.router)
