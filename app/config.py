@@ -137,6 +137,12 @@ class Settings(BaseSettings):
     )
     max_stop_sequences: int = Field(8, ge=0, description="Most stop strings per request.")
     max_best_of: int = Field(8, ge=1, description="Largest n (choices) per OpenAI request.")
+    decisions_max_questions: int = Field(
+        64, ge=1, description="Most questions in one /v1/decisions request (400 naming `questions` beyond)."
+    )
+    decisions_max_options: int = Field(
+        64, ge=2, description="Most choices or levels per /v1/decisions question (400 naming the field beyond)."
+    )
     max_body_bytes: int = Field(2_000_000, ge=1024, description="Largest request body (413 beyond).")
     request_timeout: float | None = Field(
         None, gt=0, description="Seconds before a request is cancelled with 504 (unset: no limit)."

@@ -123,11 +123,19 @@ class Generation:
         prefill_details: bool = False,
         grammar: Grammar | None = None,
         adapter: str | None = None,
+        prefill_details_from: int = 0,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self.request = GenerationRequest(
-            prompt_ids, sampling, stopping, self._deliver, prefill_details, grammar, adapter=adapter
+            prompt_ids,
+            sampling,
+            stopping,
+            self._deliver,
+            prefill_details,
+            grammar,
+            adapter=adapter,
+            prefill_details_from=prefill_details_from,
         )
         self.usage = ctx.usage
         timeout = ctx.service.settings.request_timeout

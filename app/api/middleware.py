@@ -108,6 +108,7 @@ class Observability:
                 if len(usage["finish_reasons"]) == 1
                 else usage["finish_reasons"],
             )
+        line.update(usage.get("log_fields", {}))  # caller-given identifiers (e.g. safety_identifier)
         if self.log_prompts:
             line.update(prompt=usage.get("prompt"), output=usage.get("outputs"))
         access_log.info(json.dumps(line, ensure_ascii=False))

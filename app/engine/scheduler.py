@@ -427,13 +427,14 @@ class Engine:
 
     def _cached_prefixes(self, seqs: list[Sequence]) -> list[list[torch.Tensor]]:
         """Each newcomer's blocks from the prefix cache (its `cached_tokens` set), counted in the
-        hit/query metrics. A request that asked for prompt logprobs needs every prompt token's
-        logits, so it bypasses the cache (and is not counted)."""
+        hit/query metrics. A request that asked for every prompt token's logprob needs every
+        position's logits, so it bypasses the cache (and is not counted); one that asked for them
+        from `prefill_details_from` on may use the cache before that."""
         assert self.prefix is not None  # the caller checked
         out: list[list[torch.Tensor]] = []
         for seq in seqs:
             blocks = self._look_up(seq, touch=True)
-            if not seq.request.prefill_details:
+            if not seq.request.prefill_details or seq.request.prefill_details_from:
                 self.metrics.prefix_cache(seq.prompt_len, seq.cached_tokens)
             out.append(blocks)
         return out
@@ -442,10 +443,12 @@ class Engine:
         """Set `seq.cacheable_tokens` to what the prefix cache holds of its prompt. With `touch`
         (at its prefill), return those blocks, now the most recently used, and set `cached_tokens`."""
         assert self.prefix is not None  # the callers checked
-        if seq.request.prefill_details:
-            return []
+        request = seq.request
         if seq.prefix_keys is None:
-            seq.prefix_keys = self.prefix.prompt_keys(seq.request.prompt_ids, _prefix_namespace(seq))
+            # Prompt logprobs need the logits of every position they cover: only the tokens before
+            # `prefill_details_from - 1` may come from the cache (prompt_keys leaves out the last).
+            ids = request.prompt_ids[: request.prefill_details_from] if request.prefill_details else request.prompt_ids
+            seq.prefix_keys = self.prefix.prompt_keys(ids, _prefix_namespace(seq))
         if not touch:
             seq.cacheable_tokens = self.prefix.cached_tokens(seq.prefix_keys)
             return []
@@ -517,6 +520,8 @@ class Engine:
                 rows = torch.log_softmax(logits[row, start : width - 1].float(), dim=-1)
                 target = torch.tensor(ids[1:], device=rows.device)[:, None]
                 chosen = rows.gather(1, target)[:, 0].clamp(min=-1e4).tolist()
+                # Positions from the prefix cache were not run (zero logits): no logprob there.
+                chosen[: seq.cached_tokens] = [float("nan")] * min(seq.cached_tokens, len(chosen))
                 k = seq.request.sampling.top_logprobs
                 top = None
                 if k > 0 and len(ids) > 1:

@@ -133,6 +133,10 @@ class GenerationRequest:
     prefill_details: bool = False
     grammar: "Grammar | None" = None  # structured output: every token must fit it
     adapter: str | None = None  # a loaded LoRA adapter's name; None: the base model
+    # With prefill_details: only prompt tokens from this position on need logprobs, so up to
+    # `prefill_details_from - 1` leading tokens may come from the prefix cache (their logprobs are
+    # NaN then). 0: every prompt token's logprob, no cache (echo, decoder_input_details).
+    prefill_details_from: int = 0
     cancelled: bool = field(default=False, init=False)
 
     def cancel(self) -> None:

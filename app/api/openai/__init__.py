@@ -2,8 +2,8 @@
 
 from fastapi import APIRouter
 
-from app.api.openai import chat, completions, embeddings, lora, models, responses
+from app.api.openai import chat, completions, decisions, embeddings, lora, models, responses
 
 router = APIRouter()
-for module in (models, completions, chat, responses, embeddings, lora):
+for module in (models, completions, chat, responses, embeddings, lora, decisions):
     router.include_router(module.router)
