@@ -337,11 +337,15 @@ def test_agents_sdk_runs_two_tools_to_a_final_answer(srv: Server, model: str) ->
             model_settings=ModelSettings(temperature=0, max_tokens=200),
         )
         result = await Runner.run(agent, "Weather and time in Paris?", max_turns=4)
+        streamed = Runner.run_streamed(agent, "Weather and time in Paris?", max_turns=4)
+        kinds = [event.type async for event in streamed.stream_events()]
         await client.close()
-        return result.final_output
+        assert "raw_response_event" in kinds and "run_item_stream_event" in kinds
+        return [result.final_output, streamed.final_output]
 
-    assert asyncio.run(run()) == ANSWER
-    assert len(ran) == 1 and ran[0].split()[0] in ("get_weather", "get_time")
+    # The puppet's ties always pick the same tool: it calls one, reads its output, and answers.
+    assert asyncio.run(run()) == [ANSWER, ANSWER]
+    assert len(ran) == 2 and ran[0] == ran[1] and ran[0].split()[0] in ("get_weather", "get_time")
 
 
 BAD = [

@@ -294,6 +294,7 @@ async def responses(body: ResponsesRequest, request: Request, ctx: ContextDep) -
         spec, field = plan.spec, "tools"
     with responses_names():
         ids = await run_in_threadpool(render_prompt, service, chat)  # templating is slow work
+    assert service.loaded is not None
     ctx.usage["prompt"] = [m.model_dump() for m in chat.messages]
     grammar = await compile_grammar(ctx, spec, field)
     with responses_names():
@@ -303,6 +304,8 @@ async def responses(body: ResponsesRequest, request: Request, ctx: ContextDep) -
             [ids],
             chat.max_tokens,
             prompt_field="input",
+            # Omitted: up to the context's end, as OpenAI and vLLM (Codex never sends a limit).
+            default_max_tokens=service.loaded.limits.max_total_tokens,
             grammar=grammar,
             adapter=adapter_of(service, model),
         )

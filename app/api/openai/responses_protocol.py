@@ -41,7 +41,9 @@ class ResponsesRequest(RequestModel):
     tools: list[dict[str, Any]] | None = Field(None, description="Function tools: {type, name, parameters}.")
     tool_choice: Any = Field(None, description="'none', 'auto' (default with tools), 'required' or {type, name}.")
     parallel_tool_calls: bool | None = None
-    max_output_tokens: int | None = Field(None, ge=1, description="Tokens to generate (default as chat's).")
+    max_output_tokens: int | None = Field(
+        None, ge=1, description="Tokens to generate; omitted: up to the context's end."
+    )
     temperature: float | None = Field(None, ge=0, le=2, description="Default 1; 0 = greedy.")
     top_p: float | None = Field(None, gt=0, le=1)
     text: TextConfig | None = None
