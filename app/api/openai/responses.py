@@ -187,8 +187,15 @@ def response_format_of(fmt: dict | None) -> dict | None:
 
 def check_accepted(body: ResponsesRequest) -> None:
     """Refused fields, and the accepted fields' values that ask for something not done here."""
-    with responses_names():
-        check_refused(body)
+    for name in ("store", "previous_response_id", "conversation"):
+        value = getattr(body, name)
+        if value is not None and value is not False:
+            raise validation(
+                f"`{name}` is not supported: this server is stateless (nothing is stored), so send the "
+                "whole conversation in `input`",
+                name,
+            )
+    check_refused(body)
     for value in body.include or []:
         if value not in INCLUDABLE:
             raise validation(
