@@ -270,6 +270,8 @@ def test_stream_function_call_matches_the_non_streamed_one(client: openai.OpenAI
     arguments = check_call(call)
     done = next(e for e in events if e.type == "response.function_call_arguments.done")
     assert json.loads(done.arguments) == arguments and done.item_id == call.id
+    (delta,) = [e for e in events if e.type == "response.function_call_arguments.delta"]
+    assert delta.snapshot == call.arguments  # the SDK's running total of the deltas
     plain = client.responses.create(**request)
     assert [(c.name, c.arguments) for c in plain.output] == [(call.name, call.arguments)]
 

@@ -348,7 +348,7 @@ def _item_events(event: Events, index: int, item: dict) -> Iterator[str]:
             yield _text_delta(event, index, item["id"], text)
         yield from _message_end(event, index, item, text)
         return
-    yield event("response.output_item.added", output_index=index, item=item | {"status": "in_progress"})
+    yield event("response.output_item.added", output_index=index, item=item | {"arguments": "", "status": "in_progress"})
     ids = {"item_id": item["id"], "output_index": index}
     yield event("response.function_call_arguments.delta", **ids, delta=item["arguments"])
     yield event("response.function_call_arguments.done", **ids, name=item["name"], arguments=item["arguments"])
