@@ -318,7 +318,7 @@ async def responses(body: ResponsesRequest, request: Request, ctx: ContextDep) -
         )
     echo = Echo(body, model)
     if body.stream:
-        return StreamingResponse(_stream(echo, generations, len(ids), plan), media_type="text/event-stream")
+        return StreamingResponse(stream_events(echo, generations, len(ids), plan), media_type="text/event-stream")
     (result,) = await run_to_completion(request, generations)
     items = output_items(plan, result.text, FINISH[result.finish_reason])
     return echo.response(_status(items), items, _usage(len(ids), result))
@@ -348,7 +348,9 @@ def _item_events(event: Events, index: int, item: dict) -> Iterator[str]:
             yield _text_delta(event, index, item["id"], text)
         yield from _message_end(event, index, item, text)
         return
-    yield event("response.output_item.added", output_index=index, item=item | {"arguments": "", "status": "in_progress"})
+    yield event(
+        "response.output_item.added", output_index=index, item=item | {"arguments": "", "status": "in_progress"}
+    )
     ids = {"item_id": item["id"], "output_index": index}
     yield event("response.function_call_arguments.delta", **ids, delta=item["arguments"])
     yield event("response.function_call_arguments.done", **ids, name=item["name"], arguments=item["arguments"])
@@ -373,7 +375,7 @@ def _message_end(event: Events, index: int, item: dict, text: str) -> Iterator[s
     yield event("response.output_item.done", output_index=index, item=item)
 
 
-async def _stream(
+async def stream_events(
     echo: Echo, generations: list[Generation], prompt_tokens: int, plan: ToolPlan | None
 ) -> AsyncIterator[str]:
     """Responses' event stream. Text streams as it comes; with tools the output is held until it

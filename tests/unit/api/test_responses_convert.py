@@ -1,19 +1,28 @@
 """The Responses -> chat conversion (app/api/openai/responses.py), without a server."""
 
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import cast
+
 import pytest
 
 from app.api.errors import APIError, validation
+from app.api.generation import Generation
 from app.api.openai.responses import (
+    Echo,
     chat_request,
     messages_of,
     output_items,
     response_format_of,
     responses_names,
+    stream_events,
     tool_choice_of,
     tools_of,
 )
 from app.api.openai.responses_protocol import ResponsesRequest
 from app.api.openai.tools import tool_plan
+from app.engine.types import Event
 
 TOOL = {"type": "function", "name": "f", "parameters": {"type": "object", "properties": {}}, "strict": True}
 
@@ -107,3 +116,39 @@ def test_output_items() -> None:
     assert message["type"] == "message" and message["status"] == "incomplete"
     (text,) = output_items(None, "hi", "stop")
     assert text["content"][0] == {"type": "output_text", "text": "hi", "annotations": [], "logprobs": []}
+
+
+class _Generation:
+    """Stands in for the engine's side of one generation: some text, then an error (a timeout)."""
+
+    async def events(self) -> AsyncIterator[Event]:
+        yield Event(token=None, text="Hi")
+        raise APIError(504, "request timed out after 1 s (TEXTGEN_REQUEST_TIMEOUT)", "timeout")
+
+    def cancel(self) -> None:
+        pass
+
+
+def test_an_error_mid_stream_is_an_error_event() -> None:
+    async def collect() -> list[str]:
+        echo = Echo(body(input="q"), "m")
+        generations = cast(list[Generation], [_Generation()])
+        return [chunk async for chunk in stream_events(echo, generations, 3, None)]
+
+    chunks = asyncio.run(collect())
+    names = [chunk.split("\n")[0].removeprefix("event: ") for chunk in chunks]
+    payloads = [json.loads(chunk.split("\n")[1].removeprefix("data: ")) for chunk in chunks]
+    assert (
+        names
+        == [p["type"] for p in payloads]
+        == [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added",
+            "response.output_text.delta",
+            "error",
+        ]
+    )
+    assert [p["sequence_number"] for p in payloads] == list(range(6))
+    assert payloads[-1]["code"] == "timeout" and "timed out" in payloads[-1]["message"]
