@@ -79,6 +79,12 @@ def _text_of(parts: Any, field: str, allowed: tuple[str, ...]) -> str:
     return "".join(texts)
 
 
+def _refusal_as_text(part: Any) -> Any:
+    if isinstance(part, dict) and part.get("type") == "refusal":
+        return part | {"text": part.get("refusal")}
+    return part
+
+
 def _required_str(item: dict, key: str, field: str) -> str:
     value = item.get(key)
     if not isinstance(value, str):
@@ -102,13 +108,14 @@ def messages_of(body: ResponsesRequest) -> list[dict]:
         field = f"input[{i}]"
         kind = item.get("type", "message" if "role" in item else None)
         if kind == "message":
-            role = ROLES.get(item.get("role"))  # type: ignore[arg-type]
+            role = item.get("role")
+            role = ROLES.get(role) if isinstance(role, str) else None
             if role is None:
                 raise validation(f"`{field}.role` must be one of {', '.join(ROLES)}", f"{field}.role")
             allowed = (*TEXT_PARTS, "refusal") if role == "assistant" else TEXT_PARTS
             content = item.get("content")
             if isinstance(content, list):  # an assistant's refusal part carries its text as `refusal`
-                content = [p | {"text": p.get("refusal")} if p.get("type") == "refusal" else p for p in content]
+                content = [_refusal_as_text(part) for part in content]
             messages.append({"role": role, "content": _text_of(content, f"{field}.content", allowed)})
         elif kind == "function_call":
             call = {
