@@ -95,7 +95,7 @@ def _required_str(item: dict, key: str, field: str) -> str:
 def messages_of(body: ResponsesRequest) -> list[dict]:
     """Chat messages of `instructions` and `input`. Consecutive `function_call` items join the
     assistant message before them (one turn's calls); `developer` is rendered as `system`, which
-    every chat template knows."""
+    every chat template knows, and consecutive system messages become one."""
     messages: list[dict] = []
     if body.instructions is not None:
         messages.append({"role": "system", "content": body.instructions})
@@ -116,7 +116,13 @@ def messages_of(body: ResponsesRequest) -> list[dict]:
             content = item.get("content")
             if isinstance(content, list):  # an assistant's refusal part carries its text as `refusal`
                 content = [_refusal_as_text(part) for part in content]
-            messages.append({"role": role, "content": _text_of(content, f"{field}.content", allowed)})
+            text = _text_of(content, f"{field}.content", allowed)
+            if role == "system" and messages and messages[-1]["role"] == "system":
+                # One system message: many chat templates take only one (Codex sends instructions
+                # and then developer messages).
+                messages[-1]["content"] += "\n\n" + text
+            else:
+                messages.append({"role": role, "content": text})
         elif kind == "function_call":
             call = {
                 "id": _required_str(item, "call_id", field),

@@ -46,8 +46,7 @@ def test_items_become_chat_messages() -> None:
     messages = messages_of(body(instructions="sys", input=items))
     call = {"type": "function", "function": {"name": "f", "arguments": "{}"}}
     assert messages == [
-        {"role": "system", "content": "sys"},
-        {"role": "system", "content": "rules"},
+        {"role": "system", "content": "sys\n\nrules"},
         {"role": "user", "content": "ab"},
         {
             "role": "assistant",
