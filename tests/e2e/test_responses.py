@@ -387,5 +387,6 @@ def test_bad_input_is_a_400_naming_the_field(client: openai.OpenAI, model: str, 
 
 
 def test_unknown_model_is_a_404(client: openai.OpenAI) -> None:
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.NotFoundError) as caught:
         client.responses.create(model="nope", input="Hi")
+    assert caught.value.body["param"] == "model" and "`nope`" in caught.value.body["message"]

@@ -268,7 +268,7 @@ class Echo:
             "store": False,
             "temperature": 1.0 if body.temperature is None else body.temperature,
             "text": {"format": fmt},
-            "tool_choice": body.tool_choice or ("auto" if body.tools else "none"),
+            "tool_choice": body.tool_choice or "auto",  # OpenAI echoes its default
             "tools": body.tools or [],
             "top_p": 1.0 if body.top_p is None else body.top_p,
             "truncation": "disabled",
