@@ -43,7 +43,12 @@ TEXT_PARTS = ("input_text", "output_text")
 # encrypted reasoning to return (Codex always sends it with store: false).
 INCLUDABLE = ("reasoning.encrypted_content",)
 # The chat route's field names, as Responses spells them (errors name the client's own fields).
-RENAMED = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format"}
+RENAMED = {
+    "messages": "input",
+    "max_tokens": "max_output_tokens",
+    "max_new_tokens": "max_output_tokens",  # the engine's 413 when prompt + output exceed the KV budget
+    "response_format": "text.format",
+}
 
 
 @contextlib.contextmanager

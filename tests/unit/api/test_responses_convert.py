@@ -104,6 +104,9 @@ def test_chat_errors_are_renamed() -> None:
         raise validation("`messages` tokens + `max_tokens` must be <= 8", "max_tokens")
     assert caught.value.param == "max_output_tokens"
     assert caught.value.message == "`input` tokens + `max_output_tokens` must be <= 8"
+    with pytest.raises(APIError) as caught, responses_names():
+        raise APIError(413, "needs more KV cache", "payload_too_large", "max_new_tokens")
+    assert caught.value.param == "max_output_tokens" and caught.value.status == 413
 
 
 def test_output_items() -> None:
