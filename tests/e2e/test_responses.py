@@ -20,6 +20,7 @@ import jsonschema
 import openai
 import pytest
 import torch
+from pydantic import BaseModel, Field
 from transformers import AutoTokenizer, GenerationConfig, GPT2Config, GPT2LMHeadModel
 
 from tests.e2e.server import Server, start, stop
@@ -84,6 +85,11 @@ FORMAT = {
         "additionalProperties": False,
     },
 }
+
+
+class Forecast(BaseModel):
+    city: Literal["Paris", "Rome"]
+    days: int = Field(ge=0, le=9)
 
 
 def build_puppet(tokenizer_dir: Path, out: Path) -> Path:
@@ -191,6 +197,9 @@ def test_json_schema_text_format(client: openai.OpenAI, model: str) -> None:
     out = client.responses.create(model=model, input="Forecast?", text={"format": FORMAT}, temperature=0)
     assert out.status == "completed" and out.text.format.type == "json_schema"
     jsonschema.validate(json.loads(out.output_text), FORMAT["schema"])
+    # The SDK's parse(): its strict schema of a pydantic model, its parsed object.
+    parsed = client.responses.parse(model=model, input="Forecast?", text_format=Forecast, temperature=0)
+    assert isinstance(parsed.output_parsed, Forecast) and parsed.output_parsed.city in ("Paris", "Rome")
     # Any object: the puppet never closes its first key (ties pick "!"), but it starts one.
     obj = client.responses.create(
         model=model, input="Forecast?", text={"format": {"type": "json_object"}}, max_output_tokens=4
