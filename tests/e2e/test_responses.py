@@ -193,6 +193,25 @@ def test_max_output_tokens_is_incomplete(client: openai.OpenAI, model: str) -> N
     assert out.usage.output_tokens == 2 and out.max_output_tokens == 2
 
 
+def test_logprobs_streamed_and_not(client: openai.OpenAI, model: str) -> None:
+    request = {"model": model, "input": "Tell me a story", "temperature": 0, "top_logprobs": 2}
+    out = client.responses.create(**request, include=["message.output_text.logprobs"])
+    part = out.output[0].content[0]
+    assert [lp.token for lp in part.logprobs] == [" Once", " upon", " a", " time", "."]  # EOS has no text
+    for lp in part.logprobs:
+        assert lp.logprob <= 0 and bytes(lp.bytes).decode() == lp.token and len(lp.top_logprobs) == 2
+        assert lp.top_logprobs[0].token == lp.token  # greedy: the chosen token is the most likely
+    assert out.top_logprobs == 2
+    with client.responses.stream(**request) as stream:  # top_logprobs alone asks for them too
+        events = list(stream)
+    streamed = [lp.token for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
+    assert streamed == [lp.token for lp in part.logprobs]
+    done = next(e for e in events if e.type == "response.output_text.done")
+    assert [lp.logprob for lp in done.logprobs] == [lp.logprob for lp in part.logprobs]
+    plain = client.responses.create(model=model, input="Tell me a story")
+    assert plain.output[0].content[0].logprobs == []
+
+
 def test_json_schema_text_format(client: openai.OpenAI, model: str) -> None:
     out = client.responses.create(model=model, input="Forecast?", text={"format": FORMAT}, temperature=0)
     assert out.status == "completed" and out.text.format.type == "json_schema"
@@ -375,10 +394,10 @@ BAD = [
     ({"text": {"verbosity": "low"}}, "text.verbosity"),
     ({"store": True}, "store"),
     ({"previous_response_id": "resp_1"}, "previous_response_id"),
-    ({"include": ["message.output_text.logprobs"]}, "include"),
+    ({"include": ["file_search_call.results"]}, "include"),
     ({"truncation": "auto"}, "truncation"),
     ({"background": True}, "background"),
-    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"top_logprobs": 21}, "top_logprobs"),
     ({"max_output_tokens": 10**6}, "max_output_tokens"),
     ({"stream_options": {"include_obfuscation": False}}, "stream_options"),
     ({"temperature": 3}, "temperature"),

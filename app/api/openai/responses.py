@@ -21,6 +21,7 @@ from app.api.errors import OPENAI_TYPES, APIError, validation
 from app.api.generation import ContextDep, Generation, check_refused, run_to_completion
 from app.api.openai.chat import chat_template_of, render_prompt
 from app.api.openai.common import FINISH, SSE_RESPONSES, adapter_of, cached_tokens, check_model, merged, start_choices
+from app.api.openai.logprobs import chat_logprobs
 from app.api.openai.protocol import ChatRequest
 from app.api.openai.responses_protocol import (
     ResponsesRequest,
@@ -33,15 +34,16 @@ from app.api.openai.responses_protocol import (
 )
 from app.api.openai.tools import ToolPlan, parse_calls, tool_plan
 from app.api.structured import compile_grammar, openai_spec
-from app.engine.types import Completion
+from app.engine.types import Completion, Token
 
 router = APIRouter(tags=["OpenAI"])
 
 ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 TEXT_PARTS = ("input_text", "output_text")
-# `include` values that ask for nothing this server holds: with no reasoning items there is no
-# encrypted reasoning to return (Codex always sends it with store: false).
-INCLUDABLE = ("reasoning.encrypted_content",)
+LOGPROBS = "message.output_text.logprobs"
+# `include` values served: logprobs, and one that asks for nothing this server holds (with no
+# reasoning items there is no encrypted reasoning to return; Codex always sends it).
+INCLUDABLE = (LOGPROBS, "reasoning.encrypted_content")
 # The chat route's field names, as Responses spells them (errors name the client's own fields).
 RENAMED = {
     "messages": "input",
@@ -217,11 +219,22 @@ def check_accepted(body: ResponsesRequest) -> None:
     for value in body.include or []:
         if value not in INCLUDABLE:
             raise validation(
-                f"`include` value {value!r} is not supported (only {', '.join(INCLUDABLE)}, which adds nothing)",
+                f"`include` value {value!r} is not supported (only {', '.join(INCLUDABLE)})",
                 "include",
             )
     if body.stream_options is not None and not body.stream:
         raise validation("`stream_options` is only allowed with `stream: true`", "stream_options")
+
+
+def wants_logprobs(body: ResponsesRequest) -> bool:
+    """Logprobs are returned with `include: ["message.output_text.logprobs"]`, or when
+    `top_logprobs` asks for candidates (which would otherwise be ignored)."""
+    return LOGPROBS in (body.include or []) or bool(body.top_logprobs)
+
+
+def logprobs_of(tokens: list[Token]) -> list[dict]:
+    """`output_text.logprobs` (and a delta's): chat's logprobs entries, the same fields."""
+    return chat_logprobs(tokens)["content"]
 
 
 def chat_request(body: ResponsesRequest) -> ChatRequest:
@@ -233,6 +246,8 @@ def chat_request(body: ResponsesRequest) -> ChatRequest:
         "tool_choice": tool_choice_of(body.tool_choice),
         "parallel_tool_calls": body.parallel_tool_calls,
         "max_tokens": body.max_output_tokens,
+        "logprobs": wants_logprobs(body),
+        "top_logprobs": body.top_logprobs,
         "temperature": 1.0 if body.temperature is None else body.temperature,
         "top_p": 1.0 if body.top_p is None else body.top_p,
         "response_format": response_format_of(body.text.format if body.text else None),
@@ -244,13 +259,13 @@ def chat_request(body: ResponsesRequest) -> ChatRequest:
         raise validation(f"`input`: {error.get('msg', 'invalid')}", "input") from None
 
 
-def output_items(plan: ToolPlan | None, text: str, finish: str) -> list[dict]:
+def output_items(plan: ToolPlan | None, text: str, finish: str, logprobs: list[dict] | None = None) -> list[dict]:
     """One finished generation as output items: its tool calls when tools are active and the
-    output parses as calls, else one assistant message (incomplete when cut by the token limit).
-    The one place tool output is interpreted, so it can move onto a shared handler."""
+    output parses as calls, else one assistant message (incomplete when cut by the token limit)
+    with `logprobs`. The one place tool output is interpreted, so it can move onto a shared handler."""
     calls = parse_calls(plan, text) if plan is not None and finish == "stop" else None
     if calls is None:
-        return [message_item(text, "incomplete" if finish == "length" else "completed")]
+        return [message_item(text, "incomplete" if finish == "length" else "completed", logprobs=logprobs)]
     return [function_call_item(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in calls]
 
 
@@ -275,6 +290,7 @@ class Echo:
             "text": {"format": fmt},
             "tool_choice": body.tool_choice or "auto",  # OpenAI echoes its default
             "tools": body.tools or [],
+            "top_logprobs": body.top_logprobs or 0,
             "top_p": 1.0 if body.top_p is None else body.top_p,
             "truncation": "disabled",
             "user": body.user,
@@ -328,6 +344,7 @@ async def responses(body: ResponsesRequest, request: Request, ctx: ContextDep) -
             chat,
             [ids],
             chat.max_tokens,
+            top_logprobs=body.top_logprobs or 0,
             prompt_field="input",
             # Omitted: up to the context's end, as OpenAI and vLLM (Codex never sends a limit).
             default_max_tokens=service.loaded.limits.max_total_tokens,
@@ -336,9 +353,11 @@ async def responses(body: ResponsesRequest, request: Request, ctx: ContextDep) -
         )
     echo = Echo(body, model)
     if body.stream:
-        return StreamingResponse(stream_events(echo, generations, len(ids), plan), media_type="text/event-stream")
+        stream = stream_events(echo, generations, len(ids), plan, chat.logprobs)
+        return StreamingResponse(stream, media_type="text/event-stream")
     (result,) = await run_to_completion(request, generations)
-    items = output_items(plan, result.text, FINISH[result.finish_reason])
+    logprobs = logprobs_of(result.tokens) if chat.logprobs else None
+    items = output_items(plan, result.text, FINISH[result.finish_reason], logprobs)
     return echo.response(_status(items), items, _usage(len(ids), result))
 
 
@@ -360,11 +379,11 @@ class Events:
 def _item_events(event: Events, index: int, item: dict) -> Iterator[str]:
     """The events of one finished output item (a held tool call or message), sent at once."""
     if item["type"] == "message":
-        text = item["content"][0]["text"]
+        part = item["content"][0]
         yield from _message_start(event, index, item["id"])
-        if text:
-            yield _text_delta(event, index, item["id"], text)
-        yield from _message_end(event, index, item, text)
+        if part["text"]:
+            yield _text_delta(event, index, item["id"], part["text"], part["logprobs"])
+        yield from _message_end(event, index, item)
         return
     yield event(
         "response.output_item.added", output_index=index, item=item | {"arguments": "", "status": "in_progress"}
@@ -381,20 +400,21 @@ def _message_start(event: Events, index: int, message_id: str) -> Iterator[str]:
     yield event("response.content_part.added", **ids, part=output_text(""))
 
 
-def _text_delta(event: Events, index: int, message_id: str, delta: str) -> str:
+def _text_delta(event: Events, index: int, message_id: str, delta: str, logprobs: list[dict]) -> str:
     ids = {"item_id": message_id, "output_index": index, "content_index": 0}
-    return event("response.output_text.delta", **ids, delta=delta, logprobs=[])
+    return event("response.output_text.delta", **ids, delta=delta, logprobs=logprobs)
 
 
-def _message_end(event: Events, index: int, item: dict, text: str) -> Iterator[str]:
+def _message_end(event: Events, index: int, item: dict) -> Iterator[str]:
+    part = item["content"][0]
     ids = {"item_id": item["id"], "output_index": index, "content_index": 0}
-    yield event("response.output_text.done", **ids, text=text, logprobs=[])
-    yield event("response.content_part.done", **ids, part=output_text(text))
+    yield event("response.output_text.done", **ids, text=part["text"], logprobs=part["logprobs"])
+    yield event("response.content_part.done", **ids, part=part)
     yield event("response.output_item.done", output_index=index, item=item)
 
 
 async def stream_events(
-    echo: Echo, generations: list[Generation], prompt_tokens: int, plan: ToolPlan | None
+    echo: Echo, generations: list[Generation], prompt_tokens: int, plan: ToolPlan | None, logprobs: bool = False
 ) -> AsyncIterator[str]:
     """Responses' event stream. Text streams as it comes; with tools the output is held until it
     is complete, then sent as the calls (or message) it parses to, as the non-streamed answer."""
@@ -411,16 +431,17 @@ async def stream_events(
         async for _, update in merged(generations):
             text += update.text
             if plan is None and update.text:
-                yield _text_delta(event, 0, message_id, update.text)
+                yield _text_delta(event, 0, message_id, update.text, logprobs_of(update.tokens) if logprobs else [])
             result = update.completion or result
         assert result is not None
         finish = FINISH[result.finish_reason]
+        entries = logprobs_of(result.tokens) if logprobs else None
         if plan is None:
-            items = [message_item(text, "incomplete" if finish == "length" else "completed", message_id)]
-            for line in _message_end(event, 0, items[0], text):
+            items = [message_item(text, "incomplete" if finish == "length" else "completed", message_id, entries)]
+            for line in _message_end(event, 0, items[0]):
                 yield line
         else:
-            items = output_items(plan, text, finish)
+            items = output_items(plan, text, finish, entries)
             for index, item in enumerate(items):
                 for line in _item_events(event, index, item):
                     yield line
