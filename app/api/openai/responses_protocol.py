@@ -2,8 +2,8 @@
 
 The request is checked here only for what pydantic can say; `app/api/openai/responses.py` turns
 it into the internal `ChatRequest` and says what is wrong with its items. Fields that ask for
-nothing this stateless, text-only server holds are accepted (README, "Responses"); fields that
-ask for something it does not do are refused with a 400 naming them.
+nothing this stateless, text-only server holds are accepted; fields that ask for something it
+does not do are refused with a 400 naming them (README, "OpenAI Responses").
 """
 
 import time
@@ -50,7 +50,7 @@ class ResponsesRequest(RequestModel):
     text: TextConfig | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    # Accepted because they ask for nothing this server holds (README, "Responses"):
+    # Accepted because they ask for nothing this server holds:
     include: list[str] | None = Field(
         None, description="'message.output_text.logprobs', and 'reasoning.encrypted_content' (adds nothing)."
     )
