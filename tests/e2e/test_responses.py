@@ -20,6 +20,7 @@ import jsonschema
 import openai
 import pytest
 import torch
+from pydantic import BaseModel, Field
 from transformers import AutoTokenizer, GenerationConfig, GPT2Config, GPT2LMHeadModel
 
 from tests.e2e.server import Server, start, stop
@@ -84,6 +85,11 @@ FORMAT = {
         "additionalProperties": False,
     },
 }
+
+
+class Forecast(BaseModel):
+    city: Literal["Paris", "Rome"]
+    days: int = Field(ge=0, le=9)
 
 
 def build_puppet(tokenizer_dir: Path, out: Path) -> Path:
@@ -187,10 +193,32 @@ def test_max_output_tokens_is_incomplete(client: openai.OpenAI, model: str) -> N
     assert out.usage.output_tokens == 2 and out.max_output_tokens == 2
 
 
+def test_logprobs_streamed_and_not(client: openai.OpenAI, model: str) -> None:
+    request = {"model": model, "input": "Tell me a story", "temperature": 0, "top_logprobs": 2}
+    out = client.responses.create(**request, include=["message.output_text.logprobs"])
+    part = out.output[0].content[0]
+    assert [lp.token for lp in part.logprobs] == [" Once", " upon", " a", " time", "."]  # EOS has no text
+    for lp in part.logprobs:
+        assert lp.logprob <= 0 and bytes(lp.bytes).decode() == lp.token and len(lp.top_logprobs) == 2
+        assert lp.top_logprobs[0].token == lp.token  # greedy: the chosen token is the most likely
+    assert out.top_logprobs == 2
+    with client.responses.stream(**request) as stream:  # top_logprobs alone asks for them too
+        events = list(stream)
+    streamed = [lp.token for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
+    assert streamed == [lp.token for lp in part.logprobs]
+    done = next(e for e in events if e.type == "response.output_text.done")
+    assert [lp.logprob for lp in done.logprobs] == [lp.logprob for lp in part.logprobs]
+    plain = client.responses.create(model=model, input="Tell me a story")
+    assert plain.output[0].content[0].logprobs == []
+
+
 def test_json_schema_text_format(client: openai.OpenAI, model: str) -> None:
     out = client.responses.create(model=model, input="Forecast?", text={"format": FORMAT}, temperature=0)
     assert out.status == "completed" and out.text.format.type == "json_schema"
     jsonschema.validate(json.loads(out.output_text), FORMAT["schema"])
+    # The SDK's parse(): its strict schema of a pydantic model, its parsed object.
+    parsed = client.responses.parse(model=model, input="Forecast?", text_format=Forecast, temperature=0)
+    assert isinstance(parsed.output_parsed, Forecast) and parsed.output_parsed.city in ("Paris", "Rome")
     # Any object: the puppet never closes its first key (ties pick "!"), but it starts one.
     obj = client.responses.create(
         model=model, input="Forecast?", text={"format": {"type": "json_object"}}, max_output_tokens=4
@@ -270,6 +298,8 @@ def test_stream_function_call_matches_the_non_streamed_one(client: openai.OpenAI
     arguments = check_call(call)
     done = next(e for e in events if e.type == "response.function_call_arguments.done")
     assert json.loads(done.arguments) == arguments and done.item_id == call.id
+    (delta,) = [e for e in events if e.type == "response.function_call_arguments.delta"]
+    assert delta.snapshot == call.arguments  # the SDK's running total of the deltas
     plain = client.responses.create(**request)
     assert [(c.name, c.arguments) for c in plain.output] == [(call.name, call.arguments)]
 
@@ -337,11 +367,15 @@ def test_agents_sdk_runs_two_tools_to_a_final_answer(srv: Server, model: str) ->
             model_settings=ModelSettings(temperature=0, max_tokens=200),
         )
         result = await Runner.run(agent, "Weather and time in Paris?", max_turns=4)
+        streamed = Runner.run_streamed(agent, "Weather and time in Paris?", max_turns=4)
+        kinds = [event.type async for event in streamed.stream_events()]
         await client.close()
-        return result.final_output
+        assert "raw_response_event" in kinds and "run_item_stream_event" in kinds
+        return [result.final_output, streamed.final_output]
 
-    assert asyncio.run(run()) == ANSWER
-    assert len(ran) == 1 and ran[0].split()[0] in ("get_weather", "get_time")
+    # The puppet's ties always pick the same tool: it calls one, reads its output, and answers.
+    assert asyncio.run(run()) == [ANSWER, ANSWER]
+    assert len(ran) == 2 and ran[0] == ran[1] and ran[0].split()[0] in ("get_weather", "get_time")
 
 
 BAD = [
@@ -360,10 +394,10 @@ BAD = [
     ({"text": {"verbosity": "low"}}, "text.verbosity"),
     ({"store": True}, "store"),
     ({"previous_response_id": "resp_1"}, "previous_response_id"),
-    ({"include": ["message.output_text.logprobs"]}, "include"),
+    ({"include": ["file_search_call.results"]}, "include"),
     ({"truncation": "auto"}, "truncation"),
     ({"background": True}, "background"),
-    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"top_logprobs": 21}, "top_logprobs"),
     ({"max_output_tokens": 10**6}, "max_output_tokens"),
     ({"stream_options": {"include_obfuscation": False}}, "stream_options"),
     ({"temperature": 3}, "temperature"),
@@ -381,5 +415,6 @@ def test_bad_input_is_a_400_naming_the_field(client: openai.OpenAI, model: str, 
 
 
 def test_unknown_model_is_a_404(client: openai.OpenAI) -> None:
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.NotFoundError) as caught:
         client.responses.create(model="nope", input="Hi")
+    assert caught.value.body["param"] == "model" and "`nope`" in caught.value.body["message"]

@@ -21,6 +21,7 @@ from app.api.errors import OPENAI_TYPES, APIError, validation
 from app.api.generation import ContextDep, Generation, check_refused, run_to_completion
 from app.api.openai.chat import chat_template_of, render_prompt
 from app.api.openai.common import FINISH, SSE_RESPONSES, adapter_of, cached_tokens, check_model, merged, start_choices
+from app.api.openai.logprobs import chat_logprobs
 from app.api.openai.protocol import ChatRequest
 from app.api.openai.responses_protocol import (
     ResponsesRequest,
@@ -33,17 +34,23 @@ from app.api.openai.responses_protocol import (
 )
 from app.api.openai.tools import ToolPlan, parse_calls, tool_plan
 from app.api.structured import compile_grammar, openai_spec
-from app.engine.types import Completion
+from app.engine.types import Completion, Token
 
 router = APIRouter(tags=["OpenAI"])
 
 ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 TEXT_PARTS = ("input_text", "output_text")
-# `include` values that ask for nothing this server holds: with no reasoning items there is no
-# encrypted reasoning to return (Codex always sends it with store: false).
-INCLUDABLE = ("reasoning.encrypted_content",)
+LOGPROBS = "message.output_text.logprobs"
+# `include` values served: logprobs, and one that asks for nothing this server holds (with no
+# reasoning items there is no encrypted reasoning to return; Codex always sends it).
+INCLUDABLE = (LOGPROBS, "reasoning.encrypted_content")
 # The chat route's field names, as Responses spells them (errors name the client's own fields).
-RENAMED = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format"}
+RENAMED = {
+    "messages": "input",
+    "max_tokens": "max_output_tokens",
+    "max_new_tokens": "max_output_tokens",  # the engine's 413 when prompt + output exceed the KV budget
+    "response_format": "text.format",
+}
 
 
 @contextlib.contextmanager
@@ -79,6 +86,12 @@ def _text_of(parts: Any, field: str, allowed: tuple[str, ...]) -> str:
     return "".join(texts)
 
 
+def _refusal_as_text(part: Any) -> Any:
+    if isinstance(part, dict) and part.get("type") == "refusal":
+        return part | {"text": part.get("refusal")}
+    return part
+
+
 def _required_str(item: dict, key: str, field: str) -> str:
     value = item.get(key)
     if not isinstance(value, str):
@@ -89,7 +102,7 @@ def _required_str(item: dict, key: str, field: str) -> str:
 def messages_of(body: ResponsesRequest) -> list[dict]:
     """Chat messages of `instructions` and `input`. Consecutive `function_call` items join the
     assistant message before them (one turn's calls); `developer` is rendered as `system`, which
-    every chat template knows."""
+    every chat template knows, and consecutive system messages become one."""
     messages: list[dict] = []
     if body.instructions is not None:
         messages.append({"role": "system", "content": body.instructions})
@@ -102,14 +115,21 @@ def messages_of(body: ResponsesRequest) -> list[dict]:
         field = f"input[{i}]"
         kind = item.get("type", "message" if "role" in item else None)
         if kind == "message":
-            role = ROLES.get(item.get("role"))  # type: ignore[arg-type]
+            role = item.get("role")
+            role = ROLES.get(role) if isinstance(role, str) else None
             if role is None:
                 raise validation(f"`{field}.role` must be one of {', '.join(ROLES)}", f"{field}.role")
             allowed = (*TEXT_PARTS, "refusal") if role == "assistant" else TEXT_PARTS
             content = item.get("content")
             if isinstance(content, list):  # an assistant's refusal part carries its text as `refusal`
-                content = [p | {"text": p.get("refusal")} if p.get("type") == "refusal" else p for p in content]
-            messages.append({"role": role, "content": _text_of(content, f"{field}.content", allowed)})
+                content = [_refusal_as_text(part) for part in content]
+            text = _text_of(content, f"{field}.content", allowed)
+            if role == "system" and messages and messages[-1]["role"] == "system":
+                # One system message: many chat templates take only one (Codex sends instructions
+                # and then developer messages).
+                messages[-1]["content"] += "\n\n" + text
+            else:
+                messages.append({"role": role, "content": text})
         elif kind == "function_call":
             call = {
                 "id": _required_str(item, "call_id", field),
@@ -187,16 +207,34 @@ def response_format_of(fmt: dict | None) -> dict | None:
 
 def check_accepted(body: ResponsesRequest) -> None:
     """Refused fields, and the accepted fields' values that ask for something not done here."""
-    with responses_names():
-        check_refused(body)
+    for name in ("store", "previous_response_id", "conversation"):
+        value = getattr(body, name)
+        if value is not None and value is not False:
+            raise validation(
+                f"`{name}` is not supported: this server is stateless (nothing is stored), so send the "
+                "whole conversation in `input`",
+                name,
+            )
+    check_refused(body)
     for value in body.include or []:
         if value not in INCLUDABLE:
             raise validation(
-                f"`include` value {value!r} is not supported (only {', '.join(INCLUDABLE)}, which adds nothing)",
+                f"`include` value {value!r} is not supported (only {', '.join(INCLUDABLE)})",
                 "include",
             )
     if body.stream_options is not None and not body.stream:
         raise validation("`stream_options` is only allowed with `stream: true`", "stream_options")
+
+
+def wants_logprobs(body: ResponsesRequest) -> bool:
+    """Logprobs are returned with `include: ["message.output_text.logprobs"]`, or when
+    `top_logprobs` asks for candidates (which would otherwise be ignored)."""
+    return LOGPROBS in (body.include or []) or bool(body.top_logprobs)
+
+
+def logprobs_of(tokens: list[Token]) -> list[dict]:
+    """`output_text.logprobs` (and a delta's): chat's logprobs entries, the same fields."""
+    return chat_logprobs(tokens)["content"]
 
 
 def chat_request(body: ResponsesRequest) -> ChatRequest:
@@ -208,6 +246,8 @@ def chat_request(body: ResponsesRequest) -> ChatRequest:
         "tool_choice": tool_choice_of(body.tool_choice),
         "parallel_tool_calls": body.parallel_tool_calls,
         "max_tokens": body.max_output_tokens,
+        "logprobs": wants_logprobs(body),
+        "top_logprobs": body.top_logprobs,
         "temperature": 1.0 if body.temperature is None else body.temperature,
         "top_p": 1.0 if body.top_p is None else body.top_p,
         "response_format": response_format_of(body.text.format if body.text else None),
@@ -219,13 +259,13 @@ def chat_request(body: ResponsesRequest) -> ChatRequest:
         raise validation(f"`input`: {error.get('msg', 'invalid')}", "input") from None
 
 
-def output_items(plan: ToolPlan | None, text: str, finish: str) -> list[dict]:
+def output_items(plan: ToolPlan | None, text: str, finish: str, logprobs: list[dict] | None = None) -> list[dict]:
     """One finished generation as output items: its tool calls when tools are active and the
-    output parses as calls, else one assistant message (incomplete when cut by the token limit).
-    The one place tool output is interpreted, so it can move onto a shared handler."""
+    output parses as calls, else one assistant message (incomplete when cut by the token limit)
+    with `logprobs`. The one place tool output is interpreted, so it can move onto a shared handler."""
     calls = parse_calls(plan, text) if plan is not None and finish == "stop" else None
     if calls is None:
-        return [message_item(text, "incomplete" if finish == "length" else "completed")]
+        return [message_item(text, "incomplete" if finish == "length" else "completed", logprobs=logprobs)]
     return [function_call_item(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in calls]
 
 
@@ -248,8 +288,9 @@ class Echo:
             "store": False,
             "temperature": 1.0 if body.temperature is None else body.temperature,
             "text": {"format": fmt},
-            "tool_choice": body.tool_choice or ("auto" if body.tools else "none"),
+            "tool_choice": body.tool_choice or "auto",  # OpenAI echoes its default
             "tools": body.tools or [],
+            "top_logprobs": body.top_logprobs or 0,
             "top_p": 1.0 if body.top_p is None else body.top_p,
             "truncation": "disabled",
             "user": body.user,
@@ -277,7 +318,7 @@ def _status(items: list[dict]) -> str:
 
 @router.post("/v1/responses", responses=SSE_RESPONSES)
 async def responses(body: ResponsesRequest, request: Request, ctx: ContextDep) -> Any:
-    """OpenAI Responses over the chat machinery (README, "Responses")."""
+    """OpenAI Responses over the chat machinery (README, "OpenAI Responses")."""
     service = ctx.service
     model = check_model(service, body.model)
     check_accepted(body)
@@ -294,6 +335,7 @@ async def responses(body: ResponsesRequest, request: Request, ctx: ContextDep) -
         spec, field = plan.spec, "tools"
     with responses_names():
         ids = await run_in_threadpool(render_prompt, service, chat)  # templating is slow work
+    assert service.loaded is not None
     ctx.usage["prompt"] = [m.model_dump() for m in chat.messages]
     grammar = await compile_grammar(ctx, spec, field)
     with responses_names():
@@ -302,15 +344,20 @@ async def responses(body: ResponsesRequest, request: Request, ctx: ContextDep) -
             chat,
             [ids],
             chat.max_tokens,
+            top_logprobs=body.top_logprobs or 0,
             prompt_field="input",
+            # Omitted: up to the context's end, as OpenAI and vLLM (Codex never sends a limit).
+            default_max_tokens=service.loaded.limits.max_total_tokens,
             grammar=grammar,
             adapter=adapter_of(service, model),
         )
     echo = Echo(body, model)
     if body.stream:
-        return StreamingResponse(_stream(echo, generations, len(ids), plan), media_type="text/event-stream")
+        stream = stream_events(echo, generations, len(ids), plan, chat.logprobs)
+        return StreamingResponse(stream, media_type="text/event-stream")
     (result,) = await run_to_completion(request, generations)
-    items = output_items(plan, result.text, FINISH[result.finish_reason])
+    logprobs = logprobs_of(result.tokens) if chat.logprobs else None
+    items = output_items(plan, result.text, FINISH[result.finish_reason], logprobs)
     return echo.response(_status(items), items, _usage(len(ids), result))
 
 
@@ -332,13 +379,15 @@ class Events:
 def _item_events(event: Events, index: int, item: dict) -> Iterator[str]:
     """The events of one finished output item (a held tool call or message), sent at once."""
     if item["type"] == "message":
-        text = item["content"][0]["text"]
+        part = item["content"][0]
         yield from _message_start(event, index, item["id"])
-        if text:
-            yield _text_delta(event, index, item["id"], text)
-        yield from _message_end(event, index, item, text)
+        if part["text"]:
+            yield _text_delta(event, index, item["id"], part["text"], part["logprobs"])
+        yield from _message_end(event, index, item)
         return
-    yield event("response.output_item.added", output_index=index, item=item | {"status": "in_progress"})
+    yield event(
+        "response.output_item.added", output_index=index, item=item | {"arguments": "", "status": "in_progress"}
+    )
     ids = {"item_id": item["id"], "output_index": index}
     yield event("response.function_call_arguments.delta", **ids, delta=item["arguments"])
     yield event("response.function_call_arguments.done", **ids, name=item["name"], arguments=item["arguments"])
@@ -351,20 +400,21 @@ def _message_start(event: Events, index: int, message_id: str) -> Iterator[str]:
     yield event("response.content_part.added", **ids, part=output_text(""))
 
 
-def _text_delta(event: Events, index: int, message_id: str, delta: str) -> str:
+def _text_delta(event: Events, index: int, message_id: str, delta: str, logprobs: list[dict]) -> str:
     ids = {"item_id": message_id, "output_index": index, "content_index": 0}
-    return event("response.output_text.delta", **ids, delta=delta, logprobs=[])
+    return event("response.output_text.delta", **ids, delta=delta, logprobs=logprobs)
 
 
-def _message_end(event: Events, index: int, item: dict, text: str) -> Iterator[str]:
+def _message_end(event: Events, index: int, item: dict) -> Iterator[str]:
+    part = item["content"][0]
     ids = {"item_id": item["id"], "output_index": index, "content_index": 0}
-    yield event("response.output_text.done", **ids, text=text, logprobs=[])
-    yield event("response.content_part.done", **ids, part=output_text(text))
+    yield event("response.output_text.done", **ids, text=part["text"], logprobs=part["logprobs"])
+    yield event("response.content_part.done", **ids, part=part)
     yield event("response.output_item.done", output_index=index, item=item)
 
 
-async def _stream(
-    echo: Echo, generations: list[Generation], prompt_tokens: int, plan: ToolPlan | None
+async def stream_events(
+    echo: Echo, generations: list[Generation], prompt_tokens: int, plan: ToolPlan | None, logprobs: bool = False
 ) -> AsyncIterator[str]:
     """Responses' event stream. Text streams as it comes; with tools the output is held until it
     is complete, then sent as the calls (or message) it parses to, as the non-streamed answer."""
@@ -381,16 +431,17 @@ async def _stream(
         async for _, update in merged(generations):
             text += update.text
             if plan is None and update.text:
-                yield _text_delta(event, 0, message_id, update.text)
+                yield _text_delta(event, 0, message_id, update.text, logprobs_of(update.tokens) if logprobs else [])
             result = update.completion or result
         assert result is not None
         finish = FINISH[result.finish_reason]
+        entries = logprobs_of(result.tokens) if logprobs else None
         if plan is None:
-            items = [message_item(text, "incomplete" if finish == "length" else "completed", message_id)]
-            for line in _message_end(event, 0, items[0], text):
+            items = [message_item(text, "incomplete" if finish == "length" else "completed", message_id, entries)]
+            for line in _message_end(event, 0, items[0]):
                 yield line
         else:
-            items = output_items(plan, text, finish)
+            items = output_items(plan, text, finish, entries)
             for index, item in enumerate(items):
                 for line in _item_events(event, index, item):
                     yield line

@@ -2,8 +2,8 @@
 
 The request is checked here only for what pydantic can say; `app/api/openai/responses.py` turns
 it into the internal `ChatRequest` and says what is wrong with its items. Fields that ask for
-nothing this stateless, text-only server holds are accepted (README, "Responses"); fields that
-ask for something it does not do are refused with a 400 naming them.
+nothing this stateless, text-only server holds are accepted; fields that ask for something it
+does not do are refused with a 400 naming them (README, "OpenAI Responses").
 """
 
 import time
@@ -41,14 +41,19 @@ class ResponsesRequest(RequestModel):
     tools: list[dict[str, Any]] | None = Field(None, description="Function tools: {type, name, parameters}.")
     tool_choice: Any = Field(None, description="'none', 'auto' (default with tools), 'required' or {type, name}.")
     parallel_tool_calls: bool | None = None
-    max_output_tokens: int | None = Field(None, ge=1, description="Tokens to generate (default as chat's).")
+    max_output_tokens: int | None = Field(
+        None, ge=1, description="Tokens to generate; omitted: up to the context's end."
+    )
     temperature: float | None = Field(None, ge=0, le=2, description="Default 1; 0 = greedy.")
     top_p: float | None = Field(None, gt=0, le=1)
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="Candidates per token in `logprobs`.")
     text: TextConfig | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    # Accepted because they ask for nothing this server holds (README, "Responses"):
-    include: list[str] | None = Field(None, description="Only 'reasoning.encrypted_content' (no reasoning items).")
+    # Accepted because they ask for nothing this server holds:
+    include: list[str] | None = Field(
+        None, description="'message.output_text.logprobs', and 'reasoning.encrypted_content' (adds nothing)."
+    )
     reasoning: dict[str, Any] | None = Field(None, description="Accepted; no reasoning items are returned.")
     prompt_cache_key: str | None = Field(None, description="Accepted; the prefix cache needs no key.")
     metadata: dict[str, str] | None = Field(None, description="Echoed in the response.")
@@ -62,7 +67,6 @@ class ResponsesRequest(RequestModel):
     background: Annotated[Any, Refused(lambda v: v is False)] = None
     # Not implemented:
     truncation: Annotated[Any, Refused(lambda v: v == "disabled")] = None
-    top_logprobs: Annotated[Any, Refused(lambda v: v == 0)] = None
     prompt: Annotated[Any, Refused()] = None
     max_tool_calls: Annotated[Any, Refused()] = None
     prompt_cache_retention: Annotated[Any, Refused(lambda v: v == "in_memory")] = None
@@ -94,18 +98,18 @@ def usage(input_tokens: int, output_tokens: int, cached_tokens: int) -> dict:
 Status = Literal["in_progress", "completed", "incomplete"]
 
 
-def output_text(text: str) -> dict:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def output_text(text: str, logprobs: list[dict] | None = None) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
 
 
-def message_item(text: str, status: Status, message_id: str | None = None) -> dict:
+def message_item(text: str, status: Status, message_id: str | None = None, logprobs: list[dict] | None = None) -> dict:
     """An assistant `message` output item with one `output_text` part ([] while in progress)."""
     return {
         "type": "message",
         "id": message_id or item_id("msg"),
         "role": "assistant",
         "status": status,
-        "content": [output_text(text)] if status != "in_progress" else [],
+        "content": [output_text(text, logprobs)] if status != "in_progress" else [],
     }
 
 
