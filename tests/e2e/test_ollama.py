@@ -189,6 +189,26 @@ def test_chat_with_tools_not_streamed(client: ollama.Client, model: str) -> None
     assert out.done_reason == "stop" and out.eval_count == 2
 
 
+def test_chat_tool_call_cut_short_is_text(client: ollama.Client, model: str) -> None:
+    """A call cut by num_predict does not parse: it comes back as text with `length`, streamed or not."""
+    hi = [{"role": "user", "content": "Weather?"}]
+    options = {"temperature": 0, "num_predict": 1}
+    whole = client.chat(model, hi, tools=[WEATHER], options=options)
+    assert whole.message.content == CALL_HEAD and not whole.message.tool_calls and whole.done_reason == "length"
+    parts = list(client.chat(model, hi, tools=[WEATHER], options=options, stream=True))
+    assert "".join(p.message.content or "" for p in parts) == CALL_HEAD
+    assert not any(p.message.tool_calls for p in parts) and parts[-1].done_reason == "length"
+
+
+def test_generate_system_reaches_the_template(client: ollama.Client, model: str) -> None:
+    plain = client.generate(model, "Hi", options={"temperature": 0, "num_predict": 1})
+    with_system = client.generate(model, "Hi", system="Be brief", options={"temperature": 0, "num_predict": 1})
+    assert plain.prompt_eval_count is not None and with_system.prompt_eval_count is not None
+    assert with_system.prompt_eval_count > plain.prompt_eval_count
+    assert with_system.context is not None and plain.context is not None
+    assert with_system.context[-1] == plain.context[-1]  # the same answer token
+
+
 def test_embed(client: ollama.Client, model: str) -> None:
     out = client.embed(model, ["a list", "a tuple"])
     assert len(out.embeddings) == 2 and len(out.embeddings[0]) > 0
