@@ -1,5 +1,5 @@
 """Ollama's fields to textgen's internal requests (OpenAI's ChatRequest / CompletionRequest), and
-engine results back to Ollama's shapes. Each documented field is served or refused here with a 400
+engine results back to Ollama's shapes (tool output: app/api/ollama/tool_output.py). Each documented field is served or refused here with a 400
 naming it (README, "Ollama")."""
 
 import json
@@ -10,9 +10,8 @@ from typing import Any
 
 from app.api.errors import APIError, validation
 from app.api.ollama.protocol import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, Message, Options
-from app.api.openai.tools import ToolPlan, parse_calls
 from app.engine.loader import Limits
-from app.engine.types import Completion, Token
+from app.engine.types import Completion
 from app.service import Service
 
 DONE_REASON = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
@@ -215,54 +214,6 @@ def chat_messages(messages: list[Message]) -> list[dict]:
         message.setdefault("content", "")
         out.append(message)
     return out
-
-
-def tool_calls(plan: ToolPlan, text: str) -> list[dict] | None:
-    """The tool calls in a complete output, in Ollama's shape (`arguments` an object), or None for
-    free text."""
-    calls = parse_calls(plan, text)
-    if calls is None:
-        return None
-    return [
-        {
-            "id": c["id"],
-            "function": {
-                "index": k,
-                "name": c["function"]["name"],
-                "arguments": json.loads(c["function"]["arguments"]),
-            },
-        }
-        for k, c in enumerate(calls)
-    ]
-
-
-class ToolOutput:
-    """Reads output for /api/chat, streamed or whole: the one place tool output is handled, so it
-    can move onto a shared handler. Without tools, text passes as it comes. With tools, output that
-    may be a call (it starts with the call's tag) is held until the end, then sent as calls when it
-    parses and the model stopped by itself, else as text; other text streams at once."""
-
-    def __init__(self, plan: ToolPlan | None) -> None:
-        self.plan = plan
-        self.held: str | None = "" if plan is not None else None
-        self.held_tokens: list[Token] = []
-
-    def feed(
-        self, text: str, tokens: list[Token], completion: Completion | None
-    ) -> tuple[str, list[dict] | None, list[Token]] | None:
-        """(text, calls, tokens) to send now, or None while holding."""
-        if self.held == "" and text[:1] not in ("", "<"):
-            self.held = None  # free text: a call would start with its tag
-        if self.held is None:
-            return text, None, tokens
-        self.held += text
-        self.held_tokens += tokens
-        if completion is None:
-            return None
-        assert self.plan is not None
-        stopped = DONE_REASON[completion.finish_reason] == "stop"
-        calls = tool_calls(self.plan, self.held) if stopped else None
-        return ("" if calls else self.held), calls, self.held_tokens
 
 
 def created_at() -> str:

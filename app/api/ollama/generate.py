@@ -18,7 +18,6 @@ from app.api.generation import Context, ContextDep, Generation, run_to_completio
 from app.api.ollama import protocol
 from app.api.ollama.convert import (
     DONE_REASON,
-    ToolOutput,
     as_ndjson,
     chat_messages,
     check_logprobs,
@@ -31,6 +30,7 @@ from app.api.ollama.convert import (
     sampling_fields,
     stats,
 )
+from app.api.ollama.tool_output import ToolOutput
 from app.api.openai.chat import chat_template_of, render_prompt
 from app.api.openai.common import adapter_of, merged, start_choices
 from app.api.openai.logprobs import chat_logprobs
