@@ -16,6 +16,8 @@ def assert_error_shape(path: str, response: httpx.Response) -> None:
     body = response.json()
     if path.startswith("/v1/"):
         assert set(body["error"]) == {"message", "type", "param", "code"}, body
+    elif path.startswith("/api/"):  # Ollama's shape
+        assert set(body) == {"error"} and isinstance(body["error"], str) and body["error"], body
     else:
         assert set(body) == {"error", "error_type"}, body
         assert isinstance(body["error"], str) and body["error"]

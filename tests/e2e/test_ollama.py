@@ -189,6 +189,26 @@ def test_chat_with_tools_not_streamed(client: ollama.Client, model: str) -> None
     assert out.done_reason == "stop" and out.eval_count == 2
 
 
+def test_chat_tool_call_cut_short_is_text(client: ollama.Client, model: str) -> None:
+    """A call cut by num_predict does not parse: it comes back as text with `length`, streamed or not."""
+    hi = [{"role": "user", "content": "Weather?"}]
+    options = {"temperature": 0, "num_predict": 1}
+    whole = client.chat(model, hi, tools=[WEATHER], options=options)
+    assert whole.message.content == CALL_HEAD and not whole.message.tool_calls and whole.done_reason == "length"
+    parts = list(client.chat(model, hi, tools=[WEATHER], options=options, stream=True))
+    assert "".join(p.message.content or "" for p in parts) == CALL_HEAD
+    assert not any(p.message.tool_calls for p in parts) and parts[-1].done_reason == "length"
+
+
+def test_generate_system_reaches_the_template(client: ollama.Client, model: str) -> None:
+    plain = client.generate(model, "Hi", options={"temperature": 0, "num_predict": 1})
+    with_system = client.generate(model, "Hi", system="Be brief", options={"temperature": 0, "num_predict": 1})
+    assert plain.prompt_eval_count is not None and with_system.prompt_eval_count is not None
+    assert with_system.prompt_eval_count > plain.prompt_eval_count
+    assert with_system.context is not None and plain.context is not None
+    assert with_system.context[-1] == plain.context[-1]  # the same answer token
+
+
 def test_embed(client: ollama.Client, model: str) -> None:
     out = client.embed(model, ["a list", "a tuple"])
     assert len(out.embeddings) == 2 and len(out.embeddings[0]) > 0
@@ -236,3 +256,53 @@ def test_keep_alive_and_load(client: ollama.Client, model: str) -> None:
     out = client.generate(model, "Hi", keep_alive="5m", options={"temperature": 0, "num_predict": 1})
     assert out.response == CALL_HEAD
     assert client.chat(model, [], keep_alive=-1).done_reason == "load"
+
+
+KEY = "ollama-test-key"
+
+
+@pytest.fixture(scope="module")
+def lora_server(tiny_gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The tiny GPT-2 (no chat template) with one LoRA adapter, behind an API key."""
+    from tests.adapters import build_adapter
+
+    adapter = build_adapter(tiny_gpt2_dir, tmp_path_factory.mktemp("lora") / "a0", ["c_attn"], 4, seed=3)
+    env = {"TEXTGEN_LORA_ADAPTERS": f"a0={adapter}", "TEXTGEN_API_KEY": KEY}
+    srv = start(tiny_gpt2_dir, env=env, log_dir=tmp_path_factory.mktemp("logs"))
+    yield srv
+    stop(srv.process)
+
+
+def test_adapters_base_models_and_keys(lora_server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    anonymous = ollama.Client(host=lora_server.url, timeout=60)
+    _refused(anonymous.list, 401)
+    monkeypatch.setenv("OLLAMA_API_KEY", KEY)  # the client sends it as a Bearer token
+    client = ollama.Client(host=lora_server.url, timeout=60)
+    base, adapter = (m.model for m in client.list().models)
+    assert adapter == "a0"
+    shown = client.show("a0")
+    assert shown.details is not None and shown.details.parent_model == base
+    assert shown.capabilities == ["completion", "embedding"]  # no chat template: no tools
+
+    # A model without a chat template takes the prompt as is; the adapter's output is /v1's.
+    options = {"temperature": 0, "num_predict": 8}
+    ours = client.generate("a0:latest", "The list", options=options)
+    v1 = httpx.post(
+        f"{lora_server.url}/v1/completions",
+        json={"model": "a0", "prompt": "The list", "max_tokens": 8, "temperature": 0},
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=60,
+    ).json()
+    assert ours.response == v1["choices"][0]["text"]
+    assert ours.response != client.generate(base, "The list", options=options).response
+    assert ours.context is not None  # not raw: the conversation so far comes back
+
+    _refused(lambda: client.chat(base, [{"role": "user", "content": "Hi"}]), 400, "no chat template")
+    _refused(lambda: client.generate(base, "Hi", system="Be brief"), 400, "system")
+
+    long_text = "list " * 2000
+    cut = client.embed(base, long_text)  # Ollama's default: cut to the model's limit
+    assert len(cut.embeddings) == 1
+    _refused(lambda: client.embed(base, long_text, truncate=False), 400, "input")
+    legacy = client.embeddings(base, "a list").embedding
+    assert len(legacy) == len(cut.embeddings[0])

@@ -1,5 +1,5 @@
 """Ollama's fields to textgen's internal requests (OpenAI's ChatRequest / CompletionRequest), and
-engine results back to Ollama's shapes. Each documented field is served or refused here with a 400
+engine results back to Ollama's shapes (tool output: app/api/ollama/tool_output.py). Each documented field is served or refused here with a 400
 naming it (README, "Ollama")."""
 
 import json
@@ -10,7 +10,6 @@ from typing import Any
 
 from app.api.errors import APIError, validation
 from app.api.ollama.protocol import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, Message, Options
-from app.api.openai.tools import ToolPlan, parse_calls
 from app.engine.loader import Limits
 from app.engine.types import Completion
 from app.service import Service
@@ -215,25 +214,6 @@ def chat_messages(messages: list[Message]) -> list[dict]:
         message.setdefault("content", "")
         out.append(message)
     return out
-
-
-def tool_calls(plan: ToolPlan, text: str) -> list[dict] | None:
-    """The tool calls in a complete output, in Ollama's shape (`arguments` an object), or None for
-    free text. The one place tool output is read, so it can move onto a shared handler."""
-    calls = parse_calls(plan, text)
-    if calls is None:
-        return None
-    return [
-        {
-            "id": c["id"],
-            "function": {
-                "index": k,
-                "name": c["function"]["name"],
-                "arguments": json.loads(c["function"]["arguments"]),
-            },
-        }
-        for k, c in enumerate(calls)
-    ]
 
 
 def created_at() -> str:

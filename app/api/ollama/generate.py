@@ -29,8 +29,8 @@ from app.api.ollama.convert import (
     resolve_model,
     sampling_fields,
     stats,
-    tool_calls,
 )
+from app.api.ollama.tool_output import ToolOutput
 from app.api.openai.chat import chat_template_of, render_prompt
 from app.api.openai.common import adapter_of, merged, start_choices
 from app.api.openai.logprobs import chat_logprobs
@@ -200,9 +200,10 @@ async def _respond(
     if stream is not False:  # Ollama streams unless told not to (null included)
         return StreamingResponse(_stream(run, generations), media_type=NDJSON)
     (completion,) = await run_to_completion(request, generations)
-    reason = DONE_REASON[completion.finish_reason]
-    calls = tool_calls(run.plan, completion.text) if run.plan is not None and reason == "stop" else None
-    out = _head(run) | run.shape("" if calls else completion.text, calls)
+    whole = ToolOutput(run.plan).feed(completion.text, completion.tokens, completion)
+    assert whole is not None  # the output is complete: nothing is held
+    text, calls, _ = whole
+    out = _head(run) | run.shape(text, calls)
     if run.logprobs:
         out["logprobs"] = _logprobs(completion.tokens)
     return JSONResponse(out | _final(run, completion))
@@ -226,30 +227,17 @@ def _final(run: Run, completion: Completion) -> dict:
 
 
 async def _stream(run: Run, generations: list[Generation]) -> AsyncIterator[str]:
-    """One NDJSON object per step with text, then the final one. With tools, output that may be
-    a call is held until it parses (a call starts with its tag; other text streams at once)."""
-    held: str | None = "" if run.plan is not None else None
-    held_tokens: list[Token] = []
+    """One NDJSON object per step with output, then the final one; an error is an `error` line."""
+    output = ToolOutput(run.plan)
     try:
         async for _, event in merged(generations):
-            text, tokens, completion = event.text, list(event.tokens), event.completion
-            if held == "" and text[:1] not in ("", "<"):
-                held = None  # free text: stream it as it comes
-            if held is not None:
-                held += text
-                held_tokens += tokens
-                if completion is None:
-                    continue
-                assert run.plan is not None
-                stop = DONE_REASON[completion.finish_reason] == "stop"
-                calls = tool_calls(run.plan, held) if stop else None
-                text, tokens = ("" if calls else held), held_tokens
-                if text or calls:
+            piece = output.feed(event.text, list(event.tokens), event.completion)
+            if piece is not None:
+                text, calls, tokens = piece
+                if text or calls or (run.logprobs and tokens):
                     yield as_ndjson(_chunk(run, text, calls, tokens))
-            elif text or (run.logprobs and tokens):
-                yield as_ndjson(_chunk(run, text, None, tokens))
-            if completion is not None:
-                yield as_ndjson(_head(run) | run.shape("", None) | _final(run, completion))
+            if event.completion is not None:
+                yield as_ndjson(_head(run) | run.shape("", None) | _final(run, event.completion))
     except APIError as exc:
         yield as_ndjson({"error": exc.message})
 

@@ -140,6 +140,8 @@ async def show(body: ShowRequest, service: ServiceDep, engine: EngineDep) -> dic
     wanted = body.model or body.name
     if not wanted:
         raise validation("`model` is required", "model")
+    if body.verbose:  # Ollama's verbose adds GGUF tokenizer arrays, which a transformers model has not
+        raise validation("`verbose` is not supported: omit it or send false", "verbose")
     assert service.loaded is not None
     try:
         name = resolve_model(service, wanted)
