@@ -235,6 +235,10 @@ def error_of(exc: anthropic.APIStatusError) -> dict:
         ({"output_config": {"effort": "high"}}, "output_config.effort"),
         ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools"),
         ({"temperature": 1.5}, "temperature"),
+        ({"speed": "fast"}, "speed"),
+        ({"tools": [WEATHER | {"defer_loading": True}]}, "defer_loading"),
+        ({"tools": [WEATHER | {"eager_input_streaming": True}]}, "eager_input_streaming"),
+        ({"tools": [WEATHER], "output_config": {"format": {"type": "json_schema", "schema": {}}}}, "output_config"),
     ],
 )
 def test_refused_fields_are_400_in_anthropic_shape(client: anthropic.Anthropic, extra: dict, field: str) -> None:
@@ -282,3 +286,29 @@ def test_wrong_key_is_401_and_unknown_model_404(srv: Server, client: anthropic.A
         client.messages.create(model="claude-sonnet-4-5", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
     error = error_of(missing.value)
     assert error["type"] == "not_found_error" and "claude-sonnet-4-5" in error["message"]
+
+
+def test_auto_tool_choice_answers_free_text_streamed_or_not(client: anthropic.Anthropic) -> None:
+    """tool_choice auto (the default with tools): the random model writes free text, not a call,
+    so it streams as text and ends as it would without tools."""
+    body = {"model": MODEL, "max_tokens": 6, "messages": [{"role": "user", "content": "Hello"}], "tools": [WEATHER]}
+    out = client.messages.create(**body, extra_body=GREEDY)
+    assert out.stop_reason in ("end_turn", "max_tokens") and [b.type for b in out.content] == ["text"]
+    with client.messages.stream(**body, extra_body=GREEDY) as stream:
+        streamed = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert streamed == out.content[0].text and final.stop_reason == out.stop_reason
+
+
+def test_without_a_chat_template_messages_is_a_clear_400(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    server = start(tiny_gpt2_dir, log_dir=tmp_path)
+    try:
+        bare = anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0, timeout=60)
+        model = httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]
+        for call in (bare.messages.create, bare.messages.count_tokens):
+            kwargs = {"max_tokens": 4} if call == bare.messages.create else {}
+            with pytest.raises(anthropic.BadRequestError) as info:
+                call(model=model, messages=[{"role": "user", "content": "hi"}], **kwargs)
+            assert "TEXTGEN_CHAT_TEMPLATE" in error_of(info.value)["message"]
+    finally:
+        stop(server.process)

@@ -41,7 +41,13 @@ ERRORS: dict[int | str, dict] = {code: {"model": AnthropicErrorBody} for code in
 def _plan(service: Service, chat: ChatRequest, schema: dict | None) -> tuple[ToolPlan | None, GrammarSpec | None]:
     """The tool plan and the grammar the request asks for (tools or `output_config.format`)."""
     template = chat_template_of(service)
-    plan = tool_plan(chat.tools, chat.tool_choice, chat.parallel_tool_calls, template) if template else None
+    if not template:
+        raise validation(
+            "this model has no chat template, so `messages` cannot be rendered: start the server with "
+            "TEXTGEN_CHAT_TEMPLATE=/path/to/template.jinja (a Jinja chat template), or use /v1/completions",
+            "messages",
+        )
+    plan = tool_plan(chat.tools, chat.tool_choice, chat.parallel_tool_calls, template)
     if plan is not None and schema is not None:
         raise validation(
             "send `tools` (with a tool_choice other than 'none') or `output_config.format`, not both",
