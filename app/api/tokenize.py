@@ -120,6 +120,28 @@ def _count_first(service: Service, text: str, add_special_tokens: bool, field: s
         _check_length(service, len(backend.encode_batch([text], add_special_tokens=add_special_tokens)[0]), field)
 
 
+def _count_messages_first(service: Service, messages: list[ChatMessage]) -> None:
+    """Refuse a conversation whose texts alone are far over the cap before the template renders
+    it (rendering tokenizes into Python ints, holding the GIL for seconds on megabytes). Text
+    that merges across message boundaries may lose a few tokens, hence twice the cap."""
+    assert service.loaded is not None
+    backend = getattr(service.loaded.tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return
+    texts = []
+    for m in messages:
+        parts = m.content if isinstance(m.content, list) else [{"text": m.content or ""}]
+        texts += [p["text"] for p in parts if isinstance(p.get("text"), str)]
+    count = sum(len(e) for e in backend.encode_batch(texts, add_special_tokens=False)) if texts else 0
+    limit = service.loaded.limits.max_total_tokens
+    if count > 2 * limit:
+        raise validation(
+            f"`messages` is over {count} tokens of text alone; at most {limit} are tokenized here "
+            "(TEXTGEN_MAX_TOTAL_TOKENS, the longest sequence this server runs)",
+            "messages",
+        )
+
+
 def _tgi(service: Service, text: str, add_special_tokens: bool) -> str:
     """TGI's response as JSON text (run in a worker thread)."""
     assert service.loaded is not None
@@ -139,6 +161,7 @@ def _vllm(service: Service, body: TokenizeRequest) -> str:
     assert service.loaded is not None
     tok = service.loaded.tokenizer
     if body.messages is not None:
+        _count_messages_first(service, body.messages)
         chat = ChatRequest(
             model=service.model_name,
             messages=body.messages,

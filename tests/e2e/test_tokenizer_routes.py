@@ -4,6 +4,8 @@ max_model_len, token_strs}, `/detokenize` -> {prompt} beside {text, count}, `/to
 and lm-evaluation-harness `local-completions` with no `tokenizer` argument, which then uses them."""
 
 import os
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from tests.e2e.server import Server, start, stop
+from tests.e2e.test_event_loop import BIG, probe_health
 
 TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
@@ -89,6 +92,21 @@ def test_ambiguous_or_refused_bodies_are_422(srv: Server, body: dict, field: str
     r = post(srv, "/tokenize", body)
     assert r.status_code == 422, r.text
     assert f"`{field}`" in r.json()["error"] and r.json()["error_type"] == "validation"
+
+
+def test_a_2mb_message_is_refused_without_stalling_health(srv: Server) -> None:
+    times: list[float] = []
+    stop_probe = threading.Event()
+    prober = threading.Thread(target=probe_health, args=(srv.url, stop_probe, times))
+    prober.start()
+    try:
+        time.sleep(0.1)
+        r = post(srv, "/tokenize", {"messages": [{"role": "user", "content": BIG}]})
+    finally:
+        stop_probe.set()
+        prober.join(30)
+    assert r.status_code == 422 and "`messages` is " in r.json()["error"], r.text[:300]
+    assert len(times) >= 5 and max(times) <= 0.3, f"/health took {max(times):.3f} s while /tokenize ran"
 
 
 def test_model_field_is_checked(srv: Server) -> None:
