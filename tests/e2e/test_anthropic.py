@@ -312,3 +312,29 @@ def test_without_a_chat_template_messages_is_a_clear_400(tiny_gpt2_dir: Path, tm
             assert "TEXTGEN_CHAT_TEMPLATE" in error_of(info.value)["message"]
     finally:
         stop(server.process)
+
+
+def test_errors_mid_stream_are_error_events(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    """A request that runs past TEXTGEN_REQUEST_TIMEOUT: a 504 `timeout_error` when not streamed,
+    an `error` event (which the SDK raises) after message_start when streamed."""
+    template = tmp_path / "template.jinja"
+    template.write_text(TEMPLATE)
+    env = {"TEXTGEN_CHAT_TEMPLATE": str(template), "TEXTGEN_REQUEST_TIMEOUT": "0.001"}
+    server = start(tiny_gpt2_dir, env=env, log_dir=tmp_path)
+    try:
+        slow = anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0, timeout=60)
+        model = httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]
+        body = {"model": model, "max_tokens": 200, "messages": [{"role": "user", "content": "hi"}]}
+        with pytest.raises(anthropic.APIStatusError) as plain:
+            slow.messages.create(**body)
+        assert plain.value.status_code == 504 and error_of(plain.value)["type"] == "timeout_error"
+        kinds: list[str] = []
+        with pytest.raises(anthropic.APIStatusError) as streamed:  # noqa: PT012 - the error comes while iterating
+            with slow.messages.stream(**body) as stream:
+                for event in stream:
+                    kinds.append(event.type)
+        assert kinds[:1] == ["message_start"]  # the stream had begun: the error is an event, not a status
+        assert streamed.value.body["error"]["type"] == "timeout_error", streamed.value.body
+        assert "timed out" in streamed.value.body["error"]["message"]
+    finally:
+        stop(server.process)
