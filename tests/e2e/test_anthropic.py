@@ -12,6 +12,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from tests.e2e.server import Server, start, stop
+from tests.scripted_model import build_scripted
 
 KEY = "sekrit"
 MODEL = "tiny"
@@ -338,3 +339,44 @@ def test_errors_mid_stream_are_error_events(tiny_gpt2_dir: Path, tmp_path: Path)
         assert "timed out" in streamed.value.body["error"]["message"]
     finally:
         stop(server.process)
+
+
+@pytest.fixture(scope="module")
+def caller(gpt2_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A puppet whose greedy output opens a `<tool_call>` tag: under tool_choice auto the grammar
+    then holds it to a complete, valid call (tests/scripted_model.py)."""
+    out = tmp_path_factory.mktemp("caller")
+    build_scripted(gpt2_tokenizer_dir, out, "<tool_call>", chat_template=TEMPLATE)
+    server = start(out, env={"TEXTGEN_SERVED_MODEL_NAME": MODEL}, log_dir=tmp_path_factory.mktemp("caller-logs"))
+    yield server
+    stop(server.process)
+
+
+def test_auto_tool_call_round_trip_streamed_and_not(caller: Server) -> None:
+    client = anthropic.Anthropic(base_url=caller.url, api_key="unused", max_retries=0, timeout=120)
+    question = {"role": "user", "content": "What time is it?"}
+    body = {"model": MODEL, "max_tokens": 60, "messages": [question], "tools": [TIME], "extra_body": GREEDY}
+    out = client.messages.create(**body)
+    assert out.stop_reason == "tool_use", out
+    (call,) = out.content
+    assert call.type == "tool_use" and call.name == "get_time" and call.input["zone"] in ("UTC", "CET")
+    deltas, texts = [], []
+    with client.messages.stream(**body) as stream:
+        for event in stream:
+            if event.type == "content_block_delta":
+                (deltas if event.delta.type == "input_json_delta" else texts).append(event.delta)
+        final = stream.get_final_message()
+    assert final.stop_reason == "tool_use" and not texts  # the tag and JSON never leak as text
+    assert [b.input for b in final.content] == [call.input] and len(deltas) == 1
+    follow = [
+        question,
+        {"role": "assistant", "content": out.content},
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": call.id, "content": [{"type": "text", "text": "12:00"}]}
+            ],
+        },
+    ]
+    answer = client.messages.create(model=MODEL, max_tokens=60, messages=follow, tools=[TIME])
+    assert answer.stop_reason == "tool_use"  # the puppet always calls; the conversation rendered
