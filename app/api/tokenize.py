@@ -120,10 +120,11 @@ def _count_first(service: Service, text: str, add_special_tokens: bool, field: s
         _check_length(service, len(backend.encode_batch([text], add_special_tokens=add_special_tokens)[0]), field)
 
 
-def _count_messages_first(service: Service, messages: list[ChatMessage]) -> None:
+def count_messages_first(service: Service, messages: list[ChatMessage]) -> None:
     """Refuse a conversation whose texts alone are far over the cap before the template renders
-    it (rendering tokenizes into Python ints, holding the GIL for seconds on megabytes). Text
-    that merges across message boundaries may lose a few tokens, hence twice the cap."""
+    it (rendering tokenizes into Python ints, holding the GIL for seconds on megabytes); run it in
+    a worker thread. Text that merges across message boundaries may lose a few tokens, hence
+    twice the cap. Used by /tokenize and Anthropic's routes."""
     assert service.loaded is not None
     backend = getattr(service.loaded.tokenizer, "backend_tokenizer", None)
     if backend is None:
@@ -161,7 +162,7 @@ def _vllm(service: Service, body: TokenizeRequest) -> str:
     assert service.loaded is not None
     tok = service.loaded.tokenizer
     if body.messages is not None:
-        _count_messages_first(service, body.messages)
+        count_messages_first(service, body.messages)
         chat = ChatRequest(
             model=service.model_name,
             messages=body.messages,

@@ -3,6 +3,8 @@
 renders tools, tool calls and tool results, with TEXTGEN_API_KEY set (the SDK sends `x-api-key`)."""
 
 import json
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from tests.e2e.server import Server, start, stop
+from tests.e2e.test_event_loop import BIG, probe_health
 from tests.scripted_model import build_scripted
 
 KEY = "sekrit"
@@ -380,3 +383,21 @@ def test_auto_tool_call_round_trip_streamed_and_not(caller: Server) -> None:
     ]
     answer = client.messages.create(model=MODEL, max_tokens=60, messages=follow, tools=[TIME])
     assert answer.stop_reason == "tool_use"  # the puppet always calls; the conversation rendered
+
+
+def test_a_2mb_message_is_refused_without_stalling_health(srv: Server, client: anthropic.Anthropic) -> None:
+    for call in (client.messages.count_tokens, client.messages.create):
+        times: list[float] = []
+        stop_probe = threading.Event()
+        prober = threading.Thread(target=probe_health, args=(srv.url, stop_probe, times))
+        prober.start()
+        try:
+            time.sleep(0.1)
+            kwargs = {"max_tokens": 4} if call == client.messages.create else {}
+            with pytest.raises(anthropic.BadRequestError) as info:
+                call(model=MODEL, messages=[{"role": "user", "content": BIG}], **kwargs)
+        finally:
+            stop_probe.set()
+            prober.join(30)
+        assert "`messages` is " in error_of(info.value)["message"]
+        assert len(times) >= 5 and max(times) <= 0.3, f"/health took {max(times):.3f} s"
