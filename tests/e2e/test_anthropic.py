@@ -3,6 +3,8 @@
 renders tools, tool calls and tool results, with TEXTGEN_API_KEY set (the SDK sends `x-api-key`)."""
 
 import json
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +14,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from tests.e2e.server import Server, start, stop
+from tests.e2e.test_event_loop import BIG, probe_health
+from tests.scripted_model import build_scripted
 
 KEY = "sekrit"
 MODEL = "tiny"
@@ -235,6 +239,10 @@ def error_of(exc: anthropic.APIStatusError) -> dict:
         ({"output_config": {"effort": "high"}}, "output_config.effort"),
         ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools"),
         ({"temperature": 1.5}, "temperature"),
+        ({"speed": "fast"}, "speed"),
+        ({"tools": [WEATHER | {"defer_loading": True}]}, "defer_loading"),
+        ({"tools": [WEATHER | {"eager_input_streaming": True}]}, "eager_input_streaming"),
+        ({"tools": [WEATHER], "output_config": {"format": {"type": "json_schema", "schema": {}}}}, "output_config"),
     ],
 )
 def test_refused_fields_are_400_in_anthropic_shape(client: anthropic.Anthropic, extra: dict, field: str) -> None:
@@ -282,3 +290,114 @@ def test_wrong_key_is_401_and_unknown_model_404(srv: Server, client: anthropic.A
         client.messages.create(model="claude-sonnet-4-5", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
     error = error_of(missing.value)
     assert error["type"] == "not_found_error" and "claude-sonnet-4-5" in error["message"]
+
+
+def test_auto_tool_choice_answers_free_text_streamed_or_not(client: anthropic.Anthropic) -> None:
+    """tool_choice auto (the default with tools): the random model writes free text, not a call,
+    so it streams as text and ends as it would without tools."""
+    body = {"model": MODEL, "max_tokens": 6, "messages": [{"role": "user", "content": "Hello"}], "tools": [WEATHER]}
+    out = client.messages.create(**body, extra_body=GREEDY)
+    assert out.stop_reason in ("end_turn", "max_tokens") and [b.type for b in out.content] == ["text"]
+    with client.messages.stream(**body, extra_body=GREEDY) as stream:
+        streamed = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert streamed == out.content[0].text and final.stop_reason == out.stop_reason
+
+
+def test_without_a_chat_template_messages_is_a_clear_400(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    server = start(tiny_gpt2_dir, log_dir=tmp_path)
+    try:
+        bare = anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0, timeout=60)
+        model = httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]
+        for call in (bare.messages.create, bare.messages.count_tokens):
+            kwargs = {"max_tokens": 4} if call == bare.messages.create else {}
+            with pytest.raises(anthropic.BadRequestError) as info:
+                call(model=model, messages=[{"role": "user", "content": "hi"}], **kwargs)
+            assert "TEXTGEN_CHAT_TEMPLATE" in error_of(info.value)["message"]
+    finally:
+        stop(server.process)
+
+
+def test_errors_mid_stream_are_error_events(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    """A request that runs past TEXTGEN_REQUEST_TIMEOUT: a 504 `timeout_error` when not streamed,
+    an `error` event (which the SDK raises) after message_start when streamed."""
+    template = tmp_path / "template.jinja"
+    template.write_text(TEMPLATE)
+    env = {"TEXTGEN_CHAT_TEMPLATE": str(template), "TEXTGEN_REQUEST_TIMEOUT": "0.001"}
+    server = start(tiny_gpt2_dir, env=env, log_dir=tmp_path)
+    try:
+        slow = anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0, timeout=60)
+        model = httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]
+        body = {"model": model, "max_tokens": 200, "messages": [{"role": "user", "content": "hi"}]}
+        with pytest.raises(anthropic.APIStatusError) as plain:
+            slow.messages.create(**body)
+        assert plain.value.status_code == 504 and error_of(plain.value)["type"] == "timeout_error"
+        kinds: list[str] = []
+        with pytest.raises(anthropic.APIStatusError) as streamed:  # noqa: PT012 - the error comes while iterating
+            with slow.messages.stream(**body) as stream:
+                for event in stream:
+                    kinds.append(event.type)
+        assert kinds[:1] == ["message_start"]  # the stream had begun: the error is an event, not a status
+        assert streamed.value.body["error"]["type"] == "timeout_error", streamed.value.body
+        assert "timed out" in streamed.value.body["error"]["message"]
+    finally:
+        stop(server.process)
+
+
+@pytest.fixture(scope="module")
+def caller(gpt2_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A puppet whose greedy output opens a `<tool_call>` tag: under tool_choice auto the grammar
+    then holds it to a complete, valid call (tests/scripted_model.py)."""
+    out = tmp_path_factory.mktemp("caller")
+    build_scripted(gpt2_tokenizer_dir, out, "<tool_call>", chat_template=TEMPLATE)
+    server = start(out, env={"TEXTGEN_SERVED_MODEL_NAME": MODEL}, log_dir=tmp_path_factory.mktemp("caller-logs"))
+    yield server
+    stop(server.process)
+
+
+def test_auto_tool_call_round_trip_streamed_and_not(caller: Server) -> None:
+    client = anthropic.Anthropic(base_url=caller.url, api_key="unused", max_retries=0, timeout=120)
+    question = {"role": "user", "content": "What time is it?"}
+    body = {"model": MODEL, "max_tokens": 60, "messages": [question], "tools": [TIME], "extra_body": GREEDY}
+    out = client.messages.create(**body)
+    assert out.stop_reason == "tool_use", out
+    (call,) = out.content
+    assert call.type == "tool_use" and call.name == "get_time" and call.input["zone"] in ("UTC", "CET")
+    deltas, texts = [], []
+    with client.messages.stream(**body) as stream:
+        for event in stream:
+            if event.type == "content_block_delta":
+                (deltas if event.delta.type == "input_json_delta" else texts).append(event.delta)
+        final = stream.get_final_message()
+    assert final.stop_reason == "tool_use" and not texts  # the tag and JSON never leak as text
+    assert [b.input for b in final.content] == [call.input] and len(deltas) == 1
+    follow = [
+        question,
+        {"role": "assistant", "content": out.content},
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": call.id, "content": [{"type": "text", "text": "12:00"}]}
+            ],
+        },
+    ]
+    answer = client.messages.create(model=MODEL, max_tokens=60, messages=follow, tools=[TIME])
+    assert answer.stop_reason == "tool_use"  # the puppet always calls; the conversation rendered
+
+
+def test_a_2mb_message_is_refused_without_stalling_health(srv: Server, client: anthropic.Anthropic) -> None:
+    for call in (client.messages.count_tokens, client.messages.create):
+        times: list[float] = []
+        stop_probe = threading.Event()
+        prober = threading.Thread(target=probe_health, args=(srv.url, stop_probe, times))
+        prober.start()
+        try:
+            time.sleep(0.1)
+            kwargs = {"max_tokens": 4} if call == client.messages.create else {}
+            with pytest.raises(anthropic.BadRequestError) as info:
+                call(model=MODEL, messages=[{"role": "user", "content": BIG}], **kwargs)
+        finally:
+            stop_probe.set()
+            prober.join(30)
+        assert "`messages` is " in error_of(info.value)["message"]
+        assert len(times) >= 5 and max(times) <= 0.3, f"/health took {max(times):.3f} s"

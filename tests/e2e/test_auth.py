@@ -15,6 +15,8 @@ PROTECTED = [
     ("POST", "/embed", {"inputs": "hi"}, "tgi"),
     ("POST", "/tokenize", {"inputs": "hi"}, "tgi"),
     ("POST", "/detokenize", {"tokens": [1, 2]}, "tgi"),
+    ("POST", "/tokenize", {"prompt": "hi"}, "tgi"),
+    ("GET", "/tokenizer_info", None, "tgi"),
     ("GET", "/info", None, "tgi"),
     ("GET", "/v1/models", None, "openai"),
     ("POST", "/v1/completions", {"model": "m", "prompt": "hi", "max_tokens": 2}, "openai"),

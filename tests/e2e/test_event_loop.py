@@ -51,3 +51,26 @@ def test_a_2mb_prompt_does_not_stall_health(server: Server) -> None:
 def test_a_2mb_completion_prompt_does_not_stall_health(server: Server) -> None:
     model = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"][0]["id"]
     check_route(server, "/v1/completions", {"model": model, "prompt": BIG, "max_tokens": 2})
+
+
+def test_a_2mb_tokenize_is_refused_without_stalling_health(server: Server) -> None:
+    """TGI's and vLLM's /tokenize shapes: the text is over the context, so it is a 422 naming the
+    field (with its token count), and /health answers within 300 ms while it is tokenized."""
+    for field in ("inputs", "prompt"):
+        times: list[float] = []
+        stop = threading.Event()
+        prober = threading.Thread(target=probe_health, args=(server.url, stop, times))
+        prober.start()
+        try:
+            time.sleep(0.1)
+            started = time.perf_counter()
+            response = httpx.post(f"{server.url}/tokenize", json={field: BIG}, timeout=120)
+            took = time.perf_counter() - started
+        finally:
+            stop.set()
+            prober.join(30)
+        assert response.status_code == 422, response.text[:300]
+        assert f"`{field}` is " in response.json()["error"] and "tokens" in response.json()["error"]
+        assert took > 0.3, "the text tokenized too fast to show a stall"
+        assert len(times) >= 5
+        assert max(times) <= 0.3, f"/health took {max(times):.3f} s while /tokenize ran ({field})"

@@ -244,5 +244,5 @@ def test_tokenize_detokenize(url: str, tok) -> None:  # noqa: ANN001
     assert r["count"] == len(r["tokens"])
     assert "".join(t["text"] for t in r["tokens"]) == "The list of things"
     back = httpx.post(f"{url}/detokenize", json={"tokens": [t["id"] for t in r["tokens"]]}).json()
-    assert back == {"text": "The list of things", "count": r["count"]}
+    assert back == {"text": "The list of things", "count": r["count"], "prompt": "The list of things"}
     assert httpx.post(f"{url}/detokenize", json={"tokens": [10**9]}).status_code == 422

@@ -15,7 +15,7 @@ from app.engine.types import Completion
 
 STOP_REASON = {"eos_token": "end_turn", "stop_sequence": "stop_sequence", "length": "max_tokens"}
 # Tool keys that ask for nothing beyond a plain client tool (textgen's tool grammar is always strict).
-_TOOL_KEYS = {"name", "description", "input_schema", "type", "cache_control", "strict", "eager_input_streaming"}
+_TOOL_KEYS = {"name", "description", "input_schema", "type", "cache_control", "strict"}
 
 
 def _texts(blocks: list[dict[str, Any]], field: str) -> str:

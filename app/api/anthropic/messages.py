@@ -30,6 +30,7 @@ from app.api.openai.common import adapter_of, check_model, merged, start_choices
 from app.api.openai.protocol import ChatRequest
 from app.api.openai.tools import ToolPlan, tool_plan
 from app.api.structured import compile_grammar
+from app.api.tokenize import count_messages_first
 from app.engine.constraints import GrammarSpec
 from app.engine.types import Completion
 from app.service import Service
@@ -41,7 +42,13 @@ ERRORS: dict[int | str, dict] = {code: {"model": AnthropicErrorBody} for code in
 def _plan(service: Service, chat: ChatRequest, schema: dict | None) -> tuple[ToolPlan | None, GrammarSpec | None]:
     """The tool plan and the grammar the request asks for (tools or `output_config.format`)."""
     template = chat_template_of(service)
-    plan = tool_plan(chat.tools, chat.tool_choice, chat.parallel_tool_calls, template) if template else None
+    if not template:
+        raise validation(
+            "this model has no chat template, so `messages` cannot be rendered: start the server with "
+            "TEXTGEN_CHAT_TEMPLATE=/path/to/template.jinja (a Jinja chat template), or use /v1/completions",
+            "messages",
+        )
+    plan = tool_plan(chat.tools, chat.tool_choice, chat.parallel_tool_calls, template)
     if plan is not None and schema is not None:
         raise validation(
             "send `tools` (with a tool_choice other than 'none') or `output_config.format`, not both",
@@ -75,6 +82,7 @@ async def messages(body: MessagesRequest, request: Request, ctx: ContextDep):
         )
     chat = to_chat(body, model)
     plan, spec = _plan(service, chat, format_schema(body.output_config))
+    await run_in_threadpool(count_messages_first, service, chat.messages)
     ids = await run_in_threadpool(render_prompt, service, chat)  # templating is slow work
     ctx.usage["prompt"] = [m.model_dump() for m in chat.messages]
     grammar = await compile_grammar(ctx, spec, "tools" if plan is not None else "output_config.format.schema")
@@ -103,6 +111,7 @@ async def count_tokens(body: CountTokensRequest, ctx: ContextDep) -> CountTokens
     check_refused(body)
     chat = to_chat(body, model)
     _plan(service, chat, format_schema(body.output_config))  # the same checks as /v1/messages
+    await run_in_threadpool(count_messages_first, service, chat.messages)
     ids = await run_in_threadpool(render_prompt, service, chat)
     return CountTokensResponse(input_tokens=len(ids))
 

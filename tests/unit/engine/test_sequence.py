@@ -44,6 +44,17 @@ def test_stop_string_across_tokens(tiny_lm: LoadedModel) -> None:
     assert "".join(chunks) == seq.text  # held-back text never leaks the stop string
 
 
+def test_the_stop_string_that_matched_is_reported(tiny_lm: LoadedModel) -> None:
+    """Completion.stop_string: the earliest match among several stop strings (Anthropic's
+    `stop_sequence`); None when nothing matched."""
+    seq = make(tiny_lm, "x", StoppingParams(50, stop=("returned", "of the", "zzz")))
+    feed(seq, " the value of the attribute is returned")
+    assert seq.finish_reason == "stop_sequence" and seq.completion().stop_string == "of the"
+    plain = make(tiny_lm, "x", StoppingParams(3))
+    feed(plain, " the value of the attribute")
+    assert plain.finish_reason == "length" and plain.completion().stop_string is None
+
+
 def test_text_is_held_back_while_it_may_become_a_stop(tiny_lm: LoadedModel) -> None:
     seq = make(tiny_lm, "x", StoppingParams(50, stop=("value of the end",)))
     chunks, _ = feed(seq, " the value of the attribute")
