@@ -130,3 +130,14 @@ def test_auto_tagged_call() -> None:
     # Cut inside the JSON: text, "length".
     cut = CALL_OPEN + call[:12]
     assert fed("auto", [cut], "length") == {"content": cut, "calls": [], "finish": "length"}
+
+
+def test_auto_grammar_embeds_closed_argument_schemas_unless_the_setting_opens_them() -> None:
+    """"auto"'s Lark grammar carries the call schema itself, so the additionalProperties default
+    is applied when the plan is built (JSON specs get it when compiled)."""
+    closed = tool_plan([WEATHER], "auto", None, TEMPLATE)
+    opened = tool_plan([WEATHER], "auto", None, TEMPLATE, additional_properties=True)
+    assert closed is not None and opened is not None
+    arguments = '"arguments": {"type": "object", "properties": {"city": {"type": "string"}}'
+    assert arguments + ', "additionalProperties": false}' in closed.spec.source
+    assert arguments + "}" in opened.spec.source
