@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from app.api.errors import validation
 from app.api.generation import Context
 from app.engine.constraints import Grammar, GrammarError, GrammarSpec
+from app.engine.types import Completion
 
 ANY_OBJECT = {"type": "object"}
 
@@ -154,3 +155,12 @@ async def compile_grammar(ctx: Context, spec: GrammarSpec | None, field: str) ->
         raise validation(f"`{field}` is invalid: {str(exc).strip()}", field) from None
     service.metrics.constrained_requests.labels(spec.kind).inc()
     return grammar
+
+
+def document_cut(completion: Completion, grammar: Grammar | None) -> bool:
+    """Whether a stop string (or stop token id) ended constrained output before its document was
+    whole: the returned text, checked against the grammar, is only a prefix of a document. Every
+    route family reports this like `max_tokens` truncation (OpenAI `length`), never as a normal
+    stop, so a client can tell a cut JSON document from a finished one. Cost: tokenizing the text
+    and one matcher step per token (llguidance, microseconds each)."""
+    return completion.finish_reason == "stop_sequence" and grammar is not None and not grammar.accepts(completion.text)

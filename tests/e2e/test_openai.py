@@ -121,8 +121,8 @@ def test_streaming_completion(client: openai.OpenAI) -> None:
 
 
 def test_stream_options_are_checked(client: openai.OpenAI) -> None:
-    """As vLLM: `stream_options` needs `stream: true`, and vLLM's `continuous_usage_stats` (usage
-    on every chunk), which textgen does not implement, is refused, not ignored."""
+    """As vLLM: `stream_options` needs `stream: true`, and its fields are checked (vLLM's
+    `continuous_usage_stats` is served: tests/e2e/test_tool_calls.py)."""
     messages = [{"role": "user", "content": "hi"}]
     for create, kwargs in (
         (client.completions.create, {"prompt": "hi"}),
@@ -136,7 +136,7 @@ def test_stream_options_are_checked(client: openai.OpenAI) -> None:
                 model="tiny",
                 max_tokens=2,
                 stream=True,
-                stream_options={"include_usage": True, "continuous_usage_stats": True},
+                stream_options={"include_usage": True, "continuous_usage_stats": "always"},
                 **kwargs,
             )
         assert e.value.body["param"] == "stream_options.continuous_usage_stats", e.value.body

@@ -136,7 +136,8 @@ async def chat(body: ChatRequest, request: Request, ctx: ContextDep):
         )
     template = chat_template_of(service)
     # Checked before templating, so a bad tool is named as such (render_prompt refuses no template).
-    plan = tool_plan(body.tools, body.tool_choice, body.parallel_tool_calls, template) if template else None
+    extra_keys = service.settings.json_additional_properties
+    plan = tool_plan(body.tools, body.tool_choice, body.parallel_tool_calls, template, extra_keys) if template else None
     if plan is not None:
         spec, field = plan.spec, "tools"
     ids = await run_in_threadpool(render_prompt, service, body)  # templating is slow work

@@ -14,6 +14,7 @@ from app.api.generation import (
     sse_json,
 )
 from app.api.openai.protocol import CompletionUsage, OpenAIErrorBody, SamplingFields
+from app.api.structured import document_cut
 from app.engine.constraints import Grammar
 from app.engine.types import Completion, Event, SamplingParams, StoppingParams
 from app.service import Service
@@ -30,13 +31,11 @@ ChoiceRenderer = Callable[[int, Event, str | None], dict | None]
 
 
 def finish_of(completion: Completion, grammar: Grammar | None) -> Literal["stop", "length"]:
-    """OpenAI's finish reason for an engine completion. A stop string (or stop token id) that cut
-    constrained output before its document was whole is "length", as when `max_tokens` cuts it:
-    "stop" would tell the client the JSON is finished. Neither OpenAI nor vLLM has a reason for
-    this (both say "stop"); "length" is the one every client already treats as "cut short"."""
-    if completion.finish_reason == "stop_sequence" and grammar is not None and not grammar.accepts(completion.text):
-        return "length"
-    return FINISH[completion.finish_reason]
+    """OpenAI's finish reason for an engine completion: "length" also for a stop string that cut
+    constrained output (app/api/structured.document_cut). Neither OpenAI nor vLLM has a reason of
+    its own for that (both say "stop", which would tell the client the JSON is finished);
+    "length" is the one every client already treats as "cut short"."""
+    return "length" if document_cut(completion, grammar) else FINISH[completion.finish_reason]
 
 
 def check_model(service: Service, name: str, *, embedding: bool = False) -> str:

@@ -29,7 +29,7 @@ import jinja2
 import jinja2.meta
 
 from app.api.errors import validation
-from app.engine.constraints import GrammarSpec
+from app.engine.constraints import GrammarSpec, closed_objects
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
@@ -88,8 +88,13 @@ def _call_schema(functions: dict[str, dict]) -> dict:
     return calls[0] if len(calls) == 1 else {"anyOf": calls}
 
 
-def tool_plan(tools: list[dict] | None, choice: Any, parallel: bool | None, template: str) -> ToolPlan | None:
-    """What the request's `tools`/`tool_choice` ask for; None when the output is not constrained."""
+def tool_plan(
+    tools: list[dict] | None, choice: Any, parallel: bool | None, template: str, additional_properties: bool = False
+) -> ToolPlan | None:
+    """What the request's `tools`/`tool_choice` ask for (OpenAI chat's shapes); None when the
+    output is not constrained. `additional_properties` is TEXTGEN_JSON_ADDITIONAL_PROPERTIES: JSON
+    specs get it when compiled, but "auto"'s Lark grammar embeds the call schema, so it is
+    applied here. Raises a 400 APIError naming the field."""
     if choice == "none" or (choice is None and not tools):
         return None
     if not tools:
@@ -120,7 +125,8 @@ def tool_plan(tools: list[dict] | None, choice: Any, parallel: bool | None, temp
             "server with a TEXTGEN_CHAT_TEMPLATE that renders tools",
             "tool_choice",
         )
-    call = json.dumps(_call_schema(functions))
+    schema = _call_schema(functions)
+    call = json.dumps(schema if additional_properties else closed_objects(schema))
     # Free text that does not start with the tag, or exactly one tagged call.
     lark = f'start: TEXT | call\ncall: "{CALL_OPEN}" %json {call} "{CALL_CLOSE}"\nTEXT: /[^<][\\s\\S]*/\n'
     return ToolPlan("auto", GrammarSpec("lark", lark), None, parallel, names)

@@ -159,7 +159,7 @@ def test_sentencepiece_model_keeps_to_the_grammar(stories260k_dir: Path) -> None
     comp = GrammarCompiler(lm.tokenizer, lm.model.config.vocab_size, eos)
     schema = {
         "type": "object",
-        "properties": {"who": {"enum": ["Lily", "Tom"]}, "n": {"type": "integer", "maximum": 9}},
+        "properties": {"who": {"enum": ["Lily", "Tom"]}, "n": {"type": "integer", "minimum": 0, "maximum": 9}},
     }
     schema |= {"required": ["who", "n"], "additionalProperties": False}
     json_grammar = comp.compile(GrammarSpec.json_schema(schema))
@@ -177,3 +177,78 @@ def test_sentencepiece_model_keeps_to_the_grammar(stories260k_dir: Path) -> None
         e.stop()
     jsonschema.validate(json.loads(results[0].text), schema)
     assert re.fullmatch(r"Once upon a [a-z]+ day\.", results[1].text) or results[1].finish_reason == "length"
+
+
+def _walk(grammar, tok, text: str) -> bool:  # noqa: ANN001
+    """Whether `text` (its own tokens) is a whole document of the compiled grammar."""
+    matcher = grammar.matcher()
+    try:
+        for token in tok(text, add_special_tokens=False)["input_ids"]:
+            matcher.advance(token)
+    except GrammarError:
+        return False
+    return matcher._m.is_accepting()
+
+
+def test_property_order_is_the_schema_order(tiny_lm: LoadedModel) -> None:
+    """No sort_keys: `reasoning` before `answer` as the schema says (the spec text keeps it)."""
+    schema = {
+        "type": "object",
+        "properties": {"reasoning": {"type": "string"}, "answer": {"type": "integer"}},
+        "required": ["reasoning", "answer"],
+    }
+    spec = GrammarSpec.json_schema(schema)
+    assert list(json.loads(spec.source)["properties"]) == ["reasoning", "answer"]
+    grammar = compiler(tiny_lm).compile(spec)
+    assert _walk(grammar, tiny_lm.tokenizer, '{"reasoning": "x", "answer": 1}')
+    assert not _walk(grammar, tiny_lm.tokenizer, '{"answer": 1, "reasoning": "x"}')
+
+
+def test_unspecified_additional_properties_default_false_and_the_setting(tiny_lm: LoadedModel) -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    extra = '{"city": "a", "more": 1}'
+    closed = compiler(tiny_lm).compile(GrammarSpec.json_schema(schema))
+    assert _walk(closed, tiny_lm.tokenizer, '{"city": "a"}') and not _walk(closed, tiny_lm.tokenizer, extra)
+    lm = tiny_lm
+    open_compiler = GrammarCompiler(
+        lm.tokenizer, lm.model.config.vocab_size, [lm.tokenizer.eos_token_id], additional_properties=True
+    )
+    assert _walk(open_compiler.compile(GrammarSpec.json_schema(schema)), lm.tokenizer, extra)
+    # A schema that says so itself is obeyed either way.
+    said = compiler(tiny_lm).compile(GrammarSpec.json_schema(schema | {"additionalProperties": True}))
+    assert _walk(said, tiny_lm.tokenizer, extra)
+    # An object schema without properties (JSON mode) means any object.
+    any_object = compiler(tiny_lm).compile(GrammarSpec.json_schema({"type": "object"}))
+    assert _walk(any_object, tiny_lm.tokenizer, extra)
+
+
+def test_closed_objects_reaches_nested_schemas_but_not_all_of_branches() -> None:
+    from app.engine.constraints import closed_objects
+
+    obj = {"type": "object", "properties": {"a": {"type": "string"}}}
+    schema = {
+        "type": "object",
+        "properties": {"inner": obj, "list": {"type": "array", "items": obj}},
+        "$defs": {"d": obj},
+        "anyOf": [obj],
+        "allOf": [obj],
+    }
+    out = closed_objects(schema)
+    assert out["additionalProperties"] is False
+    assert out["properties"]["inner"]["additionalProperties"] is False
+    assert out["properties"]["list"]["items"]["additionalProperties"] is False
+    assert out["$defs"]["d"]["additionalProperties"] is False and out["anyOf"][0]["additionalProperties"] is False
+    assert "additionalProperties" not in out["allOf"][0]
+    assert "additionalProperties" not in obj  # the request's schema is not changed
+    assert closed_objects({"type": "object", "unevaluatedProperties": True}) == {
+        "type": "object",
+        "unevaluatedProperties": True,
+    }
+
+
+def test_accepts_tells_a_whole_document_from_a_cut_one(tiny_lm: LoadedModel) -> None:
+    grammar = compiler(tiny_lm).compile(GrammarSpec.json_schema({"type": "object", "properties": {"c": {}}}))
+    assert grammar.accepts('{"c": "你好"}')
+    assert not grammar.accepts('{"c": "你好')
+    assert not grammar.accepts('{"c": "你好"} trailing')
+    assert not grammar.accepts("")
