@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from app.api.anthropic.protocol import CountTokensRequest, InputMessage, MessagesRequest, new_id
 from app.api.errors import APIError, validation
 from app.api.openai.protocol import ChatMessage, ChatRequest
-from app.api.openai.tools import ToolPlan, parse_calls
+from app.api.openai.tools import ToolPlan, collect
 from app.engine.types import Completion
 
 STOP_REASON = {"eos_token": "end_turn", "stop_sequence": "stop_sequence", "length": "max_tokens"}
@@ -197,8 +197,8 @@ def output_blocks(plan: ToolPlan | None, completion: Completion) -> tuple[list[d
     parses is a `tool_use`; anything else is text with the generation's own stop reason."""
     text, reason = completion.text, STOP_REASON[completion.finish_reason]
     if plan is not None and completion.finish_reason == "eos_token":
-        calls = parse_calls(plan, text)
-        blocks = [tool_use(c) for c in calls] if calls else []
+        out = collect(plan, text, "stop")  # chat's reading of tool output, shared by every family
+        blocks = [tool_use(c.openai()) for c in out.calls] if out.finish == "tool_calls" else []
         if blocks and all(b is not None for b in blocks):
             return [b for b in blocks if b is not None], "tool_use"
     return ([{"type": "text", "text": text}] if text else []), reason

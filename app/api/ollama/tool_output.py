@@ -1,29 +1,22 @@
-"""Tool output on /api/chat, in Ollama's shape: calls parsed with the chat route's `parse_calls`,
-`arguments` as objects. Kept apart so it can move onto a shared tool-output handler."""
+"""Tool output on /api/chat, in Ollama's shape: calls read by chat's `ToolCallOutput` (so every
+family agrees on what is a call), `arguments` as objects."""
 
 import json
 
 from app.api.ollama.convert import DONE_REASON
-from app.api.openai.tools import ToolPlan, parse_calls
+from app.api.openai.tools import ToolPlan, collect
 from app.engine.types import Completion, Token
 
 
 def tool_calls(plan: ToolPlan, text: str) -> list[dict] | None:
     """The tool calls in a complete output, in Ollama's shape (`arguments` an object), or None for
     free text."""
-    calls = parse_calls(plan, text)
-    if calls is None:
+    out = collect(plan, text, "stop")
+    if out.finish != "tool_calls":
         return None
     return [
-        {
-            "id": c["id"],
-            "function": {
-                "index": k,
-                "name": c["function"]["name"],
-                "arguments": json.loads(c["function"]["arguments"]),
-            },
-        }
-        for k, c in enumerate(calls)
+        {"id": c.id, "function": {"index": k, "name": c.name, "arguments": json.loads(c.arguments)}}
+        for k, c in enumerate(out.calls)
     ]
 
 

@@ -32,7 +32,7 @@ from app.api.openai.responses_protocol import (
     output_text,
     usage,
 )
-from app.api.openai.tools import ToolPlan, parse_calls, tool_plan
+from app.api.openai.tools import ToolPlan, collect, tool_plan
 from app.api.structured import compile_grammar, openai_spec
 from app.engine.types import Completion, Token
 
@@ -262,11 +262,12 @@ def chat_request(body: ResponsesRequest) -> ChatRequest:
 def output_items(plan: ToolPlan | None, text: str, finish: str, logprobs: list[dict] | None = None) -> list[dict]:
     """One finished generation as output items: its tool calls when tools are active and the
     output parses as calls, else one assistant message (incomplete when cut by the token limit)
-    with `logprobs`. The one place tool output is interpreted, so it can move onto a shared handler."""
-    calls = parse_calls(plan, text) if plan is not None and finish == "stop" else None
-    if calls is None:
+    with `logprobs`. Tool output is read by chat's `ToolCallOutput`, so every family agrees on
+    what is a call: here, only calls that parse and were not cut (finish "tool_calls")."""
+    out = collect(plan, text, "stop") if plan is not None and finish == "stop" else None
+    if out is None or out.finish != "tool_calls":
         return [message_item(text, "incomplete" if finish == "length" else "completed", logprobs=logprobs)]
-    return [function_call_item(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in calls]
+    return [function_call_item(c.id, c.name, c.arguments) for c in out.calls]
 
 
 class Echo:
