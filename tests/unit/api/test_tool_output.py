@@ -133,7 +133,7 @@ def test_auto_tagged_call() -> None:
 
 
 def test_auto_grammar_embeds_closed_argument_schemas_unless_the_setting_opens_them() -> None:
-    """"auto"'s Lark grammar carries the call schema itself, so the additionalProperties default
+    """ "auto"'s Lark grammar carries the call schema itself, so the additionalProperties default
     is applied when the plan is built (JSON specs get it when compiled)."""
     closed = tool_plan([WEATHER], "auto", None, TEMPLATE)
     opened = tool_plan([WEATHER], "auto", None, TEMPLATE, additional_properties=True)
