@@ -74,7 +74,10 @@ class GrammarSpec:
             if not isinstance(schema, dict | bool):
                 raise GrammarError("the JSON schema must be an object (or true/false)")
             if not additional_properties:
-                schema = closed_objects(schema)
+                try:
+                    schema = closed_objects(schema)
+                except RecursionError:  # llguidance refuses such depth anyway: say so, not a 500
+                    raise GrammarError("the JSON schema is nested too deeply") from None
             try:
                 # llguidance takes true/false schemas too; its stub lists only dict and str.
                 json_schema = cast(dict[str, Any], schema)
