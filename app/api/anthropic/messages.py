@@ -48,7 +48,9 @@ def _plan(service: Service, chat: ChatRequest, schema: dict | None) -> tuple[Too
             "TEXTGEN_CHAT_TEMPLATE=/path/to/template.jinja (a Jinja chat template), or use /v1/completions",
             "messages",
         )
-    plan = tool_plan(chat.tools, chat.tool_choice, chat.parallel_tool_calls, template)
+    plan = tool_plan(
+        chat.tools, chat.tool_choice, chat.parallel_tool_calls, template, service.settings.json_additional_properties
+    )
     if plan is not None and schema is not None:
         raise validation(
             "send `tools` (with a tool_choice other than 'none') or `output_config.format`, not both",

@@ -170,7 +170,8 @@ async def chat(body: protocol.ChatRequest, request: Request, ctx: ContextDep):
     internal = _internal(
         ChatRequest, model=model, messages=messages, tools=tools, response_format=format_spec(body.format), **fields
     )
-    plan = tool_plan(internal.tools, None, None, template) if tools else None
+    extra_keys = service.settings.json_additional_properties
+    plan = tool_plan(internal.tools, None, None, template, extra_keys) if tools else None
     ctx.usage["prompt"] = messages
     ids = await run_in_threadpool(render_prompt, service, internal)
     run = Run(model, started, internal, ids, _chat_shape, plan, body.logprobs, top)

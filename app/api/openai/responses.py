@@ -325,7 +325,8 @@ async def responses(body: ResponsesRequest, request: Request, ctx: ContextDep) -
     check_accepted(body)
     chat = chat_request(body)
     template = chat_template_of(service)
-    plan = tool_plan(chat.tools, chat.tool_choice, chat.parallel_tool_calls, template) if template else None
+    extra_keys = service.settings.json_additional_properties
+    plan = tool_plan(chat.tools, chat.tool_choice, chat.parallel_tool_calls, template, extra_keys) if template else None
     with responses_names():
         spec, field = openai_spec(chat)
     if spec is not None:
