@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from app.engine.constraints import Grammar, GrammarCompiler, GrammarSpec
 from app.engine.loader import LoadedModel, load_model
 from app.engine.scheduler import Engine
 from app.engine.speculative import SpeculativeConfig, propose
@@ -58,6 +59,7 @@ def run(
     requests: list[tuple[list[int], SamplingParams, StoppingParams]],
     speculative: SpeculativeConfig | None,
     gaps: list[float] | None,
+    grammars: list[Grammar | None] | None = None,
 ) -> tuple[list[Output], Metrics]:
     """Submit `requests` to a real engine (`gaps[i]` s after the previous one, or each after the
     previous one finished when None); return each one's ids, logprobs, top candidates, text and
@@ -91,7 +93,8 @@ def run(
         for i, (ids, sampling, stopping) in enumerate(requests):
             if gaps is not None:
                 time.sleep(gaps[i])
-            engine.submit(GenerationRequest(ids, sampling, stopping, on_event(i)))
+            grammar = grammars[i] if grammars is not None else None
+            engine.submit(GenerationRequest(ids, sampling, stopping, on_event(i), grammar=grammar))
             if gaps is None:
                 assert finished[i].wait(120), "the engine did not finish in time"
         for event in finished.values():
@@ -209,3 +212,35 @@ def test_speculation_is_off_where_verification_cannot_be_exact(tiny_gpt2_dir: Pa
             speculative=NGRAM,
         )
         assert engine.speculative is None, options
+
+
+@torch.inference_mode()
+def test_grammar_stop_strings_and_choices_stay_exact(stories260k_dir: Path) -> None:
+    """A regex grammar (the matcher advances only on chosen tokens, never on drafts), stop strings
+    (matched on the text as tokens are appended one by one) and n = 3 seeded choices of one prompt
+    (as the OpenAI layer submits them): the same outputs with speculation on and off."""
+    lm = load_model(str(stories260k_dir))
+    grammar = GrammarCompiler(lm.tokenizer, lm.model.config.vocab_size, [lm.tokenizer.eos_token_id]).compile(
+        GrammarSpec("regex", r"(Lily (and the dog )?(played|ran)\. ){2,8}")
+    )
+    prompt = list(lm.tokenizer(" ".join(STORY * 2))["input_ids"])
+    requests: list[tuple[list[int], SamplingParams, StoppingParams]] = [
+        (prompt, SamplingParams(), StoppingParams(40, stop=("ball.",))),
+        (prompt, SamplingParams(top_logprobs=2), StoppingParams(40, stop=("dog", "fun"), include_stop=True)),
+        *[
+            (prompt, SamplingParams(do_sample=True, seed=100 + i, temperature=0.8), StoppingParams(30))
+            for i in range(3)
+        ],
+    ]
+    grammars = [None] * len(requests) + [grammar, grammar]
+    requests += [
+        (prompt, SamplingParams(), StoppingParams(60)),
+        (prompt, SamplingParams(do_sample=True, seed=4), StoppingParams(60)),
+    ]
+    on, metrics = run(lm, requests, NGRAM, [0.0] * len(requests), grammars)
+    off, _ = run(lm, requests, None, None, grammars)
+    for i, (a, b) in enumerate(zip(on, off, strict=True)):
+        assert a == b, f"request {i} differs with speculation on"
+    assert counter(metrics, "vllm:spec_decode_num_accepted_tokens_total") > 0
+    assert any(o[4] == "stop_sequence" for o in on), [o[4] for o in on]
+    assert on[-2][3].startswith("Lily"), on[-2][3]
