@@ -14,10 +14,12 @@ import torch
 
 from app.engine.constraints import Grammar, GrammarCompiler, GrammarSpec
 from app.engine.loader import LoadedModel, load_model
+from app.engine.lora import AdapterRegistry
 from app.engine.scheduler import Engine
 from app.engine.speculative import SpeculativeConfig, propose
 from app.engine.types import Completion, Event, GenerationRequest, SamplingParams, StoppingParams
 from app.metrics import Metrics
+from tests.adapters import build_adapter
 
 NGRAM = SpeculativeConfig(num_tokens=4, ngram_min=1, ngram_max=3)
 
@@ -60,6 +62,7 @@ def run(
     speculative: SpeculativeConfig | None,
     gaps: list[float] | None,
     grammars: list[Grammar | None] | None = None,
+    adapters: tuple[AdapterRegistry, list[str | None]] | None = None,
 ) -> tuple[list[Output], Metrics]:
     """Submit `requests` to a real engine (`gaps[i]` s after the previous one, or each after the
     previous one finished when None); return each one's ids, logprobs, top candidates, text and
@@ -75,6 +78,7 @@ def run(
         metrics=metrics,
         check_invariants=True,
         speculative=speculative,
+        adapters=adapters[0] if adapters is not None else None,
     )
     assert engine.speculative == speculative
     engine.start()
@@ -94,7 +98,8 @@ def run(
             if gaps is not None:
                 time.sleep(gaps[i])
             grammar = grammars[i] if grammars is not None else None
-            engine.submit(GenerationRequest(ids, sampling, stopping, on_event(i), grammar=grammar))
+            adapter = adapters[1][i] if adapters is not None else None
+            engine.submit(GenerationRequest(ids, sampling, stopping, on_event(i), grammar=grammar, adapter=adapter))
             if gaps is None:
                 assert finished[i].wait(120), "the engine did not finish in time"
         for event in finished.values():
@@ -244,3 +249,27 @@ def test_grammar_stop_strings_and_choices_stay_exact(stories260k_dir: Path) -> N
     assert counter(metrics, "vllm:spec_decode_num_accepted_tokens_total") > 0
     assert any(o[4] == "stop_sequence" for o in on), [o[4] for o in on]
     assert on[-2][3].startswith("Lily"), on[-2][3]
+
+
+@torch.inference_mode()
+def test_lora_rows_stay_exact(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    """Requests on an adapter (attention and the MLP's fused-activation layer adapted) and on the
+    base, batched with speculation on, against each alone without it."""
+    lm = load_model(str(tiny_gpt2_dir))
+    registry = AdapterRegistry(lm.compact, lm.model_id, max_loras=2, max_rank=8)
+    registry.load("a", build_adapter(tiny_gpt2_dir, tmp_path / "a", ["c_attn", "c_fc"], 4, seed=1))
+    rng = random.Random(2)
+    requests = [
+        (
+            repetitive_prompt(lm, rng),
+            SamplingParams() if i % 2 else SamplingParams(do_sample=True, seed=i),
+            StoppingParams(30),
+        )
+        for i in range(6)
+    ]
+    names: list[str | None] = ["a", "a", None, "a", None, "a"]
+    on, metrics = run(lm, requests, NGRAM, [0.0] * len(requests), adapters=(registry, names))
+    off, _ = run(lm, requests, None, None, adapters=(registry, names))
+    for i, (a, b) in enumerate(zip(on, off, strict=True)):
+        assert a == b, f"request {i} differs with speculation on"
+    assert counter(metrics, "vllm:spec_decode_num_accepted_tokens_total") > 0
