@@ -1,7 +1,7 @@
 """Speculative decoding benchmark: single-stream tok/s with TEXTGEN_SPECULATIVE=ngram against off,
 through the real engine in-process, rounds alternated, best round each; outputs compared bitwise.
 
-    python -m bench.spec [--rounds 3] [--requests 3] [--new-tokens 64] [--k 4] [--threads N]
+    python -m bench.spec [--rounds 3] [--requests 3] [--new-tokens 64] [--k 4] [--threads N] [--clients 1]
                          [--workloads grounded,standard]
 
 Workloads, both on the GPT-2-124M shape (12 layers, 768 wide, 50257-token vocabulary: the same
@@ -14,10 +14,12 @@ GEMMs and KV cache per token as the standard benchmark):
   is 292 consecutive script tokens (of 296) and a quote of 8 of them; the answer walks the script
   from the quote with those jumps, so it copies 16-token spans of the prompt (and, about one token
   in 50, a script token the prompt lacks), and a draft crossing a jump is rejected. Its compute is
-  the full GPT-2-124M step; only the weights' values are chosen.
+  the full GPT-2-124M step; only the weights' values are chosen;
+- adversarial (not run by default): the same with a jump after every token, so every n-gram recurs
+  in the prompt and every draft is wrong: the cost of verifying drafts that are all rejected.
 Each round runs `requests` requests one after another (single stream, EOS ignored) on a fresh
 engine with speculation off, then on; tok/s = generated tokens / wall time from submit to the last
-token (prefill included). The model loads on a thread that ends (app/own_thread.py explains why).
+token (prefill included). `--clients N` submits N requests at a time instead (batched throughput). The model loads on a thread that ends (app/own_thread.py explains why).
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ JUMP_EVERY, JUMP = 16, 37
 QUOTE = 8
 
 
-def grounded_model(path: Path, seed: int = 0) -> tuple[Path, list[int]]:
-    """Build (once) the scripted GPT-2-124M-shaped model; return it and its script's token ids."""
+def grounded_model(path: Path, seed: int = 0, jump_every: int = JUMP_EVERY) -> tuple[Path, list[int]]:
+    """Build (once) the scripted GPT-2-124M-shaped model; return it and its script's token ids.
+    `jump_every` 1: every token jumps, so no draft taken from the prompt is ever right."""
     import torch
     from transformers import AutoTokenizer, GenerationConfig, GPT2Config, GPT2LMHeadModel
 
@@ -48,7 +51,7 @@ def grounded_model(path: Path, seed: int = 0) -> tuple[Path, list[int]]:
     tok = AutoTokenizer.from_pretrained(SHARED_TOKENIZER)
     script = rng.sample(range(256, len(tok) - 1), SCRIPT_TOKENS)
     marker = path / "script.json"
-    if marker.exists() and json.loads(marker.read_text()) == script:
+    if marker.exists() and json.loads(marker.read_text()) == [jump_every, *script]:
         return path, script
     torch.manual_seed(seed)
     config = GPT2Config(tie_word_embeddings=False)
@@ -68,12 +71,12 @@ def grounded_model(path: Path, seed: int = 0) -> tuple[Path, list[int]]:
         for i, token in enumerate(script):
             embed[token].zero_()
             embed[token, i + 1] = 1.0
-            step = JUMP if i % JUMP_EVERY == JUMP_EVERY - 1 else 1
+            step = JUMP if i % jump_every == jump_every - 1 else 1
             head[script[(i + step) % SCRIPT_TOKENS], i + 1] = 10.0
     model.generation_config = GenerationConfig(bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
     model.save_pretrained(path)
     tok.save_pretrained(path)
-    marker.write_text(json.dumps(script))
+    marker.write_text(json.dumps([jump_every, *script]))
     return path, script
 
 
@@ -95,8 +98,9 @@ def _on_thread(fn: Any, *args: Any) -> Any:
     return out["value"]
 
 
-def run_round(lm: Any, prompts: list[list[int]], new_tokens: int, speculative: Any) -> dict[str, Any]:
-    """One engine, `prompts` one after another; tok/s, outputs and the speculation counters."""
+def run_round(lm: Any, prompts: list[list[int]], new_tokens: int, speculative: Any, clients: int = 1) -> dict[str, Any]:
+    """One engine, `prompts` in waves of `clients` submitted together (1: one after another); tok/s,
+    outputs and the speculation counters."""
     from app.engine.scheduler import Engine
     from app.engine.types import Completion, Event, GenerationRequest, SamplingParams, StoppingParams
     from app.metrics import Metrics
@@ -105,10 +109,10 @@ def run_round(lm: Any, prompts: list[list[int]], new_tokens: int, speculative: A
     engine = Engine(
         lm,
         None,  # type: ignore[arg-type]  # no embeddings
-        max_batch_size=1,
-        max_batch_tokens=2048,
-        max_prefill_tokens=1024,
-        max_queue=4,
+        max_batch_size=clients,
+        max_batch_tokens=2048 * clients,
+        max_prefill_tokens=1024 * clients,
+        max_queue=4 * clients,
         metrics=metrics,
         speculative=speculative,
     )
@@ -116,30 +120,37 @@ def run_round(lm: Any, prompts: list[list[int]], new_tokens: int, speculative: A
     outputs: list[tuple[list[int], list[float]]] = []
     tokens = 0
     elapsed = 0.0
-    decode_s = 0.0  # first token to last: the decode steps alone
+    decode_s = 0.0  # first token to last: the decode steps alone (single stream)
     try:
-        for prompt in prompts:
-            done = threading.Event()
-            result: list[Completion] = []
+        for wave in range(0, len(prompts), clients):
+            group = prompts[wave : wave + clients]
+            done = [threading.Event() for _ in group]
+            results: list[list[Completion]] = [[] for _ in group]
 
-            def on_event(event: Event, result: list[Completion] = result, done: threading.Event = done) -> None:
-                if event.completion is not None:
-                    result.append(event.completion)
-                    done.set()
+            def on_event(result: list[Completion], finished: threading.Event) -> Any:
+                def handle(event: Event) -> None:
+                    if event.completion is not None:
+                        result.append(event.completion)
+                        finished.set()
+
+                return handle
 
             start = time.perf_counter()
             stopping = StoppingParams(new_tokens, new_tokens, ignore_eos=True)
-            engine.submit(GenerationRequest(prompt, SamplingParams(), stopping, on_event))
-            if not done.wait(600):
-                raise RuntimeError("the engine did not finish in 600 s")
+            for i, prompt in enumerate(group):
+                engine.submit(GenerationRequest(prompt, SamplingParams(), stopping, on_event(results[i], done[i])))
+            for flag in done:
+                if not flag.wait(900):
+                    raise RuntimeError("the engine did not finish in 900 s")
             elapsed += time.perf_counter() - start
-            completion = result[0]
-            if completion.error is not None:
-                raise RuntimeError(completion.error)
-            tokens += completion.generated_tokens
-            if completion.timeline is not None:
-                decode_s += completion.timeline.finished - completion.timeline.first_token
-            outputs.append(([t.id for t in completion.tokens], [t.logprob for t in completion.tokens]))
+            for result in results:
+                completion = result[0]
+                if completion.error is not None:
+                    raise RuntimeError(completion.error)
+                tokens += completion.generated_tokens
+                if completion.timeline is not None:
+                    decode_s += completion.timeline.finished - completion.timeline.first_token
+                outputs.append(([t.id for t in completion.tokens], [t.logprob for t in completion.tokens]))
     finally:
         engine.stop()
     counts = {
@@ -161,7 +172,11 @@ def workload(name: str, requests: int) -> tuple[Path, list[list[int]]]:
     if name == "standard":
         info = ensure_model(default_model_dir(0))
         return info.path, [ids for _, ids in make_prompts(info.path, requests)]
-    path, script = grounded_model(Path(tempfile.gettempdir()) / "textgen-bench" / "gpt2-124m-grounded-seed0")
+    root = Path(tempfile.gettempdir()) / "textgen-bench"
+    if name == "adversarial":
+        path, script = grounded_model(root / "gpt2-124m-adversarial-seed0", jump_every=1)
+    else:
+        path, script = grounded_model(root / "gpt2-124m-grounded-seed0")
     prompts = []
     for r in range(requests):  # rotations of the script, so each request copies other spans
         start = 23 * r
@@ -181,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ngram-min", type=int, default=1)
     p.add_argument("--ngram-max", type=int, default=4)
     p.add_argument("--workloads", default="grounded,standard")
+    p.add_argument("--clients", type=int, default=1, help="requests submitted together (1: single stream)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
     args = p.parse_args(argv)
     if args.threads:
@@ -195,12 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     print(
-        f"speculative decoding, single stream, {args.new_tokens} new tokens, k={args.k}, n-gram "
+        f"speculative decoding, {args.clients} client(s), {args.new_tokens} new tokens, k={args.k}, n-gram "
         f"{args.ngram_min}..{args.ngram_max}, {args.requests} requests x {args.rounds} rounds, "
         f"{torch.get_num_threads()} threads"
     )
     for name in args.workloads.split(","):
-        path, prompts = _on_thread(workload, name, args.requests)
+        path, prompts = _on_thread(workload, name, args.requests * args.clients)
         lm = _on_thread(load_model, str(path))
         best: dict[str, float] = {"off": 0.0, "on": 0.0}
         best_decode: dict[str, float] = {"off": 0.0, "on": 0.0}
@@ -209,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         accepted = drafted = 0.0
         for round_ in range(args.rounds):
             for mode in ("off", "on"):
-                r = run_round(lm, prompts, args.new_tokens, config if mode == "on" else None)
+                r = run_round(lm, prompts, args.new_tokens, config if mode == "on" else None, args.clients)
                 best[mode] = max(best[mode], r["tok_s"])
                 best_decode[mode] = max(best_decode[mode], r["decode_tok_s"])
                 if reference is None:
