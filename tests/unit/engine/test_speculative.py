@@ -16,7 +16,8 @@ from app.engine.constraints import Grammar, GrammarCompiler, GrammarSpec
 from app.engine.loader import LoadedModel, load_model
 from app.engine.lora import AdapterRegistry
 from app.engine.scheduler import Engine
-from app.engine.speculative import SpeculativeConfig, propose
+from app.engine.sequence import Sequence
+from app.engine.speculative import Drafter, SpeculativeConfig, propose
 from app.engine.types import Completion, Event, GenerationRequest, SamplingParams, StoppingParams
 from app.metrics import Metrics
 from tests.adapters import build_adapter
@@ -45,6 +46,30 @@ def test_propose_finds_nothing_without_a_recurring_ngram() -> None:
     assert propose([1], NGRAM, 4) == []
     assert propose([1, 2, 1], NGRAM, 0) == []
     assert propose([1, 2, 3, 1, 2], SpeculativeConfig(4, 3, 3), 4) == []  # only 2-grams recur
+
+
+def test_drafts_that_keep_failing_back_off_and_an_accepted_one_resets(gpt2_tokenizer_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gpt2_tokenizer_dir)
+    request = GenerationRequest([5, 6, 7, 5, 6, 7, 5], SamplingParams(), StoppingParams(100), lambda e: None)
+    seq = Sequence(request, tokenizer, frozenset(), frozenset(), 1000, torch.device("cpu"))
+    seq.generated = [6]
+    drafter = Drafter(NGRAM)
+    drafted: list[bool] = []
+    for _ in range(37):  # every draft rejected whole: waits of 1, 2, 4, 8, 16 steps between drafts
+        d = drafter.drafts([seq])[0]
+        drafted.append(bool(d))
+        drafter.record([seq], [d], [0])
+    assert [i for i, x in enumerate(drafted) if x] == [0, 2, 5, 10, 19, 36], drafted
+    for _ in range(16):  # the cap: 16 steps again
+        assert drafter.drafts([seq])[0] == []
+    expected = propose(seq.all_ids(), NGRAM, 4)
+    assert expected
+    d = drafter.drafts([seq])[0]
+    assert d == expected
+    drafter.record([seq], [d], [1])  # one token accepted: the next step drafts again
+    assert drafter.drafts([seq])[0] == expected
 
 
 @pytest.fixture(scope="module", params=["tiny-gpt2", "stories260k"])
