@@ -15,8 +15,8 @@ GEMMs and KV cache per token as the standard benchmark):
   from the quote with those jumps, so it copies 16-token spans of the prompt (and, about one token
   in 50, a script token the prompt lacks), and a draft crossing a jump is rejected. Its compute is
   the full GPT-2-124M step; only the weights' values are chosen;
-- adversarial (not run by default): the same with a jump after every token, so every n-gram recurs
-  in the prompt and every draft is wrong: the cost of verifying drafts that are all rejected.
+- adversarial (not run by default): the same with a jump of 39 after every token, so the newest
+  token always recurs in the prompt and every draft is wrong: the cost of verifying drafts that are all rejected.
 Each round runs `requests` requests one after another (single stream, EOS ignored) on a fresh
 engine with speculation off, then on; tok/s = generated tokens / wall time from submit to the last
 token (prefill included). `--clients N` submits N requests at a time instead (batched throughput). The model loads on a thread that ends (app/own_thread.py explains why).
@@ -41,9 +41,9 @@ JUMP_EVERY, JUMP = 16, 37
 QUOTE = 8
 
 
-def grounded_model(path: Path, seed: int = 0, jump_every: int = JUMP_EVERY) -> tuple[Path, list[int]]:
+def grounded_model(path: Path, seed: int = 0, jump_every: int = JUMP_EVERY, jump: int = JUMP) -> tuple[Path, list[int]]:
     """Build (once) the scripted GPT-2-124M-shaped model; return it and its script's token ids.
-    `jump_every` 1: every token jumps, so no draft taken from the prompt is ever right."""
+    `jump_every` 1: every token jumps `jump` ahead, so no draft taken from the prompt is right."""
     import torch
     from transformers import AutoTokenizer, GenerationConfig, GPT2Config, GPT2LMHeadModel
 
@@ -51,7 +51,7 @@ def grounded_model(path: Path, seed: int = 0, jump_every: int = JUMP_EVERY) -> t
     tok = AutoTokenizer.from_pretrained(SHARED_TOKENIZER)
     script = rng.sample(range(256, len(tok) - 1), SCRIPT_TOKENS)
     marker = path / "script.json"
-    if marker.exists() and json.loads(marker.read_text()) == [jump_every, *script]:
+    if marker.exists() and json.loads(marker.read_text()) == [jump_every, jump, *script]:
         return path, script
     torch.manual_seed(seed)
     config = GPT2Config(tie_word_embeddings=False)
@@ -71,12 +71,12 @@ def grounded_model(path: Path, seed: int = 0, jump_every: int = JUMP_EVERY) -> t
         for i, token in enumerate(script):
             embed[token].zero_()
             embed[token, i + 1] = 1.0
-            step = JUMP if i % jump_every == jump_every - 1 else 1
+            step = jump if i % jump_every == jump_every - 1 else 1
             head[script[(i + step) % SCRIPT_TOKENS], i + 1] = 10.0
     model.generation_config = GenerationConfig(bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
     model.save_pretrained(path)
     tok.save_pretrained(path)
-    marker.write_text(json.dumps([jump_every, *script]))
+    marker.write_text(json.dumps([jump_every, jump, *script]))
     return path, script
 
 
@@ -161,6 +161,7 @@ def run_round(lm: Any, prompts: list[list[int]], new_tokens: int, speculative: A
     }
     return {
         "tok_s": tokens / elapsed,
+        # per request, first token to last (meaningful for a single stream only)
         "decode_tok_s": (tokens - len(prompts)) / decode_s if decode_s else 0.0,
         "outputs": outputs,
         "drafted": counts.get("vllm:spec_decode_num_draft_tokens_total", 0),
@@ -174,7 +175,8 @@ def workload(name: str, requests: int) -> tuple[Path, list[list[int]]]:
         return info.path, [ids for _, ids in make_prompts(info.path, requests)]
     root = Path(tempfile.gettempdir()) / "textgen-bench"
     if name == "adversarial":
-        path, script = grounded_model(root / "gpt2-124m-adversarial-seed0", jump_every=1)
+        # 39 is prime to the script's 296 tokens: the walk does not come back within the answer.
+        path, script = grounded_model(root / "gpt2-124m-adversarial-seed0", jump_every=1, jump=39)
     else:
         path, script = grounded_model(root / "gpt2-124m-grounded-seed0")
     prompts = []
