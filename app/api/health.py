@@ -1,5 +1,6 @@
 """Probes and introspection: /health (liveness), /ready (readiness), /info, /metrics."""
 
+import dataclasses
 import os
 
 from fastapi import APIRouter, Response
@@ -77,6 +78,9 @@ async def info(service: ServiceDep) -> dict:
             compile=lm.compact.compiled.describe()
             if lm.compact is not None and lm.compact.compiled is not None
             else {"enabled": False},
+            speculative=None
+            if service.engine.speculative is None
+            else {"method": "ngram", **dataclasses.asdict(service.engine.speculative)},
         )
     return out
 

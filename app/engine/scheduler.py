@@ -94,10 +94,12 @@ class Engine:
         self._prefix_room = 0
         # Exact speculative decoding (app/engine/speculative.py), where the forward can verify exactly.
         self.speculative: SpeculativeConfig | None = None
+        self._drafter: spec.Drafter | None = None
         if speculative is not None:
             reason = spec.unsupported_reason(loaded.compact)
             if reason is None:
                 self.speculative = speculative
+                self._drafter = spec.Drafter(speculative)
             else:
                 log.warning("TEXTGEN_SPECULATIVE is off: exact verification is not possible on %s", reason)
         self.eos_ids = frozenset(self._eos_ids())
@@ -556,14 +558,16 @@ class Engine:
             self._batch = self._keep(batch, self._advance(batch, logits))
             return
         keep, accepted = spec.accept(batch, drafts, logits, self._emit_rows(batch))  # type: ignore[arg-type]  # compact when drafting
-        self.metrics.speculative(sum(len(d) > 0 for d in drafts), sum(len(d) for d in drafts), accepted)
+        assert self._drafter is not None  # drafts come from it
+        self._drafter.record(batch.seqs, drafts, accepted)
+        self.metrics.speculative(sum(len(d) > 0 for d in drafts), sum(len(d) for d in drafts), sum(accepted))
         self._batch = self._keep(batch, keep)
 
     def _drafts(self, batch: Batch | CompactBatch) -> list[list[int]] | None:
         """Each row's draft tokens for this step, or None when speculation is off or no row has one."""
-        if self.speculative is None:
+        if self._drafter is None:
             return None
-        drafts = [spec.draft(seq, self.speculative) for seq in batch.seqs]
+        drafts = self._drafter.drafts(batch.seqs)
         return drafts if any(drafts) else None
 
     def _emit_rows(self, batch: Batch | CompactBatch) -> spec.Emit:

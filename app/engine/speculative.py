@@ -23,9 +23,11 @@ greedy and seeded. Why it holds, on the batch-invariant compact forward (CPU):
 Speculation therefore runs only where that proof holds: the compact forward, batch invariant and
 not compiled (the compiled step's fused norms round differently from the eager step verify runs);
 elsewhere the engine logs why and decodes normally. Rows that find no draft take one row each in
-the verify step; a step where no row drafts is a plain decode step.
+the verify step; a step where no row drafts is a plain decode step. A sequence whose whole draft
+was rejected skips drafting for a few steps (`Drafter`), so drafts that keep failing cost little.
 """
 
+import weakref
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
@@ -93,6 +95,51 @@ def draft(seq: Sequence, config: SpeculativeConfig) -> list[int]:
         seq.max_total_tokens - seq.prompt_len - emitted,
     )
     return propose(seq.all_ids(), config, left - 1)
+
+
+# After a step whose draft was rejected whole, a sequence skips drafting for this many steps,
+# doubled on each further whole rejection up to MAX_BACKOFF, and reset by any accepted token: where
+# drafts keep failing (output that recurs in its context but does not copy it) the verify step's
+# extra rows cost ~25% a token (bench.spec's adversarial workload); this bounds that to a few %.
+MAX_BACKOFF = 16
+
+
+@dataclass
+class _Backoff:
+    penalty: int = 0  # the last wait imposed
+    wait: int = 0  # steps left without drafting
+
+
+class Drafter:
+    """Drafts for the rows of a batch, with a back-off per sequence for drafts that keep failing.
+    Drafting only decides how many tokens a step may verify, never which tokens come out."""
+
+    def __init__(self, config: SpeculativeConfig) -> None:
+        self.config = config
+        self._state: weakref.WeakKeyDictionary[Sequence, _Backoff] = weakref.WeakKeyDictionary()
+
+    def drafts(self, seqs: Seq[Sequence]) -> list[list[int]]:
+        out: list[list[int]] = []
+        for seq in seqs:
+            state = self._state.get(seq)
+            if state is not None and state.wait > 0:
+                state.wait -= 1
+                out.append([])
+                continue
+            out.append(draft(seq, self.config))
+        return out
+
+    def record(self, seqs: Seq[Sequence], drafts: Seq[Seq[int]], accepted: Seq[int]) -> None:
+        """What `accept` accepted of each row's draft (rows without one are left as they are)."""
+        for seq, d, a in zip(seqs, drafts, accepted, strict=True):
+            if not d:
+                continue
+            state = self._state.setdefault(seq, _Backoff())
+            if a:
+                state.penalty = 0
+            else:
+                state.penalty = min(MAX_BACKOFF, max(1, 2 * state.penalty))
+                state.wait = state.penalty
 
 
 def verify(batch: CompactBatch, model: CompactModel, drafts: list[list[int]]) -> torch.Tensor:
@@ -167,17 +214,19 @@ def offsets(drafts: Seq[Seq[int]]) -> list[int]:
 Emit = Callable[[list[int], torch.Tensor], list[int | None]]
 
 
-def accept(batch: CompactBatch, drafts: list[list[int]], logits: torch.Tensor, emit: Emit) -> tuple[list[int], int]:
+def accept(
+    batch: CompactBatch, drafts: list[list[int]], logits: torch.Tensor, emit: Emit
+) -> tuple[list[int], list[int]]:
     """Choose tokens offset by offset from `verify`'s logits, as long as each row's chosen token
-    equals its draft; roll back the rest. Returns the rows that go on and the number of draft tokens
-    accepted. `batch.next_ids` becomes each row's last chosen token."""
+    equals its draft; roll back the rest. Returns the rows that go on and each row's number of draft
+    tokens accepted. `batch.next_ids` becomes each row's last chosen token."""
     real = len(batch)
     starts = offsets(drafts)
     counts = [len(d) + 1 for d in drafts]
     emitted = [0] * real
     last = [0] * real
     gone = [False] * real
-    accepted = 0
+    accepted = [0] * real
     going = list(range(real))
     for j in range(max(counts)):
         if not going:
@@ -192,7 +241,7 @@ def accept(batch: CompactBatch, drafts: list[list[int]], logits: torch.Tensor, e
                 continue
             last[r] = token
             if j < len(drafts[r]) and token == drafts[r][j]:
-                accepted += 1
+                accepted[r] += 1
                 still.append(r)
         going = still
     cache = batch.cache

@@ -12,11 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from app.engine.constraints import Grammar, GrammarCompiler, GrammarSpec
 from app.engine.loader import LoadedModel, load_model
+from app.engine.lora import AdapterRegistry
 from app.engine.scheduler import Engine
-from app.engine.speculative import SpeculativeConfig, propose
+from app.engine.sequence import Sequence
+from app.engine.speculative import Drafter, SpeculativeConfig, propose
 from app.engine.types import Completion, Event, GenerationRequest, SamplingParams, StoppingParams
 from app.metrics import Metrics
+from tests.adapters import build_adapter
 
 NGRAM = SpeculativeConfig(num_tokens=4, ngram_min=1, ngram_max=3)
 
@@ -44,6 +48,30 @@ def test_propose_finds_nothing_without_a_recurring_ngram() -> None:
     assert propose([1, 2, 3, 1, 2], SpeculativeConfig(4, 3, 3), 4) == []  # only 2-grams recur
 
 
+def test_drafts_that_keep_failing_back_off_and_an_accepted_one_resets(gpt2_tokenizer_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gpt2_tokenizer_dir)
+    request = GenerationRequest([5, 6, 7, 5, 6, 7, 5], SamplingParams(), StoppingParams(100), lambda e: None)
+    seq = Sequence(request, tokenizer, frozenset(), frozenset(), 1000, torch.device("cpu"))
+    seq.generated = [6]
+    drafter = Drafter(NGRAM)
+    drafted: list[bool] = []
+    for _ in range(37):  # every draft rejected whole: waits of 1, 2, 4, 8, 16 steps between drafts
+        d = drafter.drafts([seq])[0]
+        drafted.append(bool(d))
+        drafter.record([seq], [d], [0])
+    assert [i for i, x in enumerate(drafted) if x] == [0, 2, 5, 10, 19, 36], drafted
+    for _ in range(16):  # the cap: 16 steps again
+        assert drafter.drafts([seq])[0] == []
+    expected = propose(seq.all_ids(), NGRAM, 4)
+    assert expected
+    d = drafter.drafts([seq])[0]
+    assert d == expected
+    drafter.record([seq], [d], [1])  # one token accepted: the next step drafts again
+    assert drafter.drafts([seq])[0] == expected
+
+
 @pytest.fixture(scope="module", params=["tiny-gpt2", "stories260k"])
 def lm(request: pytest.FixtureRequest) -> LoadedModel:
     path: Path = request.getfixturevalue("tiny_gpt2_dir" if request.param == "tiny-gpt2" else "stories260k_dir")
@@ -58,6 +86,8 @@ def run(
     requests: list[tuple[list[int], SamplingParams, StoppingParams]],
     speculative: SpeculativeConfig | None,
     gaps: list[float] | None,
+    grammars: list[Grammar | None] | None = None,
+    adapters: tuple[AdapterRegistry, list[str | None]] | None = None,
 ) -> tuple[list[Output], Metrics]:
     """Submit `requests` to a real engine (`gaps[i]` s after the previous one, or each after the
     previous one finished when None); return each one's ids, logprobs, top candidates, text and
@@ -73,6 +103,7 @@ def run(
         metrics=metrics,
         check_invariants=True,
         speculative=speculative,
+        adapters=adapters[0] if adapters is not None else None,
     )
     assert engine.speculative == speculative
     engine.start()
@@ -91,7 +122,9 @@ def run(
         for i, (ids, sampling, stopping) in enumerate(requests):
             if gaps is not None:
                 time.sleep(gaps[i])
-            engine.submit(GenerationRequest(ids, sampling, stopping, on_event(i)))
+            grammar = grammars[i] if grammars is not None else None
+            adapter = adapters[1][i] if adapters is not None else None
+            engine.submit(GenerationRequest(ids, sampling, stopping, on_event(i), grammar=grammar, adapter=adapter))
             if gaps is None:
                 assert finished[i].wait(120), "the engine did not finish in time"
         for event in finished.values():
@@ -209,3 +242,59 @@ def test_speculation_is_off_where_verification_cannot_be_exact(tiny_gpt2_dir: Pa
             speculative=NGRAM,
         )
         assert engine.speculative is None, options
+
+
+@torch.inference_mode()
+def test_grammar_stop_strings_and_choices_stay_exact(stories260k_dir: Path) -> None:
+    """A regex grammar (the matcher advances only on chosen tokens, never on drafts), stop strings
+    (matched on the text as tokens are appended one by one) and n = 3 seeded choices of one prompt
+    (as the OpenAI layer submits them): the same outputs with speculation on and off."""
+    lm = load_model(str(stories260k_dir))
+    grammar = GrammarCompiler(lm.tokenizer, lm.model.config.vocab_size, [lm.tokenizer.eos_token_id]).compile(
+        GrammarSpec("regex", r"(Lily (and the dog )?(played|ran)\. ){2,8}")
+    )
+    prompt = list(lm.tokenizer(" ".join(STORY * 2))["input_ids"])
+    requests: list[tuple[list[int], SamplingParams, StoppingParams]] = [
+        (prompt, SamplingParams(), StoppingParams(40, stop=("ball.",))),
+        (prompt, SamplingParams(top_logprobs=2), StoppingParams(40, stop=("dog", "fun"), include_stop=True)),
+        *[
+            (prompt, SamplingParams(do_sample=True, seed=100 + i, temperature=0.8), StoppingParams(30))
+            for i in range(3)
+        ],
+    ]
+    grammars = [None] * len(requests) + [grammar, grammar]
+    requests += [
+        (prompt, SamplingParams(), StoppingParams(60)),
+        (prompt, SamplingParams(do_sample=True, seed=4), StoppingParams(60)),
+    ]
+    on, metrics = run(lm, requests, NGRAM, [0.0] * len(requests), grammars)
+    off, _ = run(lm, requests, None, None, grammars)
+    for i, (a, b) in enumerate(zip(on, off, strict=True)):
+        assert a == b, f"request {i} differs with speculation on"
+    assert counter(metrics, "vllm:spec_decode_num_accepted_tokens_total") > 0
+    assert any(o[4] == "stop_sequence" for o in on), [o[4] for o in on]
+    assert on[-2][3].startswith("Lily"), on[-2][3]
+
+
+@torch.inference_mode()
+def test_lora_rows_stay_exact(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    """Requests on an adapter (attention and the MLP's fused-activation layer adapted) and on the
+    base, batched with speculation on, against each alone without it."""
+    lm = load_model(str(tiny_gpt2_dir))
+    registry = AdapterRegistry(lm.compact, lm.model_id, max_loras=2, max_rank=8)
+    registry.load("a", build_adapter(tiny_gpt2_dir, tmp_path / "a", ["c_attn", "c_fc"], 4, seed=1))
+    rng = random.Random(2)
+    requests = [
+        (
+            repetitive_prompt(lm, rng),
+            SamplingParams() if i % 2 else SamplingParams(do_sample=True, seed=i),
+            StoppingParams(30),
+        )
+        for i in range(6)
+    ]
+    names: list[str | None] = ["a", "a", None, "a", None, "a"]
+    on, metrics = run(lm, requests, NGRAM, [0.0] * len(requests), adapters=(registry, names))
+    off, _ = run(lm, requests, None, None, adapters=(registry, names))
+    for i, (a, b) in enumerate(zip(on, off, strict=True)):
+        assert a == b, f"request {i} differs with speculation on"
+    assert counter(metrics, "vllm:spec_decode_num_accepted_tokens_total") > 0
