@@ -4,7 +4,7 @@ weights) or any GPT-2/Llama model directory.
 
     python -m bench.step [--model DIR] [--batch 1,32] [--steps 32] [--rounds 3] [--compile]
                          [--dtype float32|bfloat16] [--kv-dtype bfloat16]
-                         [--quantize int8-weight-only|int8-dynamic] [--paths compact,...] [--profile]
+                         [--quantize int8-weight-only|int4-weight-only|int8-dynamic] [--paths compact,...] [--profile]
 
 Each round prefills `batch` prompts of 32 tokens, then times `steps` greedy decode steps including
 the sampler (`choose`), as the engine runs them. Prints ms/step, tok/s and the speed-up over the
@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--kv-dtype", default="auto")
-    p.add_argument("--quantize", default="none", choices=["none", "int8-weight-only", "int8-dynamic"])
+    p.add_argument(
+        "--quantize", default="none", choices=["none", "int8-weight-only", "int4-weight-only", "int8-dynamic"]
+    )
     p.add_argument("--paths", help="comma-separated paths to time, in this order (default: all)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
     p.add_argument("--profile", action="store_true", help="print the top ops of the compact step")
