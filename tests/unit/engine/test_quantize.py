@@ -103,12 +103,10 @@ def test_weight_only_modes_are_refused_off_cpu(tiny_gpt2_dir: Path) -> None:
         quantize_model(model, "int8-weight-only")
 
 
-@pytest.fixture(scope="module")
-def mid_gpt2_dir(tiny_gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def build_mid_gpt2(path: Path, tokenizer_dir: Path) -> Path:
     """A 2-layer GPT-2, 384 wide (MLP 1536: the smallest width where bf16's lone row differed),
-    random weights, the tiny GPT-2's tokenizer."""
-    path = tmp_path_factory.mktemp("mid-gpt2")
-    tok = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    random weights, the tokenizer of `tokenizer_dir`; saved at `path`."""
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
     config = GPT2Config(
         vocab_size=len(tok),
@@ -124,6 +122,11 @@ def mid_gpt2_dir(tiny_gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def mid_gpt2_dir(tiny_gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_mid_gpt2(tmp_path_factory.mktemp("mid-gpt2"), tiny_gpt2_dir)
 
 
 @pytest.mark.parametrize(
