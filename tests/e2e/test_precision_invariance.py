@@ -39,7 +39,8 @@ def mid_gpt2(tiny_gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 @pytest.fixture(params=list(MODES))
 def server(request: pytest.FixtureRequest, mid_gpt2: Path, tmp_path: Path) -> Iterator[tuple[str, Server]]:
-    srv = start(mid_gpt2, env=MODES[request.param], log_dir=tmp_path)
+    # A generous start: five servers in a row on a shared 2-core machine.
+    srv = start(mid_gpt2, env=MODES[request.param], log_dir=tmp_path, timeout=300)
     try:
         yield request.param, srv
     finally:
