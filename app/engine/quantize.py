@@ -4,7 +4,7 @@ Modes (names as TGI's `--quantize` and torchao's configs):
 - `int8-weight-only`: weights int8 per output channel (symmetric, as llama.cpp's q8_0 but one scale
   per row instead of per 32 values), the LM head included. GEMMs run PyTorch's own weight-only
   kernel `aten._weight_int8pack_mm` (AVX-512: the int8 weight is widened and scaled in registers,
-  so each weight byte is read once per 4 rows: a GEMV at the bandwidth floor), with activations
+  so each weight byte is read once per block of 4 rows: a 1-row GEMV reads 1/4 of fp32's bytes), with activations
   rounded to bf16 on the way in and the product rounded to bf16 on the way out (that kernel's only
   vectorized dtype on x86: its fp32 path is a scalar loop, ~15x slower, measured).
 - `int4-weight-only`: weights int4 in groups of 32 values along the input (asymmetric: a bf16 scale
