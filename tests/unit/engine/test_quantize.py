@@ -51,6 +51,20 @@ def test_weight_only_kernels_give_a_row_the_same_bits_for_every_row_count(
     _assert_rows_invariant(packed.matmul, in_features, dtype)
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@torch.inference_mode()
+def test_weight_only_kernels_keep_a_rows_bits_in_prefill_sized_batches(kind: str) -> None:
+    """Prefill packs every prompt token of a step into one GEMM: hundreds of rows."""
+    packed = (pack_int8 if kind == "int8" else pack_int4)(_weight(3072, 768))
+    assert packed is not None
+    x = torch.randn(1100, 3072, generator=torch.Generator().manual_seed(2))
+    sampled = list(range(0, 1100, 37))
+    alone = torch.cat([packed.matmul(x[r : r + 1]) for r in sampled])
+    for m in (65, 128, 129, 257, 513, 1100):
+        rows = [r for r in sampled if r < m]
+        assert torch.equal(packed.matmul(x[:m])[rows], alone[: len(rows)]), f"{m} rows"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @torch.inference_mode()
 def test_onednn_rows_padded_to_the_row_multiple_are_invariant(dtype: torch.dtype) -> None:
