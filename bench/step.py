@@ -4,12 +4,12 @@ weights) or any GPT-2/Llama model directory.
 
     python -m bench.step [--model DIR] [--batch 1,32] [--steps 32] [--rounds 3] [--compile]
                          [--dtype float32|bfloat16] [--kv-dtype bfloat16]
-                         [--quantize int8-weight-only|int8-dynamic] [--paths compact,...] [--profile]
+                         [--quantize MODE[,MODE...]] [--paths compact,...] [--profile]
 
 Each round prefills `batch` prompts of 32 tokens, then times `steps` greedy decode steps including
 the sampler (`choose`), as the engine runs them. Prints ms/step, tok/s and the speed-up over the
 first path timed, best round. `--quantize` loads the model with TEXTGEN_QUANTIZE's
-int8 layers; with it or another dtype than fp32, the default fp32 compact forward runs too
+quantized layers (further modes in its list add paths `compact-MODE`); with it or another dtype than fp32, the default fp32 compact forward runs too
 ("compact-fp32", batch-invariant), the reference for the mode. Ratios are against the first path
 timed (`--paths`, default all: transformers, compact, compact-not-invariant[, compact-fp32]).
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import get_args
 
 import torch
 
@@ -61,7 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--kv-dtype", default="auto")
-    p.add_argument("--quantize", default="none", choices=["none", "int8-weight-only", "int8-dynamic"])
+    p.add_argument(
+        "--quantize",
+        default="none",
+        help="TEXTGEN_QUANTIZE mode of the model the paths run (none, int8-weight-only, int4-weight-only, "
+        "int8-dynamic); a comma-separated list adds a path 'compact-MODE' for each further mode",
+    )
     p.add_argument("--paths", help="comma-separated paths to time, in this order (default: all)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
     p.add_argument("--profile", action="store_true", help="print the top ops of the compact step")
@@ -73,8 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     from app.engine.compact_batch import CompactBatch
     from app.engine.loader import load_model
     from app.engine.models import compact_model
+    from app.engine.quantize import Quantize
 
     path = args.model or ensure_model(default_model_dir(0)).path
+    modes = args.quantize.split(",")
+    unknown = set(modes) - set(get_args(Quantize))
+    if unknown:
+        p.error(f"--quantize: unknown mode(s) {', '.join(sorted(unknown))}")
+    args.quantize = modes[0]
     lm = load_model(str(path), device="cpu", dtype=args.dtype, kv_cache_dtype=args.kv_dtype, quantize=args.quantize)
     assert lm.compact is not None, "this model has no compact forward"
     fast = compact_model(lm.model)  # the same weights, without batch invariance
@@ -89,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         plain = load_model(str(path), device="cpu", dtype="float32")
         assert plain.compact is not None
         paths["compact-fp32"] = (plain.compact, CompactBatch)
+    for mode in modes[1:]:
+        other = load_model(str(path), device="cpu", dtype=args.dtype, kv_cache_dtype=args.kv_dtype, quantize=mode)
+        assert other.compact is not None
+        paths[f"compact-{mode}"] = (other.compact, CompactBatch)
     if args.compile:
         began = time.perf_counter()
         compiled = load_model(str(path), device="cpu", dtype=args.dtype, kv_cache_dtype=args.kv_dtype, compile=True)

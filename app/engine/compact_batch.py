@@ -6,7 +6,8 @@ any batch, on CPU):
   tokens), and each row's attention reads exactly its own cached tokens (a view of `RowCache`);
 - every GEMM sees a row count that is a multiple of the model's `row_multiple` (zero rows are
   appended): oneDNN's kernels then give a row the same bits whatever the other rows are, while a
-  single fp32 row takes another kernel (measured; see app/engine/models/base.py);
+  single fp32 row (and bf16 row, for inputs 1536+ wide) takes another kernel (measured; see
+  app/engine/models/base.py);
 - prefill: attention calls per row, on the same shapes as alone. (Rows of equal lengths batched
   into one SDPA call do NOT give the bits of the call alone: measured, torch 2.13 CPU.) A prompt's
   queries go in chunks of ATTENTION_CHUNK positions, each a batch entry of one call over all the

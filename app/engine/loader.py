@@ -37,7 +37,7 @@ class LoadedModel:
     dtype: torch.dtype
     limits: Limits
     compact: CompactModel | None = None  # our forward (GPT-2, Llama), else the HF model's
-    quantize: Quantize = "none"  # TEXTGEN_QUANTIZE: int8 linear layers (torchao)
+    quantize: Quantize = "none"  # TEXTGEN_QUANTIZE: int8/int4 linear layers (app/engine/quantize.py)
 
     @property
     def kv_column_multiple(self) -> int:
@@ -171,14 +171,6 @@ def load_model(
         # Invariance is built and tested for CPU kernels only; on GPU one attention call per step
         # (not one per row) is what keeps kernel launches in check.
         compact.batch_invariant = batch_invariant and dev.type == "cpu"
-        if compact.batch_invariant and quantize == "int8-weight-only":
-            # torchao runs these as torch.mm over the weight converted to float (MKL), whose bits
-            # depend on the row count even padded to 4 (tests/unit/engine/test_compact.py found it).
-            log.warning(
-                "TEXTGEN_QUANTIZE=int8-weight-only is not batch-invariant: a request's logprobs may "
-                "differ in the last bits alone and in a batch (int8-dynamic and bfloat16 are invariant)"
-            )
-            compact.batch_invariant = False
     elif kv_cache_dtype != "auto":
         raise ModelLoadError(
             f"TEXTGEN_KV_CACHE_DTYPE={kv_cache_dtype} needs the compact forward (GPT-2 or Llama with "

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from app.engine.models.base import ACTIVATIONS, CompactModel, linear, pad_rows
+from app.engine.models.base import ACTIVATIONS, CompactModel, Weight, linear, pad_rows
 from app.engine.types import EngineError
 
 
@@ -213,7 +213,7 @@ class LoraRows:
         layer: int,
         slot: str,
         x: torch.Tensor,
-        weight: torch.Tensor,
+        weight: Weight,
         bias: torch.Tensor | None,
         activation: str,
         out: torch.Tensor,
@@ -239,7 +239,7 @@ class LoraRows:
 
 def adapted_linear(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: Weight,
     bias: torch.Tensor | None,
     activation: str,
     lora: LoraRows | None,

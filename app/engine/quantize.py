@@ -1,18 +1,31 @@
-"""int8 quantization of a causal LM's linear layers through torchao (TEXTGEN_QUANTIZE).
+"""Quantized linear layers of a causal LM (TEXTGEN_QUANTIZE).
 
 Modes (names as TGI's `--quantize` and torchao's configs):
-- `int8-weight-only`: weights int8 per output channel, activations stay float; torchao's eager CPU
-  kernel converts the int8 weight to float on every call (its fast path is torch.compile's), so this
-  is a memory mode, slower than fp32 here (README, "Performance, precision and batch invariance").
-- `int8-dynamic`: weights int8 per output channel, activations quantized to int8 per token at run
-  time, integer GEMM (`torch._int_mm`, exact int32 sums) rescaled per row and column.
+- `int8-weight-only`: weights int8 per output channel (symmetric, as llama.cpp's q8_0 but one scale
+  per row instead of per 32 values), the LM head included. GEMMs run PyTorch's own weight-only
+  kernel `aten._weight_int8pack_mm` (AVX-512: the int8 weight is widened and scaled in registers,
+  so each weight byte is read once per block of 4 rows: a 1-row GEMV reads 1/4 of fp32's bytes), with activations
+  rounded to bf16 on the way in and the product rounded to bf16 on the way out (that kernel's only
+  vectorized dtype on x86: its fp32 path is a scalar loop, ~15x slower, measured).
+- `int4-weight-only`: weights int4 in groups of 32 values along the input (asymmetric: a bf16 scale
+  and zero per group, as torchao's int4 weight-only and close to llama.cpp's q4_0), through
+  `aten._weight_int4pack_mm_for_cpu`, activations in bf16 as above. The LM head is int8 (llama.cpp
+  likewise keeps its output matrix above 4 bits), and so is a layer whose shape int4 packing does
+  not take (out features a multiple of 16, in features a multiple of 32).
+- `int8-dynamic`: torchao's int8 weights per output channel with activations quantized to int8 per
+  token at run time, integer GEMM (`torch._int_mm`, exact int32 sums) rescaled per row and column;
+  LM head and embeddings kept in the model's dtype.
 
-The LM head and the embeddings stay in the model's dtype, as transformers' `TorchAoConfig` does by
-default: GPT-2 ties the head to the embeddings, so an int8 head would add a copy rather than save
-one, and the logits keep the head's precision. GPT-2's `Conv1D` layers ([in, out] weights) become
-`nn.Linear` first, since torchao quantizes `nn.Linear` only.
+Weight-only modes keep a layer in the model's dtype where the int8 kernel cannot run it (in features
+not a multiple of 16: its AVX-512 loop reads 16 values at a time and crashes otherwise). Both
+weight-only kernels compute every output value from its own row and column alone, in a fixed order
+over the input (no split of the reduction by row count), so a row's result is bitwise the same for
+every row count and position: these modes are batch-invariant without padding (tested,
+tests/unit/engine/test_quantize.py). The embeddings stay in the model's dtype (GPT-2 ties them to the
+LM head: the int8 head is an extra 1/4-size copy).
 """
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -20,11 +33,98 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-Quantize = Literal["none", "int8-weight-only", "int8-dynamic"]
+Quantize = Literal["none", "int8-weight-only", "int4-weight-only", "int8-dynamic"]
+WEIGHT_ONLY = ("int8-weight-only", "int4-weight-only")
+INT4_GROUP = 32  # values per int4 scale/zero pair, as llama.cpp's q4_0 blocks
 
 
 class QuantizeUnavailable(RuntimeError):
     """torchao is not installed; the message says how to install it."""
+
+
+@dataclass(eq=False)
+class PackedWeight:
+    """A linear layer's weight [out, in] packed for a weight-only kernel; `matmul` is the GEMM.
+
+    int8: `data` int8 [out, in], `scales` bf16 [out] (weight = data * scale).
+    int4: `data` uint8 [out, in / 2] as `_convert_weight_to_int4pack_for_cpu` lays it out,
+    `scales` bf16 [in / INT4_GROUP, out, 2] of (scale, zero) with weight = (q - 8) * scale + zero."""
+
+    kind: Literal["int8", "int4"]
+    data: torch.Tensor
+    scales: torch.Tensor
+    out_features: int
+    in_features: int
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.out_features, self.in_features))
+
+    def dim(self) -> int:
+        return 2
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, in] (any float dtype) -> x @ weight.T [N, out] in x's dtype (computed from bf16
+        inputs with fp32 sums, rounded to bf16)."""
+        a = x.to(torch.bfloat16)
+        # Both kernels load activations with aligned AVX-512 loads: a view at an odd offset would crash.
+        if a is x and (a.data_ptr() % 64 or not a.is_contiguous()):
+            a = a.clone(memory_format=torch.contiguous_format)
+        if self.kind == "int8":
+            out = torch.ops.aten._weight_int8pack_mm(a, self.data, self.scales)
+        else:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(a, self.data, INT4_GROUP, self.scales)
+        return out.to(x.dtype)
+
+
+def pack_int8(weight: torch.Tensor) -> PackedWeight | None:
+    """`weight` [out, in] (float) as int8 per output channel; None when the kernel cannot run it."""
+    out_features, in_features = weight.shape
+    if weight.device.type != "cpu" or in_features % 16:
+        return None
+    w = weight.detach().float()
+    # The bf16 scale is what the kernel multiplies by, so quantize against it; rounding amax/127 up
+    # by one bf16 step first keeps every |w / scale| within 127 (no clipping).
+    scale = (w.abs().amax(dim=1) / 127 * (1 + 2**-7)).clamp(min=2**-100).to(torch.bfloat16)
+    q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    return PackedWeight("int8", q.contiguous(), scale.contiguous(), out_features, in_features)
+
+
+def pack_int4(weight: torch.Tensor) -> PackedWeight | None:
+    """`weight` [out, in] (float) as int4 in groups of INT4_GROUP inputs; None when its shape or
+    device does not fit the kernel."""
+    out_features, in_features = weight.shape
+    if weight.device.type != "cpu" or out_features % 16 or in_features % INT4_GROUP:
+        return None
+    w = weight.detach().float().view(out_features, in_features // INT4_GROUP, INT4_GROUP)
+    low, high = w.amin(dim=-1), w.amax(dim=-1)
+    scale = ((high - low) / 15 * (1 + 2**-7)).clamp(min=2**-100).to(torch.bfloat16)
+    zero = (low + 8 * scale.float()).to(torch.bfloat16)  # the value of q = 8
+    q = torch.round((w - zero.float()[..., None]) / scale.float()[..., None] + 8).clamp(0, 15)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(out_features, in_features).to(torch.int32), 1)
+    scales = torch.stack([scale.t(), zero.t()], dim=-1).contiguous()  # [groups, out, 2]
+    return PackedWeight("int4", packed, scales, out_features, in_features)
+
+
+class QuantizedLinear(nn.Module):
+    """`nn.Linear` over a `PackedWeight` (`weight`), for the transformers forward; the compact
+    forward reads `weight` and `bias` and calls the same kernel."""
+
+    def __init__(self, weight: PackedWeight, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.weight = weight
+        self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
+        # Buffers, so .to(), state inspection and the checkpoint-page accounting see the packed data.
+        self.register_buffer("packed_data", weight.data, persistent=False)
+        self.register_buffer("packed_scales", weight.scales, persistent=False)
+        self.in_features, self.out_features = weight.in_features, weight.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.weight.matmul(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+        return out + self.bias if self.bias is not None else out
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.weight.kind}"
 
 
 def conv1d_to_linear(model: nn.Module) -> int:
@@ -39,34 +139,31 @@ def conv1d_to_linear(model: nn.Module) -> int:
         linear = nn.Linear(weight.shape[0], weight.shape[1], device=weight.device, dtype=weight.dtype)
         linear.weight = nn.Parameter(weight.t().contiguous(), requires_grad=False)
         linear.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+        _replace(model, name, linear)
         replaced += 1
     return replaced
 
 
-def quantize_model(model: PreTrainedModel, mode: Quantize) -> int:
-    """Quantize `model`'s linear layers except the LM head in place; returns how many were quantized.
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
-    Raises QuantizeUnavailable when torchao is missing."""
+
+def quantize_model(model: PreTrainedModel, mode: Quantize) -> int:
+    """Quantize `model`'s linear layers in place (the LM head too in the weight-only modes, see the
+    module docstring); returns how many were quantized.
+
+    Raises QuantizeUnavailable when int8-dynamic's torchao is missing."""
     if mode == "none":
         return 0
+    if mode in WEIGHT_ONLY:
+        return _weight_only(model, mode)
     try:
-        from torchao.quantization import (
-            Int8DynamicActivationInt8WeightConfig,
-            Int8WeightOnlyConfig,
-            quantize_,
-        )
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
     except ImportError as exc:
         raise QuantizeUnavailable(
             f"TEXTGEN_QUANTIZE={mode} needs torchao: pip install 'textgen-service[quantize]' (torchao 0.18)."
         ) from exc
-    # set_inductor_config=False: we run eagerly, and torchao would otherwise change inductor's globals.
-    config = (
-        Int8WeightOnlyConfig(set_inductor_config=False)
-        if mode == "int8-weight-only"
-        else Int8DynamicActivationInt8WeightConfig(set_inductor_config=False)
-    )
     conv1d_to_linear(model)
     head = model.get_output_embeddings()
     targets = {id(m) for m in model.modules() if isinstance(m, nn.Linear) and m is not head}
@@ -75,10 +172,33 @@ def quantize_model(model: PreTrainedModel, mode: Quantize) -> int:
         return id(module) in targets
 
     with torch.no_grad():
-        quantize_(model, config, filter_fn=keep)
+        # set_inductor_config=False: we run eagerly, and torchao would otherwise change inductor's globals.
+        quantize_(model, Int8DynamicActivationInt8WeightConfig(set_inductor_config=False), filter_fn=keep)
     return len(targets)
 
 
-def is_dynamic_int8(weight: torch.Tensor) -> bool:
+def _weight_only(model: PreTrainedModel, mode: Quantize) -> int:
+    if model.device.type != "cpu":
+        raise QuantizeUnavailable(
+            f"TEXTGEN_QUANTIZE={mode} runs PyTorch's CPU weight-only kernels; on {model.device.type} use "
+            "TEXTGEN_QUANTIZE=int8-dynamic or TEXTGEN_DTYPE=bfloat16."
+        )
+    conv1d_to_linear(model)
+    head = model.get_output_embeddings()
+    quantized = 0
+    with torch.no_grad():
+        for name, module in list(model.named_modules()):
+            if not isinstance(module, nn.Linear):
+                continue
+            packed = pack_int4(module.weight) if mode == "int4-weight-only" and module is not head else None
+            packed = packed or pack_int8(module.weight)
+            if packed is None:
+                continue
+            _replace(model, name, QuantizedLinear(packed, module.bias))
+            quantized += 1
+    return quantized
+
+
+def is_dynamic_int8(weight: object) -> bool:
     """Whether `weight` is a torchao int8 weight whose activations are quantized per token at run time."""
     return getattr(weight, "act_quant_kwargs", None) is not None and getattr(weight, "qdata", None) is not None

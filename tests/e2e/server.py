@@ -49,6 +49,7 @@ def start(
     env: dict[str, str] | None = None,
     args: list[str] | None = None,
     log_dir: Path | None = None,
+    timeout: float = START_TIMEOUT,
 ) -> Server:
     port = free_port()
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("TEXTGEN_")}
@@ -71,7 +72,7 @@ def start(
     process = subprocess.Popen(command, env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, process, log_path)
+        wait_healthy(url, process, log_path, timeout)
     except BaseException:
         stop(process)
         raise

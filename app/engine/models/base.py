@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from app.engine.quantize import is_dynamic_int8
+from app.engine.quantize import PackedWeight, is_dynamic_int8
 
 if TYPE_CHECKING:
     from app.engine.compiled import CompiledDecode
@@ -28,10 +28,15 @@ Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def onednn_linear(weight: torch.Tensor) -> bool:
+# A GEMM's weight: a plain tensor [out, in] or one packed for a weight-only kernel (TEXTGEN_QUANTIZE).
+Weight = torch.Tensor | PackedWeight
+
+
+def onednn_linear(weight: Weight) -> bool:
     """Whether `linear` runs `weight` through oneDNN: a plain fp32/bf16 CPU tensor, [out, in] contiguous."""
     return (
         _ONEDNN
+        and isinstance(weight, torch.Tensor)
         and weight.device.type == "cpu"
         and type(weight) in (torch.Tensor, torch.nn.Parameter)  # not a quantized tensor subclass
         and weight.dtype in (torch.float32, torch.bfloat16)
@@ -39,25 +44,29 @@ def onednn_linear(weight: torch.Tensor) -> bool:
     )
 
 
-def row_multiple(weight: torch.Tensor) -> int:
+def row_multiple(weight: Weight) -> int:
     """The row count every GEMM over `weight` is padded to a multiple of, for batch invariance.
 
-    oneDNN: fp32 takes another kernel for a single row (up to 5e-5 apart), bf16 does not; torchao's
-    dynamic int8 (TEXTGEN_QUANTIZE=int8-dynamic) quantizes each row on its own and sums in int32,
-    exactly, so any row count; MKL (any other CPU case, torchao's int8 weight-only included, which
-    runs `torch.mm` on the weight converted to float) needs 4 rows (measured: 1 row and 2-3 rows
-    differ from >= 4)."""
-    if onednn_linear(weight):
-        return 1 if weight.dtype == torch.bfloat16 else 2
-    if is_dynamic_int8(weight):
+    oneDNN: a single row takes another kernel than 2+ rows, in fp32 (up to 5e-5 apart) and in bf16
+    too once the input is 1536 wide or more (GPT-2-124M's MLP down-projection, K = 3072: 6 of 40
+    rows differed in the last bit alone and batched; K <= 1024 never did; measured torch 2.13,
+    issue 21), so both pad to 2 rows; the weight-only int8/int4 kernels (`PackedWeight`) and
+    torchao's dynamic int8 (each row quantized on its own, int32 sums) give a row the same bits for
+    any row count; MKL (any other CPU case) needs 4 rows (measured: 1 row and 2-3 rows differ from >= 4)."""
+    if isinstance(weight, PackedWeight) or is_dynamic_int8(weight):
         return 1
+    if onednn_linear(weight):
+        return 2
     return 4
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "none") -> torch.Tensor:
+def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, activation: str = "none") -> torch.Tensor:
     """`activation(x @ weight.T + bias)`: x [N, in], weight [out, in] -> [N, out].
 
     activation: "none", "gelu_tanh", "gelu" (erf) or "silu", fused into the GEMM on oneDNN."""
+    if isinstance(weight, PackedWeight):
+        out = weight.matmul(x)
+        return ACTIVATIONS[activation](out + bias if bias is not None else out)
     if onednn_linear(weight) and x.dtype == weight.dtype:
         kind, algorithm = _ONEDNN_ACTIVATIONS[activation]
         if torch.compiler.is_compiling():  # TEXTGEN_COMPILE: the same kernel, opaque to inductor
@@ -144,6 +153,13 @@ def pad_rows(x: torch.Tensor, model: CompactModel) -> torch.Tensor:
     """`x` [N, width] with zero rows appended up to `padded_rows(N, model)`."""
     extra = padded_rows(x.shape[0], model) - x.shape[0]
     return torch.cat([x, x.new_zeros((extra, x.shape[1]))]) if extra else x
+
+
+def head_weight(model: torch.nn.Module) -> Weight:
+    """The LM head's weight [vocab, hidden] of an HF causal LM: packed when TEXTGEN_QUANTIZE replaced
+    the head (`QuantizedLinear`), else the parameter's tensor."""
+    weight = model.get_output_embeddings().weight  # type: ignore[operator]
+    return weight if isinstance(weight, PackedWeight) else weight.detach()
 
 
 def as_linear_weight(conv1d_weight: torch.nn.Parameter) -> torch.Tensor:

@@ -5,7 +5,16 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from app.engine.lora import LoraRows, adapted_linear
-from app.engine.models.base import Attend, CompactModel, as_linear_weight, linear, row_multiple
+from app.engine.models.base import (
+    Attend,
+    CompactModel,
+    Weight,
+    as_linear_weight,
+    head_weight,
+    linear,
+    row_multiple,
+)
+from app.engine.quantize import QuantizedLinear
 
 _SLOTS = ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")
 _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": None, "gelu": "gelu"}
@@ -45,28 +54,36 @@ class GPT2Compact(CompactModel):
         self.device = self.wte.device
         # Per block: (weight, bias) of ln_1, c_attn, attn c_proj, ln_2, c_fc, mlp c_proj; the Conv1D
         # weights ([in, out]) as [out, in], the layout `linear` takes, sharing the HF storage. Layers
-        # already turned into nn.Linear (TEXTGEN_QUANTIZE) are [out, in] and maybe int8: used as they are.
-        conv1d = {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"}
+        # already turned into nn.Linear or QuantizedLinear (TEXTGEN_QUANTIZE) are [out, in] and maybe
+        # int8/int4: used as they are.
 
-        def gemm_weight(name: str) -> torch.Tensor:
-            if isinstance(model.get_submodule(name.removesuffix(".weight")), torch.nn.Linear):
+        def gemm_weight(name: str) -> Weight:
+            module = model.get_submodule(name.removesuffix(".weight"))
+            if isinstance(module, QuantizedLinear):
+                return module.weight
+            if isinstance(module, torch.nn.Linear):
                 return weight(name).detach()
             return as_linear_weight(weight(name))
 
+        def gemm(i: int, name: str) -> tuple[Weight, torch.Tensor]:
+            return gemm_weight(f"transformer.h.{i}.{name}.weight"), weight(f"transformer.h.{i}.{name}.bias")
+
+        def norm(i: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+            return weight(f"transformer.h.{i}.{name}.weight"), weight(f"transformer.h.{i}.{name}.bias")
+
         self.blocks = [
-            tuple(
-                (
-                    gemm_weight(f"transformer.h.{i}.{name}.weight")
-                    if name in conv1d
-                    else weight(f"transformer.h.{i}.{name}.weight"),
-                    weight(f"transformer.h.{i}.{name}.bias"),
-                )
-                for name in _SLOTS
+            (
+                norm(i, "ln_1"),
+                gemm(i, "attn.c_attn"),
+                gemm(i, "attn.c_proj"),
+                norm(i, "ln_2"),
+                gemm(i, "mlp.c_fc"),
+                gemm(i, "mlp.c_proj"),
             )
             for i in range(config.n_layer)
         ]
         self.ln_f = (weight("transformer.ln_f.weight"), weight("transformer.ln_f.bias"))
-        self.lm_head = model.lm_head.weight.detach()  # [vocab, hidden]; tied to wte in GPT-2
+        self.lm_head = head_weight(model)  # [vocab, hidden]; tied to wte in GPT-2 unless quantized
         gemms = [self.lm_head] + [block[k][0] for block in self.blocks for k in (1, 2, 4, 5)]
         self.row_multiple = max(row_multiple(w) for w in gemms)
 

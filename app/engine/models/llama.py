@@ -5,7 +5,8 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from app.engine.lora import LoraRows, adapted_linear
-from app.engine.models.base import Attend, CompactModel, linear, row_multiple
+from app.engine.models.base import Attend, CompactModel, head_weight, linear, row_multiple
+from app.engine.quantize import QuantizedLinear
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -59,8 +60,10 @@ class LlamaCompact(CompactModel):
             for b in m.layers
         ]
         self.norm = m.norm.weight
-        self.lm_head = model.lm_head.weight.detach()  # [vocab, hidden]
-        gemms = [self.lm_head] + [m.weight for block in self.blocks for m in block if isinstance(m, torch.nn.Linear)]
+        self.lm_head = head_weight(model)  # [vocab, hidden]
+        gemms = [self.lm_head] + [
+            m.weight for block in self.blocks for m in block if isinstance(m, torch.nn.Linear | QuantizedLinear)
+        ]
         self.row_multiple = max(row_multiple(w) for w in gemms)
 
     def lora_targets(self) -> dict[str, tuple[int, str, int, int]]:

@@ -24,3 +24,15 @@ def test_step_benchmark_times_a_quantized_mode_against_fp32(
     assert "quantize int8-dynamic" in out
     (line,) = [line for line in out.splitlines() if line.startswith("batch")]
     assert line.index("compact-fp32:") < line.index(" compact:") and "transformers:" not in line
+
+
+def test_step_benchmark_adds_a_path_per_further_quantize_mode(
+    tiny_gpt2_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--model", str(tiny_gpt2_dir), "--batch", "2", "--steps", "2", "--rounds", "1"]
+    paths = "compact-fp32,compact,compact-int4-weight-only"
+    assert main([*argv, "--quantize", "int8-weight-only,int4-weight-only", "--paths", paths]) == 0
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("batch")]
+    assert "compact-fp32:" in line and " compact:" in line and "compact-int4-weight-only:" in line
+    with pytest.raises(SystemExit):
+        main([*argv, "--quantize", "int3"])
