@@ -4,8 +4,15 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from app.engine.lora import LoraRows, adapted_linear
-from app.engine.models.base import Attend, CompactModel, as_linear_weight, linear, row_multiple
+from app.engine.models.base import (
+    Attend,
+    CompactModel,
+    LoraDeltas,
+    adapted_linear,
+    as_linear_weight,
+    linear,
+    row_multiple,
+)
 
 _SLOTS = ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")
 _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": None, "gelu": "gelu"}
@@ -79,7 +86,7 @@ class GPT2Compact(CompactModel):
         }
 
     def forward(
-        self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend, lora: LoraRows | None = None
+        self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend, lora: LoraDeltas | None = None
     ) -> torch.Tensor:
         x = F.embedding(ids, self.wte) + F.embedding(positions, self.wpe)
         n, width = x.shape

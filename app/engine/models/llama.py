@@ -4,8 +4,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from app.engine.lora import LoraRows, adapted_linear
-from app.engine.models.base import Attend, CompactModel, linear, row_multiple
+from app.engine.models.base import Attend, CompactModel, LoraDeltas, adapted_linear, linear, row_multiple
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -73,7 +72,7 @@ class LlamaCompact(CompactModel):
         }
 
     def forward(
-        self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend, lora: LoraRows | None = None
+        self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend, lora: LoraDeltas | None = None
     ) -> torch.Tensor:
         x = F.embedding(ids, self.embed)
         n = x.shape[0]
