@@ -44,6 +44,8 @@ lint: install
 	$(BIN)/ruff check app tests bench
 	$(BIN)/ruff format --check app tests bench
 	$(BIN)/mypy
+	# Import rules ([tool.importlinter] in pyproject.toml): no circle, no upward import.
+	$(BIN)/lint-imports
 
 bench: install
 	$(BIN)/python -m bench.run

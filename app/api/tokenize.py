@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from app.api.deps import EngineDep, ServiceDep
 from app.api.errors import validation
 from app.api.generation import check_refused
-from app.api.openai.chat import chat_template_of, render_prompt
+from app.api.openai.chat import chat_template_of, count_messages_first, render_prompt
 from app.api.openai.common import check_model
 from app.api.openai.protocol import ChatMessage, ChatRequest
 from app.api.schemas import Refused, RequestModel
@@ -118,29 +118,6 @@ def _count_first(service: Service, text: str, add_special_tokens: bool, field: s
     backend = getattr(service.loaded.tokenizer, "backend_tokenizer", None)
     if backend is not None:
         _check_length(service, len(backend.encode_batch([text], add_special_tokens=add_special_tokens)[0]), field)
-
-
-def count_messages_first(service: Service, messages: list[ChatMessage]) -> None:
-    """Refuse a conversation whose texts alone are far over the cap before the template renders
-    it (rendering tokenizes into Python ints, holding the GIL for seconds on megabytes); run it in
-    a worker thread. Text that merges across message boundaries may lose a few tokens, hence
-    twice the cap. Used by /tokenize and Anthropic's routes."""
-    assert service.loaded is not None
-    backend = getattr(service.loaded.tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return
-    texts = []
-    for m in messages:
-        parts = m.content if isinstance(m.content, list) else [{"text": m.content or ""}]
-        texts += [p["text"] for p in parts if isinstance(p.get("text"), str)]
-    count = sum(len(e) for e in backend.encode_batch(texts, add_special_tokens=False)) if texts else 0
-    limit = service.loaded.limits.max_total_tokens
-    if count > 2 * limit:
-        raise validation(
-            f"`messages` is over {count} tokens of text alone; at most {limit} are tokenized here "
-            "(TEXTGEN_MAX_TOTAL_TOKENS, the longest sequence this server runs)",
-            "messages",
-        )
 
 
 def _tgi(service: Service, text: str, add_special_tokens: bool) -> str:

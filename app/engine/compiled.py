@@ -31,8 +31,7 @@ import torch
 
 from app.engine.attention import CHUNK
 from app.engine.compact_batch import decode_context, decode_logits
-from app.engine.lora import LoraRows
-from app.engine.models.base import CompactModel, padded_rows
+from app.engine.models.base import CompactModel, LoraDeltas, padded_rows
 from app.engine.row_cache import RowCache
 
 log = logging.getLogger("textgen.engine")
@@ -54,7 +53,7 @@ class CompiledDecode:
         self.steps = 0  # decode steps run compiled (warm-up included)
 
     def __call__(
-        self, model: CompactModel, ids: torch.Tensor, positions: torch.Tensor, lora: LoraRows | None = None
+        self, model: CompactModel, ids: torch.Tensor, positions: torch.Tensor, lora: LoraDeltas | None = None
     ) -> torch.Tensor:
         if lora is not None:  # the server refuses TEXTGEN_COMPILE with adapters; see app/service.py
             raise ValueError("the compiled decode step does not run LoRA adapters")

@@ -237,20 +237,6 @@ class LoraRows:
         return out
 
 
-def adapted_linear(
-    x: torch.Tensor,
-    weight: Weight,
-    bias: torch.Tensor | None,
-    activation: str,
-    lora: LoraRows | None,
-    layer: int,
-    slot: str,
-) -> torch.Tensor:
-    """`linear(x, weight, bias, activation)` plus, on the rows of adapted requests, their LoRA delta."""
-    out = linear(x, weight, bias, activation)
-    return out if lora is None else lora.apply(layer, slot, x, weight, bias, activation, out)
-
-
 class AdapterRegistry:
     """The adapters loaded on one compact model, by name; thread-safe.
 

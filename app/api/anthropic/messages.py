@@ -25,12 +25,11 @@ from app.api.anthropic.protocol import (
 )
 from app.api.errors import APIError, anthropic_body, validation
 from app.api.generation import ContextDep, Generation, check_refused, run_to_completion
-from app.api.openai.chat import chat_template_of, render_prompt
+from app.api.openai.chat import chat_template_of, count_messages_first, render_prompt
 from app.api.openai.common import adapter_of, check_model, merged, start_choices
 from app.api.openai.protocol import ChatRequest
 from app.api.openai.tools import ToolPlan, tool_plan
 from app.api.structured import compile_grammar
-from app.api.tokenize import count_messages_first
 from app.engine.constraints import GrammarSpec
 from app.engine.types import Completion
 from app.service import Service

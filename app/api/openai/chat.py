@@ -61,6 +61,29 @@ def _content(message: ChatMessage, index: int) -> str | None:
     return "".join(texts)
 
 
+def count_messages_first(service: Service, messages: list[ChatMessage]) -> None:
+    """Refuse a conversation whose texts alone are far over the cap before the template renders
+    it (rendering tokenizes into Python ints, holding the GIL for seconds on megabytes); run it in
+    a worker thread. Text that merges across message boundaries may lose a few tokens, hence
+    twice the cap. Used by chat, /tokenize and Anthropic's routes."""
+    assert service.loaded is not None
+    backend = getattr(service.loaded.tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return
+    texts = []
+    for m in messages:
+        parts = m.content if isinstance(m.content, list) else [{"text": m.content or ""}]
+        texts += [p["text"] for p in parts if isinstance(p.get("text"), str)]
+    count = sum(len(e) for e in backend.encode_batch(texts, add_special_tokens=False)) if texts else 0
+    limit = service.loaded.limits.max_total_tokens
+    if count > 2 * limit:
+        raise validation(
+            f"`messages` is over {count} tokens of text alone; at most {limit} are tokenized here "
+            "(TEXTGEN_MAX_TOTAL_TOKENS, the longest sequence this server runs)",
+            "messages",
+        )
+
+
 def chat_template_of(service: Service) -> str | None:
     """TEXTGEN_CHAT_TEMPLATE, else the tokenizer's own template."""
     assert service.loaded is not None
@@ -140,6 +163,7 @@ async def chat(body: ChatRequest, request: Request, ctx: ContextDep):
     plan = tool_plan(body.tools, body.tool_choice, body.parallel_tool_calls, template, extra_keys) if template else None
     if plan is not None:
         spec, field = plan.spec, "tools"
+    await run_in_threadpool(count_messages_first, service, body.messages)
     ids = await run_in_threadpool(render_prompt, service, body)  # templating is slow work
     ctx.usage["prompt"] = [m.model_dump() for m in body.messages]
     top = (body.top_logprobs or 0) if body.logprobs else 0

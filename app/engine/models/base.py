@@ -11,16 +11,12 @@ avx512; ../shared/notes and `python -m bench.step`):
 """
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from app.engine.quantize import PackedWeight, is_dynamic_int8
-
-if TYPE_CHECKING:
-    from app.engine.compiled import CompiledDecode
-    from app.engine.lora import LoraRows
 
 # attend(layer, q [N, heads, dim], k [N, kv_heads, dim], v [N, kv_heads, dim]) -> [N, heads * dim]
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -105,6 +101,55 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+class LoraDeltas(Protocol):
+    """The LoRA deltas of one packed forward's token rows, as the forward applies them
+    (`app.engine.lora.LoraRows`). A protocol here, not that class, so that the model interface does
+    not import the adapter code that is built on its GEMMs (no import circle)."""
+
+    def apply(
+        self,
+        layer: int,
+        slot: str,
+        x: torch.Tensor,
+        weight: Weight,
+        bias: torch.Tensor | None,
+        activation: str,
+        out: torch.Tensor,
+    ) -> torch.Tensor:
+        """`out` (= activation(linear(x, weight, bias))) [N, out] with the adapted rows' deltas added."""
+        ...
+
+
+def adapted_linear(
+    x: torch.Tensor,
+    weight: Weight,
+    bias: torch.Tensor | None,
+    activation: str,
+    lora: LoraDeltas | None,
+    layer: int,
+    slot: str,
+) -> torch.Tensor:
+    """`linear(x, weight, bias, activation)` plus, on the rows of adapted requests, their LoRA delta."""
+    out = linear(x, weight, bias, activation)
+    return out if lora is None else lora.apply(layer, slot, x, weight, bias, activation, out)
+
+
+class DecodeStep(Protocol):
+    """A whole decode step run as one callable (`app.engine.compiled.CompiledDecode`, set by the
+    loader for TEXTGEN_COMPILE). A protocol for the same reason as `LoraDeltas`: the compiled step
+    is built from the batch code, which is built on this interface."""
+
+    def __call__(
+        self, model: "CompactModel", ids: torch.Tensor, positions: torch.Tensor, lora: LoraDeltas | None = None
+    ) -> torch.Tensor:
+        """Next-token logits [N, vocab] for ids, positions [N]."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """What /info reports under `compile`."""
+        ...
+
+
 class CompactModel:
     """A decoder-only LM as plain tensor code over flattened tokens [N, hidden].
 
@@ -122,12 +167,12 @@ class CompactModel:
     dtype: torch.dtype
     kv_dtype: torch.dtype  # the KV cache's element type (TEXTGEN_KV_CACHE_DTYPE), set by the loader
     batch_invariant: bool = True  # TEXTGEN_BATCH_INVARIANT, set by the loader
-    compiled: "CompiledDecode | None" = None  # TEXTGEN_COMPILE: the decode step compiled, set by the loader
+    compiled: DecodeStep | None = None  # TEXTGEN_COMPILE: the decode step compiled, set by the loader
     row_multiple: int = 4  # see `row_multiple()`; set from the weights at wrap time
     device: torch.device
 
     def forward(
-        self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend, lora: "LoraRows | None" = None
+        self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend, lora: LoraDeltas | None = None
     ) -> torch.Tensor:
         """ids, positions: [N] (N a multiple of row_multiple); `lora`: the rows' LoRA adapters, if
         any. Returns final hidden states [N, hidden]."""

@@ -4,11 +4,12 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from app.engine.lora import LoraRows, adapted_linear
 from app.engine.models.base import (
     Attend,
     CompactModel,
+    LoraDeltas,
     Weight,
+    adapted_linear,
     as_linear_weight,
     head_weight,
     linear,
@@ -96,7 +97,7 @@ class GPT2Compact(CompactModel):
         }
 
     def forward(
-        self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend, lora: LoraRows | None = None
+        self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend, lora: LoraDeltas | None = None
     ) -> torch.Tensor:
         x = F.embedding(ids, self.wte) + F.embedding(positions, self.wpe)
         n, width = x.shape

@@ -4,8 +4,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from app.engine.lora import LoraRows, adapted_linear
-from app.engine.models.base import Attend, CompactModel, head_weight, linear, row_multiple
+from app.engine.models.base import Attend, CompactModel, LoraDeltas, adapted_linear, head_weight, linear, row_multiple
 from app.engine.quantize import QuantizedLinear
 
 
@@ -76,7 +75,7 @@ class LlamaCompact(CompactModel):
         }
 
     def forward(
-        self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend, lora: LoraRows | None = None
+        self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend, lora: LoraDeltas | None = None
     ) -> torch.Tensor:
         x = F.embedding(ids, self.embed)
         n = x.shape[0]
