@@ -18,7 +18,10 @@ QUESTION = {
     ],
 }
 
-TRAIN_ITEMS = ["lamp", "chair", "red ball", "toy car", "blue hat", "book", "cup", "dress", "kite", "bed"]
+TRAIN_ITEMS = [
+    "lamp", "chair", "red ball", "toy car", "blue hat", "book", "cup", "dress", "kite", "bed",
+    "yellow box", "big dog toy", "cake", "pen", "spoon", "clock", "rug", "small boat", "drum", "sock",
+]  # fmt: skip
 HELD_ITEMS = ["table", "doll", "green coat", "teddy bear", "bike", "shoes"]
 
 TRAIN = {
@@ -86,7 +89,7 @@ def write_jsonl(path: Path, rows: list[tuple[str, str]], seed: int = 0) -> Path:
 
 
 def train_set() -> list[tuple[str, str]]:
-    return messages(TRAIN, TRAIN_ITEMS)  # 3 x 8 x 10 = 240 messages
+    return messages(TRAIN, TRAIN_ITEMS)  # 3 x 8 x 20 = 480 messages
 
 
 def held_out_set() -> list[tuple[str, str]]:
