@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         "TEXTGEN_DRAIN_DELAY": "0",
         "TEXTGEN_UI": "false",
         "TEXTGEN_SERVED_MODEL_NAME": MODEL_NAME,
+        # Every option is one engine request: 32 clients x 3 questions x 3 options wait at once.
+        "TEXTGEN_MAX_QUEUE": "4096",
     }
     log_dir = Path(tempfile.mkdtemp(prefix="bench-decisions-"))
     cmd = [sys.executable, "-m", "app.cli", "serve", "--model", str(model), "--port", str(port)]

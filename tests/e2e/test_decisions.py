@@ -98,7 +98,7 @@ def stories(stories260k_dir: Path, adapter_dir: Path, tmp_path_factory: pytest.T
 
 @pytest.fixture(scope="module")
 def gpt2_chat(gpt2_chat_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start(gpt2_chat_dir, log_dir=tmp_path_factory.mktemp("logs"))
+    srv = start(gpt2_chat_dir, env={"TEXTGEN_MAX_QUEUE": "12"}, log_dir=tmp_path_factory.mktemp("logs"))
     yield srv
     stop(srv.process)
 
@@ -328,3 +328,11 @@ def test_unknown_fields_and_models_are_refused(stories: Server) -> None:
     assert "temperature" in str(info.value)
     with pytest.raises(openai.NotFoundError):
         create(stories, {"input": STORY, "questions": QUESTIONS[:1]}, model="no-such-model")
+
+
+def test_more_options_than_the_queue_holds_is_a_400(gpt2_chat: Server) -> None:
+    """Each option is one engine request: 16 options can never fit a queue of 12."""
+    with pytest.raises(openai.BadRequestError) as info:
+        create(gpt2_chat, {"input": STORY, "questions": [_choice(list("abcd"))] * 4})
+    assert isinstance(info.value.body, dict) and info.value.body["param"] == "questions"
+    assert "TEXTGEN_MAX_QUEUE" in info.value.body["message"]
