@@ -311,26 +311,25 @@ def _forward(
     return hidden
 
 
-def _chunk_masks(first: int, last: int, device: torch.device) -> list[torch.Tensor | None]:
+def _chunk_masks(first: int, last: int, device: torch.device) -> list[torch.Tensor]:
     """The causal masks of a prompt's positions [first, last) (first a multiple of
-    ATTENTION_CHUNK), one per chunk of ATTENTION_CHUNK queries over its keys [0, chunk end):
-    [1, 1, queries, keys], or None for a chunk of one query (it sees every key)."""
+    ATTENTION_CHUNK), one per chunk of ATTENTION_CHUNK queries (the last one padded with queries
+    that see every key) over its keys [0, chunk end): [1, 1, ATTENTION_CHUNK, keys]."""
     assert first % ATTENTION_CHUNK == 0, f"a cached prefix of {first} tokens does not end on a chunk"
-    masks: list[torch.Tensor | None] = []
+    masks = []
     for start in range(first, last, ATTENTION_CHUNK):
         end = min(start + ATTENTION_CHUNK, last)
-        queries = torch.arange(start, end, device=device)
-        mask = torch.arange(end, device=device)[None, :] <= queries[:, None]
-        masks.append(mask[None, None] if end - start > 1 else None)
+        queries = torch.arange(start, start + ATTENTION_CHUNK, device=device)
+        masks.append((torch.arange(end, device=device)[None, :] <= queries[:, None])[None, None])
     return masks
 
 
 def _chunked_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, masks: list[torch.Tensor | None], gqa: bool
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, masks: list[torch.Tensor], gqa: bool
 ) -> torch.Tensor:
     """Attention of a prompt's new queries q [count, heads, dim] over the row's keys and values
-    [kv_heads, last, dim]: one call per chunk of ATTENTION_CHUNK queries, over exactly the keys up
-    to the chunk's end.
+    [kv_heads, last, dim]: one call per chunk of ATTENTION_CHUNK queries (zero queries pad the
+    last), over exactly the keys up to the chunk's end.
 
     A chunk's call then depends on its own queries and keys alone, never on the chunks before it
     nor on how long the prompt is: a prompt whose first chunks come from the prefix cache gets the
@@ -343,10 +342,11 @@ def _chunked_attention(
     for i, mask in enumerate(masks):
         start = i * ATTENTION_CHUNK
         n = min(ATTENTION_CHUNK, count - start)
-        end = keys.shape[1] - count + start + n  # this chunk's last position + 1
-        qc = q[start : start + n].transpose(0, 1)[None]  # [1, heads, n, dim]
+        end = mask.shape[-1]
+        chunk = q.new_zeros((ATTENTION_CHUNK, heads, dim))
+        chunk[:n] = q[start : start + n]
         o = F.scaled_dot_product_attention(
-            qc, keys[None, :, :end], values[None, :, :end], attn_mask=mask, enable_gqa=gqa
+            chunk.transpose(0, 1)[None], keys[None, :, :end], values[None, :, :end], attn_mask=mask, enable_gqa=gqa
         )
-        out[start : start + n] = o[0].transpose(0, 1).reshape(n, heads * dim)
+        out[start : start + n] = o[0].transpose(0, 1).reshape(ATTENTION_CHUNK, heads * dim)[:n]
     return out
