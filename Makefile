@@ -51,6 +51,7 @@ bench: install
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.structured
 	$(BIN)/python -m bench.lora
+	$(BIN)/python -m bench.decisions
 	$(BIN)/python -m bench.step --batch 1,32 --steps 12 --rounds 3
 
 # Builds llama.cpp's llama-server (CPU, ~10 minutes on 2 cores, once) and converts the bench model to

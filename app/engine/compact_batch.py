@@ -10,11 +10,13 @@ any batch, on CPU):
   app/engine/models/base.py);
 - prefill: attention calls per row, on the same shapes as alone. (Rows of equal lengths batched
   into one SDPA call do NOT give the bits of the call alone: measured, torch 2.13 CPU.) A prompt's
-  queries go in chunks of ATTENTION_CHUNK positions, each a batch entry of one call over all the
-  prompt's keys (`_chunked_attention`), so a prompt whose first chunks come from the prefix cache
-  (app/engine/prefix_cache.py) computes its other chunks with the same bits as without the cache.
-  (One causal call over the whole prompt differed in the last bits from a call over its suffix in
-  16 of 80 prompts; chunked, 0 of 80: measured, torch 2.13 CPU.) Decode: one set of ops for the
+  queries go in chunks of ATTENTION_CHUNK positions, one call each over exactly the keys up to
+  the chunk's end (`_chunked_attention`), so a prompt whose first chunks come from the prefix cache
+  (app/engine/prefix_cache.py) computes its other chunks with the same bits as without the cache,
+  and the cached chunks' K/V do not depend on the length of the prompt that stored them. (One
+  causal call over the whole prompt differed in the last bits from a call over its suffix in 16 of
+  80 prompts; chunks over all the prompt's keys gave K/V that depended on the prompt's length
+  past ~200 tokens: measured, torch 2.13 CPU.) Decode: one set of ops for the
   whole batch whose reductions have shapes fixed by the row alone (app/engine/attention.py).
 The interface is `Batch`'s, so the scheduler drives either.
 """
@@ -267,7 +269,7 @@ def _forward(
         valid = torch.arange(max(after), device=device)[None, :] < torch.tensor(after, device=device)[:, None]
     gqa = model.kv_heads != heads
     chunked = prompt and invariant
-    masks = [_chunk_mask(first, last, device) for first, last in zip(before, after, strict=True)] if chunked else []
+    masks = [_chunk_masks(first, last, device) for first, last in zip(before, after, strict=True)] if chunked else []
 
     def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         keys, values = cache.keys(layer), cache.values(layer)
@@ -310,31 +312,42 @@ def _forward(
     return hidden
 
 
-def _chunk_mask(first: int, last: int, device: torch.device) -> torch.Tensor:
-    """The causal mask of a prompt's positions [first, last) (first a multiple of ATTENTION_CHUNK)
-    in chunks of ATTENTION_CHUNK queries, each over keys [0, last): [chunks, 1, CHUNK, last]."""
+def _chunk_masks(first: int, last: int, device: torch.device) -> list[torch.Tensor]:
+    """The causal masks of a prompt's positions [first, last) (first a multiple of
+    ATTENTION_CHUNK), one per chunk of ATTENTION_CHUNK queries (the last one padded with queries
+    that see every key) over its keys [0, chunk end): [1, 1, ATTENTION_CHUNK, keys]."""
     assert first % ATTENTION_CHUNK == 0, f"a cached prefix of {first} tokens does not end on a chunk"
-    chunks = -(-(last - first) // ATTENTION_CHUNK)
-    queries = torch.arange(first, first + chunks * ATTENTION_CHUNK, device=device)
-    mask = torch.arange(last, device=device)[None, :] <= queries[:, None]
-    return mask.view(chunks, 1, ATTENTION_CHUNK, last)
+    masks = []
+    for start in range(first, last, ATTENTION_CHUNK):
+        end = min(start + ATTENTION_CHUNK, last)
+        queries = torch.arange(start, start + ATTENTION_CHUNK, device=device)
+        masks.append((torch.arange(end, device=device)[None, :] <= queries[:, None])[None, None])
+    return masks
 
 
 def _chunked_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gqa: bool
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, masks: list[torch.Tensor], gqa: bool
 ) -> torch.Tensor:
     """Attention of a prompt's new queries q [count, heads, dim] over the row's keys and values
-    [kv_heads, last, dim], as one call over `mask`'s chunks (zero queries pad the last one).
+    [kv_heads, last, dim]: one call per chunk of ATTENTION_CHUNK queries (zero queries pad the
+    last), over exactly the keys up to the chunk's end.
 
-    Each chunk of ATTENTION_CHUNK queries is a batch entry over the same keys [0, last), so its
-    result depends only on its own queries and the prompt, never on how many chunks precede it:
-    a prompt whose first chunks come from the prefix cache gets the same bits for the rest."""
+    A chunk's call then depends on its own queries and keys alone, never on the chunks before it
+    nor on how long the prompt is: a prompt whose first chunks come from the prefix cache gets the
+    same bits for the rest, whatever the length of the prompt that stored them. (With every chunk
+    a batch entry of one call over all the prompt's keys [0, last), the K/V of a 216-token prompt's
+    full blocks differed in the last bits from those of the same tokens in a 225-token prompt, so a
+    cache hit from a prompt of another length changed logprobs: measured, torch 2.13 CPU.)"""
     count, heads, dim = q.shape
-    chunks = mask.shape[0]
-    padded = q.new_zeros((chunks * ATTENTION_CHUNK, heads, dim))
-    padded[:count] = q
-    qc = padded.view(chunks, ATTENTION_CHUNK, heads, dim).transpose(1, 2)  # [chunks, heads, CHUNK, dim]
-    kc = keys[None].expand(chunks, -1, -1, -1)
-    vc = values[None].expand(chunks, -1, -1, -1)
-    o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, enable_gqa=gqa)
-    return o.transpose(1, 2).reshape(chunks * ATTENTION_CHUNK, heads * dim)[:count]
+    out = q.new_empty((count, heads * dim))
+    for i, mask in enumerate(masks):
+        start = i * ATTENTION_CHUNK
+        n = min(ATTENTION_CHUNK, count - start)
+        end = mask.shape[-1]
+        chunk = q.new_zeros((ATTENTION_CHUNK, heads, dim))
+        chunk[:n] = q[start : start + n]
+        o = F.scaled_dot_product_attention(
+            chunk.transpose(0, 1)[None], keys[None, :, :end], values[None, :, :end], attn_mask=mask, enable_gqa=gqa
+        )
+        out[start : start + n] = o[0].transpose(0, 1).reshape(ATTENTION_CHUNK, heads * dim)[:n]
+    return out

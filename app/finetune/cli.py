@@ -37,7 +37,7 @@ def _unwrap(annotation: Any) -> Any:
 
 
 METAVARS = {int: "N", float: "X", str: "TEXT", Path: "DIR"}
-NAMED_METAVARS = {"model": "MODEL", "data": "DATA", "eval_file": "DATA", "dataset_split": "SPLIT"}
+NAMED_METAVARS = {"task": "TASK", "model": "MODEL", "data": "DATA", "eval_file": "DATA", "dataset_split": "SPLIT"}
 
 
 def _add(parser: argparse.ArgumentParser, name: str, field: FieldInfo) -> None:
@@ -53,7 +53,7 @@ def _add(parser: argparse.ArgumentParser, name: str, field: FieldInfo) -> None:
     elif typing.get_origin(kind) is typing.Literal:
         choices = typing.get_args(kind)
         help_text += f" Choices: {', '.join(choices)}."
-        parser.add_argument(flag(name), choices=choices, metavar="SIZE", help=help_text)
+        parser.add_argument(flag(name), choices=choices, metavar=NAMED_METAVARS.get(name, "SIZE"), help=help_text)
     elif typing.get_origin(kind) is list:
         parser.add_argument(flag(name), nargs="+", metavar="MODULE", help=help_text)
     else:

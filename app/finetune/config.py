@@ -20,6 +20,11 @@ class FinetuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str | None = Field(None, description="Base model: a Hugging Face hub id or a local directory.")
+    task: Literal["text", "decisions"] = Field(
+        "text",
+        description="text: language modelling on --data. decisions: a classifier for /v1/decisions from JSONL "
+        'lines {"input", "question", "answer"} (see the README, "Decisions").',
+    )
     data: str = Field(
         description="Training data: a .txt file, a folder of .txt/.jsonl files, a .jsonl file with a 'text' "
         "field or 'prompt'/'completion' fields, a saved `datasets` dir, or a `datasets` hub name."
@@ -83,6 +88,10 @@ class FinetuneConfig(BaseModel):
             raise ValueError("--serve-to loads an unmerged adapter: it needs --lora --no-merge")
         if self.serve_to is not None and not self.serve_to.startswith(("http://", "https://")):
             raise ValueError(f"--serve-to takes the server's http(s):// URL; got {self.serve_to!r}")
+        if self.task == "decisions" and self.from_scratch:
+            raise ValueError(
+                "--task decisions fine-tunes a pretrained --model; it cannot be combined with --from-scratch"
+            )
         if self.early_stopping_patience and not (self.eval_file or self.eval_split > 0):
             raise ValueError("--early-stopping-patience needs evaluation data (--eval-split > 0 or --eval-file)")
         return self

@@ -145,6 +145,13 @@ def finetune(
     """Returns the metrics also written to OUTPUT/metrics.json. `examples` replaces reading
     `config.data` (then only a label) for callers that build their corpus in memory; `callbacks`
     are added to the Trainer's (e.g. to report progress)."""
+    if config.task == "decisions":
+        from app.finetune.decisions import finetune_decisions
+
+        decision_metrics = finetune_decisions(config)
+        if config.no_merge:
+            hand_over(config)
+        return decision_metrics
     state = distributed_state()
     check_output(config)
     checkpoint_dir = checkpoints(config)

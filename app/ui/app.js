@@ -157,14 +157,93 @@ async function start() {
 // ---------- the form ----------
 
 function mode() {
+  if ($("mode-decide").checked) return "decide";
   return $("mode-chat").checked ? "chat" : "completion";
 }
 
 function applyMode() {
   const chat = mode() === "chat";
+  const decide = mode() === "decide";
   $("chat-only").hidden = !chat;
-  $("prompt-label").textContent = chat ? "Your message" : "Prompt";
+  $("decide-only").hidden = !decide;
+  $("sampling").disabled = decide;
+  $("prompt-label").textContent = chat ? "Your message" : decide ? "Input" : "Prompt";
+  $("generate").textContent = decide ? "Decide" : "Generate";
   $("echo").disabled = chat;
+}
+
+// ---------- Decide mode: POST /v1/decisions, one probability bar per option ----------
+
+function optionRow(label, probability) {
+  const row = document.createElement("div");
+  row.className = "option";
+  const name = document.createElement("span");
+  name.className = "option-label";
+  name.textContent = label;
+  const bar = document.createElement("span");
+  bar.className = "bar";
+  bar.setAttribute("role", "meter");
+  bar.setAttribute("aria-valuemin", "0");
+  bar.setAttribute("aria-valuemax", "1");
+  bar.setAttribute("aria-valuenow", String(probability));
+  bar.setAttribute("aria-label", `${label}: ${(probability * 100).toFixed(1)}%`);
+  const fill = document.createElement("span");
+  fill.style.width = `${(probability * 100).toFixed(2)}%`;
+  bar.append(fill);
+  const value = document.createElement("span");
+  value.className = "option-value";
+  value.textContent = `${(probability * 100).toFixed(1)}%`;
+  row.append(name, bar, value);
+  return row;
+}
+
+function showAnswer(answer, index) {
+  const box = document.createElement("section");
+  box.className = "decision";
+  const title = document.createElement("h3");
+  let summary = "";
+  let rows;
+  if (answer.type === "predicate") {
+    rows = [["true", answer.probability], ["false", 1 - answer.probability]];
+  } else if (answer.type === "choice") {
+    summary = ` → ${JSON.stringify(answer.choice)} (confidence ${(answer.confidence * 100).toFixed(1)}%)`;
+    rows = answer.probabilities.map((p) => [JSON.stringify(p.value), p.probability]);
+  } else if (answer.type === "score") {
+    summary = ` → score ${answer.score.toFixed(2)}`;
+    rows = answer.probabilities.map((p) => [`${p.value}: ${p.label}`, p.probability]);
+  } else {
+    rows = [];
+    summary = " → refused";
+  }
+  title.textContent = `${answer.name || `Question ${index + 1}`} (${answer.type})${summary}`;
+  box.append(title, ...rows.map(([label, p]) => optionRow(label, p)));
+  return box;
+}
+
+async function decide() {
+  let questions;
+  try {
+    questions = JSON.parse($("questions").value);
+  } catch (err) {
+    $("form-error").textContent = `Questions are not valid JSON: ${err.message}`;
+    return;
+  }
+  resetOutput();
+  setRunning(true);
+  const started = performance.now();
+  try {
+    const body = { model: state.info.model_id, input: $("prompt").value, questions };
+    const response = await api("/v1/decisions", { method: "POST", body: JSON.stringify(body) });
+    const decision = await response.json();
+    $("decisions").replaceChildren(...decision.answers.map(showAnswer));
+    $("stat-prompt").textContent = String(decision.usage.input_tokens);
+    setStatus(`Done in ${((performance.now() - started) / 1000).toFixed(1)} s`);
+  } catch (err) {
+    $("form-error").textContent = err.message;
+    setStatus("Request failed");
+  } finally {
+    setRunning(false);
+  }
 }
 
 function numberField(id, { integer = false, optional = false } = {}) {
@@ -290,6 +369,7 @@ function chatTop(list) {
 
 function resetOutput() {
   $("output").replaceChildren();
+  $("decisions").replaceChildren();
   $("prompt-tokens").replaceChildren();
   for (const id of ["stat-ttft", "stat-tps", "stat-prompt", "stat-generated", "stat-finish"]) $(id).textContent = "–";
   hideTip();
@@ -339,6 +419,7 @@ async function generate() {
     $("form-error").textContent = err.message;
     return;
   }
+  if (mode() === "decide") return decide();
   const prompt = $("prompt").value;
   const chat = mode() === "chat";
   let path;

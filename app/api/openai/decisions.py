@@ -178,6 +178,14 @@ async def decisions(body: DecisionRequest, request: Request, ctx: ContextDep) ->
     except DecisionInputError as exc:
         raise validation(exc.message, exc.param) from None
     _check_lengths(service, encoded)
+    runs_needed = sum(len(e.options) for e in encoded)
+    if runs_needed > settings.max_queue:
+        # Every option is one engine request: more than the queue holds could never be admitted.
+        raise validation(
+            f"`questions` have {runs_needed} options in all; at most {settings.max_queue} fit in one request "
+            "(each option is one engine request: TEXTGEN_MAX_QUEUE)",
+            "questions",
+        )
     adapter = adapter_of(service, model)
     temperature = temperature_of(service, adapter)
     ctx.usage["prompt"] = body.input

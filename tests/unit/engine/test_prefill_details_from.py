@@ -47,3 +47,22 @@ def test_logprobs_after_a_cached_prefix_equal_those_of_the_whole_prompt(tiny_lm:
     assert all(math.isnan(t.logprob) for t in cached.prefill[:33]), "positions not run have no logprob"
     assert not any(math.isnan(t.logprob) for t in cached.prefill[33:])
     assert engine.metrics.prefix_hits._value.get() == 32 + 32 + 16, "counted as queries and hits"
+
+
+def test_a_long_prefix_stored_by_a_shorter_prompt_gives_the_same_bits(tiny_lm: LoadedModel) -> None:
+    """The K/V of a prompt's full blocks must not depend on the prompt's length: blocks stored by a
+    216-token prompt serve a 225-token one with the logprobs it gets uncached. (With each query chunk
+    over all the prompt's keys, they differed in the last bits: compact_batch._chunked_attention.)"""
+    shared = shared_prompts(tiny_lm, 1, system=216)[0][:216]
+    option = [7, 8, 9, 10, 11, 12, 13, 14, 15]
+    engine = make_engine(tiny_lm, 4096)
+    try:
+        whole = run(engine, shared + option, details=True)
+        engine.prefix.clear()  # type: ignore[union-attr]  # the prefix cache is on
+        run(engine, shared, details=False)
+        cached = run(engine, shared + option, details=True, start=len(shared))
+    finally:
+        engine.stop()
+    assert cached.cached_tokens == 208
+    assert whole.prefill is not None and cached.prefill is not None
+    assert [t.logprob for t in cached.prefill[216:]] == [t.logprob for t in whole.prefill[216:]]
