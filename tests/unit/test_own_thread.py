@@ -51,10 +51,19 @@ def parallel_op():
 
 parallel_op()  # the main thread's own team, once, so it is not counted below
 
+async def settled(start):
+    # An ended thread (and its OpenMP workers) can stay listed for a moment after the result is
+    # handed back, longer on a busy machine: wait, bounded, for the count to come back.
+    for _ in range(50):
+        if threads() <= start:
+            break
+        await asyncio.sleep(0.1)
+    return threads()
+
 async def main():
     start = threads()
     await on_own_thread(parallel_op)
-    after_own = threads()
+    after_own = await settled(start)
     await asyncio.to_thread(parallel_op)
     print(after_own - start, threads() - after_own)
 
