@@ -51,7 +51,7 @@ def test_sigterm_lame_duck_then_drain(tiny_gpt2_dir: Path) -> None:
             # in its own thread while the main one checks the end of the pause.
             during_box: list[httpx.Response] = []
             during_thread = threading.Thread(
-                target=lambda: during_box.append(httpx.post(f"{url}/generate", json=SHORT, timeout=120))
+                target=lambda: during_box.append(httpx.post(f"{url}/generate", json=SHORT, timeout=180))
             )
             during_thread.start()
             while time.monotonic() - signalled < DELAY + 0.5:

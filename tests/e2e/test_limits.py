@@ -65,9 +65,16 @@ def test_timeout_cancels_in_engine(srv: Server) -> None:
     assert r.status_code == 504 and r.json()["error_type"] == "timeout"
     assert last == {"error": last["error"], "error_type": "timeout"}
     assert time.monotonic() - start_t < 5
-    # The engine dropped them: a short request is served at once afterwards.
-    ok = httpx.post(f"{srv.url}/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 2}}, timeout=30)
-    assert ok.status_code == 200
+    # The engine dropped them: a short request is served soon afterwards. A few tries, since on a
+    # busy machine even 2 tokens can miss the 0.3 s deadline; had the engine kept the two queued
+    # 250-token requests, they would hold the slot for far longer than these tries take.
+    codes = []
+    for _ in range(5):
+        ok = httpx.post(f"{srv.url}/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 2}}, timeout=30)
+        codes.append(ok.status_code)
+        if ok.status_code == 200:
+            break
+    assert codes[-1] == 200, codes
 
 
 def test_cors(srv: Server) -> None:
