@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ from transformers import AutoTokenizer
 from app.decisions.prompt import completion_prompt
 from app.decisions.questions import parse_questions
 from bench.model import default_model_dir, ensure_model
-from bench.servers import Server, free_port
+from bench.servers import Server, free_port, textgen_env
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_NAME = "bench"
@@ -127,19 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     model = args.model or ensure_model(default_model_dir(0)).path
     AutoTokenizer.from_pretrained(model)  # fail early on a directory without a tokenizer
     port = free_port()
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "TEXTGEN_DEVICE": "cpu",
-        "TEXTGEN_DTYPE": "float32",
-        "TEXTGEN_DRAIN_DELAY": "0",
-        "TEXTGEN_UI": "false",
-        "TEXTGEN_SERVED_MODEL_NAME": MODEL_NAME,
-        # Every option is one engine request: 32 clients x 3 questions x 3 options wait at once.
-        "TEXTGEN_MAX_QUEUE": "4096",
-    }
+    # Every option is one engine request: 32 clients x 3 questions x 3 options wait at once.
+    env = textgen_env(REPO, MODEL_NAME, TEXTGEN_MAX_QUEUE="4096")
     log_dir = Path(tempfile.mkdtemp(prefix="bench-decisions-"))
     cmd = [sys.executable, "-m", "app.cli", "serve", "--model", str(model), "--port", str(port)]
     server = Server("textgen", cmd, port, log_dir / "textgen.log", env)

@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 
 from bench.model import default_model_dir, ensure_model, make_prompts
-from bench.servers import Server, free_port
+from bench.servers import Server, free_port, textgen_env
 
 REPO = Path(__file__).resolve().parents[1]
 SYSTEM_TOKENS = 300
@@ -78,18 +78,7 @@ async def burst(url: str, system: str, questions: list[str]) -> dict[str, Any]:
 
 def start(name: str, model: Path, prefix_cache: bool, log_dir: Path) -> Server:
     port = free_port()
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "TEXTGEN_DEVICE": "cpu",
-        "TEXTGEN_DTYPE": "float32",
-        "TEXTGEN_DRAIN_DELAY": "0",
-        "TEXTGEN_UI": "false",
-        "TEXTGEN_SERVED_MODEL_NAME": MODEL_NAME,
-        "TEXTGEN_PREFIX_CACHE": str(prefix_cache).lower(),
-    }
+    env = textgen_env(REPO, MODEL_NAME, TEXTGEN_PREFIX_CACHE=str(prefix_cache).lower())
     cmd = [sys.executable, "-m", "app.cli", "serve", "--model", str(model), "--port", str(port)]
     server = Server(name, cmd, port, log_dir / f"{name}.log", env)
     server.start()

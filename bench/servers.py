@@ -152,3 +152,20 @@ class RssSampler:
         self._stop.set()
         self._thread.join(timeout=5)
         self.peak_bytes = max(self.peak_bytes, self.current())
+
+
+def textgen_env(repo: Path, model_name: str, **settings: str) -> dict[str, str]:
+    """The environment of a benchmarked `textgen serve` (CPU, fp32, offline, no playground, no
+    drain pause), plus the phase's own TEXTGEN_* `settings`."""
+    return {
+        **os.environ,
+        "PYTHONPATH": str(repo),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "TEXTGEN_DEVICE": "cpu",
+        "TEXTGEN_DTYPE": "float32",
+        "TEXTGEN_DRAIN_DELAY": "0",
+        "TEXTGEN_UI": "false",
+        "TEXTGEN_SERVED_MODEL_NAME": model_name,
+        **settings,
+    }
