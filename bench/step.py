@@ -45,12 +45,12 @@ def time_steps(path: str, forward: object, batch_type: type, lm: object, batch: 
 
     seqs = _seqs(lm.tokenizer, batch, lm.model.config.vocab_size)  # type: ignore[attr-defined]
     b, logits, _ = batch_type.prefill(forward, seqs, False)
-    b.set_next([c.token_id for c in choose(logits, b.seqs)])
+    b.set_next([c.token_id for c in choose(logits, b.seqs, b.sampling)])
     for _ in range(2):
-        b.set_next([c.token_id for c in choose(b.decode(forward), b.seqs)])
+        b.set_next([c.token_id for c in choose(b.decode(forward), b.seqs, b.sampling)])
     start = time.perf_counter()
     for _ in range(steps):
-        b.set_next([c.token_id for c in choose(b.decode(forward), b.seqs)])
+        b.set_next([c.token_id for c in choose(b.decode(forward), b.seqs, b.sampling)])
     return (time.perf_counter() - start) / steps
 
 

@@ -24,7 +24,6 @@ from app.api.schemas import (
     CompatRequest,
     Details,
     ErrorBody,
-    GenerateParameters,
     GenerateRequest,
     GenerateResponse,
     PrefillToken,
@@ -33,7 +32,7 @@ from app.api.schemas import (
     TokenOut,
 )
 from app.api.structured import compile_grammar, tgi_spec
-from app.engine.types import Completion, SamplingParams, StoppingParams, Token
+from app.engine.types import Completion, Token
 
 router = APIRouter(tags=["generate (TGI)"])
 
@@ -43,27 +42,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorBody, "description": "Not ready or shutting down"},
     504: {"model": ErrorBody, "description": "Request timed out"},
 }
-
-
-def sampling_params(p: GenerateParameters) -> SamplingParams:
-    # As in TGI, asking for any warper turns sampling on.
-    warped = (
-        (p.temperature is not None and p.temperature != 1.0)
-        or p.top_k is not None
-        or (p.top_p is not None and p.top_p < 1.0)
-        or (p.typical_p is not None and p.typical_p < 1.0)
-    )
-    return SamplingParams(
-        do_sample=p.do_sample or warped,
-        temperature=p.temperature or 1.0,
-        top_k=p.top_k,
-        top_p=p.top_p,
-        typical_p=p.typical_p,
-        repetition_penalty=p.repetition_penalty,
-        frequency_penalty=p.frequency_penalty or 0.0,
-        seed=p.seed,
-        top_logprobs=p.top_n_tokens or 0,
-    )
 
 
 async def start_generation(ctx: Context, body: GenerateRequest) -> Generation:
@@ -84,12 +62,11 @@ async def start_generation(ctx: Context, body: GenerateRequest) -> Generation:
         raise validation(
             f"`min_new_tokens` ({min_new}) must be <= `max_new_tokens` ({max_new})", "parameters.min_new_tokens"
         )
-    # As TGI does, the matched stop sequence stays in generated_text (and in the stream).
-    stopping = StoppingParams(max_new, min_new, check_stop(service, p.stop), include_stop=True)
+    stopping = p.to_stopping_params(max_new, check_stop(service, p.stop))
     grammar = await compile_grammar(ctx, tgi_spec(p.grammar), "parameters.grammar")
     adapter = p.adapter_id if p.adapter_id not in (None, service.model_name) else None
     try:
-        return Generation(ctx, ids, sampling_params(p), stopping, p.decoder_input_details, grammar, adapter)
+        return Generation(ctx, ids, p.to_sampling_params(), stopping, p.decoder_input_details, grammar, adapter)
     except APIError as exc:
         if exc.error_type == "model_not_found":  # TGI answers an unknown adapter with 422
             raise validation(f"`adapter_id`: {exc.message}", "parameters.adapter_id") from exc

@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app.engine.types import SamplingParams, StoppingParams
+
 NonEmpty = Annotated[str, Field(min_length=1)]
 
 
@@ -94,6 +96,33 @@ class GenerateParameters(RequestModel):
     model_config = ConfigDict(
         json_schema_extra={"examples": [{"max_new_tokens": 20, "do_sample": True, "temperature": 0.8, "seed": 1}]},
     )
+
+    def to_sampling_params(self) -> SamplingParams:
+        """The engine's settings. As in TGI, asking for any warper turns sampling on. Every field
+        of SamplingParams TGI's API has is mapped (tests/unit/api/test_to_sampling_params.py)."""
+        warped = (
+            (self.temperature is not None and self.temperature != 1.0)
+            or self.top_k is not None
+            or (self.top_p is not None and self.top_p < 1.0)
+            or (self.typical_p is not None and self.typical_p < 1.0)
+        )
+        return SamplingParams(
+            do_sample=self.do_sample or warped,
+            temperature=self.temperature or 1.0,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            typical_p=self.typical_p,
+            repetition_penalty=self.repetition_penalty,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            seed=self.seed,
+            top_logprobs=self.top_n_tokens or 0,
+        )
+
+    def to_stopping_params(self, max_new_tokens: int, stop: tuple[str, ...]) -> StoppingParams:
+        """The engine's stop conditions, `max_new_tokens` and `stop` as the route resolved and
+        checked them. As TGI does, the matched stop sequence stays in generated_text (and in the
+        stream)."""
+        return StoppingParams(max_new_tokens, self.min_new_tokens or 0, stop, include_stop=True)
 
 
 class GenerateRequest(RequestModel):

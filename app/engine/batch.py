@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from app.engine.kv_cache import KVAccount, SlabCache
+from app.engine.sampling import SamplingState
 from app.engine.sequence import Sequence
 
 
@@ -29,6 +30,7 @@ class Batch:
         self.mask = mask  # [batch, cache length], 1 for real tokens
         self.positions = positions  # [batch], position id of each row's next token
         self.next_ids = torch.zeros(len(seqs), dtype=torch.long, device=mask.device)
+        self.sampling = SamplingState.of(seqs)  # built once per row; follows filter and extend
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -92,6 +94,7 @@ class Batch:
         self.mask = self.mask[index]
         self.positions = self.positions[index]
         self.next_ids = self.next_ids[index]
+        self.sampling = self.sampling.filter(keep)
         used = self.mask.any(dim=0).nonzero()
         start = int(used[0]) if len(used) else self.length
         self.mask = self.mask[:, start:]
@@ -107,3 +110,4 @@ class Batch:
         self.seqs += other.seqs
         self.positions = torch.cat([self.positions, other.positions])
         self.next_ids = torch.cat([self.next_ids, other.next_ids])
+        self.sampling = self.sampling.concat(other.sampling)

@@ -33,6 +33,7 @@ from app.engine.attention import chunk_width, decode_attention
 from app.engine.lora import Adapter, LoraRows
 from app.engine.models.base import CompactModel, pad_rows, padded_rows
 from app.engine.row_cache import Account, RowCache
+from app.engine.sampling import SamplingState
 from app.engine.sequence import Sequence
 
 # Prefill attention runs in query chunks of this many positions when batch invariant, and the
@@ -45,6 +46,7 @@ class CompactBatch:
         self.seqs = seqs
         self.cache = cache
         self.next_ids = torch.zeros(len(seqs), dtype=torch.long, device=cache.device)
+        self.sampling = SamplingState.of(seqs)  # built once per row; follows filter and extend
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -152,6 +154,7 @@ class CompactBatch:
             return
         self.seqs = [self.seqs[i] for i in keep]
         self.next_ids = self.next_ids[torch.tensor(keep, dtype=torch.long, device=self.cache.device)]
+        self.sampling = self.sampling.filter(keep)
         self.cache.select(keep)
 
     def extend(self, other: "CompactBatch") -> None:
@@ -159,6 +162,7 @@ class CompactBatch:
         self.cache.concatenate(other.cache)
         self.seqs += other.seqs
         self.next_ids = torch.cat([self.next_ids, other.next_ids])
+        self.sampling = self.sampling.concat(other.sampling)
 
 
 def _head(model: CompactModel, hidden: torch.Tensor) -> torch.Tensor:

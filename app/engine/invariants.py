@@ -17,6 +17,8 @@ def check_keep(keep: list[int], rows: int) -> None:
 
 
 def check_batch(batch: Batch | CompactBatch) -> None:
+    params = [s.request.sampling for s in batch.seqs]
+    assert batch.sampling.params == params, "the batch's sampling state does not follow its rows"
     if isinstance(batch, CompactBatch):
         check_compact_batch(batch)
         return

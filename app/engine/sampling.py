@@ -1,31 +1,52 @@
 """Choose the next token for every row of a batch, each row with its own sampling settings.
 
-Greedy rows without penalties take one vectorised argmax. Penalties are applied per row that
-asks for them. Sampled rows are grouped by identical warper settings and go through
-transformers' own logits warpers together; each sampled row then draws with its own generator,
-so a seeded request gives the same tokens whatever else shares the batch.
+A batch's settings are a `SamplingState`: per-row tensors built once when rows join (from each
+request's `SamplingParams`), then filtered and concatenated with the batch as rows leave and
+join, as TGI's heterogeneous next-token chooser does. A step reads them; it does not regroup
+rows by their settings.
+
+Per row, in this order (as vLLM and transformers): `logit_bias`, penalties, suppressed ids
+(`min_new_tokens`), the grammar's mask; then, for sampled rows, the warpers temperature, top-k,
+top-p, typical-p and min-p. Each warper runs the same ops as the transformers warper of that name
+with the row's own value, so the scores are bitwise those of transformers' warpers (tested
+against them in tests/unit/engine/test_sampling_state.py). Then log-softmax, and per sampled row
+one draw with the row's own generator (so a seeded request gives the same tokens whatever else
+shares the batch), else argmax.
+
+Adding a sampling parameter (docs/design.md, "Adding a sampling parameter"): a field of
+`SamplingParams` (app/engine/types.py), its column and stage here, and each protocol's
+`to_sampling_params`. `SAMPLER_FIELDS` names every field this module reads; a test walks
+`SamplingParams` and proves each one changes what `choose` returns.
 """
 
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
-from typing import cast
 
 import torch
-from transformers import (
-    LogitsProcessorList,
-    MinPLogitsWarper,
-    SequenceBiasLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-    TypicalLogitsWarper,
-)
 
 from app.engine.sequence import Sequence
 from app.engine.types import SamplingParams
+
+# Every SamplingParams field the sampler reads (tests/unit/engine/test_sampling_fields.py checks
+# that this is all of them and that each changes the output).
+SAMPLER_FIELDS = frozenset(
+    {
+        "do_sample",
+        "temperature",
+        "top_k",
+        "top_p",
+        "typical_p",
+        "min_p",
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "seed",  # through the row's generator (Sequence)
+        "top_logprobs",
+    }
+)
 
 
 @dataclass
@@ -35,31 +56,103 @@ class Choice:
     top: list[tuple[int, float]] | None
 
 
-def _warpers(params: SamplingParams) -> LogitsProcessorList:
-    warpers = LogitsProcessorList()
-    if params.temperature != 1.0:
-        warpers.append(TemperatureLogitsWarper(params.temperature))
-    if params.top_k is not None and params.top_k > 0:
-        warpers.append(TopKLogitsWarper(params.top_k))
-    if params.top_p is not None and params.top_p < 1.0:
-        warpers.append(TopPLogitsWarper(params.top_p))
-    if params.typical_p is not None and params.typical_p < 1.0:
-        warpers.append(TypicalLogitsWarper(params.typical_p))
-    if params.min_p is not None and params.min_p > 0.0:
-        warpers.append(MinPLogitsWarper(params.min_p))
-    return warpers
+def _float(values: list[float]) -> torch.Tensor:
+    """[rows, 1] float32: values rounded as transformers' warpers round their Python floats."""
+    return torch.tensor(values, dtype=torch.float32)[:, None]
 
 
-def _apply_logit_bias(scores: torch.Tensor, seq: Sequence) -> None:
-    """OpenAI's `logit_bias`: added to the raw logits, before penalties and warpers."""
-    bias: list[list[list[int] | float]] = [[[token_id], value] for token_id, value in seq.request.sampling.logit_bias]
-    processor = SequenceBiasLogitsProcessor(sequence_bias=bias)
-    ids = torch.tensor([seq.all_ids()], device=scores.device)
-    scores.copy_(processor(ids, scores[None])[0])
+class SamplingState:
+    """The sampling settings of a batch's rows: [rows] columns (on the CPU, where the scores are
+    sampled) and, per warper, the rows it applies to. Built once per row from its
+    `SamplingParams` (`of`), then `filter`ed and `concat`enated with the batch; `select` gives a
+    subset for a step over some rows (speculative decoding's offsets)."""
+
+    def __init__(self, params: list[SamplingParams]) -> None:
+        self.params = params
+        sampled = [p.do_sample for p in params]
+        # Columns: each row's value, neutral where the setting is off.
+        self.temperature = _float([p.temperature for p in params])
+        self.top_k = torch.tensor([p.top_k if p.top_k is not None and p.top_k > 0 else 0 for p in params])
+        # Top-p removes sorted probabilities whose running sum is <= 1 - top_p (in double, as
+        # transformers computes it, then float32).
+        self.top_p_cut = _float([1 - p.top_p if p.top_p is not None else 0.0 for p in params])
+        self.min_p = _float([p.min_p if p.min_p is not None else 0.0 for p in params])
+        # Rows each stage applies to.
+        self.sampled = [r for r, on in enumerate(sampled) if on]
+        self.tempered = [r for r in self.sampled if params[r].temperature != 1.0]
+        self.top_k_rows = [r for r in self.sampled if int(self.top_k[r]) > 0]
+        self.top_p_rows = [r for r in self.sampled if (p := params[r].top_p) is not None and p < 1.0]
+        self.typical_rows = [r for r in self.sampled if (p := params[r].typical_p) is not None and p < 1.0]
+        self.min_p_rows = [r for r in self.sampled if (p := params[r].min_p) is not None and p > 0.0]
+        self.biased = [r for r, p in enumerate(params) if p.logit_bias]
+        self.penalised = [r for r, p in enumerate(params) if _has_penalties(p)]
+        self.with_top = [r for r, p in enumerate(params) if p.top_logprobs > 0]
+        self._bias: dict[int, torch.Tensor] = {}  # row -> its logit_bias over the vocabulary, made at first use
+        # Settings transformers' warpers refuse: the row fails alone when it is sampled.
+        self.errors = {r: e for r in self.sampled if (e := _invalid(params[r]))}
+
+    @classmethod
+    def of(cls, seqs: Seq[Sequence]) -> "SamplingState":
+        return cls([s.request.sampling for s in seqs])
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def select(self, rows: Seq[int]) -> "SamplingState":
+        """The state of rows `rows`, in that order."""
+        out = SamplingState([self.params[r] for r in rows])
+        out._bias = {new: self._bias[old] for new, old in enumerate(rows) if old in self._bias}
+        return out
+
+    def filter(self, keep: Seq[int]) -> "SamplingState":
+        """The state once only rows `keep` stay in the batch."""
+        return self if len(keep) == len(self) else self.select(keep)
+
+    def concat(self, other: "SamplingState") -> "SamplingState":
+        """This state with `other`'s rows appended (rows joining the batch)."""
+        out = SamplingState([*self.params, *other.params])
+        out._bias = {**self._bias, **{len(self) + r: b for r, b in other._bias.items()}}
+        return out
+
+    def bias(self, row: int, vocab: int) -> torch.Tensor:
+        """Row `row`'s `logit_bias` as [vocab] float32 (transformers' SequenceBiasLogitsProcessor
+        for single tokens: a later duplicate id wins). Raises ValueError for an id outside `vocab`."""
+        out = self._bias.get(row)
+        if out is None or out.shape[0] != vocab:
+            pairs = dict(self.params[row].logit_bias)
+            outside = [i for i in pairs if not 0 <= i < vocab]
+            if outside:
+                raise ValueError(f"logit_bias token ids {outside[:5]} are outside the vocabulary ({vocab})")
+            out = torch.zeros(vocab, dtype=torch.float)
+            out[list(pairs)] = torch.tensor(list(pairs.values()))
+            self._bias[row] = out
+        return out
 
 
-def _apply_penalties(scores: torch.Tensor, seq: Sequence) -> None:
-    params = seq.request.sampling
+def _invalid(params: SamplingParams) -> str | None:
+    """Why transformers' warpers would refuse `params` (a sampled row's), or None."""
+    if not params.temperature > 0:
+        return f"`temperature` has to be a strictly positive float, but is {params.temperature}"
+    if params.top_p is not None and params.top_p < 0:
+        return f"`top_p` has to be a float in [0, 1], but is {params.top_p}"
+    if params.typical_p is not None and not 0 < params.typical_p:
+        return f"`typical_p` has to be a float > 0 and < 1, but is {params.typical_p}"
+    if params.min_p is not None and not params.min_p <= 1:
+        return f"`min_p` has to be a float in [0, 1], but is {params.min_p}"
+    return None
+
+
+def _has_penalties(params: SamplingParams) -> bool:
+    return (
+        (params.repetition_penalty is not None and params.repetition_penalty != 1.0)
+        or params.presence_penalty != 0.0
+        or params.frequency_penalty != 0.0
+    )
+
+
+def _apply_penalties(scores: torch.Tensor, seq: Sequence, params: SamplingParams) -> None:
+    """Row `scores` [vocab], in place: repetition over prompt + output (transformers'), then
+    presence and frequency over the output (OpenAI's)."""
     if params.repetition_penalty is not None and params.repetition_penalty != 1.0:
         seen = torch.tensor(seq.all_ids(), device=scores.device)
         picked = scores.gather(0, seen)
@@ -72,61 +165,120 @@ def _apply_penalties(scores: torch.Tensor, seq: Sequence) -> None:
         scores -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(scores.dtype)
 
 
-def choose(logits: torch.Tensor, seqs: Seq[Sequence], on_mask: Callable[[float], None] | None = None) -> list[Choice]:
-    """`logits` is [batch, vocab] for the last position of each row of `seqs`. Each row's
-    `top` holds its `top_logprobs` most likely ids with their log-probabilities. Rows with a
-    grammar get its allowed-token mask after bias and penalties, before the warpers (as vLLM);
-    `on_mask` receives the seconds spent computing this step's masks."""
+def _on_rows(scores: torch.Tensor, rows: list[int], warp: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+    """`scores[rows] = warp(scores[rows], index)`, in place on the whole batch when every row is in."""
+    index = torch.tensor(rows)
+    if len(rows) == scores.shape[0]:
+        scores.copy_(warp(scores, index))
+    else:
+        scores[index] = warp(scores[index], index)
+
+
+def _top_k(state: SamplingState) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def warp(scores: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        k = state.top_k[index].to(scores.device).clamp(max=scores.shape[-1])
+        kth = torch.topk(scores, int(k.max())).values.gather(1, (k - 1)[:, None])
+        return scores.masked_fill(scores < kth, float("-inf"))
+
+    return warp
+
+
+def _top_p(state: SamplingState) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def warp(scores: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        sorted_logits, sorted_indices = torch.sort(scores, descending=False)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove = cumulative <= state.top_p_cut[index].to(scores.device)
+        remove[..., -1:] = False  # keep at least one token
+        return scores.masked_fill(remove.scatter(1, sorted_indices, remove), float("-inf"))
+
+    return warp
+
+
+def _typical(scores: torch.Tensor, mass: float) -> torch.Tensor:
+    """Typical-p on one row [1, vocab]: transformers' TypicalLogitsWarper's ops. Run per row, so
+    its entropy's elementwise exp never depends on which rows share the step."""
+    normalized = torch.nn.functional.log_softmax(scores, dim=-1)
+    p = torch.exp(normalized)
+    ent = -(normalized * p).nansum(-1, keepdim=True)
+    shifted = torch.abs((-normalized) - ent)
+    sorted_scores, sorted_indices = torch.sort(shifted, descending=False)
+    cumulative = scores.gather(-1, sorted_indices).softmax(dim=-1).cumsum(dim=-1)
+    last = (cumulative < mass).sum(dim=1).clamp_(max=sorted_scores.shape[-1] - 1)
+    remove = sorted_scores > sorted_scores.gather(1, last.view(-1, 1))
+    remove[..., :1] = False
+    return scores.masked_fill(remove.scatter(1, sorted_indices, remove), float("-inf"))
+
+
+def _min_p(state: SamplingState) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def warp(scores: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(scores, dim=-1)
+        remove = probs < state.min_p[index].to(scores.device) * probs.amax(dim=-1, keepdim=True)
+        remove.scatter_(-1, torch.topk(probs, 1, dim=-1).indices, False)
+        return scores.masked_fill(remove, float("-inf"))
+
+    return warp
+
+
+def choose(
+    logits: torch.Tensor,
+    seqs: Seq[Sequence],
+    state: SamplingState,
+    on_mask: Callable[[float], None] | None = None,
+) -> list[Choice]:
+    """`logits` is [batch, vocab] for the last position of each row of `seqs`, whose settings are
+    `state` (same rows, same order). Each row's `top` holds its `top_logprobs` most likely ids
+    with their log-probabilities. Rows with a grammar get its allowed-token mask after bias and
+    penalties, before the warpers (as vLLM); `on_mask` receives the seconds spent computing this
+    step's masks. Raises on a row whose settings cannot be applied (the caller retries row by row)."""
+    if state.errors:
+        raise ValueError("; ".join(state.errors.values()))
     scores = logits.float()
+    vocab = scores.shape[-1]
+    for row in state.biased:
+        scores[row] += state.bias(row, vocab).to(scores.device)
+    for row in state.penalised:
+        _apply_penalties(scores[row], seqs[row], state.params[row])
     mask_s = 0.0
     for row, seq in enumerate(seqs):
-        if seq.request.sampling.logit_bias:
-            _apply_logit_bias(scores[row], seq)
-        if seq.request.sampling.has_penalties:
-            _apply_penalties(scores[row], seq)
         suppressed = seq.suppressed_ids
         if suppressed:
             scores[row, suppressed] = float("-inf")
         if seq.matcher is not None:
             start = time.perf_counter()
-            allowed = seq.matcher.allowed(scores.shape[-1], scores.device)
+            allowed = seq.matcher.allowed(vocab, scores.device)
             scores[row].masked_fill_(~allowed, float("-inf"))
             mask_s += time.perf_counter() - start
     if on_mask is not None and mask_s:
         on_mask(mask_s)
 
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    for row, seq in enumerate(seqs):
-        if seq.request.sampling.do_sample:
-            groups[seq.request.sampling.warper_key].append(row)
-    for rows in groups.values():
-        index = torch.tensor(rows, device=scores.device)
-        warpers = _warpers(seqs[rows[0]].request.sampling)
-        if warpers:
-            # Warpers ignore the ids; HF's signature types them as LongTensor.
-            no_ids = cast(torch.LongTensor, torch.zeros((len(rows), 1), dtype=torch.long, device=scores.device))
-            scores[index] = warpers(no_ids, scores[index])
+    if state.tempered:
+        _on_rows(scores, state.tempered, lambda s, index: s / state.temperature[index].to(s.device))
+    if state.top_k_rows:
+        _on_rows(scores, state.top_k_rows, _top_k(state))
+    if state.top_p_rows:
+        _on_rows(scores, state.top_p_rows, _top_p(state))
+    for row in state.typical_rows:
+        mass = state.params[row].typical_p
+        assert mass is not None  # typical_rows holds only rows that set it
+        scores[row : row + 1] = _typical(scores[row : row + 1], mass)
+    if state.min_p_rows:
+        _on_rows(scores, state.min_p_rows, _min_p(state))
 
     # Extreme settings (temperature 1e-30, huge penalties) can overflow; NaN must never win.
     scores = torch.nan_to_num(scores, nan=float("-inf"))
     logprobs = torch.log_softmax(scores, dim=-1)
     chosen = scores.argmax(dim=-1)
-    for rows in groups.values():
-        for row in rows:
-            probs = logprobs[row].exp()
-            if bool(torch.isfinite(probs).all()) and float(probs.sum()) > 0:
-                chosen[row] = torch.multinomial(probs, 1, generator=seqs[row].generator)[0]
-            # else: the distribution degenerated to a point mass (or worse); argmax is its mode
+    for row in state.sampled:
+        probs = logprobs[row].exp()
+        if bool(torch.isfinite(probs).all()) and float(probs.sum()) > 0:
+            chosen[row] = torch.multinomial(probs, 1, generator=seqs[row].generator)[0]
+        # else: the distribution degenerated to a point mass (or worse); argmax is its mode
 
     chosen_lp = logprobs.gather(1, chosen[:, None])[:, 0].clamp(min=-1e4).nan_to_num(-1e4).tolist()
     chosen_ids = chosen.tolist()
-    choices = []
-    for row, seq in enumerate(seqs):
-        k = seq.request.sampling.top_logprobs
-        top = None
-        if k > 0:
-            values, ids = logprobs[row].topk(k)
-            values = values.clamp(min=-1e4)  # -inf (warped away) is not valid JSON
-            top = list(zip(ids.tolist(), values.tolist(), strict=True))
-        choices.append(Choice(chosen_ids[row], chosen_lp[row], top))
+    choices = [Choice(chosen_ids[row], chosen_lp[row], None) for row in range(len(seqs))]
+    for row in state.with_top:
+        values, ids = logprobs[row].topk(state.params[row].top_logprobs)
+        values = values.clamp(min=-1e4)  # -inf (warped away) is not valid JSON
+        choices[row].top = list(zip(ids.tolist(), values.tolist(), strict=True))
     return choices

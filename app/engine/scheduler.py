@@ -30,7 +30,7 @@ from app.engine.kv_cache import KVAccount, SlabCache
 from app.engine.loader import LoadedModel
 from app.engine.lora import AdapterRegistry, UnknownAdapterError
 from app.engine.prefix_cache import PrefixCache
-from app.engine.sampling import Choice, choose
+from app.engine.sampling import Choice, SamplingState, choose
 from app.engine.sequence import Sequence
 from app.engine.speculative import SpeculativeConfig
 from app.engine.types import (
@@ -574,24 +574,24 @@ class Engine:
         """`_emit_tokens` for some rows of `batch`: what `spec.accept` calls per draft offset."""
 
         def emit(rows: list[int], logits: torch.Tensor) -> list[int | None]:
-            return self._emit_tokens([batch.seqs[r] for r in rows], logits)
+            return self._emit_tokens([batch.seqs[r] for r in rows], batch.sampling.select(rows), logits)
 
         return emit
 
-    def _choose(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[Choice | str]:
+    def _choose(self, logits: torch.Tensor, seqs: list[Sequence], state: SamplingState) -> list[Choice | str]:
         """Every row's next token, or for a row whose settings make sampling fail, the error.
 
         One batched call normally; if it raises, row by row, so only the culprit fails. Each row
         is computed from its own logits, settings and generator, so the healthy rows get the
         same tokens either way."""
         try:
-            return list(choose(logits, seqs, self.metrics.grammar_mask.observe))
+            return list(choose(logits, seqs, state, self.metrics.grammar_mask.observe))
         except Exception:
             pass
         out: list[Choice | str] = []
         for row, seq in enumerate(seqs):
             try:
-                out.append(choose(logits[row : row + 1], [seq])[0])
+                out.append(choose(logits[row : row + 1], [seq], state.select([row]))[0])
             except Exception as exc:
                 log.warning("sampling failed for one request: %s", exc)
                 out.append(f"sampling failed for this request ({type(exc).__name__}: {exc})")
@@ -602,16 +602,21 @@ class Engine:
     ) -> list[int]:
         """Choose and emit each row's next token; return the rows that go on. Rows in `failed`
         (or whose sampling fails) are retired with their error instead."""
-        tokens = self._emit_tokens(batch.seqs, logits, failed)
+        tokens = self._emit_tokens(batch.seqs, batch.sampling, logits, failed)
         batch.set_next([0 if t is None else t for t in tokens])
         return [row for row, t in enumerate(tokens) if t is not None]
 
     def _emit_tokens(
-        self, seqs: list[Sequence], logits: torch.Tensor, failed: dict[int, str] | None = None
+        self,
+        seqs: list[Sequence],
+        state: SamplingState,
+        logits: torch.Tensor,
+        failed: dict[int, str] | None = None,
     ) -> list[int | None]:
-        """Choose and emit one token for each of `seqs` (logits: [len(seqs), vocab]); per row the
-        token, or None when the row finished or was retired with an error (its own, or `failed`)."""
-        choices = self._choose(logits, seqs)
+        """Choose and emit one token for each of `seqs` (their sampling `state`, logits:
+        [len(seqs), vocab]); per row the token, or None when the row finished or was retired with
+        an error (its own, or `failed`)."""
+        choices = self._choose(logits, seqs, state)
         now = time.perf_counter()
         out: list[int | None] = []
         generated = 0

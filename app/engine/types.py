@@ -24,6 +24,10 @@ class EngineUnavailableError(EngineError):
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """One request's sampling settings, made by the request model's `to_sampling_params()`.
+    Every field is read by app/engine/sampling.py (`SAMPLER_FIELDS`); a new field goes there too
+    (docs/design.md, "Adding a sampling parameter"), or a test fails."""
+
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int | None = None
@@ -36,19 +40,6 @@ class SamplingParams:
     top_logprobs: int = 0
     min_p: float | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()
-
-    @property
-    def warper_key(self) -> tuple[float, int | None, float | None, float | None, float | None]:
-        """Rows with equal keys share one pass through the library's logits warpers."""
-        return (self.temperature, self.top_k, self.top_p, self.typical_p, self.min_p)
-
-    @property
-    def has_penalties(self) -> bool:
-        return (
-            (self.repetition_penalty is not None and self.repetition_penalty != 1.0)
-            or self.presence_penalty != 0.0
-            or self.frequency_penalty != 0.0
-        )
 
 
 @dataclass(frozen=True)

@@ -166,14 +166,12 @@ async def chat(body: ChatRequest, request: Request, ctx: ContextDep):
     await run_in_threadpool(count_messages_first, service, body.messages)
     ids = await run_in_threadpool(render_prompt, service, body)  # templating is slow work
     ctx.usage["prompt"] = [m.model_dump() for m in body.messages]
-    top = (body.top_logprobs or 0) if body.logprobs else 0
     grammar = await compile_grammar(ctx, spec, field)
     generations = start_choices(
         ctx,
         body,
         [ids],
         body.max_completion_tokens or body.max_tokens,
-        top_logprobs=top,
         prompt_field="messages",
         grammar=grammar,
         adapter=adapter_of(service, model),

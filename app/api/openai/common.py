@@ -16,7 +16,7 @@ from app.api.generation import (
 from app.api.openai.protocol import CompletionUsage, OpenAIErrorBody, SamplingFields
 from app.api.structured import document_cut
 from app.engine.constraints import Grammar
-from app.engine.types import Completion, Event, SamplingParams, StoppingParams
+from app.engine.types import Completion, Event
 from app.service import Service
 
 FINISH: dict[str, Literal["stop", "length"]] = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
@@ -61,49 +61,13 @@ def adapter_of(service: Service, model: str) -> str | None:
     return None if model == service.model_name else model
 
 
-def logit_bias_of(body: SamplingFields, vocab: int) -> tuple[tuple[int, float], ...]:
-    """OpenAI's `logit_bias` ({"token id": bias}) checked against the vocabulary."""
-    out = []
-    for key, value in (body.logit_bias or {}).items():
-        try:
-            token_id = int(key)
-        except ValueError:
-            raise validation(f"`logit_bias` keys must be token ids; got {key!r}", "logit_bias") from None
-        if not 0 <= token_id < vocab:
-            raise validation(f"`logit_bias` token id {token_id} is outside the vocabulary ({vocab})", "logit_bias")
-        if not -100 <= value <= 100:
-            raise validation(f"`logit_bias` values must be in [-100, 100]; got {value}", "logit_bias")
-        out.append((token_id, float(value)))
-    return tuple(out)
-
-
-def sampling_for(
-    body: SamplingFields, choice: int, top_logprobs: int = 0, logit_bias: tuple[tuple[int, float], ...] = ()
-) -> SamplingParams:
-    greedy = body.temperature == 0
-    seed = None if body.seed is None else body.seed + choice
-    return SamplingParams(
-        do_sample=not greedy,
-        temperature=1.0 if greedy else body.temperature,
-        top_k=body.top_k if body.top_k not in (None, -1, 0) else None,
-        top_p=body.top_p,
-        repetition_penalty=body.repetition_penalty,
-        presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty,
-        seed=seed,
-        top_logprobs=top_logprobs,
-        min_p=body.min_p,
-        logit_bias=logit_bias,
-    )
-
-
 def start_choices(
     ctx: Context,
     body: SamplingFields,
     prompts: list[list[int]],
     max_tokens: int | None,
     *,
-    top_logprobs: int = 0,
+    top_logprobs: int | None = None,
     prefill_details: bool = False,
     per_prompt: int | None = None,
     prompt_field: str = "prompt",
@@ -112,7 +76,8 @@ def start_choices(
     adapter: str | None = None,
 ) -> list[Generation]:
     """`per_prompt` (default n) generations per prompt, in OpenAI's choice order. All or none
-    are submitted."""
+    are submitted. `top_logprobs`: candidates per token, when `body` does not say it itself
+    (None: `body.asked_top_logprobs()`)."""
     service = ctx.service
     count = per_prompt or body.n
     limit = service.settings.max_best_of
@@ -132,7 +97,8 @@ def start_choices(
     bad = [i for i in stop_ids if i >= vocab]
     if bad:
         raise validation(f"`stop_token_ids` {bad[:5]} are outside the vocabulary ({vocab})", "stop_token_ids")
-    logit_bias = logit_bias_of(body, vocab)
+    # Every choice's settings before any is submitted: a 400 leaves nothing running.
+    samplings = [body.to_sampling_params(vocab, choice, top_logprobs) for choice in range(count)]
     plans = []
     for ids in prompts:
         max_new = resolve_max_new_tokens(
@@ -145,20 +111,11 @@ def start_choices(
         )
         if body.min_tokens > max_new:
             raise validation(f"`min_tokens` ({body.min_tokens}) must be <= `max_tokens` ({max_new})", "min_tokens")
-        stopping = StoppingParams(
-            max_new,
-            body.min_tokens,
-            stop,
-            include_stop=body.include_stop_str_in_output,
-            stop_token_ids=stop_ids,
-            ignore_eos=body.ignore_eos,
-        )
-        plans.append((ids, stopping))
+        plans.append((ids, body.to_stopping_params(max_new, stop)))
     generations: list[Generation] = []
     try:
         for ids, stopping in plans:
-            for choice in range(count):
-                sampling = sampling_for(body, choice, top_logprobs, logit_bias)
+            for sampling in samplings:
                 generations.append(Generation(ctx, ids, sampling, stopping, prefill_details, grammar, adapter))
     except APIError:
         for g in generations:

@@ -107,7 +107,6 @@ async def completions(body: CompletionRequest, request: Request, ctx: ContextDep
         body,
         ids,
         body.max_tokens,
-        top_logprobs=body.logprobs or 0,
         prefill_details=body.echo and body.logprobs is not None,
         per_prompt=per_prompt,
         default_max_tokens=16,

@@ -11,7 +11,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.api.errors import validation
 from app.api.schemas import Refused, RequestModel
+from app.engine.types import SamplingParams, StoppingParams
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
@@ -69,6 +71,58 @@ class SamplingFields(RequestModel):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
+    def asked_top_logprobs(self) -> int:
+        """Candidates per token the body asks for; the request types that return logprobs say how."""
+        return 0
+
+    def to_sampling_params(self, vocab: int, choice: int = 0, top_logprobs: int | None = None) -> SamplingParams:
+        """The engine's settings for choice `choice` of this request (with a seed, choice i uses
+        seed + i, as vLLM). `top_logprobs` overrides `asked_top_logprobs()` (for callers whose
+        own body says it). Raises APIError (400) naming `logit_bias` for a token outside the
+        `vocab` ids or a bias outside [-100, 100]. Every field of SamplingParams a client can set
+        here is mapped (tests/unit/api/test_to_sampling_params.py walks them)."""
+        greedy = self.temperature == 0
+        return SamplingParams(
+            do_sample=not greedy,
+            temperature=1.0 if greedy else self.temperature,
+            top_k=self.top_k if self.top_k not in (None, -1, 0) else None,
+            top_p=self.top_p,
+            repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            seed=None if self.seed is None else self.seed + choice,
+            top_logprobs=self.asked_top_logprobs() if top_logprobs is None else top_logprobs,
+            min_p=self.min_p,
+            logit_bias=self._logit_bias(vocab),
+        )
+
+    def _logit_bias(self, vocab: int) -> tuple[tuple[int, float], ...]:
+        """OpenAI's `logit_bias` ({"token id": bias}) checked against the vocabulary."""
+        out = []
+        for key, value in (self.logit_bias or {}).items():
+            try:
+                token_id = int(key)
+            except ValueError:
+                raise validation(f"`logit_bias` keys must be token ids; got {key!r}", "logit_bias") from None
+            if not 0 <= token_id < vocab:
+                raise validation(f"`logit_bias` token id {token_id} is outside the vocabulary ({vocab})", "logit_bias")
+            if not -100 <= value <= 100:
+                raise validation(f"`logit_bias` values must be in [-100, 100]; got {value}", "logit_bias")
+            out.append((token_id, float(value)))
+        return tuple(out)
+
+    def to_stopping_params(self, max_new_tokens: int, stop: tuple[str, ...]) -> StoppingParams:
+        """The engine's stop conditions: `max_new_tokens` and `stop` as the route resolved and
+        checked them (they need the model's limits and tokenizer); the rest from the body."""
+        return StoppingParams(
+            max_new_tokens,
+            self.min_tokens,
+            stop,
+            include_stop=self.include_stop_str_in_output,
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            ignore_eos=self.ignore_eos,
+        )
+
 
 class CompletionRequest(SamplingFields):
     model_config = ConfigDict(
@@ -83,6 +137,9 @@ class CompletionRequest(SamplingFields):
     echo: bool = Field(False, description="Prepend the prompt to the text (and its tokens to logprobs).")
     best_of: int | None = Field(None, ge=1, description="Generate this many and return the `n` most likely.")
     suffix: Annotated[Any, Refused(lambda v: v == "")] = None
+
+    def asked_top_logprobs(self) -> int:
+        return self.logprobs or 0
 
 
 class ChatMessage(RequestModel):
@@ -122,6 +179,9 @@ class ChatRequest(SamplingFields):
     store: Annotated[Any, Refused(lambda v: v is False)] = None
     echo: Annotated[Any, Refused(lambda v: v is False)] = None
     chat_template: Annotated[Any, Refused()] = None
+
+    def asked_top_logprobs(self) -> int:
+        return (self.top_logprobs or 0) if self.logprobs else 0
 
 
 class EmbeddingRequest(RequestModel):

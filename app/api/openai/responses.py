@@ -346,7 +346,6 @@ async def responses(body: ResponsesRequest, request: Request, ctx: ContextDep) -
             chat,
             [ids],
             chat.max_tokens,
-            top_logprobs=body.top_logprobs or 0,
             prompt_field="input",
             # Omitted: up to the context's end, as OpenAI and vLLM (Codex never sends a limit).
             default_max_tokens=service.loaded.limits.max_total_tokens,
