@@ -152,7 +152,9 @@ def _has_penalties(params: SamplingParams) -> bool:
 
 def _apply_penalties(scores: torch.Tensor, seq: Sequence, params: SamplingParams) -> None:
     """Row `scores` [vocab], in place: repetition over prompt + output (transformers'), then
-    presence and frequency over the output (OpenAI's)."""
+    presence and frequency over the output (OpenAI's). Per row, on the ids it has seen: a
+    [rows, vocab] version over the whole batch measured 1.5x (batch 1) to 2.8x (batch 32) slower
+    with 300 seen ids per row (GPT-2's vocabulary, 2-core CPU)."""
     if params.repetition_penalty is not None and params.repetition_penalty != 1.0:
         seen = torch.tensor(seq.all_ids(), device=scores.device)
         picked = scores.gather(0, seen)
