@@ -62,10 +62,13 @@ def _float(values: list[float]) -> torch.Tensor:
 
 
 class SamplingState:
-    """The sampling settings of a batch's rows: [rows] columns (on the CPU, where the scores are
-    sampled) and, per warper, the rows it applies to. Built once per row from its
-    `SamplingParams` (`of`), then `filter`ed and `concat`enated with the batch; `select` gives a
-    subset for a step over some rows (speculative decoding's offsets)."""
+    """The sampling settings of a batch's rows: [rows, 1] columns (made on the CPU, moved to the
+    scores' device when used) and, per warper, the rows it applies to. Built from the rows'
+    `SamplingParams` when the batch forms (`of`), and again only when its rows change: `filter`
+    and `concat` follow the batch's `filter` and `extend`, `select` gives the rows of a step over
+    some of them (speculative decoding's offsets). A change rebuilds the columns from the kept
+    rows' params (O(rows) Python, less than indexing each column); a decode step builds nothing.
+    Each row's `logit_bias` vector, made at its first step, moves with the row."""
 
     def __init__(self, params: list[SamplingParams]) -> None:
         self.params = params
