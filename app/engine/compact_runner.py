@@ -15,7 +15,6 @@ from app.engine import speculative as spec
 from app.engine.compact_batch import ATTENTION_CHUNK, CompactBatch
 from app.engine.invariants import check_compact_batch
 from app.engine.kv_cache import KVAccount
-from app.engine.loader import LoadedModel
 from app.engine.models.base import CompactModel
 from app.engine.prefix_cache import PrefixCache
 from app.engine.runner import BatchRunner
@@ -78,7 +77,6 @@ def _namespace(seq: Sequence) -> bytes:
 class CompactRunner(BatchRunner[CompactBatch]):
     def __init__(
         self,
-        loaded: LoadedModel,
         model: CompactModel,
         kv: KVAccount,
         *,
@@ -86,7 +84,7 @@ class CompactRunner(BatchRunner[CompactBatch]):
         prefix_cache_tokens: int = 0,
         speculative: SpeculativeConfig | None = None,
     ) -> None:
-        super().__init__(loaded, kv)
+        super().__init__(model.device, kv)
         self.model = model
         self.prefixes: RowPrefixes | None = None
         if prefix_cache_tokens > 0:

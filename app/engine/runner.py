@@ -21,7 +21,6 @@ import torch
 
 from app.engine.invariants import check_keep
 from app.engine.kv_cache import KVAccount
-from app.engine.loader import LoadedModel
 from app.engine.prefix_cache import PrefixCache
 from app.engine.sampling import choose
 from app.engine.scheduler import PrefixIndex
@@ -79,8 +78,8 @@ class BatchRunner(Generic[B]):
     """The step both runners share; subclasses give the forward (`prefill`, `decode`), the join
     (`join`), the buffer sizing (`reserve`), the release (`free`) and the invariants (`check`)."""
 
-    def __init__(self, loaded: LoadedModel, kv: KVAccount) -> None:
-        self.loaded = loaded
+    def __init__(self, device: torch.device, kv: KVAccount) -> None:
+        self.device = device
         self.kv = kv
         self.batch: B | None = None
         self.prefix: PrefixCache | None = None
@@ -245,7 +244,7 @@ class BatchRunner(Generic[B]):
         return failed
 
     def _free_device_memory(self) -> None:
-        if self.loaded.device.type == "cuda":
+        if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     def release(self) -> None:
