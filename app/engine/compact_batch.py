@@ -30,11 +30,12 @@ import torch
 import torch.nn.functional as F
 
 from app.engine.attention import chunk_width, decode_attention
-from app.engine.lora import Adapter, LoraRows
+from app.engine.lora import LoraRows
 from app.engine.models.base import CompactModel, pad_rows, padded_rows
 from app.engine.row_cache import Account, RowCache
 from app.engine.sampling import SamplingState
 from app.engine.sequence import Sequence
+from app.engine.types import AdapterRef
 
 # Prefill attention runs in query chunks of this many positions when batch invariant, and the
 # prefix cache stores blocks of this size: a cached prefix always ends on a chunk boundary.
@@ -245,7 +246,7 @@ def _forward(
     ids: torch.Tensor | list[int],
     positions: list[int],
     counts: list[int],
-    adapters: list[Adapter | None] | None = None,
+    adapters: Seq[AdapterRef | None] | None = None,
     prompt: bool = False,
 ) -> torch.Tensor:
     """Append `counts[r]` new tokens to each row r of `cache` (ids and positions packed row after

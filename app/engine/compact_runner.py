@@ -7,6 +7,7 @@ column 0). This runner also owns what only this forward can do exactly: automati
 scheduler offset by offset).
 """
 
+import functools
 import logging
 
 import torch
@@ -15,7 +16,6 @@ from app.engine import speculative as spec
 from app.engine.compact_batch import ATTENTION_CHUNK, CompactBatch
 from app.engine.invariants import check_compact_batch
 from app.engine.kv_cache import KVAccount
-from app.engine.loader import LoadedModel
 from app.engine.models.base import CompactModel
 from app.engine.prefix_cache import PrefixCache
 from app.engine.runner import BatchRunner
@@ -64,7 +64,7 @@ class RowPrefixes:
         for row, seq in enumerate(batch.seqs):
             self.cache.insert(
                 seq.request.prompt_ids,
-                lambda start, end, row=row: batch.prompt_kv(row, start, end),  # type: ignore[misc]  # bound per row
+                functools.partial(batch.prompt_kv, row),  # read(start, end): this row's K/V
                 room,
                 _namespace(seq),
             )
@@ -78,7 +78,6 @@ def _namespace(seq: Sequence) -> bytes:
 class CompactRunner(BatchRunner[CompactBatch]):
     def __init__(
         self,
-        loaded: LoadedModel,
         model: CompactModel,
         kv: KVAccount,
         *,
@@ -86,7 +85,7 @@ class CompactRunner(BatchRunner[CompactBatch]):
         prefix_cache_tokens: int = 0,
         speculative: SpeculativeConfig | None = None,
     ) -> None:
-        super().__init__(loaded, kv)
+        super().__init__(model.device, kv)
         self.model = model
         self.prefixes: RowPrefixes | None = None
         if prefix_cache_tokens > 0:
@@ -133,14 +132,24 @@ class CompactRunner(BatchRunner[CompactBatch]):
             return
         self._stats.count_step("decode")
         self._stats.decode_rows += len(batch)
+        self._stats.speculative.append((sum(len(d) > 0 for d in drafts), sum(len(d) for d in drafts), 0))
+        offset = 0
 
         def emit(rows: list[int], logits: torch.Tensor) -> list[int | None]:
-            return self._emit([batch.seqs[r] for r in rows], batch.sampling.select(rows), logits, update)
+            nonlocal offset
+            tokens = self._emit([batch.seqs[r] for r in rows], batch.sampling.select(rows), logits, update)
+            # Drafts accepted at this offset, counted now so they ride on the next report: a
+            # request's last event never waits on them (its finishing token is no acceptance).
+            j, offset = offset, offset + 1
+            hits = sum(
+                t is not None and j < len(drafts[r]) and t == drafts[r][j] for r, t in zip(rows, tokens, strict=True)
+            )
+            self._stats.speculative.append((0, 0, hits))
+            return tokens
 
         keep, accepted = spec.accept(batch, drafts, logits, emit)
         assert self._drafter is not None  # drafts come from it
         self._drafter.record(batch.seqs, drafts, accepted)
-        self._stats.speculative.append((sum(len(d) > 0 for d in drafts), sum(len(d) for d in drafts), sum(accepted)))
         self.batch = self._keep(batch, keep)
 
     def _drafts(self, batch: CompactBatch) -> list[list[int]] | None:

@@ -176,6 +176,7 @@ class Engine:
             adapter,
         )
         try:
+            self.scheduler.check_fits(seq)  # 413 before 503: a request that can never run says so
             with self._cond:
                 self._check_accepting()
                 self.scheduler.add(seq)

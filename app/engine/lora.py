@@ -18,13 +18,15 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 
 from app.engine.models.base import ACTIVATIONS, CompactModel, Weight, linear, pad_rows
-from app.engine.types import EngineError
+from app.engine.types import AdapterRef, EngineError
 
 
 class AdapterError(EngineError):
@@ -190,15 +192,16 @@ class LoraRows:
         self.groups = groups
 
     @classmethod
-    def build(cls, model: CompactModel, adapters: list[Adapter | None], counts: list[int]) -> "LoraRows | None":
-        """`adapters[r]` is sequence r's adapter, `counts[r]` its token rows (packed in order)."""
+    def build(cls, model: CompactModel, adapters: Seq[AdapterRef | None], counts: list[int]) -> "LoraRows | None":
+        """`adapters[r]` is sequence r's adapter (an `Adapter`: the registry hands out no other),
+        `counts[r]` its token rows (packed in order)."""
         if not any(adapters):
             return None
         rows: dict[int, tuple[Adapter, list[int]]] = {}
         start = 0
         for adapter, count in zip(adapters, counts, strict=True):
             if adapter is not None:
-                rows.setdefault(id(adapter), (adapter, []))[1].extend(range(start, start + count))
+                rows.setdefault(id(adapter), (cast(Adapter, adapter), []))[1].extend(range(start, start + count))
             start += count
         device = model.device
         return cls(model, [(a, torch.tensor(r, dtype=torch.long, device=device)) for a, r in rows.values()])
@@ -335,9 +338,10 @@ class AdapterRegistry:
             adapter.in_flight += 1
             return adapter
 
-    def release(self, adapter: Adapter) -> None:
+    def release(self, adapter: AdapterRef) -> None:
+        """Let go of an adapter `acquire` handed out (a sequence holds it as an `AdapterRef`)."""
         with self._cond:
-            adapter.in_flight -= 1
+            cast(Adapter, adapter).in_flight -= 1
             self._cond.notify_all()
 
 

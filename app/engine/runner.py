@@ -21,7 +21,6 @@ import torch
 
 from app.engine.invariants import check_keep
 from app.engine.kv_cache import KVAccount
-from app.engine.loader import LoadedModel
 from app.engine.prefix_cache import PrefixCache
 from app.engine.sampling import SamplingState, choose
 from app.engine.scheduler import PrefixIndex
@@ -80,8 +79,8 @@ class BatchRunner(Generic[B]):
     """The step both runners share; subclasses give the forward (`prefill`, `decode`), the join
     (`join`), the buffer sizing (`reserve`), the release (`free`) and the invariants (`check`)."""
 
-    def __init__(self, loaded: LoadedModel, kv: KVAccount) -> None:
-        self.loaded = loaded
+    def __init__(self, device: torch.device, kv: KVAccount) -> None:
+        self.device = device
         self.kv = kv
         self.batch: B | None = None
         self.prefix: PrefixCache | None = None
@@ -249,7 +248,7 @@ class BatchRunner(Generic[B]):
         return failed
 
     def _free_device_memory(self) -> None:
-        if self.loaded.device.type == "cuda":
+        if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     def release(self) -> None:

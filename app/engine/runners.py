@@ -14,11 +14,10 @@ def make_runner(
     the transformers forward's for every other causal LM. Its KV buffers are charged to `kv`."""
     if loaded.compact is not None:
         return CompactRunner(
-            loaded,
             loaded.compact,
             kv,
             layers=kv.layers,
             prefix_cache_tokens=prefix_cache_tokens,
             speculative=speculative,
         )
-    return TransformersRunner(loaded, kv, speculative)
+    return TransformersRunner(loaded.model, kv, speculative)

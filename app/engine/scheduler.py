@@ -102,18 +102,22 @@ class Scheduler:
     def add(self, seq: "Sequence") -> None:
         """Queue `seq`. Raises RequestTooLargeError (413: it can never fit the KV budget) or
         QueueFullError (429: the queue holds `max_queue` and `seq` would not start at the next step)."""
-        if not admission.fits_alone(seq, self.limits):
-            raise RequestTooLargeError(
-                f"the request needs more KV cache than the whole budget: {seq.prompt_len} prompt tokens + "
-                f"{seq.request.stopping.max_new_tokens} new tokens do not fit TEXTGEN_MAX_BATCH_TOKENS="
-                f"{self.limits.max_batch_tokens}; send a shorter prompt or fewer max_new_tokens"
-            )
+        self.check_fits(seq)
         with self.lock:
             if len(self.waiting) >= self.max_queue and not self._starts_now(seq):
                 raise QueueFullError(
                     f"the queue is full ({self.max_queue} requests waiting); retry later or raise TEXTGEN_MAX_QUEUE"
                 )
             self.waiting.append(seq)
+
+    def check_fits(self, seq: "Sequence") -> None:
+        """Raise RequestTooLargeError (413) when `seq` could never fit the KV budget, even alone."""
+        if not admission.fits_alone(seq, self.limits):
+            raise RequestTooLargeError(
+                f"the request needs more KV cache than the whole budget: {seq.prompt_len} prompt tokens + "
+                f"{seq.request.stopping.max_new_tokens} new tokens do not fit TEXTGEN_MAX_BATCH_TOKENS="
+                f"{self.limits.max_batch_tokens}; send a shorter prompt or fewer max_new_tokens"
+            )
 
     def _starts_now(self, seq: "Sequence") -> bool:
         """Whether `seq` would be admitted at the next step, so it needs no room in the queue."""

@@ -15,8 +15,7 @@ import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from app.engine.detokenize import TokenRenderer, special_text
-from app.engine.lora import Adapter
-from app.engine.types import Completion, Event, FinishReason, GenerationRequest, Timeline, Token
+from app.engine.types import AdapterRef, Completion, Event, FinishReason, GenerationRequest, Timeline, Token
 
 
 class Sequence:
@@ -28,7 +27,7 @@ class Sequence:
         special_ids: frozenset[int],
         max_total_tokens: int,
         device: torch.device,
-        adapter: Adapter | None = None,
+        adapter: AdapterRef | None = None,
     ) -> None:
         self.request = request
         self.adapter = adapter  # held from submit until the engine retires the sequence

@@ -10,12 +10,12 @@ decoding (exact verification needs the batch-invariant compact forward).
 import logging
 
 import torch
+from transformers import PreTrainedModel
 
 from app.engine import speculative as spec
 from app.engine.batch import Batch
 from app.engine.invariants import check_slab_batch
 from app.engine.kv_cache import KVAccount
-from app.engine.loader import LoadedModel
 from app.engine.runner import BatchRunner
 from app.engine.sequence import Sequence
 from app.engine.speculative import SpeculativeConfig
@@ -25,9 +25,9 @@ log = logging.getLogger("textgen.engine")
 
 
 class TransformersRunner(BatchRunner[Batch]):
-    def __init__(self, loaded: LoadedModel, kv: KVAccount, speculative: SpeculativeConfig | None = None) -> None:
-        super().__init__(loaded, kv)
-        self.model = loaded.model
+    def __init__(self, model: PreTrainedModel, kv: KVAccount, speculative: SpeculativeConfig | None = None) -> None:
+        super().__init__(model.device, kv)
+        self.model = model
         if speculative is not None:
             log.warning(
                 "TEXTGEN_SPECULATIVE is off: exact verification is not possible on %s", spec.unsupported_reason(None)

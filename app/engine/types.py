@@ -2,12 +2,24 @@
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 if TYPE_CHECKING:
     from app.engine.constraints import Grammar
 
 FinishReason = Literal["length", "eos_token", "stop_sequence", "cancelled", "error"]
+
+
+class AdapterRef(Protocol):
+    """What a sequence holds of its LoRA adapter (`app.engine.lora.Adapter`, held from submit until
+    it finishes): its name and its load (the prefix cache's namespace). A protocol so the core
+    (types, sequence, scheduler) does not import the adapter math."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def load_id(self) -> int: ...
 
 
 class EngineError(Exception):

@@ -1,5 +1,6 @@
 """The self-test at load: a model the batch cannot serve is refused before /health is 200."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -34,3 +35,19 @@ def test_a_bf16_model_passes_with_half_precision_margins(stories260k_dir: Path) 
     # The references are upcast to fp32, so the margin must follow the model's dtype, not theirs
     # (stories260k in bf16 was refused at 0.0625 against the fp32 margin).
     self_test(load_model(str(stories260k_dir), dtype="bfloat16"))
+
+
+def test_the_self_test_checks_the_runner_that_serves(tiny_gpt2_dir: Path) -> None:
+    """GPT-2 is served by the compact runner: a wrong compact forward is refused at load, while the
+    same model on the transformers runner (whose forward is intact) passes."""
+    lm = load_model(str(tiny_gpt2_dir))
+    assert lm.compact is not None
+    head = lm.compact.head
+
+    def wrong_head(hidden: torch.Tensor) -> torch.Tensor:
+        return head(hidden) * 2 + 5  # what a broken kernel or a bad weight layout would give
+
+    lm.compact.head = wrong_head  # type: ignore[method-assign]
+    with pytest.raises(ModelLoadError, match=r"self-test failed for this 'gpt2' model: after prefill: row 0"):
+        self_test(lm)
+    self_test(dataclasses.replace(lm, compact=None))
