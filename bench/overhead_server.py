@@ -2,8 +2,9 @@
 
     python -m bench.overhead_server --model DIR --port N ...   (the flags of `textgen serve`)
 
-Wraps, in this process only, the engine's decode iteration (`Engine._decode`), the forward
-(`CompactBatch.decode` / `Batch.decode`) and the sampler (`choose` as the engine calls it), and
+Wraps, in this process only, the engine's decode iteration (`Engine._decode`, or the Runner's
+`_decode` after the Scheduler/Runner split), the forward (`CompactBatch.decode` / `Batch.decode`)
+and the sampler (`choose` where the iteration calls it), and
 keeps one record per decode iteration, in `time.perf_counter()` seconds (CLOCK_MONOTONIC, so a
 client on the same machine can compare its own timestamps with them):
 `[start, forward_s, sampler_s, end, rows, cpu_s, step_cpu_s]`: wall times, then the engine thread's
@@ -19,6 +20,7 @@ tokenizer threads). Nothing else about the server changes.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -27,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 STEPS: list[list[float]] = []
@@ -46,29 +49,54 @@ def _timed_part(fn: Callable[..., Any], slot: int) -> Callable[..., Any]:
     return wrapper
 
 
+def _iteration_methods() -> tuple[list[tuple[type, str]], ModuleType]:
+    """The methods that run one decode iteration, and the module whose `choose` they call: the
+    Runner's `_decode` after the Scheduler/Runner split (app/engine/runner.py), else the engine's."""
+    try:
+        runner = importlib.import_module("app.engine.runner")
+        importlib.import_module("app.engine.runners")  # imports every runner class
+    except ImportError:
+        from app.engine import scheduler
+
+        return [(scheduler.Engine, "_decode")], scheduler
+    classes: list[type] = [runner.BatchRunner]
+    for cls in classes:
+        classes.extend(cls.__subclasses__())
+    return [(c, "_decode") for c in classes if "_decode" in vars(c)], runner
+
+
 def instrument() -> None:
     """Patch the engine's decode iteration, forward and sampler to record STEPS."""
-    from app.engine import scheduler
     from app.engine.batch import Batch
     from app.engine.compact_batch import CompactBatch
 
-    decode = scheduler.Engine._decode
+    methods, sampler_module = _iteration_methods()
+    depth = 0  # a subclass's _decode may call its base's: only the outermost call is one iteration
 
-    def timed_decode(self: Any, batch: Any) -> None:
-        global _current
-        _current = [time.perf_counter(), 0.0, 0.0, 0.0, float(len(batch)), time.thread_time(), 0.0]
-        try:
-            decode(self, batch)
-        finally:
-            _current[3] = time.perf_counter()
-            _current[5] = time.thread_time() - _current[5]
-            STEPS.append(_current)
-            _current = None
+    def timed(decode: Callable[..., Any]) -> Callable[..., Any]:
+        def timed_decode(self: Any, batch: Any, *args: Any) -> None:
+            global _current
+            nonlocal depth
+            depth += 1
+            if depth == 1:
+                _current = [time.perf_counter(), 0.0, 0.0, 0.0, float(len(batch)), time.thread_time(), 0.0]
+            try:
+                decode(self, batch, *args)
+            finally:
+                depth -= 1
+                if depth == 0 and _current is not None:
+                    _current[3] = time.perf_counter()
+                    _current[5] = time.thread_time() - _current[5]
+                    STEPS.append(_current)
+                    _current = None
 
-    scheduler.Engine._decode = timed_decode  # type: ignore[method-assign]
+        return timed_decode
+
+    for cls, name in methods:
+        setattr(cls, name, timed(getattr(cls, name)))
     CompactBatch.decode = _timed_part(CompactBatch.decode, 1)  # type: ignore[method-assign]
     Batch.decode = _timed_part(Batch.decode, 1)  # type: ignore[method-assign]
-    scheduler.choose = _timed_part(scheduler.choose, 2)
+    sampler_module.choose = _timed_part(sampler_module.choose, 2)  # type: ignore[attr-defined]
 
 
 def dump(path: Path) -> None:
