@@ -1,16 +1,28 @@
-"""Per-token serving overhead: served inter-token latency at 1 client against the in-process step.
+"""Per-token serving overhead: what a served stream adds to the engine's own decode step, measured
+inside ONE server process on the same tokens, so machine noise hits both sides alike.
 
-    python -m bench.overhead [--rounds 3] [--requests 3] [--new-tokens 64] [--threads N]
+    python -m bench.overhead [--rounds 3] [--requests 2] [--new-tokens 64] [--threads N]
+                             [--routes tgi-stream,openai-stream,tgi] [--inprocess] [--server-env K=V ...]
 
-On the benchmark model (GPT-2-124M shape, random weights, 32-token prompts), alternated in rounds:
-- in-process: `python -m bench.step --batch 1 --paths compact` (a decode step with the sampler, no
-  engine, no HTTP), in its own process;
-- served: one `textgen serve`, one client streaming `/generate_stream` (EOS off), one request at a
-  time. Client ITL = the gaps between token events as the client reads them (p50 over all gaps);
-  engine ITL = the mean of `textgen_inter_token_latency_seconds` (the engine thread's time between a
-  request's tokens: forward, sampler, detokenize, event hand-off).
-Overhead = client ITL p50 - in-process step, split into engine (engine ITL - step) and delivery
-(client ITL - engine ITL: the event loop, SSE rendering, HTTP). Best round each.
+One `bench.overhead_server` (`textgen serve` with its decode iterations timed; GPT-2-124M shape,
+random weights, 32-token prompts, greedy, EOS off) serves one client, one request at a time. Each
+round runs every route in turn (alternated, so slow drifts of the machine's load hit all alike):
+- `tgi-stream`: POST /generate_stream (SSE, pydantic events);
+- `openai-stream`: POST /v1/completions with stream=true;
+- `tgi`: POST /generate (no stream: the events still cross to the event loop, nothing is sent).
+Per route, over the decode iterations of its requests (the server's own clock, CLOCK_MONOTONIC):
+- step: forward + sampler wall time, what `bench.step` times in-process;
+- iteration: start to start of consecutive decode iterations, i.e. the engine's ITL;
+- bookkeeping: the iteration minus the step (detokenize, stop strings, metrics, event hand-off,
+  the loop's admission check, and any wait for the GIL or a CPU between them), in wall time and in
+  the engine thread's CPU time (`time.thread_time`, robust to the machine's load);
+- client ITL: gaps between the stream's token events as the client reads them (streams only);
+- CPU per token of each server thread (/proc/PID/task/TID/schedstat: ns on CPU and ns waiting for
+  one), grouped as the event loop's thread, the engine's, other Python threads and native threads
+  (OpenMP workers), and of the client process; and the event loop's voluntary context switches per
+  token (its wake-ups).
+Medians over all rounds' tokens. Overhead = client ITL - step. `--inprocess` also runs `bench.step`
+(batch 1, compact) in its own process once per round, the issue's reference.
 """
 
 from __future__ import annotations
@@ -19,16 +31,21 @@ import argparse
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
 from bench.model import default_model_dir, ensure_model, make_prompts
 from bench.servers import Server, free_port
+
+ROUTES = ("tgi-stream", "openai-stream", "tgi")
+GROUPS = ("loop", "engine", "python", "native")
 
 
 def in_process_step_ms(model: Path, steps: int, threads: int | None) -> float:
@@ -48,81 +65,194 @@ def in_process_step_ms(model: Path, steps: int, threads: int | None) -> float:
     return float(match.group(1))
 
 
-def engine_itl(url: str) -> tuple[float, float]:
-    """(sum, count) of textgen_inter_token_latency_seconds."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    total = float(re.search(r"^textgen_inter_token_latency_seconds_sum (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
-    count = float(re.search(r"^textgen_inter_token_latency_seconds_count (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
-    return total, count
+def thread_times(pid: int) -> dict[int, tuple[int, int, int]]:
+    """Per thread id: (ns on CPU, ns runnable but waiting for a CPU, voluntary context switches)."""
+    out: dict[int, tuple[int, int, int]] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            run, wait, _ = map(int, Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split())
+            status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+        except (OSError, ValueError):
+            continue  # the thread ended meanwhile
+        switches = re.search(r"^voluntary_ctxt_switches:\s+(\d+)", status, re.M)
+        out[int(tid)] = (run, wait, int(switches.group(1)) if switches else 0)
+    return out
 
 
-def served(model: Path, prompts: list[str], new_tokens: int, threads: int | None) -> tuple[float, float]:
-    """(client ITL p50, engine ITL mean), ms."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TEXTGEN_")}
-    env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TEXTGEN_UI": "false"})
-    if threads:
-        env["TEXTGEN_TORCH_THREADS"] = str(threads)
-    cmd = [sys.executable, "-m", "app.cli", "serve", "--model", str(model), "--host", "127.0.0.1"]
-    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"textgen-overhead-{port}.log"
-    server = Server("textgen", [*cmd, "--port", str(port)], port, log, env)
-    server.start()
-    gaps: list[float] = []
-    try:
-        server.wait_healthy(600)
-        url = server.base_url
-        body = {"parameters": {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens}}
-        with httpx.Client(timeout=600) as client:
-            client.post(f"{url}/generate", json={**body, "inputs": prompts[0]}).raise_for_status()  # warm-up
-            before = engine_itl(url)
-            for prompt in prompts:
-                last = None
-                with client.stream("POST", f"{url}/generate_stream", json={**body, "inputs": prompt}) as r:
-                    r.raise_for_status()
-                    for line in r.iter_lines():
-                        if not line.startswith("data:") or not line[5:].strip():
-                            continue
-                        now = time.perf_counter()
-                        if json.loads(line[5:]).get("token") is None:
-                            continue
-                        if last is not None:
-                            gaps.append(now - last)
-                        last = now
-            after = engine_itl(url)
-    finally:
-        server.stop()
-    engine = (after[0] - before[0]) / max(1.0, after[1] - before[1])
-    return statistics.median(gaps) * 1000, engine * 1000
+@dataclass
+class RouteStats:
+    steps: list[float] = field(default_factory=list)  # forward + sampler, ms
+    iterations: list[float] = field(default_factory=list)  # start to start, ms
+    bookkeeping: list[float] = field(default_factory=list)  # iteration - step, ms
+    bookkeeping_cpu: list[float] = field(default_factory=list)  # engine thread CPU outside the step, ms
+    step_cpu: list[float] = field(default_factory=list)  # engine thread CPU in the step, ms
+    client_itl: list[float] = field(default_factory=list)  # ms
+    tokens: int = 0
+    cpu: dict[str, float] = field(default_factory=lambda: dict.fromkeys([*GROUPS, "client"], 0.0))  # ms
+    waiting: dict[str, float] = field(default_factory=lambda: dict.fromkeys(GROUPS, 0.0))  # ms runnable
+    loop_wakeups: int = 0
+    seconds: float = 0.0  # wall time of the requests
+
+
+class Measured:
+    """The instrumented server, its dump file and its threads."""
+
+    def __init__(self, model: Path, threads: int | None, extra_env: dict[str, str]) -> None:
+        self.port = free_port()
+        tmp = Path(os.environ.get("TMPDIR", "/tmp"))
+        self.dump_path = tmp / f"textgen-overhead-{self.port}.json"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TEXTGEN_")}
+        env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TEXTGEN_UI": "false"})
+        env["TEXTGEN_OVERHEAD_DUMP"] = str(self.dump_path)
+        env["TEXTGEN_SERVED_MODEL_NAME"] = "bench"
+        if threads:
+            env["TEXTGEN_TORCH_THREADS"] = str(threads)
+        env.update(extra_env)
+        cmd = [sys.executable, "-m", "bench.overhead_server", "--model", str(model), "--host", "127.0.0.1"]
+        log = tmp / f"textgen-overhead-{self.port}.log"
+        self.server = Server("textgen", [*cmd, "--port", str(self.port)], self.port, log, env)
+
+    @property
+    def pid(self) -> int:
+        assert self.server.proc is not None
+        return self.server.proc.pid
+
+    def read(self) -> dict:
+        """Ask the server for its records (SIGUSR1) and read them."""
+        before = self.dump_path.stat().st_mtime_ns if self.dump_path.exists() else 0
+        os.kill(self.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.dump_path.exists() and self.dump_path.stat().st_mtime_ns != before:
+                return json.loads(self.dump_path.read_text())
+            time.sleep(0.02)
+        raise RuntimeError(f"no dump from the server at {self.dump_path}")
+
+
+def _request(client: httpx.Client, url: str, route: str, prompt: str, new_tokens: int) -> list[float]:
+    """Run one request; returns the client's perf_counter times of its token events (streams).
+    Raises httpx.HTTPStatusError."""
+    times: list[float] = []
+    body: dict[str, object]
+    if route == "tgi":
+        body = {"inputs": prompt, "parameters": {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens}}
+        client.post(f"{url}/generate", json=body).raise_for_status()
+        return times
+    if route == "tgi-stream":
+        path = "/generate_stream"
+        body = {"inputs": prompt, "parameters": {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens}}
+    else:
+        path = "/v1/completions"
+        body = {"model": "bench", "prompt": prompt, "max_tokens": new_tokens, "min_tokens": new_tokens, "stream": True}
+    with client.stream("POST", f"{url}{path}", json=body) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith("data:") and line[5:].strip() not in ("", "[DONE]"):
+                times.append(time.perf_counter())
+    return times
+
+
+def _group(tid: int, threads: dict[str, list[int]]) -> str:
+    for name in ("loop", "engine", "python"):
+        if tid in threads[name]:
+            return name
+    return "native"
+
+
+def run_route(
+    measured: Measured, client: httpx.Client, route: str, prompts: list[str], new_tokens: int, stats: RouteStats
+) -> None:
+    url = measured.server.base_url
+    for prompt in prompts:
+        before, cpu_before = thread_times(measured.pid), time.process_time()
+        start = time.perf_counter()
+        events = _request(client, url, route, prompt, new_tokens)
+        end = time.perf_counter()
+        after, cpu_after = thread_times(measured.pid), time.process_time()
+        dump = measured.read()
+        steps = [s for s in dump["steps"] if start <= s[0] <= end and s[4] == 1]
+        for a, b in zip(steps, steps[1:], strict=False):
+            stats.iterations.append((b[0] - a[0]) * 1000)
+            stats.bookkeeping.append((b[0] - a[0] - a[1] - a[2]) * 1000)
+        stats.steps.extend((s[1] + s[2]) * 1000 for s in steps)
+        stats.step_cpu.extend(s[6] * 1000 for s in steps)
+        stats.bookkeeping_cpu.extend((s[5] - s[6]) * 1000 for s in steps)
+        stats.client_itl.extend((b - a) * 1000 for a, b in zip(events, events[1:], strict=False))
+        stats.tokens += new_tokens
+        stats.seconds += end - start
+        stats.cpu["client"] += (cpu_after - cpu_before) * 1000
+        for tid, (run, wait, switches) in after.items():
+            run0, wait0, switches0 = before.get(tid, (0, 0, 0))
+            group = _group(tid, dump["threads"])
+            stats.cpu[group] += (run - run0) / 1e6
+            stats.waiting[group] += (wait - wait0) / 1e6
+            if group == "loop":
+                stats.loop_wakeups += switches - switches0
+
+
+def _p50(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def report(route: str, s: RouteStats) -> str:
+    per = max(1, s.tokens)
+    step, itl = _p50(s.steps), _p50(s.client_itl)
+    lines = [
+        f"{route}: step {step:.2f} ms, iteration {_p50(s.iterations):.2f} ms "
+        f"(bookkeeping {_p50(s.bookkeeping):.2f}), client ITL {itl:.2f} ms; engine thread CPU: step "
+        f"{_p50(s.step_cpu):.3f} ms, bookkeeping {_p50(s.bookkeeping_cpu):.3f} ms"
+        + (f" -> overhead {itl - step:+.2f} ms" if s.client_itl else ""),
+        "   CPU ms/token: "
+        + ", ".join(f"{g} {s.cpu[g] / per:.3f}" for g in [*GROUPS, "client"])
+        + f"; runnable-waiting ms/token: loop {s.waiting['loop'] / per:.3f}, engine {s.waiting['engine'] / per:.3f}"
+        # uvicorn's main loop ticks 10 times a second whatever the load: not counted.
+        + f"; loop wake-ups/token {(s.loop_wakeups - 10 * s.seconds) / per:.2f}",
+    ]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--requests", type=int, default=3)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--threads", type=int, help="torch threads for both (default: torch's)")
-    args = p.parse_args(argv)
-    info = ensure_model(default_model_dir(0))
-    prompts = [text for text, _ in make_prompts(info.path, args.requests)]
-    best = {"step": float("inf"), "engine": float("inf"), "client": float("inf")}
-    for round_ in range(args.rounds):
-        step = in_process_step_ms(info.path, args.new_tokens // 2, args.threads)
-        client, engine = served(info.path, prompts, args.new_tokens, args.threads)
-        print(
-            f"round {round_ + 1}: in-process step {step:.1f} ms, engine ITL {engine:.1f} ms, "
-            f"client ITL p50 {client:.1f} ms",
-            flush=True,
-        )
-        best = {
-            "step": min(best["step"], step),
-            "engine": min(best["engine"], engine),
-            "client": min(best["client"], client),
-        }
-    print(
-        f"best: in-process step {best['step']:.1f} ms; served ITL p50 {best['client']:.1f} ms "
-        f"(+{best['client'] - best['step']:.1f} ms: engine +{best['engine'] - best['step']:.1f}, "
-        f"delivery +{best['client'] - best['engine']:.1f})"
+    p.add_argument(
+        "--model",
+        type=Path,
+        help="model directory (default: the bench's GPT-2-124M shape); a tiny "
+        "model (stories260k) makes the serving path's own cost per token dominate",
     )
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--requests", type=int, default=2, help="requests per route per round")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--routes", default=",".join(ROUTES))
+    p.add_argument("--inprocess", action="store_true", help="also run bench.step in its own process each round")
+    p.add_argument("--server-env", nargs="*", default=[], help="extra server environment, KEY=VALUE")
+    args = p.parse_args(argv)
+    routes = args.routes.split(",")
+    if unknown := set(routes) - set(ROUTES):
+        p.error(f"unknown routes {sorted(unknown)}; known: {', '.join(ROUTES)}")
+    model = args.model or ensure_model(default_model_dir(0)).path
+    prompts = [text for text, _ in make_prompts(model, args.requests)]
+    measured = Measured(model, args.threads, dict(kv.split("=", 1) for kv in args.server_env))
+    stats = {route: RouteStats() for route in routes}
+    inprocess: list[float] = []
+    measured.server.start()
+    try:
+        measured.server.wait_healthy(600)
+        with httpx.Client(timeout=900) as client:
+            for route in routes:  # warm-up, not counted
+                _request(client, measured.server.base_url, route, prompts[0], 8)
+            for round_ in range(args.rounds):
+                for route in routes:
+                    run_route(measured, client, route, prompts, args.new_tokens, stats[route])
+                if args.inprocess:
+                    inprocess.append(in_process_step_ms(model, args.new_tokens // 2, args.threads))
+                print(f"round {round_ + 1} done (load average {os.getloadavg()[0]:.1f})", flush=True)
+    finally:
+        measured.server.stop()
+    for route in routes:
+        print(report(route, stats[route]))
+    if inprocess:
+        print(f"in-process step (bench.step, own process): best {min(inprocess):.2f} ms, rounds {inprocess}")
     return 0
 
 

@@ -1,0 +1,27 @@
+"""bench.overhead measures a real instrumented server: per route the server's own step and
+iteration times, the client's ITL for streams, and per-thread CPU per token."""
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from bench.overhead import main
+
+
+def test_overhead_benchmark_times_steps_inside_the_server(
+    stories260k_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--model", str(stories260k_dir), "--rounds", "1", "--requests", "1", "--new-tokens", "6", "--threads", "1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    for route in ("tgi-stream", "openai-stream", "tgi"):
+        (line,) = [line for line in out.splitlines() if line.startswith(f"{route}:")]
+        numbers = {k: float(v) for k, v in re.findall(r"(step|iteration|client ITL) (\S+) ms", line)}
+        # The server's instrumentation saw this route's decode steps (nan when it saw none).
+        assert not math.isnan(numbers["step"]) and numbers["step"] > 0, line
+        assert numbers["iteration"] >= numbers["step"], line
+        assert math.isnan(numbers["client ITL"]) == (route == "tgi"), line
+    cpu = [line for line in out.splitlines() if "CPU ms/token" in line]
+    assert len(cpu) == 3 and all(float(re.search(r"engine (\S+),", c).group(1)) > 0 for c in cpu)  # type: ignore[union-attr]
