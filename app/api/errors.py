@@ -3,6 +3,7 @@
 (/api/*) Ollama's, `{"error": str}`."""
 
 import logging
+import os
 from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
@@ -119,13 +120,17 @@ def error_response(request: Request, err: APIError, headers: Mapping[str, str] |
 
 def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
     parts = []
-    first_param = None
+    locs = []
     for error in exc.errors():
         loc = [str(x) for x in error.get("loc", ()) if x != "body"]
-        field = ".".join(loc) or "body"
-        first_param = first_param or field
-        parts.append(f"{field}: {error.get('msg', 'invalid')}")
-    return ("Input validation error: " + "; ".join(parts)), first_param
+        locs.append(loc)
+        parts.append(f"{'.'.join(loc) or 'body'}: {error.get('msg', 'invalid')}")
+    # A value that fits none of a union's types gets one error per type, each loc ending in that
+    # type's name (`input.str`, `input.list[...]`): the field the client sent is their common prefix.
+    common = os.path.commonprefix(locs) if len(locs) > 1 else []
+    union = bool(common) and all(len(loc) == len(common) + 1 for loc in locs)
+    param = ".".join(common if union else locs[0] if locs else []) or "body"
+    return ("Input validation error: " + "; ".join(parts)), param
 
 
 def install(app: FastAPI) -> None:

@@ -325,6 +325,13 @@ async def responses(body: ResponsesRequest, request: Request, ctx: ContextDep) -
     check_accepted(body)
     chat = chat_request(body)
     template = chat_template_of(service)
+    if not template:
+        raise validation(
+            "this model has no chat template, so /v1/responses cannot format `input`: start the server with "
+            "TEXTGEN_CHAT_TEMPLATE=/path/to/template.jinja (a Jinja chat template), or send the text as `prompt` "
+            "to /v1/completions",
+            "input",
+        )
     extra_keys = service.settings.json_additional_properties
     plan = tool_plan(chat.tools, chat.tool_choice, chat.parallel_tool_calls, template, extra_keys) if template else None
     with responses_names():

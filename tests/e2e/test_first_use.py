@@ -1,0 +1,35 @@
+"""What a new user meets first, on the tiny GPT-2 (no chat template), through the official
+clients: errors that say what to do instead, and limits reported consistently."""
+
+import openai
+import pytest
+
+from tests.e2e.server import Server
+
+
+@pytest.fixture(scope="module")
+def oai(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def model(oai: openai.OpenAI) -> str:
+    return oai.models.list().data[0].id
+
+
+def test_responses_without_a_chat_template_says_what_to_do(oai: openai.OpenAI, model: str) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.responses.create(model=model, input="Hi", max_output_tokens=4)
+    error = caught.value.body
+    assert isinstance(error, dict) and error["param"] == "input", error
+    message = error["message"]
+    # The route that also needs a template is no way out; the two that work are named.
+    assert "/v1/chat/completions" not in message and "/v1/responses" in message, message
+    assert "TEXTGEN_CHAT_TEMPLATE" in message and "/v1/completions" in message, message
+
+
+def test_responses_input_of_the_wrong_type_names_input(oai: openai.OpenAI, model: str) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.responses.create(model=model, input=5, max_output_tokens=4)  # type: ignore[arg-type]
+    error = caught.value.body
+    assert isinstance(error, dict) and error["param"] == "input", error
