@@ -236,12 +236,16 @@ _PATHS = ("vocab_file", "merges_file", "tokenizer_file", "name_or_path")
 @router.get("/tokenizer_info")
 async def tokenizer_info(_: EngineDep, service: ServiceDep) -> Response:
     """vLLM's tokenizer info: the tokenizer's config (tokenizer_config.json's fields: eos_token,
-    bos_token, pad_token, model_max_length, added_tokens_decoder, ...), `tokenizer_class`, and the
-    `chat_template` chat uses (TEXTGEN_CHAT_TEMPLATE or the tokenizer's), when there is one."""
+    bos_token, pad_token, added_tokens_decoder, ...), `tokenizer_class`, `model_max_length` (the
+    served max_total_tokens, as /tokenize's `max_model_len`), and the `chat_template` chat uses
+    (TEXTGEN_CHAT_TEMPLATE or the tokenizer's), when there is one."""
     assert service.loaded is not None
     tok = service.loaded.tokenizer
     config = {k: _plain(v) for k, v in (getattr(tok, "init_kwargs", None) or {}).items() if k not in _PATHS}
     config["tokenizer_class"] = type(tok).__name__
+    # The served context, as /tokenize's `max_model_len` says (vLLM reports its engine's too), not the
+    # tokenizer file's own bound (1024 for GPT-2's tokenizer, whatever this server runs).
+    config["model_max_length"] = service.loaded.limits.max_total_tokens
     template = chat_template_of(service)
     if template:
         config["chat_template"] = template

@@ -1,6 +1,7 @@
 """What a new user meets first, on the tiny GPT-2 (no chat template), through the official
 clients: errors that say what to do instead, and limits reported consistently."""
 
+import httpx
 import openai
 import pytest
 
@@ -33,3 +34,12 @@ def test_responses_input_of_the_wrong_type_names_input(oai: openai.OpenAI, model
         oai.responses.create(model=model, input=5, max_output_tokens=4)  # type: ignore[arg-type]
     error = caught.value.body
     assert isinstance(error, dict) and error["param"] == "input", error
+
+
+def test_tokenizer_info_reports_the_served_context(server: Server) -> None:
+    """One number for the context everywhere: /tokenizer_info's `model_max_length` is the served
+    max_total_tokens (as /tokenize's `max_model_len`), not the tokenizer file's 1024."""
+    served = httpx.get(f"{server.url}/info", timeout=30).json()["max_total_tokens"]
+    info = httpx.get(f"{server.url}/tokenizer_info", timeout=30).json()
+    tokenized = httpx.post(f"{server.url}/tokenize", json={"prompt": "Hi"}, timeout=30).json()
+    assert info["model_max_length"] == tokenized["max_model_len"] == served, (info["model_max_length"], served)
