@@ -1,10 +1,12 @@
 """Errors in TGI's shape, `{"error": str, "error_type": str}`; /v1 routes use OpenAI's shape,
-/v1/messages Anthropic's (`{"type": "error", "error": {"type", "message"}}`), and the Ollama routes
-(/api/*) Ollama's, `{"error": str}`."""
+/v1/messages Anthropic's (`{"type": "error", "error": {"type", "message"}}`), the Ollama routes
+(/api/*) Ollama's, `{"error": str}`, and vLLM-dialect `/tokenize` requests vLLM's
+(`{"object": "error", "message", "type", "param", "code"}`, see `mark_vllm`)."""
 
 import logging
 import os
 from collections.abc import Mapping
+from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -88,11 +90,32 @@ def anthropic_body(err: APIError) -> dict[str, object]:
     }
 
 
+# Set in the request's scope by a route that told the request is in vLLM's dialect (e.g. /tokenize
+# with `prompt`), before anything can fail, so every error of that request is in vLLM's shape.
+VLLM_KEY = "textgen.vllm_dialect"
+
+
+def mark_vllm(request: Request) -> None:
+    """Answer this request's errors in vLLM's shape."""
+    request.scope[VLLM_KEY] = True
+
+
+def vllm_body(status: int, err: APIError) -> dict[str, object]:
+    """vLLM's ErrorResponse: `type` is the status's name as an exception (`BadRequestError`,
+    `NotFoundError`, ...), `code` the HTTP status."""
+    name = HTTPStatus(status).phrase.replace(" ", "").replace("-", "")
+    return {"object": "error", "message": err.message, "type": f"{name}Error", "param": err.param, "code": status}
+
+
 def is_ollama(request: Request) -> bool:
     return request.url.path.startswith("/api/")
 
 
 def error_response(request: Request, err: APIError, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    if request.scope.get(VLLM_KEY):
+        # vLLM answers invalid requests (its validation errors included) with 400.
+        status = 400 if err.status == 422 else err.status
+        return JSONResponse(vllm_body(status, err), status_code=status, headers=headers)
     if is_anthropic(request.url.path):
         # Anthropic, like OpenAI, answers invalid requests with 400 (its SDK raises BadRequestError).
         return JSONResponse(anthropic_body(err), status_code=400 if err.status == 422 else err.status, headers=headers)

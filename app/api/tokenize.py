@@ -13,16 +13,17 @@ Encoding, decoding and building the response run in a worker thread, and a text 
 answers with a response the size of a book.
 """
 
+import contextlib
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import EngineDep, ServiceDep
-from app.api.errors import validation
+from app.api.errors import mark_vllm, validation
 from app.api.generation import check_refused
 from app.api.openai.chat import chat_template_of, count_messages_first, render_prompt
 from app.api.openai.common import check_model
@@ -164,8 +165,19 @@ def _vllm(service: Service, body: TokenizeRequest) -> str:
     return json.dumps(out, ensure_ascii=False)
 
 
+async def _dialect(request: Request) -> None:
+    """A `/tokenize` body with `prompt` or `messages` and no `inputs` is vLLM's: its errors (from
+    validation, the model check or a 503 while loading alike) come in vLLM's shape. Run before
+    everything else the route depends on; the body is parsed once (Starlette keeps it)."""
+    with contextlib.suppress(ValueError):  # not JSON: validation answers it, in TGI's shape
+        body = await request.json()
+        if isinstance(body, dict) and "inputs" not in body and ("prompt" in body or "messages" in body):
+            mark_vllm(request)
+
+
 @router.post(
     "/tokenize",
+    dependencies=[Depends(_dialect)],
     response_model=None,
     responses={200: {"model": TokenizeResponse | VLLMTokenizeResponse, "description": "TGI's or vLLM's shape"}},
 )

@@ -43,3 +43,28 @@ def test_tokenizer_info_reports_the_served_context(server: Server) -> None:
     info = httpx.get(f"{server.url}/tokenizer_info", timeout=30).json()
     tokenized = httpx.post(f"{server.url}/tokenize", json={"prompt": "Hi"}, timeout=30).json()
     assert info["model_max_length"] == tokenized["max_model_len"] == served, (info["model_max_length"], served)
+
+
+VLLM_BAD = [
+    ({"messages": [{"role": "user", "content": "Hi"}]}, 400, "messages"),  # no chat template here
+    ({"prompt": 5}, 400, "prompt"),
+    ({"prompt": "Hi", "model": "nope"}, 404, "model"),
+    ({"prompt": "Hi", "messages": [{"role": "user", "content": "Hi"}]}, 400, "messages"),
+    ({"prompt": "Hi", "chat_template": "{{ x }}"}, 400, "chat_template"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "param"), VLLM_BAD)
+def test_vllm_shaped_tokenize_errors_come_in_vllm_shape(server: Server, body: dict, status: int, param: str) -> None:
+    r = httpx.post(f"{server.url}/tokenize", json=body, timeout=30)
+    error = r.json()
+    assert r.status_code == status, r.text
+    assert set(error) == {"object", "message", "type", "param", "code"}, error
+    assert error["object"] == "error" and error["code"] == status and error["param"] == param, error
+    assert error["type"] == ("NotFoundError" if status == 404 else "BadRequestError"), error
+
+
+@pytest.mark.parametrize("body", [{"inputs": 5}, {"inputs": "Hi", "prompt": "Hi"}])
+def test_tgi_shaped_tokenize_errors_keep_tgi_shape(server: Server, body: dict) -> None:
+    r = httpx.post(f"{server.url}/tokenize", json=body, timeout=30)
+    assert r.status_code == 422 and set(r.json()) == {"error", "error_type"}, r.text
