@@ -4,6 +4,7 @@
 (`{"object": "error", "message", "type", "param", "code"}`, see `mark_vllm`)."""
 
 import logging
+import math
 import os
 from collections.abc import Mapping
 from http import HTTPStatus
@@ -21,13 +22,24 @@ from app.engine.types import EngineUnavailableError, QueueFullError
 log = logging.getLogger("textgen")
 
 
+# Seconds a 503 asks the client to wait (`Retry-After`) when no better estimate is known: about
+# how long loading a small model takes, short enough that a client does not wait long past ready.
+RETRY_AFTER_S = 5
+
+
 class APIError(Exception):
-    def __init__(self, status: int, message: str, error_type: str, param: str | None = None) -> None:
+    """An error answered in the route family's shape. `retry_after` (seconds, 503 only): the wait
+    the `Retry-After` header asks for; None gives RETRY_AFTER_S."""
+
+    def __init__(
+        self, status: int, message: str, error_type: str, param: str | None = None, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.error_type = error_type
         self.param = param
+        self.retry_after = retry_after
 
 
 def validation(message: str, param: str | None = None) -> APIError:
@@ -111,7 +123,15 @@ def is_ollama(request: Request) -> bool:
     return request.url.path.startswith("/api/")
 
 
+def retry_after(seconds: float | None) -> dict[str, str]:
+    """The `Retry-After` header (whole seconds, at least 1; RFC 9110 section 10.2.3) for a 503."""
+    return {"Retry-After": str(max(1, math.ceil(RETRY_AFTER_S if seconds is None else seconds)))}
+
+
 def error_response(request: Request, err: APIError, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    if err.status == 503:
+        # Every route family's 503 says when to come back (the official SDKs wait that long).
+        headers = {**retry_after(err.retry_after), **(headers or {})}
     if request.scope.get(VLLM_KEY):
         # vLLM answers invalid requests (its validation errors included) with 400.
         status = 400 if err.status == 422 else err.status
