@@ -23,7 +23,7 @@ class FinetuneConfig(BaseModel):
     task: Literal["text", "decisions"] = Field(
         "text",
         description="text: language modelling on --data. decisions: a classifier for /v1/decisions from JSONL "
-        'lines {"input", "question", "answer"} (see the README, "Decisions").',
+        'lines {"input", "question", "answer"} (see docs/finetune.md, "Decisions classifiers").',
     )
     data: str = Field(
         description="Training data: a .txt file, a folder of .txt/.jsonl files, a .jsonl file with a 'text' "

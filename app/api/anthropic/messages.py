@@ -69,7 +69,7 @@ def _usage(prompt_tokens: int, completion: Completion) -> Usage:
 
 @router.post("/v1/messages", response_model=Message, responses=ERRORS | {200: {"content": {"text/event-stream": {}}}})
 async def messages(body: MessagesRequest, request: Request, ctx: ContextDep):
-    """Anthropic's Messages API over the chat template (README, "Anthropic: /v1/messages")."""
+    """Anthropic's Messages API over the chat template (docs/api.md, "Anthropic: /v1/messages")."""
     service = ctx.service
     model = check_model(service, body.model)
     check_refused(body)

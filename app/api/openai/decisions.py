@@ -162,7 +162,7 @@ def option_sum(completion: Completion, start: int) -> float:
 @router.post("/v1/decisions", response_model=DecisionResponse, responses=ERRORS)
 async def decisions(body: DecisionRequest, request: Request, ctx: ContextDep) -> DecisionResponse:
     """Answer predicate, choice and score questions about `input` with the probability of every
-    option (see README "Decisions")."""
+    option (see docs/api.md, "Decisions")."""
     service = ctx.service
     model = check_model(service, body.model)
     if body.prompt_cache_options is not None:

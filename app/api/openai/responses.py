@@ -319,7 +319,7 @@ def _status(items: list[dict]) -> str:
 
 @router.post("/v1/responses", responses=SSE_RESPONSES)
 async def responses(body: ResponsesRequest, request: Request, ctx: ContextDep) -> Any:
-    """OpenAI Responses over the chat machinery (README, "OpenAI Responses")."""
+    """OpenAI Responses over the chat machinery (docs/api.md, "OpenAI Responses")."""
     service = ctx.service
     model = check_model(service, body.model)
     check_accepted(body)
