@@ -47,8 +47,9 @@ def _plan(service: Service, chat: ChatRequest, schema: dict | None) -> tuple[Too
             "TEXTGEN_CHAT_TEMPLATE=/path/to/template.jinja (a Jinja chat template), or use /v1/completions",
             "messages",
         )
+    s = service.settings
     plan = tool_plan(
-        chat.tools, chat.tool_choice, chat.parallel_tool_calls, template, service.settings.json_additional_properties
+        chat.tools, chat.tool_choice, chat.parallel_tool_calls, template, s.json_additional_properties, s.max_tool_calls
     )
     if plan is not None and schema is not None:
         raise validation(

@@ -333,7 +333,8 @@ async def responses(body: ResponsesRequest, request: Request, ctx: ContextDep) -
             "input",
         )
     extra_keys = service.settings.json_additional_properties
-    plan = tool_plan(chat.tools, chat.tool_choice, chat.parallel_tool_calls, template, extra_keys) if template else None
+    cap = service.settings.max_tool_calls
+    plan = tool_plan(chat.tools, chat.tool_choice, chat.parallel_tool_calls, template, extra_keys, cap)
     with responses_names():
         spec, field = openai_spec(chat)
     if spec is not None:
