@@ -94,7 +94,7 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     configure_logging(args.log_level)
     # Before the model loads: blocks of 8 MiB and more from mmap, so the heaps do not fragment and
-    # keep peak memory resident (app/malloc.py; README, "Memory").
+    # keep peak memory resident (app/malloc.py; docs/performance.md, "Memory").
     threshold = fix_mmap_threshold()
     if threshold is not None:
         logging.getLogger("textgen").info(

@@ -137,6 +137,12 @@ class Settings(BaseSettings):
         description="What a JSON-schema object that lists `properties` without `additionalProperties` allows: "
         "false = no other keys (vLLM's default backend, OpenAI strict mode); true = any (JSON Schema's default).",
     )
+    max_tool_calls: int = Field(
+        8,
+        ge=1,
+        description="Most calls in one answer under tool_choice 'required' (Anthropic 'any') with parallel calls: "
+        "the grammar closes the list there, so a model that repeats a call still ends with complete calls.",
+    )
     max_stop_sequences: int = Field(8, ge=0, description="Most stop strings per request.")
     max_best_of: int = Field(8, ge=1, description="Largest n (choices) per OpenAI request.")
     decisions_max_questions: int = Field(

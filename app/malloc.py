@@ -9,7 +9,7 @@ them and stay resident.
 
 `fix_mmap_threshold` sets fixed thresholds, as glibc's MALLOC_MMAP_THRESHOLD_ and
 MALLOC_TRIM_THRESHOLD_ environment variables would (either set there wins, and nothing is changed):
-- mmap at 8 MiB: lower is lower still at the peak (README, "Memory": 1 MiB ~100 MiB below the
+- mmap at 8 MiB: lower is lower still at the peak (docs/performance.md, "Memory": 1 MiB ~100 MiB below the
   dynamic threshold under 32 clients, 8 MiB ~50), but every block above it is a fresh mapping whose
   pages fault in on first touch: at 1 MiB each batch-32 decode step mapped ~18 MiB afresh (+4,700
   page faults a step), at 8 MiB a decode step adds none (`bench.step`, 4 against 28 steps);

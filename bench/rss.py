@@ -10,7 +10,7 @@
    ~32 prompt tokens and 64 new tokens (greedy), and once they are done.
 
 `--server-env KEY=VAL` (repeatable) sets the server's environment for A/B runs, e.g.
-`--server-env MALLOC_ARENA_MAX=8`. Measured figures are in README.md, "Memory".
+`--server-env MALLOC_ARENA_MAX=8`. Measured figures are in docs/performance.md, "Memory".
 """
 
 from __future__ import annotations

@@ -16,6 +16,13 @@ def get_service(request: Request) -> Service:
 ServiceDep = Annotated[Service, Depends(get_service)]
 
 
+def load_eta(service: Service) -> float | None:
+    """Seconds until the model is expected to serve: the demo build's estimate while it builds,
+    else None (unknown)."""
+    building = service.building
+    return building.eta_s if building is not None else None
+
+
 def get_engine(service: ServiceDep) -> Engine:
     if service.draining:
         raise APIError(503, "the server is shutting down", "unavailable")
@@ -27,7 +34,7 @@ def get_engine(service: ServiceDep) -> Engine:
             reason = f"the engine failed ({engine.error}); the server needs a restart"
         else:
             reason = "the model is still loading"
-        raise APIError(503, f"not ready: {reason}", "unavailable")
+        raise APIError(503, f"not ready: {reason}", "unavailable", retry_after=load_eta(service))
     return engine
 
 

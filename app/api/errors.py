@@ -1,9 +1,13 @@
 """Errors in TGI's shape, `{"error": str, "error_type": str}`; /v1 routes use OpenAI's shape,
-/v1/messages Anthropic's (`{"type": "error", "error": {"type", "message"}}`), and the Ollama routes
-(/api/*) Ollama's, `{"error": str}`."""
+/v1/messages Anthropic's (`{"type": "error", "error": {"type", "message"}}`), the Ollama routes
+(/api/*) Ollama's, `{"error": str}`, and vLLM-dialect `/tokenize` requests vLLM's
+(`{"object": "error", "message", "type", "param", "code"}`, see `mark_vllm`)."""
 
 import logging
+import math
+import os
 from collections.abc import Mapping
+from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,13 +22,24 @@ from app.engine.types import EngineUnavailableError, QueueFullError
 log = logging.getLogger("textgen")
 
 
+# Seconds a 503 asks the client to wait (`Retry-After`) when no better estimate is known: about
+# how long loading a small model takes, short enough that a client does not wait long past ready.
+RETRY_AFTER_S = 5
+
+
 class APIError(Exception):
-    def __init__(self, status: int, message: str, error_type: str, param: str | None = None) -> None:
+    """An error answered in the route family's shape. `retry_after` (seconds, 503 only): the wait
+    the `Retry-After` header asks for; None gives RETRY_AFTER_S."""
+
+    def __init__(
+        self, status: int, message: str, error_type: str, param: str | None = None, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.error_type = error_type
         self.param = param
+        self.retry_after = retry_after
 
 
 def validation(message: str, param: str | None = None) -> APIError:
@@ -87,11 +102,40 @@ def anthropic_body(err: APIError) -> dict[str, object]:
     }
 
 
+# Set in the request's scope by a route that told the request is in vLLM's dialect (e.g. /tokenize
+# with `prompt`), before anything can fail, so every error of that request is in vLLM's shape.
+VLLM_KEY = "textgen.vllm_dialect"
+
+
+def mark_vllm(request: Request) -> None:
+    """Answer this request's errors in vLLM's shape."""
+    request.scope[VLLM_KEY] = True
+
+
+def vllm_body(status: int, err: APIError) -> dict[str, object]:
+    """vLLM's ErrorResponse: `type` is the status's name as an exception (`BadRequestError`,
+    `NotFoundError`, ...), `code` the HTTP status."""
+    name = HTTPStatus(status).phrase.replace(" ", "").replace("-", "")
+    return {"object": "error", "message": err.message, "type": f"{name}Error", "param": err.param, "code": status}
+
+
 def is_ollama(request: Request) -> bool:
     return request.url.path.startswith("/api/")
 
 
+def retry_after(seconds: float | None) -> dict[str, str]:
+    """The `Retry-After` header (whole seconds, at least 1; RFC 9110 section 10.2.3) for a 503."""
+    return {"Retry-After": str(max(1, math.ceil(RETRY_AFTER_S if seconds is None else seconds)))}
+
+
 def error_response(request: Request, err: APIError, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    if err.status == 503:
+        # Every route family's 503 says when to come back (the official SDKs wait that long).
+        headers = {**retry_after(err.retry_after), **(headers or {})}
+    if request.scope.get(VLLM_KEY):
+        # vLLM answers invalid requests (its validation errors included) with 400.
+        status = 400 if err.status == 422 else err.status
+        return JSONResponse(vllm_body(status, err), status_code=status, headers=headers)
     if is_anthropic(request.url.path):
         # Anthropic, like OpenAI, answers invalid requests with 400 (its SDK raises BadRequestError).
         return JSONResponse(anthropic_body(err), status_code=400 if err.status == 422 else err.status, headers=headers)
@@ -119,13 +163,17 @@ def error_response(request: Request, err: APIError, headers: Mapping[str, str] |
 
 def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
     parts = []
-    first_param = None
+    locs = []
     for error in exc.errors():
         loc = [str(x) for x in error.get("loc", ()) if x != "body"]
-        field = ".".join(loc) or "body"
-        first_param = first_param or field
-        parts.append(f"{field}: {error.get('msg', 'invalid')}")
-    return ("Input validation error: " + "; ".join(parts)), first_param
+        locs.append(loc)
+        parts.append(f"{'.'.join(loc) or 'body'}: {error.get('msg', 'invalid')}")
+    # A value that fits none of a union's types gets one error per type, each loc ending in that
+    # type's name (`input.str`, `input.list[...]`): the field the client sent is their common prefix.
+    common = os.path.commonprefix(locs) if len(locs) > 1 else []
+    union = bool(common) and all(len(loc) == len(common) + 1 for loc in locs)
+    param = ".".join(common if union else locs[0] if locs else []) or "body"
+    return ("Input validation error: " + "; ".join(parts)), param
 
 
 def install(app: FastAPI) -> None:

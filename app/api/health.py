@@ -9,6 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app import __version__
 from app.api.deps import ServiceDep
+from app.api.errors import retry_after
 
 router = APIRouter(tags=["operations"])
 
@@ -27,11 +28,13 @@ async def health(service: ServiceDep) -> JSONResponse:
     building = service.building
     if building is not None:
         body = {"status": "building", "detail": building.detail(), "progress": building.as_json()}
-        return JSONResponse(body, status_code=503)
+        return JSONResponse(body, status_code=503, headers=retry_after(building.eta_s))
     engine_error = service.engine.error if service.engine is not None else None
     if service.error or engine_error is not None:
         return _status(False, f"engine failed: {service.error or engine_error}")
-    return _status(False, "loading model")
+    loading = _status(False, "loading model")
+    loading.headers.update(retry_after(None))
+    return loading
 
 
 @router.get("/ready")

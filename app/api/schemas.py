@@ -33,7 +33,7 @@ class RequestModel(BaseModel):
 class Refused:
     """Marks a known field textgen does not implement (`Annotated[Any, Refused(...)] = None`):
     null, or a value `accepts` takes (the field's default), passes; anything else is refused
-    with an error naming the field (README, "Refused fields")."""
+    with an error naming the field (docs/api.md, "Refused fields")."""
 
     accepts: Callable[[Any], bool] = lambda value: False
 
@@ -90,7 +90,7 @@ class GenerateParameters(RequestModel):
     best_of: int | None = Field(None, ge=1, le=1, description="Only 1 is supported.")
     grammar: Any = Field(None, description='Structured output: {"type": "json" | "regex", "value": ...}.')
     adapter_id: str | None = Field(
-        None, description="A loaded LoRA adapter's name (README, Serving many adapters); null: the base model."
+        None, description="A loaded LoRA adapter's name (docs/api.md, Serving many adapters); null: the base model."
     )
 
     model_config = ConfigDict(

@@ -13,16 +13,17 @@ Encoding, decoding and building the response run in a worker thread, and a text 
 answers with a response the size of a book.
 """
 
+import contextlib
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import EngineDep, ServiceDep
-from app.api.errors import validation
+from app.api.errors import mark_vllm, validation
 from app.api.generation import check_refused
 from app.api.openai.chat import chat_template_of, count_messages_first, render_prompt
 from app.api.openai.common import check_model
@@ -164,8 +165,19 @@ def _vllm(service: Service, body: TokenizeRequest) -> str:
     return json.dumps(out, ensure_ascii=False)
 
 
+async def _dialect(request: Request) -> None:
+    """A `/tokenize` body with `prompt` or `messages` and no `inputs` is vLLM's: its errors (from
+    validation, the model check or a 503 while loading alike) come in vLLM's shape. Run before
+    everything else the route depends on; the body is parsed once (Starlette keeps it)."""
+    with contextlib.suppress(ValueError):  # not JSON: validation answers it, in TGI's shape
+        body = await request.json()
+        if isinstance(body, dict) and "inputs" not in body and ("prompt" in body or "messages" in body):
+            mark_vllm(request)
+
+
 @router.post(
     "/tokenize",
+    dependencies=[Depends(_dialect)],
     response_model=None,
     responses={200: {"model": TokenizeResponse | VLLMTokenizeResponse, "description": "TGI's or vLLM's shape"}},
 )
@@ -236,12 +248,16 @@ _PATHS = ("vocab_file", "merges_file", "tokenizer_file", "name_or_path")
 @router.get("/tokenizer_info")
 async def tokenizer_info(_: EngineDep, service: ServiceDep) -> Response:
     """vLLM's tokenizer info: the tokenizer's config (tokenizer_config.json's fields: eos_token,
-    bos_token, pad_token, model_max_length, added_tokens_decoder, ...), `tokenizer_class`, and the
-    `chat_template` chat uses (TEXTGEN_CHAT_TEMPLATE or the tokenizer's), when there is one."""
+    bos_token, pad_token, added_tokens_decoder, ...), `tokenizer_class`, `model_max_length` (the
+    served max_total_tokens, as /tokenize's `max_model_len`), and the `chat_template` chat uses
+    (TEXTGEN_CHAT_TEMPLATE or the tokenizer's), when there is one."""
     assert service.loaded is not None
     tok = service.loaded.tokenizer
     config = {k: _plain(v) for k, v in (getattr(tok, "init_kwargs", None) or {}).items() if k not in _PATHS}
     config["tokenizer_class"] = type(tok).__name__
+    # The served context, as /tokenize's `max_model_len` says (vLLM reports its engine's too), not the
+    # tokenizer file's own bound (1024 for GPT-2's tokenizer, whatever this server runs).
+    config["model_max_length"] = service.loaded.limits.max_total_tokens
     template = chat_template_of(service)
     if template:
         config["chat_template"] = template

@@ -23,13 +23,19 @@ class FinetuneConfig(BaseModel):
     task: Literal["text", "decisions"] = Field(
         "text",
         description="text: language modelling on --data. decisions: a classifier for /v1/decisions from JSONL "
-        'lines {"input", "question", "answer"} (see the README, "Decisions").',
+        'lines {"input", "question", "answer"} (see docs/finetune.md, "Decisions classifiers").',
     )
     data: str = Field(
         description="Training data: a .txt file, a folder of .txt/.jsonl files, a .jsonl file with a 'text' "
         "field or 'prompt'/'completion' fields, a saved `datasets` dir, or a `datasets` hub name."
     )
     output: Path = Field(description="Where the fine-tuned model, metrics.json and manifest.json go.")
+    chat_template: Path | None = Field(
+        None,
+        description="With --task decisions: a Jinja chat template file (as TEXTGEN_CHAT_TEMPLATE) that renders the "
+        "training prompts instead of the model's own. Serve the adapter with the same template: its hash is "
+        "recorded in decisions.json and a server rendering with another refuses the adapter.",
+    )
     epochs: float = Field(3.0, gt=0, description="Passes over the training data (ignored with --max-steps).")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
     block_size: int | None = Field(
@@ -92,6 +98,8 @@ class FinetuneConfig(BaseModel):
             raise ValueError(
                 "--task decisions fine-tunes a pretrained --model; it cannot be combined with --from-scratch"
             )
+        if self.chat_template is not None and self.task != "decisions":
+            raise ValueError("--chat-template renders decisions prompts: it needs --task decisions")
         if self.early_stopping_patience and not (self.eval_file or self.eval_split > 0):
             raise ValueError("--early-stopping-patience needs evaluation data (--eval-split > 0 or --eval-file)")
         return self

@@ -28,6 +28,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, set_seed
 
 from app.decisions.calibration import (
     accuracy,
+    bound_advice,
     expected_calibration_error,
     fit_temperature,
     write_calibration,
@@ -144,7 +145,7 @@ def finetune_decisions(config: FinetuneConfig) -> dict[str, Any]:
     check_output(config)
     set_seed(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(config.model)
-    template = getattr(tokenizer, "chat_template", None)
+    template = _template(config, tokenizer)
     examples = read_examples(config.data, tokenizer, template)
     train, held = split(examples, config.eval_split, config.seed)
     model: Any = load_base(config)
@@ -206,6 +207,9 @@ def finetune_decisions(config: FinetuneConfig) -> dict[str, Any]:
         calibrated = expected_calibration_error(sums, [e.label for e in held], temperature)
         log.info("after: validation accuracy %.3f, ECE %.3f", after["accuracy"], after["ece"])
         log.info("calibrated: temperature %.3f, ECE %.3f (accuracy unchanged)", temperature, calibrated)
+        advice = bound_advice(temperature)
+        if advice:
+            log.warning("%s", advice)
         metrics.update(
             eval_accuracy_before=before["accuracy"],
             eval_ece_before=before["ece"],
@@ -216,9 +220,21 @@ def finetune_decisions(config: FinetuneConfig) -> dict[str, Any]:
     metrics.update(temperature=temperature, global_step=steps, final_train_loss=losses[-1])
     model.eval()
     write_outputs(config, model, tokenizer, _sha256(config.data), metrics)
-    write_calibration(config.output, temperature, {k: v for k, v in metrics.items() if k.startswith("eval_")})
+    evals = {k: v for k, v in metrics.items() if k.startswith("eval_")}
+    write_calibration(config.output, temperature, evals, template)
     log.info("wrote %s", config.output)
     return metrics
+
+
+def _template(config: FinetuneConfig, tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The chat template that renders the prompts: --chat-template's file (read as the server reads
+    TEXTGEN_CHAT_TEMPLATE), else the tokenizer's own, else None (completion style)."""
+    if config.chat_template is None:
+        return getattr(tokenizer, "chat_template", None)
+    try:
+        return config.chat_template.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read --chat-template {config.chat_template}: {exc}") from exc
 
 
 def _sha256(path: str) -> str:

@@ -254,6 +254,68 @@ def test_refused_fields_are_400_in_anthropic_shape(client: anthropic.Anthropic, 
     assert error["type"] == "invalid_request_error" and field in error["message"], error
 
 
+@pytest.mark.parametrize("extra", [{"frequency_penalty": 1}, {"betas": ["x"]}])
+def test_unknown_fields_are_400_naming_them(client: anthropic.Anthropic, extra: dict) -> None:
+    """As Anthropic answers: "<field>: Extra inputs are not permitted", on both routes."""
+    (field,) = extra
+    messages = [{"role": "user", "content": "hi"}]
+    for call, kwargs in ((client.messages.create, {"max_tokens": 4}), (client.messages.count_tokens, {})):
+        with pytest.raises(anthropic.BadRequestError) as info:
+            call(model=MODEL, messages=messages, extra_body=extra, **kwargs)  # type: ignore[operator]
+        error = error_of(info.value)
+        assert error["type"] == "invalid_request_error", error
+        assert f"{field}: Extra inputs are not permitted" in error["message"], error
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"thread": {"type": "create"}}, "thread"),
+        ({"fallbacks": [{"model": "other"}]}, "fallbacks"),
+        ({"compaction": {"type": "enabled"}}, "compaction"),
+        ({"billing_policy": {"type": "billing_policy", "bill_to": "user_profile"}}, "billing_policy"),
+        ({"mcp_servers": [{"type": "url", "url": "http://x", "name": "x"}]}, "mcp_servers"),
+    ],
+)
+def test_beta_fields_we_lack_are_refused_by_name(client: anthropic.Anthropic, extra: dict, field: str) -> None:
+    with pytest.raises(anthropic.BadRequestError) as info:
+        client.beta.messages.create(model=MODEL, max_tokens=4, messages=[{"role": "user", "content": "hi"}], **extra)
+    error = error_of(info.value)
+    assert f"`{field}` is not supported" in error["message"], error
+
+
+def test_every_sdk_field_at_its_neutral_value_is_served(client: anthropic.Anthropic) -> None:
+    """What the SDK's create() can send, each set to what asks for nothing we lack: served."""
+    messages = [{"role": "user", "content": "hi"}]
+    out = client.messages.create(
+        model=MODEL,
+        max_tokens=4,
+        messages=messages,
+        system="Be brief.",
+        metadata={"user_id": "u1"},
+        service_tier="auto",
+        thinking={"type": "disabled"},
+        speed="standard",
+        stop_sequences=["\n\n"],
+        cache_control={"type": "ephemeral"},
+        container=None,
+        inference_geo=None,
+        diagnostics=None,
+        tools=[WEATHER],
+        tool_choice={"type": "none"},
+        extra_body=GREEDY,
+    )
+    assert out.stop_reason in ("end_turn", "max_tokens", "stop_sequence"), out
+    beta = client.beta.messages.create(
+        model=MODEL, max_tokens=4, messages=messages, mcp_servers=[], context_management=None, extra_body=GREEDY
+    )
+    assert beta.stop_reason in ("end_turn", "max_tokens"), beta
+    counted = client.messages.count_tokens(
+        model=MODEL, messages=messages, thinking={"type": "disabled"}, speed="standard", cache_control=None
+    )
+    assert counted.input_tokens > 0
+
+
 def test_image_blocks_and_missing_max_tokens_are_400(srv: Server) -> None:
     image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}
     bodies = [

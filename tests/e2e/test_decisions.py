@@ -6,9 +6,9 @@ The reference is computed in-process on the same token ids (app/decisions/prompt
 forward of the served model over prompt + option, alone (no batch, no prefix cache), and the same
 log-softmax the engine takes. The server's answers must equal it bitwise: it batches options of
 many requests and reads the prompt from the prefix cache, and the engine is batch invariant with
-cache hits bitwise equal to misses (README "Performance, precision and batch invariance"). The
-transformers forward is only within 1e-4 of it (other GEMM kernels and attention calls: see the
-README's "Decisions" section), which is checked too.
+cache hits bitwise equal to misses (docs/performance.md, "Performance, precision and batch invariance"). The
+transformers forward is only within 1e-4 of it (other GEMM kernels and attention calls: see
+docs/api.md's "Decisions" section), which is checked too.
 """
 
 import json
@@ -133,7 +133,7 @@ def reference(path: Path, body: dict[str, Any], adapter: Path | None = None) -> 
             rows = torch.log_softmax(full[0, :-1].float(), dim=-1)
             chosen = rows.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].clamp(min=-1e4).tolist()
             sums.append(sum(chosen[len(e.prompt) - 1 :]))
-            if loaded is None:  # transformers' own forward: close, not bitwise (README "Decisions")
+            if loaded is None:  # transformers' own forward: close, not bitwise (docs/api.md, "Decisions")
                 hf = torch.log_softmax(lm.model(torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
                 hf_sum = hf.gather(1, torch.tensor(ids[1:])[:, None])[len(e.prompt) - 1 :, 0].sum().item()
                 assert abs(hf_sum - sums[-1]) < 1e-3 * len(option)

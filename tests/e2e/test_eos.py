@@ -39,7 +39,7 @@ def test_eos_finishes_and_min_new_tokens_holds_it_off(eos_url: str) -> None:
     assert ended is not None, "no prompt ended with EOS"
     prompt, out = ended
     last = out["details"]["tokens"][-1]
-    # A special token adds nothing to the text, so its text is "" (README, "Token texts").
+    # A special token adds nothing to the text, so its text is "" (docs/api.md, "Token texts").
     assert last["special"] is True and last["text"] == ""
     assert "<|endoftext|>" not in out["generated_text"]
     assert "".join(t["text"] for t in out["details"]["tokens"]) == out["generated_text"]

@@ -12,9 +12,12 @@ from hypothesis import HealthCheck, given, settings
 from tests.e2e.server import Server
 
 
-def assert_error_shape(path: str, response: httpx.Response) -> None:
+def assert_error_shape(path: str, response: httpx.Response, sent: object = None) -> None:
     body = response.json()
-    if path.startswith("/v1/messages"):  # Anthropic's shape
+    dialect = set(sent) & {"inputs", "prompt", "messages"} if isinstance(sent, dict) else set()
+    if path == "/tokenize" and dialect and "inputs" not in dialect:  # vLLM's dialect: vLLM's shape
+        assert set(body) == {"object", "message", "type", "param", "code"} and body["object"] == "error", body
+    elif path.startswith("/v1/messages"):  # Anthropic's shape
         assert body["type"] == "error" and set(body["error"]) == {"type", "message"}, body
     elif path.startswith("/v1/"):
         assert set(body["error"]) == {"message", "type", "param", "code"}, body
@@ -53,7 +56,7 @@ def test_fuzz_every_route(server: Server, family: str) -> None:
             assert response.status_code < 500, (case.method, case.path, case.body, response.text[:500])
             ctype = str(response.headers.get("content-type", ""))
             if 400 <= response.status_code < 500 and ctype.startswith("application/json"):
-                assert_error_shape(case.path, response)
+                assert_error_shape(case.path, response, case.body)
 
         check()
 

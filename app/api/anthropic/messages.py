@@ -47,8 +47,9 @@ def _plan(service: Service, chat: ChatRequest, schema: dict | None) -> tuple[Too
             "TEXTGEN_CHAT_TEMPLATE=/path/to/template.jinja (a Jinja chat template), or use /v1/completions",
             "messages",
         )
+    s = service.settings
     plan = tool_plan(
-        chat.tools, chat.tool_choice, chat.parallel_tool_calls, template, service.settings.json_additional_properties
+        chat.tools, chat.tool_choice, chat.parallel_tool_calls, template, s.json_additional_properties, s.max_tool_calls
     )
     if plan is not None and schema is not None:
         raise validation(
@@ -69,7 +70,7 @@ def _usage(prompt_tokens: int, completion: Completion) -> Usage:
 
 @router.post("/v1/messages", response_model=Message, responses=ERRORS | {200: {"content": {"text/event-stream": {}}}})
 async def messages(body: MessagesRequest, request: Request, ctx: ContextDep):
-    """Anthropic's Messages API over the chat template (README, "Anthropic: /v1/messages")."""
+    """Anthropic's Messages API over the chat template (docs/api.md, "Anthropic: /v1/messages")."""
     service = ctx.service
     model = check_model(service, body.model)
     check_refused(body)

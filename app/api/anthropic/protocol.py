@@ -1,15 +1,17 @@
 """Anthropic Messages request bodies (what the `anthropic` SDK 2.17 sends, plus `temperature`,
 `top_p` and `top_k`, which older SDKs send) and response shapes.
 
-Unknown fields are ignored, as on every textgen route. Known fields asking for what textgen does
-not do (extended thinking, server-side containers and MCP servers, ...) are `Refused`: null or
-their neutral value passes, anything else is a 400 naming the field.
+Unknown top-level fields are a 400 ("<field>: Extra inputs are not permitted"), as Anthropic
+answers them; every body field the SDK's `messages.create` / `count_tokens` (and their `beta`
+forms) can send is declared. Known fields asking for what textgen does not do (extended thinking,
+server-side containers and MCP servers, ...) are `Refused`: null or their neutral value passes,
+anything else is a 400 naming the field.
 """
 
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.api.schemas import Refused, RequestModel
 
@@ -26,7 +28,22 @@ class OutputConfig(RequestModel):
     effort: Annotated[Any, Refused()] = None  # a reasoning budget: these models do not reason
 
 
-class MessagesRequest(RequestModel):
+class AnthropicRequest(RequestModel):
+    """A top-level Anthropic body: an unknown field is a 400 naming it, as in Anthropic's API
+    (other textgen routes ignore unknown fields, as TGI does)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # The SDK's beta-only fields; they ask for what textgen does not do (billing, server-held
+    # threads and compaction, fallback models), so they are refused unless null.
+    billing_policy: Annotated[Any, Refused()] = None
+    compaction: Annotated[Any, Refused()] = None
+    fallbacks: Annotated[Any, Refused()] = None
+    fallback_credit_token: Annotated[Any, Refused()] = None
+    thread: Annotated[Any, Refused()] = None
+
+
+class MessagesRequest(AnthropicRequest):
     """POST /v1/messages. `max_tokens` is required, as in Anthropic's API."""
 
     model: str = Field(description="The id from GET /v1/models.")
@@ -57,7 +74,7 @@ class MessagesRequest(RequestModel):
     diagnostics: Annotated[Any, Refused()] = None
 
 
-class CountTokensRequest(RequestModel):
+class CountTokensRequest(AnthropicRequest):
     """POST /v1/messages/count_tokens: the prompt-side fields of a Messages request."""
 
     model: str
@@ -67,7 +84,10 @@ class CountTokensRequest(RequestModel):
     tool_choice: dict[str, Any] | None = None
     output_config: OutputConfig | None = None
     cache_control: dict[str, Any] | None = None
+    user_profile_id: str | None = None
+    workspace_id: str | None = None
     thinking: Annotated[Any, Refused(lambda v: isinstance(v, dict) and v.get("type") == "disabled")] = None
+    speed: Annotated[Any, Refused(lambda v: v == "standard")] = None
     mcp_servers: Annotated[Any, Refused(lambda v: v == [])] = None
     context_management: Annotated[Any, Refused()] = None
 

@@ -1,6 +1,6 @@
 """Ollama's fields to textgen's internal requests (OpenAI's ChatRequest / CompletionRequest), and
 engine results back to Ollama's shapes (tool output: app/api/ollama/tool_output.py). Each documented field is served or refused here with a 400
-naming it (README, "Ollama")."""
+naming it (docs/api.md, "Ollama")."""
 
 import json
 import re

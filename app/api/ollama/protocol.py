@@ -1,7 +1,7 @@
 """Ollama request bodies (docs/api.md of ollama/ollama and the `ollama` Python client 0.6.3).
 
 Every field Ollama documents is declared here: app/api/ollama/convert.py serves it or refuses it
-with a 400 naming it (README, "Ollama"). Unknown top-level fields are ignored, as on every textgen
+with a 400 naming it (docs/api.md, "Ollama"). Unknown top-level fields are ignored, as on every textgen
 route; unknown `options` keys are refused, since Ollama defines that set.
 """
 

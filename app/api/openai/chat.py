@@ -160,7 +160,12 @@ async def chat(body: ChatRequest, request: Request, ctx: ContextDep):
     template = chat_template_of(service)
     # Checked before templating, so a bad tool is named as such (render_prompt refuses no template).
     extra_keys = service.settings.json_additional_properties
-    plan = tool_plan(body.tools, body.tool_choice, body.parallel_tool_calls, template, extra_keys) if template else None
+    cap = service.settings.max_tool_calls
+    plan = (
+        tool_plan(body.tools, body.tool_choice, body.parallel_tool_calls, template, extra_keys, cap)
+        if template
+        else None
+    )
     if plan is not None:
         spec, field = plan.spec, "tools"
     await run_in_threadpool(count_messages_first, service, body.messages)

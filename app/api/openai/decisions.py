@@ -20,7 +20,7 @@ from app.api.generation import ContextDep, Generation, run_to_completion
 from app.api.openai.chat import chat_template_of
 from app.api.openai.common import ERRORS, adapter_of, check_model
 from app.api.schemas import RequestModel
-from app.decisions.calibration import read_temperature
+from app.decisions.calibration import read_temperature, recorded_template_hash, template_hash
 from app.decisions.prompt import Encoded, encode
 from app.decisions.questions import DecisionInputError, Question, parse_input, parse_questions
 from app.decisions.score import answer, normalise
@@ -108,16 +108,31 @@ class DecisionResponse(BaseModel):
 
 def temperature_of(service: Service, adapter: str | None) -> float:
     """The calibrated temperature `textgen finetune --task decisions` saved with the adapter (1.0
-    for the base model or an adapter without one)."""
+    for the base model or an adapter without one). A 400 naming `model` when the adapter records
+    a chat template (by hash) other than the one this server renders prompts with: its scores
+    were calibrated on other prompts."""
     if adapter is None or service.engine is None:
         return 1.0
     loaded = service.engine.adapters.get(adapter)
     if loaded is None:
         return 1.0
     try:
-        return read_temperature(Path(loaded.path))
+        recorded, trained_with = recorded_template_hash(Path(loaded.path))
+        temperature = read_temperature(Path(loaded.path))
     except (ValueError, OSError) as exc:
         raise APIError(500, f"adapter {adapter!r} has a bad calibration file: {exc}", "internal") from exc
+    serving = template_hash(chat_template_of(service))
+    if recorded and trained_with != serving:
+        trained = f"chat template sha256 {trained_with[:12]}…" if trained_with else "no chat template"
+        here = f"chat template sha256 {serving[:12]}…" if serving else "no chat template (completion style)"
+        raise validation(
+            f"adapter {adapter!r} was fine-tuned on prompts rendered with {trained}, but this server renders "
+            f"with {here} (TEXTGEN_CHAT_TEMPLATE, else the tokenizer's): its decisions would be scored on "
+            "prompts it never saw. Start the server with the template the adapter was trained with, or "
+            "fine-tune again with --chat-template set to this server's template file",
+            "model",
+        )
+    return temperature
 
 
 def _encode_all(service: Service, value: str | list, questions: list[Question]) -> list[Encoded]:
@@ -162,7 +177,7 @@ def option_sum(completion: Completion, start: int) -> float:
 @router.post("/v1/decisions", response_model=DecisionResponse, responses=ERRORS)
 async def decisions(body: DecisionRequest, request: Request, ctx: ContextDep) -> DecisionResponse:
     """Answer predicate, choice and score questions about `input` with the probability of every
-    option (see README "Decisions")."""
+    option (see docs/api.md, "Decisions")."""
     service = ctx.service
     model = check_model(service, body.model)
     if body.prompt_cache_options is not None:

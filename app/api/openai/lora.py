@@ -31,7 +31,7 @@ UNLOAD_TIMEOUT_S = 300.0  # an unload waits this long for the adapter's in-fligh
 class LoadLoraAdapterRequest(RequestModel):
     lora_name: str = Field(min_length=1, max_length=200, description="The name requests send as `model`.")
     lora_path: str = Field(min_length=1, description="Adapter directory, under TEXTGEN_LORA_ROOT (or relative to it).")
-    # vLLM's: replace a loaded adapter in place. Refused: unload it first (README, "Refused fields").
+    # vLLM's: replace a loaded adapter in place. Refused: unload it first (docs/api.md, "Refused fields").
     load_inplace: Annotated[Any, Refused(lambda v: v is False)] = None
 
 

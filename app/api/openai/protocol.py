@@ -2,7 +2,7 @@
 
 Unknown fields are ignored, as on every textgen route, so newer SDKs keep working. Known fields
 that textgen does not implement are declared with `refused(...)`: null (or their default) is
-accepted, anything else is a 400 naming the field (README, "Refused fields").
+accepted, anything else is a 400 naming the field (docs/api.md, "Refused fields").
 """
 
 import time
@@ -163,7 +163,7 @@ class ChatRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[dict] | None = Field(None, description="Functions the model may call (README, Tool calling).")
+    tools: list[dict] | None = Field(None, description="Functions the model may call (docs/api.md, Tool calling).")
     tool_choice: Any = Field(None, description="'none', 'auto' (default with tools), 'required' or a named function.")
     chat_template_kwargs: dict[str, Any] | None = Field(None, description="Extension: extra template variables.")
     add_generation_prompt: bool = Field(True, description="Extension: end the prompt with the assistant header.")

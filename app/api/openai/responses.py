@@ -319,14 +319,22 @@ def _status(items: list[dict]) -> str:
 
 @router.post("/v1/responses", responses=SSE_RESPONSES)
 async def responses(body: ResponsesRequest, request: Request, ctx: ContextDep) -> Any:
-    """OpenAI Responses over the chat machinery (README, "OpenAI Responses")."""
+    """OpenAI Responses over the chat machinery (docs/api.md, "OpenAI Responses")."""
     service = ctx.service
     model = check_model(service, body.model)
     check_accepted(body)
     chat = chat_request(body)
     template = chat_template_of(service)
+    if not template:
+        raise validation(
+            "this model has no chat template, so /v1/responses cannot format `input`: start the server with "
+            "TEXTGEN_CHAT_TEMPLATE=/path/to/template.jinja (a Jinja chat template), or send the text as `prompt` "
+            "to /v1/completions",
+            "input",
+        )
     extra_keys = service.settings.json_additional_properties
-    plan = tool_plan(chat.tools, chat.tool_choice, chat.parallel_tool_calls, template, extra_keys) if template else None
+    cap = service.settings.max_tool_calls
+    plan = tool_plan(chat.tools, chat.tool_choice, chat.parallel_tool_calls, template, extra_keys, cap)
     with responses_names():
         spec, field = openai_spec(chat)
     if spec is not None:

@@ -3,7 +3,7 @@
 The request is checked here only for what pydantic can say; `app/api/openai/responses.py` turns
 it into the internal `ChatRequest` and says what is wrong with its items. Fields that ask for
 nothing this stateless, text-only server holds are accepted; fields that ask for something it
-does not do are refused with a 400 naming them (README, "OpenAI Responses").
+does not do are refused with a 400 naming them (docs/api.md, "OpenAI Responses").
 """
 
 import time

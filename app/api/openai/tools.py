@@ -5,8 +5,9 @@ What the model must write (`tool_plan`):
 - a named function (OpenAI `tool_choice` {"type": "function", "function": {"name": N}}): N's
   arguments, a JSON object valid against N's `parameters` schema;
 - "required": `{"name": ..., "arguments": {...}}` for one of `tools` (keys in that order, as
-  models write them); with `parallel_tool_calls` (OpenAI's default, true) a JSON list of one or
-  more such calls, with false exactly one;
+  models write them); with `parallel_tool_calls` (OpenAI's default, true) a JSON list of one to
+  TEXTGEN_MAX_TOOL_CALLS such calls (vLLM's list has no bound, so a weak model that repeats a
+  call runs to the token limit; the bound ends the list with complete calls), with false exactly one;
 - "auto" (the default when `tools` are sent): free text, or a tool call written as
   `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (the Hermes/Qwen convention). It needs
   a chat template that renders `tools`, so the model is told about them; otherwise a 400 says so;
@@ -89,12 +90,18 @@ def _call_schema(functions: dict[str, dict]) -> dict:
 
 
 def tool_plan(
-    tools: list[dict] | None, choice: Any, parallel: bool | None, template: str, additional_properties: bool = False
+    tools: list[dict] | None,
+    choice: Any,
+    parallel: bool | None,
+    template: str,
+    additional_properties: bool = False,
+    max_calls: int | None = None,
 ) -> ToolPlan | None:
     """What the request's `tools`/`tool_choice` ask for (OpenAI chat's shapes); None when the
     output is not constrained. `additional_properties` is TEXTGEN_JSON_ADDITIONAL_PROPERTIES: JSON
     specs get it when compiled, but "auto"'s Lark grammar embeds the call schema, so it is
-    applied here. Raises a 400 APIError naming the field."""
+    applied here. `max_calls` (TEXTGEN_MAX_TOOL_CALLS; None: no bound) caps the list of parallel
+    "required" calls. Raises a 400 APIError naming the field."""
     if choice == "none" or (choice is None and not tools):
         return None
     if not tools:
@@ -115,6 +122,8 @@ def tool_plan(
         schema = _call_schema(functions)
         if parallel:
             schema = {"type": "array", "items": schema, "minItems": 1}
+            if max_calls is not None:
+                schema["maxItems"] = max_calls
         return ToolPlan("required", GrammarSpec.json_schema(schema), None, parallel, names)
     if choice not in (None, "auto"):
         raise validation("`tool_choice` must be 'none', 'auto', 'required' or a named function", "tool_choice")

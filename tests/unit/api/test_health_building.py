@@ -31,6 +31,9 @@ def test_building_shape(tmp_path: Path) -> None:
     assert (progress["phase"], progress["step"], progress["total_steps"]) == ("training", 100, 400)
     assert progress["fraction"] == 0.25
     assert progress["eta_s"] == 60.0  # 0.2 s per step, 300 steps left
+    assert r.headers["retry-after"] == "60"  # the build's estimate (under load it can be exceeded)
+    api = client.post("/v1/completions", json={"model": "x", "prompt": "hi"})
+    assert api.status_code == 503 and api.headers["retry-after"] == "60"
     assert "step 100 of 400" in body["detail"]
 
     build.progress_file.write_text(json.dumps({"phase": "saving", "step": 400, "total_steps": 400, "training_s": 80}))

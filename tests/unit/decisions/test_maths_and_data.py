@@ -8,7 +8,17 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from app.decisions.calibration import expected_calibration_error, fit_temperature, nll, read_temperature
+from app.decisions.calibration import (
+    T_MAX,
+    bound_advice,
+    expected_calibration_error,
+    fit_temperature,
+    nll,
+    read_temperature,
+    recorded_template_hash,
+    template_hash,
+    write_calibration,
+)
 from app.decisions.prompt import completion_prompt, encode
 from app.decisions.questions import DecisionInputError, parse_question
 from app.decisions.score import answer, normalise
@@ -48,6 +58,29 @@ def test_the_fitted_temperature_lowers_the_held_out_nll() -> None:
     t = fit_temperature(sums, labels)
     assert t > 1 and nll(sums, labels, t) < nll(sums, labels, 1.0)
     assert expected_calibration_error(sums, labels, t) < expected_calibration_error(sums, labels, 1.0)
+
+
+def test_a_temperature_at_the_search_bound_comes_with_advice() -> None:
+    # Confidently wrong half the time: the best temperature lies beyond the bound.
+    sums = [[0.0, -40.0] if i % 2 else [-40.0, 0.0] for i in range(40)]
+    labels = [0] * 40
+    t = fit_temperature(sums, labels)
+    assert t == pytest.approx(T_MAX, rel=1e-3)
+    advice = bound_advice(t)
+    assert advice is not None and "more data" in advice and "--max-steps" in advice
+    assert (
+        bound_advice(fit_temperature([[0.0, -5.0] if i % 5 < 3 else [-5.0, 0.0] for i in range(50)], [0] * 50)) is None
+    )
+
+
+def test_decisions_json_records_the_template_hash(tmp_path: Path) -> None:
+    assert recorded_template_hash(tmp_path) == (False, None)  # no file: nothing recorded
+    write_calibration(tmp_path, 1.5, {}, "{{ messages }}")
+    assert recorded_template_hash(tmp_path) == (True, template_hash("{{ messages }}"))
+    write_calibration(tmp_path, 1.5, {}, None)
+    assert recorded_template_hash(tmp_path) == (True, None)  # completion style, recorded as null
+    (tmp_path / "decisions.json").write_text(json.dumps({"temperature": 2.0}))  # an older adapter
+    assert recorded_template_hash(tmp_path) == (False, None) and read_temperature(tmp_path) == 2.0
 
 
 def test_read_temperature_defaults_and_refuses_nonsense(tmp_path: Path) -> None:

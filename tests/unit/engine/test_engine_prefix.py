@@ -171,7 +171,7 @@ def test_live_requests_evict_a_full_cache_and_the_kv_budget_holds(tiny_lm: Loade
 
 def test_the_non_invariant_forward_also_uses_the_cache(tiny_gpt2_dir: Path) -> None:
     """TEXTGEN_BATCH_INVARIANT=false: one attention call over a row's new tokens, so a hit's
-    logprobs may differ from a full prefill's in the last bits (README gives the tolerance)."""
+    logprobs may differ from a full prefill's in the last bits (docs/design.md, "Prefix caching", gives the tolerance)."""
     lm = load_model(str(tiny_gpt2_dir), batch_invariant=False)
     prompts = shared_prompts(lm, 4)
     done: list[dict[int, Completion]] = []
