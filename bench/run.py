@@ -143,12 +143,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--skip-peers",
         action="store_true",
-        help="skip the llama.cpp / CTranslate2 rounds (run when `make bench-peers` built them)",
+        help="skip the peer rounds: llama.cpp, vLLM, CTranslate2 (run when `make bench-peers` built them)",
     )
     p.add_argument(
         "--peers",
         help="contenders of the peer rounds, comma-separated (default all: "
-        "textgen,textgen_bf16,textgen_nocache,llama_f16,llama_f32,ct2)",
+        "textgen,textgen_bf16,textgen_nocache,textgen_int8,textgen_int4,llama_f16,llama_f32,llama_q8_0,"
+        "llama_q4_0,vllm,ct2)",
+    )
+    p.add_argument(
+        "--peers-only",
+        action="store_true",
+        help="only the peer rounds: the same as --skip-inprocess --skip-peer --skip-ours",
     )
     p.add_argument("--peer-rounds", type=int, help="alternated rounds of the peer phases (default 3, quick 2)")
     p.add_argument("--skip-inprocess", action="store_true", help="skip baseline, ceiling, TTFT ref, static")
@@ -156,6 +162,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for /health")
     p.add_argument("--phase-timeout", type=float, default=900.0, help="seconds per HTTP phase")
     args = p.parse_args(argv)
+    if args.peers_only:
+        if args.skip_peers:
+            p.error("--peers-only and --skip-peers leave nothing to run")
+        args.skip_inprocess = args.skip_peer = args.skip_ours = True
     if args.mixed_max < MIXED_MIN or args.new_tokens < 1:
         p.error(f"--mixed-max must be >= {MIXED_MIN} and --new-tokens >= 1")
     if args.peers:
@@ -581,7 +591,7 @@ def print_peers(results: dict[str, Any], out: Path, log: Log) -> None:
         print()
         print(render_peers(peers, peer_list))
     elif peers.get("skipped"):
-        print(f"\npeers (llama.cpp, CTranslate2): skipped ({peers['skipped']})")
+        print(f"\npeers (llama.cpp, vLLM, CTranslate2): skipped ({peers['skipped']})")
 
 
 def write_json(out: Path, results: dict[str, Any], log: Log) -> None:
@@ -632,7 +642,7 @@ def run_peers(
     log: Log,
     log_dir: Path,
 ) -> None:
-    """llama.cpp and CTranslate2 against textgen serve, alternated in rounds (bench/peer_rounds.py)."""
+    """llama.cpp, vLLM and CTranslate2 against textgen serve, alternated in rounds (bench/peer_rounds.py)."""
     from bench.peer_rounds import NO_PEER, build_workload, run_rounds, split_available
     from bench.peers_build import PeerPaths, cache_root
 
