@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -513,12 +513,22 @@ def prefix_metrics(base_url: str) -> dict[str, float] | str:
     return found or "no textgen_prefix_cache_* metrics: this server has no prefix cache"
 
 
-def split_available(paths: PeerPaths, log: Log, only: set[str] | None = None) -> tuple[list[Contender], dict[str, str]]:
-    """The contenders that can run here (of `only`, when given), and why each other one cannot."""
+def split_available(
+    paths: PeerPaths, log: Log, only: set[str] | None = None, phases: set[str] | None = None
+) -> tuple[list[Contender], dict[str, str]]:
+    """The contenders that can run here (of `only`, when given; each with its phases among
+    `phases`, when given), and why each other one cannot."""
     live: list[Contender] = []
     skipped: dict[str, str] = {}
     for c in CONTENDERS:
-        reason = "not selected (--peers)" if only is not None and c.key not in only else availability(c, paths)
+        if phases is not None:
+            c = replace(c, phases=tuple(p for p in c.phases if p in phases))
+        if only is not None and c.key not in only:
+            reason: str | None = "not selected (--peers)"
+        elif not c.phases:
+            reason = "none of its phases selected (--peer-phases)"
+        else:
+            reason = availability(c, paths)
         if reason:
             log(f"peers: {c.label} skipped: {reason}")
             skipped[c.key] = reason

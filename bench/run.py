@@ -152,6 +152,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "llama_q4_0,vllm,ct2)",
     )
     p.add_argument(
+        "--peer-phases",
+        help="phases of the peer rounds, comma-separated (default each contender's all: c1,c32,prefix,mixed)",
+    )
+    p.add_argument(
         "--peers-only",
         action="store_true",
         help="only the peer rounds: the same as --skip-inprocess --skip-peer --skip-ours",
@@ -174,6 +178,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         unknown = {k.strip() for k in args.peers.split(",")} - {c.key for c in CONTENDERS}
         if unknown:
             p.error(f"--peers: unknown {', '.join(sorted(unknown))}; known: {', '.join(c.key for c in CONTENDERS)}")
+    if args.peer_phases:
+        from bench.peer_rounds import ALL_PHASES
+
+        unknown = {k.strip() for k in args.peer_phases.split(",")} - set(ALL_PHASES)
+        if unknown:
+            p.error(f"--peer-phases: unknown {', '.join(sorted(unknown))}; known: {', '.join(ALL_PHASES)}")
     if args.levels and not all(x.strip().isdigit() and int(x) > 0 for x in args.levels.split(",")):
         p.error("--levels wants positive integers separated by commas, e.g. 1,8,32,64")
     return args
@@ -648,7 +658,8 @@ def run_peers(
 
     paths = PeerPaths(cache_root(), info.path)
     only = {k.strip() for k in args.peers.split(",") if k.strip()} if args.peers else None
-    live, skipped = split_available(paths, log, only)
+    phases = {k.strip() for k in args.peer_phases.split(",") if k.strip()} if args.peer_phases else None
+    live, skipped = split_available(paths, log, only, phases)
     if not any(c.kind != "textgen" for c in live):
         log(f"peers: {NO_PEER}")
         results["peers"] = {"rounds": 0, "skipped": skipped, "error": NO_PEER}

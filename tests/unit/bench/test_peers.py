@@ -364,3 +364,15 @@ def test_peers_only_runs_nothing_but_the_rounds() -> None:
         parse_args(["--peers-only", "--skip-peers"])
     with pytest.raises(SystemExit):
         parse_args(["--peers", "vllm,sglang"])
+    with pytest.raises(SystemExit):
+        parse_args(["--peer-phases", "c1,c64"])
+
+
+def test_peer_phases_narrow_each_contender(tmp_path: Path) -> None:
+    from bench.peer_rounds import split_available
+
+    paths = PeerPaths(tmp_path, tmp_path / "model")
+    live, skipped = split_available(paths, lambda _: None, {"textgen", "textgen_bf16", "textgen_nocache"}, {"c1"})
+    assert [(c.key, c.phases) for c in live] == [("textgen", ("c1",))]  # the venv has the textgen CLI
+    assert "none of its phases selected" in skipped["textgen_bf16"]  # bf16 runs only c32
+    assert skipped["llama_f32"] == "not selected (--peers)"
