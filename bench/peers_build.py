@@ -19,6 +19,7 @@ Everything lands under `${XDG_CACHE_HOME:-~/.cache}/textgen/peers` and is reused
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -216,6 +217,15 @@ def convert_gguf(paths: PeerPaths, kind: str = "f32") -> Path:
     return target
 
 
+def converter_python(paths: PeerPaths) -> str:
+    """An interpreter for convert_hf_to_gguf.py: ours, unless it lacks `sentencepiece`, which the
+    converter imports for every Llama-family model (stories260k) before it looks for a
+    tokenizer.model, and then the vLLM venv's (which has it, with torch and numpy)."""
+    if importlib.util.find_spec("sentencepiece") is None and paths.vllm_python.exists():
+        return str(paths.vllm_python)
+    return sys.executable
+
+
 def _convert_hf(paths: PeerPaths, outtype: str, out: Path) -> None:
     converter = paths.llama_src / "convert_hf_to_gguf.py"
     if not converter.exists():
@@ -232,7 +242,10 @@ def _convert_hf(paths: PeerPaths, outtype: str, out: Path) -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in [str(paths.llama_src / "gguf-py"), env.get("PYTHONPATH")] if p)
     try:
-        _run([sys.executable, str(converter), str(staging), "--outtype", outtype, "--outfile", str(out)], env=env)
+        _run(
+            [converter_python(paths), str(converter), str(staging), "--outtype", outtype, "--outfile", str(out)],
+            env=env,
+        )
     finally:
         shutil.rmtree(staging)
 
