@@ -4,7 +4,9 @@ teacher-forced on fp32's continuations through `llama-server`.
 For prompt p and continuation c, the distribution before c[k] comes from `POST /completion` with
 the ids p + c[:k], `n_predict: 1` and `n_probs` = the vocabulary size: the server then returns the
 softmax of the raw logits over the whole vocabulary (not after sampling), as log-probabilities.
-The requests for one prompt go in order with `cache_prompt: true`, so each evaluates one new token.
+The requests for one prompt go in order to one slot (`id_slot`) with `cache_prompt: true`, so each
+evaluates one new token; the prompts run in parallel, one client per slot, so the server batches
+them (2048 positions take 64 batched steps rather than 2048 lone ones).
 The server runs with an f32 KV cache (`-ctk f32 -ctv f32`), so only the weights' type differs from
 the fp32 reference; the f32 GGUF is the control (its KL must be ~0: same ids, same positions).
 """
@@ -15,6 +17,7 @@ import json
 import math
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +34,12 @@ STARTUP_TIMEOUT_S = 120.0
 REQUEST_TIMEOUT_S = 60.0
 
 
-def probs_body(ids: list[int], vocab: int) -> dict[str, Any]:
-    """One teacher-forced position: the distribution after `ids`, over all `vocab` tokens."""
+def probs_body(ids: list[int], vocab: int, slot: int = -1) -> dict[str, Any]:
+    """One teacher-forced position: the distribution after `ids`, over all `vocab` tokens, on
+    server slot `slot` (-1: any)."""
     return {
         "prompt": ids,
+        "id_slot": slot,
         "n_predict": 1,
         "n_probs": vocab,
         "temperature": 0.0,
@@ -88,17 +93,25 @@ def llama_log_probs(model_dir: Path, kind: str, prompts: list[list[int]], conts:
     try:
         server.start()
         server.wait_healthy(STARTUP_TIMEOUT_S)
-        rows: list[torch.Tensor] = []
-        with httpx.Client(timeout=REQUEST_TIMEOUT_S, trust_env=False) as client:
-            for p, c in zip(prompts, conts, strict=True):
-                per_prompt = []
-                for k in range(len(c)):
-                    resp = client.post(server.base_url + "/completion", json=probs_body(p + c[:k], vocab))
-                    if resp.status_code != 200:
-                        return f"llama-server answered {resp.status_code}: {resp.text[:200]}"
-                    per_prompt.append(row_from_response(resp.json(), vocab))
-                rows.append(torch.stack(per_prompt))
-        return torch.stack(rows)
+        rows: list[torch.Tensor | None] = [None] * len(prompts)
+
+        def one_slot(slot: int) -> None:
+            with httpx.Client(timeout=REQUEST_TIMEOUT_S, trust_env=False) as client:
+                for i in range(slot, len(prompts), llama.SLOTS):
+                    p, c = prompts[i], conts[i]
+                    per_prompt = []
+                    for k in range(len(c)):
+                        body = probs_body(p + c[:k], vocab, slot)
+                        resp = client.post(server.base_url + "/completion", json=body)
+                        if resp.status_code != 200:
+                            raise ValueError(f"llama-server answered {resp.status_code}: {resp.text[:200]}")
+                        per_prompt.append(row_from_response(resp.json(), vocab))
+                    rows[i] = torch.stack(per_prompt)
+
+        with ThreadPoolExecutor(max_workers=llama.SLOTS) as pool:
+            for future in [pool.submit(one_slot, s) for s in range(min(llama.SLOTS, len(prompts)))]:
+                future.result()
+        return torch.stack([r for r in rows if r is not None])
     except (ServerError, ValueError, httpx.HTTPError) as exc:
         return f"{type(exc).__name__}: {str(exc)[-300:]}"
     finally:

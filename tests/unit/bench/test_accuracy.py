@@ -38,7 +38,8 @@ def test_llama_distribution_covers_the_vocabulary() -> None:
 
     body = probs_body([1, 5, 9], 4)
     assert body["n_probs"] == 4 and body["n_predict"] == 1 and body["prompt"] == [1, 5, 9]
-    assert body["post_sampling_probs"] is False and body["cache_prompt"] is True
+    assert body["post_sampling_probs"] is False and body["cache_prompt"] is True and body["id_slot"] == -1
+    assert probs_body([1], 4, slot=3)["id_slot"] == 3
     top = [{"id": 2, "logprob": -0.1}, {"id": 0, "logprob": -2.5}, {"id": 3, "logprob": None}, {"id": 1, "logprob": -9}]
     row = row_from_response({"completion_probabilities": [{"id": 2, "top_logprobs": top}]}, 4)
     assert row.tolist() == pytest.approx([-2.5, -9.0, -0.1, FLOOR_LOGPROB])
