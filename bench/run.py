@@ -578,7 +578,8 @@ def main(argv: list[str] | None = None) -> int:
     ratios = compute_ratios(results, RSS_ALLOWANCE_BYTES)
     results["ratios"] = [r.to_json() for r in ratios]
     write_json(out, results, log)
-    print(render(results, ratios))
+    if not args.peers_only:  # its table and ratios would be all SKIP
+        print(render(results, ratios))
     print_peers(results, out, log)
     start_load, end_load = results["meta"]["loadavg_start"][0], results["meta"]["loadavg_end"][0]
     busy = " BUSY MACHINE: not a measurement" if max(start_load, end_load) > BUSY_LOAD else ""
