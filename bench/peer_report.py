@@ -25,7 +25,7 @@ def _missing(section: dict[str, Any], *keys: str) -> str:
 
 
 def peer_ratios(section: dict[str, Any], transformers_serve_tps: float | None = None) -> list[Ratio]:
-    """The targets of issue 13 (ratios of best rounds from this one run)."""
+    """The peer targets of issues 13 and 21 (ratios of best rounds from this one run)."""
 
     def b(key: str, phase: str, metric: str) -> float | None:
         return _best(section, key, phase, metric)
@@ -60,8 +60,43 @@ def peer_ratios(section: dict[str, Any], transformers_serve_tps: float | None = 
             "textgen@1 / llama.cpp f32 KV @1 (tok/s)",
             _div(b("textgen", "c1", tps), b("llama_f32", "c1", tps)),
             ">=",
+            0.9,
+            _missing(section, "llama_f32") or "moonshot >= 1.0",
+        ),
+        Ratio(
+            "textgen@1 / vLLM CPU fp32 @1 (tok/s)",
+            _div(b("textgen", "c1", tps), b("vllm", "c1", tps)),
+            ">=",
+            1.1,
+            _missing(section, "vllm"),
+        ),
+        Ratio(
+            "textgen int8-weight-only @1 / llama.cpp q8_0 @1 (tok/s)",
+            _div(b("textgen_int8", "c1", tps), b("llama_q8_0", "c1", tps)),
+            ">=",
             0.8,
-            "moonshot >= 1.0",
+            _missing(section, "textgen_int8", "llama_q8_0") or "moonshot >= 1.0",
+        ),
+        Ratio(
+            "textgen int4-weight-only @1 / llama.cpp q4_0 @1 (tok/s)",
+            _div(b("textgen_int4", "c1", tps), b("llama_q4_0", "c1", tps)),
+            ">=",
+            0.8,
+            _missing(section, "textgen_int4", "llama_q4_0"),
+        ),
+        Ratio(
+            "textgen@32 / vLLM CPU fp32 @32 (tok/s)",
+            _div(b("textgen", "c32", tps), b("vllm", "c32", tps)),
+            ">=",
+            1.1,
+            _missing(section, "vllm"),
+        ),
+        Ratio(
+            "textgen int8-weight-only @32 / llama.cpp q8_0 @32 (tok/s)",
+            _div(b("textgen_int8", "c32", tps), b("llama_q8_0", "c32", tps)),
+            ">=",
+            1.2,
+            _missing(section, "textgen_int8", "llama_q8_0"),
         ),
         Ratio(
             "TTFT p50 @1 textgen / llama.cpp f32 KV",

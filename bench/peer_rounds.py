@@ -1,5 +1,6 @@
 """The real peers, alternated in rounds on one model and workload: `textgen serve` (fp32; bf16;
-prefix cache off), llama.cpp's `llama-server` (its defaults: f16 KV cache; and f32 KV) and
+prefix cache off; int8 and int4 weight-only), llama.cpp's `llama-server` (f32 weights with its
+default f16 KV cache and with f32 KV; q8_0 and q4_0 weights), vLLM's CPU build (fp32) and
 CTranslate2 (in-process, in its own process). Part of `python -m bench.run`; the peers come from
 `make bench-peers` (bench/peers_build.py) and any that is missing is skipped with the reason.
 
@@ -23,13 +24,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from bench import llama
+from bench import llama, vllm
 from bench.clients import Job, Sender, closed_loop, make_client, ours_stream_sender
 from bench.peers_build import PeerPaths
 from bench.servers import RssSampler, Server, ServerError, free_port, venv_script
@@ -46,13 +47,15 @@ WARMUP = 32
 class Contender:
     key: str
     label: str
-    kind: str  # "textgen" | "llama" | "ct2"
+    kind: str  # "textgen" | "llama" | "vllm" | "ct2"
     phases: tuple[str, ...]
     env: tuple[tuple[str, str], ...] = ()  # textgen: extra TEXTGEN_* settings
     kv_f32: bool = False  # llama: -ctk f32 -ctv f32
+    gguf: str = "f32"  # llama: the weights' GGUF type (bench.peers_build.GGUF_TYPES)
 
 
 ALL_PHASES = ("c1", "c32", "prefix", "mixed")
+SPEED = ("c1", "c32")
 CONTENDERS = [
     Contender("textgen", "textgen serve fp32", "textgen", ALL_PHASES),
     Contender("textgen_bf16", "textgen serve bf16", "textgen", ("c32",), (("TEXTGEN_DTYPE", "bfloat16"),)),
@@ -63,8 +66,18 @@ CONTENDERS = [
         ("prefix",),
         (("TEXTGEN_PREFIX_CACHE", "false"),),
     ),
+    Contender(
+        "textgen_int8", "textgen serve int8-weight-only", "textgen", SPEED, (("TEXTGEN_QUANTIZE", "int8-weight-only"),)
+    ),
+    Contender(
+        "textgen_int4", "textgen serve int4-weight-only", "textgen", SPEED, (("TEXTGEN_QUANTIZE", "int4-weight-only"),)
+    ),
     Contender("llama_f16", "llama-server (defaults: f16 KV)", "llama", ALL_PHASES),
     Contender("llama_f32", "llama-server, f32 KV", "llama", ALL_PHASES, kv_f32=True),
+    # Quantized as llama.cpp users run them: its default f16 KV cache.
+    Contender("llama_q8_0", "llama-server q8_0", "llama", SPEED, gguf="q8_0"),
+    Contender("llama_q4_0", "llama-server q4_0", "llama", SPEED, gguf="q4_0"),
+    Contender("vllm", "vLLM CPU fp32", "vllm", ALL_PHASES),
     Contender("ct2", "CTranslate2 f32 (in-process)", "ct2", ALL_PHASES),
 ]
 
@@ -193,8 +206,13 @@ def availability(c: Contender, paths: PeerPaths) -> str | None:
     if c.kind == "llama":
         if not paths.llama_server.exists():
             return f"llama-server not built at {paths.llama_server}: {hint}"
-        if not paths.gguf.exists():
-            return f"no GGUF of the bench model at {paths.gguf}: {hint}"
+        gguf = paths.gguf_of(c.gguf)
+        if not gguf.exists():
+            return f"no {c.gguf} GGUF of the bench model at {gguf}: {hint}"
+        return None
+    if c.kind == "vllm":
+        if not paths.vllm_marker.exists():
+            return f"vLLM's CPU build not installed at {paths.vllm_venv}: {hint}"
         return None
     if c.kind == "ct2":
         if importlib.util.find_spec("ctranslate2") is None:
@@ -295,13 +313,15 @@ class Runner:
         env: dict[str, str],
         make_sender: Callable[[str, str], Sender],
         after: Callable[[str, str], None] | None = None,
+        startup_timeout: float | None = None,
     ) -> None:
         port = int(cmd[cmd.index("--port") + 1])
         server = Server(c.label, cmd, port, self.log_dir / f"{c.key}-r{round_index + 1}-{phases[0]}.log", env)
         self.results.setdefault(c.key, {})["command"] = " ".join(cmd)
         try:
             server.start()
-            server.wait_healthy(self.startup_timeout)
+            started = server.wait_healthy(startup_timeout or self.startup_timeout)
+            self.results[c.key].setdefault("startup_s", []).append(round(started, 1))
 
             async def body() -> None:
                 async with make_client(CLIENTS + 8, self.phase_timeout) as client:
@@ -349,7 +369,7 @@ class Runner:
             if not phases:
                 continue
             cmd = llama.server_cmd(
-                self.paths.llama_server, self.paths.gguf, free_port(), kv_f32=c.kv_f32, context=context
+                self.paths.llama_server, self.paths.gguf_of(c.gguf), free_port(), kv_f32=c.kv_f32, context=context
             )
 
             def sender(base_url: str, phase: str) -> Sender:
@@ -359,6 +379,23 @@ class Runner:
             after = self._greedy_llama if greedy else None
             self._run_server(c, round_index, phases, cmd, server_env(), sender, after)
             self.results[c.key][f"command_c{context}"] = " ".join(cmd)
+
+    def run_vllm(self, c: Contender, round_index: int) -> None:
+        from bench.run import server_env
+
+        cmd = vllm.server_cmd(self.paths.vllm_python, self.model_dir, free_port())
+        env = vllm.server_env(server_env(), self.paths.vllm_venv)
+        self.results.setdefault(c.key, {})["env"] = {
+            k: env[k] for k in ("LD_PRELOAD", "VLLM_CPU_OMP_THREADS_BIND") if k in env
+        }
+
+        def sender(base_url: str, phase: str) -> Sender:
+            return vllm.completion_sender(base_url, self.workload.ids)
+
+        after = self._greedy_vllm if round_index == 0 else None
+        # Its first start compiles the model: a longer wait than the other servers get.
+        timeout = max(self.startup_timeout, vllm.STARTUP_TIMEOUT_S)
+        self._run_server(c, round_index, list(c.phases), cmd, env, sender, after, timeout)
 
     # -- greedy outputs ------------------------------------------------------------------------
 
@@ -393,6 +430,19 @@ class Runner:
                 return list(await asyncio.gather(*(one(client, t) for t in self._greedy_prompts())))
 
         self.greedy["llama_f32"] = asyncio.run(body())
+
+    def _greedy_vllm(self, base_url: str, _: str) -> None:
+        async def one(client: httpx.AsyncClient, text: str) -> list[int]:
+            body = vllm.completion_body(self.workload.ids[text], self.workload.new_tokens, stream=False)
+            resp = await client.post(base_url + "/v1/completions", json=body)
+            resp.raise_for_status()
+            return vllm.response_token_ids(resp.json())
+
+        async def body() -> list[list[int]]:
+            async with make_client(CLIENTS + 8, self.phase_timeout) as client:
+                return list(await asyncio.gather(*(one(client, t) for t in self._greedy_prompts())))
+
+        self.greedy["vllm"] = asyncio.run(body())
 
     # -- CTranslate2 -----------------------------------------------------------------------------
 
@@ -463,12 +513,22 @@ def prefix_metrics(base_url: str) -> dict[str, float] | str:
     return found or "no textgen_prefix_cache_* metrics: this server has no prefix cache"
 
 
-def split_available(paths: PeerPaths, log: Log, only: set[str] | None = None) -> tuple[list[Contender], dict[str, str]]:
-    """The contenders that can run here (of `only`, when given), and why each other one cannot."""
+def split_available(
+    paths: PeerPaths, log: Log, only: set[str] | None = None, phases: set[str] | None = None
+) -> tuple[list[Contender], dict[str, str]]:
+    """The contenders that can run here (of `only`, when given; each with its phases among
+    `phases`, when given), and why each other one cannot."""
     live: list[Contender] = []
     skipped: dict[str, str] = {}
     for c in CONTENDERS:
-        reason = "not selected (--peers)" if only is not None and c.key not in only else availability(c, paths)
+        if phases is not None:
+            c = replace(c, phases=tuple(p for p in c.phases if p in phases))
+        if only is not None and c.key not in only:
+            reason: str | None = "not selected (--peers)"
+        elif not c.phases:
+            reason = "none of its phases selected (--peer-phases)"
+        else:
+            reason = availability(c, paths)
         if reason:
             log(f"peers: {c.label} skipped: {reason}")
             skipped[c.key] = reason
@@ -477,7 +537,7 @@ def split_available(paths: PeerPaths, log: Log, only: set[str] | None = None) ->
     return live, skipped
 
 
-NO_PEER = "no peer available (llama-server, CTranslate2): run `make bench-peers`"
+NO_PEER = "no peer available (llama-server, vLLM, CTranslate2): run `make bench-peers`"
 
 
 def run_rounds(
@@ -503,7 +563,13 @@ def run_rounds(
                 log(f"peers round {r + 1}/{rounds}: {c.label} ({', '.join(c.phases)})")
                 t = time.monotonic()
                 try:
-                    {"textgen": runner.run_textgen, "llama": runner.run_llama, "ct2": runner.run_ct2}[c.kind](c, r)
+                    run = {
+                        "textgen": runner.run_textgen,
+                        "llama": runner.run_llama,
+                        "vllm": runner.run_vllm,
+                        "ct2": runner.run_ct2,
+                    }[c.kind]
+                    run(c, r)
                 except Exception as exc:  # noqa: BLE001 - a failed contender is reported, the rest still run
                     log(f"peers: {c.label} round {r + 1} FAILED: {type(exc).__name__}: {exc}")
                     for phase in c.phases:
@@ -527,7 +593,7 @@ def summarize_section(section: dict[str, Any], live: list[Contender], runner: Ru
 def greedy_summary(greedy: dict[str, list[list[int]]]) -> dict[str, Any]:
     ref = greedy.get("textgen")
     out: dict[str, Any] = {}
-    for key in ("llama_f32", "ct2"):
+    for key in ("llama_f32", "vllm", "ct2"):
         other = greedy.get(key)
         if ref is None or other is None:
             out[key] = {"matched": None, "of": None, "note": "not measured"}
@@ -540,6 +606,13 @@ CHOICES = {
     "llama_flags": "-np 32 -c 8192 -t 2 -tb 2 -cb (c1, c32); -c 16384 for prefix and mixed (prompts exceed 256 per slot)",
     "llama_request": "POST /completion, prompt as token ids, temperature 0, ignore_eos, n_predict, stream, return_tokens",
     "llama_cache_prompt": "false, except the shared-prefix phase (true: llama.cpp's own prompt cache)",
+    "llama_quantized": "q8_0 from convert_hf_to_gguf.py --outtype q8_0, q4_0 from llama-quantize Q4_0 (output "
+    "matrix q6_K, its default); both with llama.cpp's default f16 KV cache, as its users run them",
+    "textgen_quantized": "TEXTGEN_QUANTIZE=int8-weight-only / int4-weight-only set alone, as a user would",
+    "vllm": "vllm-cpu 0.32 in its own venv: python -m vllm.entrypoints.openai.api_server --dtype float32 "
+    "--max-num-seqs 32 --max-model-len 1024 --kv-cache-memory-bytes 2560M, VLLM_CPU_OMP_THREADS_BIND=0-<cores-1>, "
+    "TCMalloc + libiomp5 preloaded; POST /v1/completions with token ids, temperature 0, ignore_eos, max_tokens, "
+    "stream (usage chunk for the count); its own prefix caching is on by default",
     "ct2": "in its own process; c1 = generate_tokens per prompt; 32 clients = static batches of 32 via generate_batch "
     "with a per-token callback (TTFT from the batch start); prefix phase uses static_prompt + cache_static_prompt",
     "best_round": "per metric: highest tok/s, lowest TTFT/ITL/latency/RSS over the rounds without failures",

