@@ -5,13 +5,21 @@ weights) or any GPT-2/Llama model directory.
     python -m bench.step [--model DIR] [--batch 1,32] [--steps 32] [--rounds 3] [--compile]
                          [--dtype float32|bfloat16] [--kv-dtype bfloat16]
                          [--quantize MODE[,MODE...]] [--paths compact,...] [--profile]
+                         [--threads N] [--cpu-time]
 
 Each round prefills `batch` prompts of 32 tokens, then times `steps` greedy decode steps including
 the sampler (`choose`), as the engine runs them. Prints ms/step, tok/s and the speed-up over the
 first path timed, best round. `--quantize` loads the model with TEXTGEN_QUANTIZE's
 quantized layers (further modes in its list add paths `compact-MODE`); with it or another dtype than fp32, the default fp32 compact forward runs too
 ("compact-fp32", batch-invariant), the reference for the mode. Ratios are against the first path
-timed (`--paths`, default all: transformers, compact, compact-not-invariant[, compact-fp32]).
+timed (`--paths`, default all: transformers, compact, compact-not-invariant, compact-onednn,
+compact-onednn-not-invariant[, compact-fp32]). The `compact-onednn` paths wrap the same weights with
+fp32 GEMMs on oneDNN instead of the invariant kernel (app/engine/models/invariant_gemm.py): padded to
+2 rows when batch-invariant (the path before that kernel), unpadded when not.
+
+`--cpu-time` times the main thread's CPU time instead of wall time: with `--threads 1` that is the
+whole step's compute, and it barely moves when other processes share the cores (wall time on a
+loaded 2-core machine swings 2x).
 """
 
 from __future__ import annotations
@@ -38,6 +46,9 @@ def _seqs(tokenizer: object, batch: int, vocab: int) -> list:
     return out
 
 
+_clock = time.perf_counter
+
+
 @torch.inference_mode()
 def time_steps(path: str, forward: object, batch_type: type, lm: object, batch: int, steps: int) -> float:
     """Seconds per decode step (sampler included) after a prefill and 2 warm-up steps."""
@@ -48,10 +59,10 @@ def time_steps(path: str, forward: object, batch_type: type, lm: object, batch: 
     b.set_next([c.token_id for c in choose(logits, b.seqs, b.sampling)])
     for _ in range(2):
         b.set_next([c.token_id for c in choose(b.decode(forward), b.seqs, b.sampling)])
-    start = time.perf_counter()
+    start = _clock()
     for _ in range(steps):
         b.set_next([c.token_id for c in choose(b.decode(forward), b.seqs, b.sampling)])
-    return (time.perf_counter() - start) / steps
+    return (_clock() - start) / steps
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,15 +81,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--paths", help="comma-separated paths to time, in this order (default: all)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
+    p.add_argument("--cpu-time", action="store_true", help="time the main thread's CPU time (use with --threads 1)")
     p.add_argument("--profile", action="store_true", help="print the top ops of the compact step")
     p.add_argument("--compile", action="store_true", help="also time the compiled step (TEXTGEN_COMPILE)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    global _clock
+    _clock = time.thread_time if args.cpu_time else time.perf_counter
     from app.engine.batch import Batch
     from app.engine.compact_batch import CompactBatch
     from app.engine.loader import load_model
-    from app.engine.models import compact_model
+    from app.engine.models import compact_model, invariant_gemm
     from app.engine.quantize import Quantize
 
     path = args.model or ensure_model(default_model_dir(0)).path
@@ -92,10 +106,18 @@ def main(argv: list[str] | None = None) -> int:
     fast = compact_model(lm.model)  # the same weights, without batch invariance
     assert fast is not None
     fast.kv_dtype, fast.batch_invariant = lm.compact.kv_dtype, False
+    invariant_gemm.use(False)  # the same weights, fp32 GEMMs on oneDNN
+    onednn, onednn_fast = compact_model(lm.model), compact_model(lm.model)
+    invariant_gemm.use(True)
+    assert onednn is not None and onednn_fast is not None
+    onednn.kv_dtype = onednn_fast.kv_dtype = lm.compact.kv_dtype
+    onednn.batch_invariant, onednn_fast.batch_invariant = lm.compact.batch_invariant, False
     paths = {
         "transformers": (lm.model, Batch),
         "compact": (lm.compact, CompactBatch),
         "compact-not-invariant": (fast, CompactBatch),
+        "compact-onednn": (onednn, CompactBatch),
+        "compact-onednn-not-invariant": (onednn_fast, CompactBatch),
     }
     if args.quantize != "none" or args.dtype != "float32" or args.kv_dtype not in ("auto", "float32"):
         plain = load_model(str(path), device="cpu", dtype="float32")

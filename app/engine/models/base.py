@@ -1,6 +1,8 @@
 """What a compact forward provides to the batch: embeddings, decoder layers, the LM head.
 
-Every GEMM goes through `linear`, which on CPU calls oneDNN's matmul (the primitive PyTorch's
+Every GEMM goes through `linear`. fp32 weights on an AVX-512 CPU run the invariant kernel
+(`invariant_gemm`, weights stored [in, out]): a row's bits are the same for every row count, so
+nothing is padded. Otherwise (bf16, no AVX-512, no compiler) `linear` calls oneDNN's matmul (the primitive PyTorch's
 inductor uses for frozen linears) rather than MKL's, for two measured reasons (torch 2.13, 2 cores,
 avx512; ../shared/notes and `python -m bench.step`):
 - batch invariance: oneDNN gives a row the same bits for every row count >= 2 (tested to 3000
@@ -16,6 +18,8 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from app.engine.models.invariant_gemm import InputMajorWeight, input_major
+from app.engine.models.invariant_gemm import enabled as invariant_gemm_enabled
 from app.engine.quantize import PackedWeight, is_dynamic_int8
 
 # attend(layer, q [N, heads, dim], k [N, kv_heads, dim], v [N, kv_heads, dim]) -> [N, heads * dim]
@@ -24,8 +28,9 @@ Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-# A GEMM's weight: a plain tensor [out, in] or one packed for a weight-only kernel (TEXTGEN_QUANTIZE).
-Weight = torch.Tensor | PackedWeight
+# A GEMM's weight: a plain tensor [out, in], one stored [in, out] for the invariant fp32 kernel, or
+# one packed for a weight-only kernel (TEXTGEN_QUANTIZE).
+Weight = torch.Tensor | InputMajorWeight | PackedWeight
 
 
 def onednn_linear(weight: Weight) -> bool:
@@ -48,8 +53,9 @@ def row_multiple(weight: Weight) -> int:
     rows differed in the last bit alone and batched; K <= 1024 never did; measured torch 2.13,
     issue 21), so both pad to 2 rows; the weight-only int8/int4 kernels (`PackedWeight`) and
     torchao's dynamic int8 (each row quantized on its own, int32 sums) give a row the same bits for
-    any row count; MKL (any other CPU case) needs 4 rows (measured: 1 row and 2-3 rows differ from >= 4)."""
-    if isinstance(weight, PackedWeight) or is_dynamic_int8(weight):
+    any row count, and so does the invariant fp32 kernel (`InputMajorWeight`); MKL (any other CPU
+    case) needs 4 rows (measured: 1 row and 2-3 rows differ from >= 4)."""
+    if isinstance(weight, PackedWeight | InputMajorWeight) or is_dynamic_int8(weight):
         return 1
     if onednn_linear(weight):
         return 2
@@ -60,6 +66,8 @@ def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, activatio
     """`activation(x @ weight.T + bias)`: x [N, in], weight [out, in] -> [N, out].
 
     activation: "none", "gelu_tanh", "gelu" (erf) or "silu", fused into the GEMM on oneDNN."""
+    if isinstance(weight, InputMajorWeight):
+        return ACTIVATIONS[activation](weight.matmul(x, bias))
     if isinstance(weight, PackedWeight):
         out = weight.matmul(x)
         return ACTIVATIONS[activation](out + bias if bias is not None else out)
@@ -202,16 +210,37 @@ def pad_rows(x: torch.Tensor, model: CompactModel) -> torch.Tensor:
 
 def head_weight(model: torch.nn.Module) -> Weight:
     """The LM head's weight [vocab, hidden] of an HF causal LM: packed when TEXTGEN_QUANTIZE replaced
-    the head (`QuantizedLinear`), else the parameter's tensor."""
+    the head (`QuantizedLinear`), else as `gemm_weight` gives it."""
     weight = model.get_output_embeddings().weight  # type: ignore[operator]
-    return weight if isinstance(weight, PackedWeight) else weight.detach()
+    return weight if isinstance(weight, PackedWeight) else gemm_weight(weight, stored_out_in=True)
 
 
-def as_linear_weight(conv1d_weight: torch.nn.Parameter) -> torch.Tensor:
+def gemm_weight(param: torch.Tensor, stored_out_in: bool) -> Weight:
+    """A plain (not quantized) linear weight as `linear` takes it, sharing the parameter's storage.
+
+    stored_out_in: the parameter is [out, in] (nn.Linear, an LM head), else [in, out] (GPT-2's
+    Conv1D). fp32 on CPU goes to the invariant kernel when it runs here (stored [in, out]); anything
+    else is an [out, in] contiguous tensor (for oneDNN). Either way the parameter may be re-pointed
+    at re-laid-out storage (same shape and values), so the transformers forward keeps working and
+    no second copy is kept. A tied embedding so re-laid out is read by a strided gather."""
+    if param.dtype == torch.float32 and param.device.type == "cpu" and invariant_gemm_enabled():
+        return input_major(param, stored_out_in)
+    if stored_out_in:
+        weight = param.detach()
+        if not weight.is_contiguous():  # an earlier wrap stored it [in, out]
+            weight = weight.contiguous()
+            param.data = weight
+        return weight
+    return as_linear_weight(param)
+
+
+def as_linear_weight(conv1d_weight: torch.Tensor) -> torch.Tensor:
     """An [out, in] contiguous tensor sharing storage with a GPT-2 `Conv1D` weight [in, out].
 
     The parameter is re-pointed at the transposed storage (a view with its old shape and values),
     so HF's forward still works and no second copy is kept."""
-    out_in = conv1d_weight.detach().t().contiguous()
-    conv1d_weight.data = out_in.t()
+    out_in = conv1d_weight.detach().t()
+    if not out_in.is_contiguous():
+        out_in = out_in.contiguous()
+        conv1d_weight.data = out_in.t()
     return out_in

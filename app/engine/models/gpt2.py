@@ -10,7 +10,7 @@ from app.engine.models.base import (
     LoraDeltas,
     Weight,
     adapted_linear,
-    as_linear_weight,
+    gemm_weight,
     head_weight,
     linear,
     row_multiple,
@@ -54,20 +54,18 @@ class GPT2Compact(CompactModel):
         self.kv_dtype = self.dtype
         self.device = self.wte.device
         # Per block: (weight, bias) of ln_1, c_attn, attn c_proj, ln_2, c_fc, mlp c_proj; the Conv1D
-        # weights ([in, out]) as [out, in], the layout `linear` takes, sharing the HF storage. Layers
-        # already turned into nn.Linear or QuantizedLinear (TEXTGEN_QUANTIZE) are [out, in] and maybe
-        # int8/int4: used as they are.
+        # weights ([in, out]) in the layout `linear` takes (`gemm_weight`), sharing the HF storage.
+        # Layers already turned into nn.Linear or QuantizedLinear (TEXTGEN_QUANTIZE) are [out, in]
+        # and maybe int8/int4.
 
-        def gemm_weight(name: str) -> Weight:
+        def layer_weight(name: str) -> Weight:
             module = model.get_submodule(name.removesuffix(".weight"))
             if isinstance(module, QuantizedLinear):
                 return module.weight
-            if isinstance(module, torch.nn.Linear):
-                return weight(name).detach()
-            return as_linear_weight(weight(name))
+            return gemm_weight(weight(name), stored_out_in=isinstance(module, torch.nn.Linear))
 
         def gemm(i: int, name: str) -> tuple[Weight, torch.Tensor]:
-            return gemm_weight(f"transformer.h.{i}.{name}.weight"), weight(f"transformer.h.{i}.{name}.bias")
+            return layer_weight(f"transformer.h.{i}.{name}.weight"), weight(f"transformer.h.{i}.{name}.bias")
 
         def norm(i: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
             return weight(f"transformer.h.{i}.{name}.weight"), weight(f"transformer.h.{i}.{name}.bias")

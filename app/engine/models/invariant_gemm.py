@@ -1,0 +1,126 @@
+"""The fp32 GEMM of the compact forward on CPU: a small AVX-512 kernel whose rows are bitwise the
+same for every row count, so fp32 batches need no padding (issue 21).
+
+Why a hand-written kernel (measured on the 2-core AMD EPYC Zen 4, torch 2.13, oneDNN 3.12, MKL
+2024.2; numbers and method in docs/performance.md, "fp32 GEMM kernel"): every library path tried
+gives a single row other bits than the same row in a batch, or reads the weights slower than the
+kernel that does:
+- oneDNN on plain [out, in] weights: 1 row runs an AVX2 dot-product kernel, 2+ rows the AVX-512
+  brgemm (up to 5e-5 apart), so today's path pads every GEMM to 2 rows;
+- oneDNN with the weight stored [in, out] or pre-packed (`mkldnn._reorder_linear_weight`): the same
+  kernel for every row count while K <= 1024 (K-slices of <= 1024 summed in a fixed order for the
+  3072-wide down-projection), but its 1-row path is no faster than the padded 2-row one;
+- MKL (plain or `_mkl_reorder_linear_weight`-packed) and zentorch 2.13's `zentorch_linear_unary`
+  (plain or pre-packed): 1 row (and for MKL 2-3 rows) differs from larger batches.
+The kernel (invariant_gemm.cpp) computes every output as bias followed by one FMA per input in input
+order, whatever the row count, so any two row counts agree bitwise; it reads an [in, out] weight,
+the layout GPT-2 stores, so no weight is copied.
+
+It is compiled on first use with torch's C++ extension builder (g++, cached per source under
+torch's extension directory; about 40 s of CPU once). Where it cannot be built (no compiler, no
+AVX-512) `kernel()` returns None and the compact forward keeps the oneDNN path with padding.
+"""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_suffix(".cpp")
+_state: dict[str, ModuleType | None] = {}
+_use = [True]
+
+
+def kernel() -> ModuleType | None:
+    """The compiled extension (built on first call, then cached), or None where it cannot run here."""
+    if "module" not in _state:
+        _state["module"] = _build()
+    return _state["module"]
+
+
+def _build() -> ModuleType | None:
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"):
+        log.info("fp32 GEMMs: oneDNN with 2-row padding (the invariant kernel needs AVX-512)")
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        module = load(
+            "textgen_invariant_gemm",
+            [str(_SOURCE)],
+            extra_cflags=["-O3", "-mavx512f", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as exc:  # noqa: BLE001 - any build failure means: keep the library path
+        log.warning("fp32 GEMMs: oneDNN with 2-row padding (the invariant kernel did not build: %s)", exc)
+        return None
+    return module
+
+
+def enabled() -> bool:
+    """Whether fp32 CPU weights wrapped from now on go to the kernel (it runs here and `use(False)`
+    was not called)."""
+    return _use[0] and kernel() is not None
+
+
+def use(flag: bool) -> None:
+    """Send fp32 weights wrapped from now on to the kernel (True, the default) or to oneDNN with
+    padding (False: the comparison path of `python -m bench.step`, and tests)."""
+    _use[0] = flag
+
+
+@dataclass(eq=False)
+class InputMajorWeight:
+    """An fp32 linear weight stored [in, out] contiguous (`data`), for the invariant kernel.
+
+    `shape` is [out, in], as for every other `Weight`."""
+
+    data: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.data.shape[1], self.data.shape[0]))
+
+    def dim(self) -> int:
+        return 2
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x [N, in] fp32 -> x @ weight.T + bias [N, out] fp32; each row's bits independent of N."""
+        if torch.compiler.is_compiling():
+            return invariant_linear_op(x, self.data, bias)
+        module = kernel()
+        assert module is not None
+        return module.kn_linear(x, self.data, bias)
+
+
+@torch.library.custom_op("textgen::invariant_linear", mutates_args=())
+def invariant_linear_op(x: torch.Tensor, weight_in_out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The kernel as an opaque op for torch.compile (TEXTGEN_COMPILE)."""
+    module = kernel()
+    assert module is not None
+    return module.kn_linear(x, weight_in_out, bias)
+
+
+@invariant_linear_op.register_fake
+def _(x: torch.Tensor, weight_in_out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((x.shape[0], weight_in_out.shape[1]))
+
+
+def input_major(param: torch.Tensor, stored_out_in: bool) -> InputMajorWeight:
+    """`param` as an `InputMajorWeight`, sharing its storage.
+
+    stored_out_in: the parameter's logical shape is [out, in] (nn.Linear, an LM head, a tied
+    embedding), else [in, out] (GPT-2's Conv1D). Where the storage is not [in, out] contiguous yet,
+    it is transposed once and the parameter re-pointed at the new storage (a view with its old shape
+    and values), so the transformers forward still works and no second copy is kept."""
+    logical = param.detach()
+    in_out = logical.t() if stored_out_in else logical
+    if not in_out.is_contiguous():
+        in_out = in_out.contiguous()
+        param.data = in_out.t() if stored_out_in else in_out
+    return InputMajorWeight(in_out)
