@@ -1,7 +1,7 @@
 """Errors in TGI's shape, `{"error": str, "error_type": str}`; /v1 routes use OpenAI's shape,
 /v1/messages Anthropic's (`{"type": "error", "error": {"type", "message"}}`), the Ollama routes
 (/api/*) Ollama's, `{"error": str}`, and vLLM-dialect `/tokenize` requests vLLM's
-(`{"object": "error", "message", "type", "param", "code"}`, see `mark_vllm`)."""
+(`{"error": {"message", "type", "param", "code"}}`, vLLM 0.32's `ErrorResponse`; see `mark_vllm`)."""
 
 import logging
 import math
@@ -113,10 +113,11 @@ def mark_vllm(request: Request) -> None:
 
 
 def vllm_body(status: int, err: APIError) -> dict[str, object]:
-    """vLLM's ErrorResponse: `type` is the status's name as an exception (`BadRequestError`,
-    `NotFoundError`, ...), `code` the HTTP status."""
+    """vLLM's ErrorResponse (vLLM 0.32, `entrypoints/serve/engine/protocol.py`: `{"error": ErrorInfo}`):
+    `type` is the status's name as an exception (`BadRequestError`, `NotFoundError`, ...), `code` the
+    HTTP status. (Older vLLM releases answered the same fields flat, with `"object": "error"`.)"""
     name = HTTPStatus(status).phrase.replace(" ", "").replace("-", "")
-    return {"object": "error", "message": err.message, "type": f"{name}Error", "param": err.param, "code": status}
+    return {"error": {"message": err.message, "type": f"{name}Error", "param": err.param, "code": status}}
 
 
 def is_ollama(request: Request) -> bool:
