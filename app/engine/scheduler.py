@@ -23,10 +23,11 @@ from app.engine import admission
 from app.engine import speculative as spec
 from app.engine.admission import RequestTooLargeError
 from app.engine.batch import Batch
-from app.engine.compact_batch import ATTENTION_CHUNK, CompactBatch
+from app.engine.compact_batch import CompactBatch
 from app.engine.embeddings import Embedder
 from app.engine.invariants import check_batch, check_keep
 from app.engine.kv_cache import KVAccount, SlabCache
+from app.engine.kv_pool import PAGE_SIZE, KVPool
 from app.engine.loader import LoadedModel
 from app.engine.lora import AdapterRegistry, UnknownAdapterError
 from app.engine.prefix_cache import PrefixCache
@@ -85,12 +86,21 @@ class Engine:
             max_batch_size, max_batch_tokens, max_prefill_tokens, layers, loaded.kv_column_multiple
         )
         self.kv = KVAccount(layers)
+        # The compact forward's KV cache: one pool of pages for every row and the prefix cache,
+        # its budget TEXTGEN_MAX_BATCH_TOKENS in pages (plus each row's partial last page), every
+        # page handed out charged to `kv`. The transformers forward keeps its slab cache (Batch).
+        self.pool: KVPool | None = None
+        if loaded.compact is not None:
+            c = loaded.compact
+            pages = -(-max_batch_tokens // PAGE_SIZE) + max_batch_size
+            self.pool = KVPool(c.layers, c.kv_heads, c.head_dim, c.kv_dtype, c.device, pages, self.kv)
         # Automatic prefix caching (compact forward only: the HF path's left-padded cache has no
-        # per-row prefix to reuse). Its blocks are charged to `kv` and hold only what the live
-        # requests' planned peak leaves of the budget (`_prefix_room`), so live requests win.
+        # per-row prefix to reuse): an index of full prompt pages in the pool. Pages no row
+        # references stay only within what the live requests' planned peak leaves of the budget
+        # (`_prefix_room`), and the pool evicts them when it runs short, so live requests win.
         self.prefix: PrefixCache | None = None
-        if loaded.compact is not None and prefix_cache_tokens > 0:
-            self.prefix = PrefixCache(prefix_cache_tokens, layers, self.kv, ATTENTION_CHUNK)
+        if self.pool is not None and prefix_cache_tokens > 0:
+            self.prefix = PrefixCache(self.pool, prefix_cache_tokens)
         self._prefix_room = 0
         # Exact speculative decoding (app/engine/speculative.py), where the forward can verify exactly.
         self.speculative: SpeculativeConfig | None = None
@@ -163,8 +173,13 @@ class Engine:
 
     @property
     def kv_cache_usage(self) -> float:
-        """KV-cache positions allocated now (spare capacity and in-flight prefills included)
-        divided by the budget, TEXTGEN_MAX_BATCH_TOKENS; 0 to 1. Prefix-cache blocks count as free."""
+        """The KV cache's share in use, 0 to 1: on the compact forward, pages referenced by rows
+        over the pool's budget in pages (prefix-cache pages no row references count as free); on
+        the transformers forward, positions allocated (spare capacity included) over
+        TEXTGEN_MAX_BATCH_TOKENS."""
+        if self.pool is not None and self.pool.max_pages:
+            evictable = self.prefix.tokens // PAGE_SIZE if self.prefix is not None else 0
+            return min(1.0, (self.pool.used_pages - evictable) / self.pool.max_pages)
         return min(1.0, self._live_allocated() / self.limits.max_batch_tokens)
 
     def _live_allocated(self) -> int:
@@ -403,10 +418,11 @@ class Engine:
         all_logits = any(s.request.prefill_details for s in seqs)
         batch: Batch | CompactBatch
         try:
-            if self.prefix is not None:
-                prefixes = self._cached_prefixes(seqs)
-                batch, logits, full = CompactBatch.prefill(self._forward, seqs, all_logits, self.kv, prefixes)  # type: ignore[arg-type]  # compact when prefix is set
-                self._store_prefixes(batch)
+            if self.pool is not None:
+                prefixes = self._cached_prefixes(seqs) if self.prefix is not None else None
+                batch, logits, full = CompactBatch.prefill(self._forward, seqs, all_logits, self.pool, prefixes)  # type: ignore[arg-type]  # compact when the pool is set
+                if self.prefix is not None:
+                    self._store_prefixes(batch)
             else:
                 batch, logits, full = self._batch_type.prefill(self._forward, seqs, all_logits, self.kv)  # type: ignore[arg-type]  # paired in __init__
         except torch.OutOfMemoryError as exc:
@@ -427,23 +443,24 @@ class Engine:
             self._release(joined)
         self._reserve(self._batch, self._batch.seqs)
 
-    def _cached_prefixes(self, seqs: list[Sequence]) -> list[list[torch.Tensor]]:
-        """Each newcomer's blocks from the prefix cache (its `cached_tokens` set), counted in the
+    def _cached_prefixes(self, seqs: list[Sequence]) -> list[list[int]]:
+        """Each newcomer's pages from the prefix cache (one reference each) (its `cached_tokens` set), counted in the
         hit/query metrics. A request that asked for every prompt token's logprob needs every
         position's logits, so it bypasses the cache (and is not counted); one that asked for them
         from `prefill_details_from` on may use the cache before that."""
         assert self.prefix is not None  # the caller checked
-        out: list[list[torch.Tensor]] = []
+        out: list[list[int]] = []
         for seq in seqs:
-            blocks = self._look_up(seq, touch=True)
+            pages = self._look_up(seq, touch=True)
             if not seq.request.prefill_details or seq.request.prefill_details_from:
                 self.metrics.prefix_cache(seq.prompt_len, seq.cached_tokens)
-            out.append(blocks)
+            out.append(pages)
         return out
 
-    def _look_up(self, seq: Sequence, touch: bool) -> list[torch.Tensor]:
+    def _look_up(self, seq: Sequence, touch: bool) -> list[int]:
         """Set `seq.cacheable_tokens` to what the prefix cache holds of its prompt. With `touch`
-        (at its prefill), return those blocks, now the most recently used, and set `cached_tokens`."""
+        (at its prefill), return those pages (one more reference each, for the row), now the most
+        recently used, and set `cached_tokens`."""
         assert self.prefix is not None  # the callers checked
         request = seq.request
         if seq.prefix_keys is None:
@@ -454,20 +471,16 @@ class Engine:
         if not touch:
             seq.cacheable_tokens = self.prefix.cached_tokens(seq.prefix_keys)
             return []
-        blocks = self.prefix.blocks(self.prefix.match(seq.prefix_keys))
-        seq.cached_tokens = seq.cacheable_tokens = len(blocks) * self.prefix.block_size
-        return blocks
+        pages = self.prefix.match(seq.prefix_keys)
+        seq.cached_tokens = seq.cacheable_tokens = len(pages) * self.prefix.block_size
+        return pages
 
     def _store_prefixes(self, batch: CompactBatch) -> None:
-        """Cache the full blocks of the prompts just prefilled, within the room the budget leaves."""
+        """Index the full prompt pages of the rows just prefilled (no copy); rows whose prompt
+        pages are indexed already (n > 1 choices, twins in one prefill) share those instead."""
         assert self.prefix is not None  # the caller checked
         for row, seq in enumerate(batch.seqs):
-            self.prefix.insert(
-                seq.request.prompt_ids,
-                lambda start, end, row=row: batch.prompt_kv(row, start, end),  # type: ignore[misc]  # bound per row
-                self._prefix_room,
-                _prefix_namespace(seq),
-            )
+            self.prefix.insert(seq.request.prompt_ids, batch.cache.tables[row], _prefix_namespace(seq))
 
     # The two places the scheduler touches the KV cache's memory, so another batch type adapts here.
     def _reserve(self, batch: Batch | CompactBatch, seqs: list[Sequence]) -> None:
@@ -479,8 +492,8 @@ class Engine:
         limits = self.limits
         room = limits.max_batch_tokens - max(limits.max_prefill_tokens, self.loaded.limits.max_input_tokens)
         rows = int(room / (columns * (1 + 1 / limits.layers))) if room > 0 else 0
-        batch.cache.columns = columns
-        if isinstance(batch.cache, SlabCache):  # only the slab cache caps its spare rows
+        if isinstance(batch.cache, SlabCache):  # pages need no reservation; only the slab is sized
+            batch.cache.columns = columns
             batch.cache.max_rows = min(limits.max_batch_size, rows) if rows > len(seqs) else None
 
     @staticmethod
