@@ -49,8 +49,6 @@ class PoolExhaustedError(torch.OutOfMemoryError):
 class Account(Protocol):
     """What the pool charges (`app.engine.kv_cache.KVAccount` satisfies it)."""
 
-    reallocations: int
-
     def charge(self, slots: int) -> None: ...
     def release(self, slots: int) -> None: ...
 
