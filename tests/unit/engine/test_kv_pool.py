@@ -83,6 +83,30 @@ def test_rollback_zeroes_positions() -> None:
     assert keys[0, :, :14].eq(1).all() and keys[0, :, 14:].eq(0).all() and values[0, :, 14:].eq(0).all()
 
 
+def attend_in_batch(
+    p: KVPool, rng: random.Random, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int, at: int
+) -> torch.Tensor:
+    """Row `at` (query q, keys k and values v [length, kv_heads, dim]) among `batch` random rows,
+    its pages wherever the pool puts them: its decode attention output [heads, dim]."""
+    length, kv_heads, heads = k.shape[0], k.shape[1], q.shape[0]
+    lengths = [rng.randint(1, 200) for _ in range(batch)]
+    lengths[at] = length
+    rows = PagedRows(p, [[] for _ in range(batch)], [0] * batch)
+    p.allocate(rng.randint(0, 5))  # the row's pages land elsewhere in the pool
+    rows.grow(lengths)
+    for r, n in enumerate(lengths):
+        keys = k if r == at else torch.randn(n, kv_heads, DIM)
+        values = v if r == at else torch.randn(n, kv_heads, DIM)
+        rows.write(0, rows.slots([r] * n, list(range(n))), keys, values)
+    width = chunk_width(max(lengths))
+    keys, values = rows.gather(0, rows.gather_index(list(range(batch)), width), batch, width)
+    queries = torch.randn(batch, heads, DIM)
+    queries[at] = q
+    out = decode_attention(queries, keys, values, torch.tensor(lengths), DIM**-0.5, width)[at]
+    rows.release()
+    return out
+
+
 @pytest.mark.parametrize(("heads", "kv_heads"), [(8, 8), (8, 2)])
 def test_paged_decode_attention_is_bitwise_the_row_alone_in_any_batch(heads: int, kv_heads: int) -> None:
     """A row's pages anywhere in the pool, beside any rows: decode attention over the gathered pages
@@ -94,28 +118,9 @@ def test_paged_decode_attention_is_bitwise_the_row_alone_in_any_batch(heads: int
         p = KVPool(1, kv_heads, DIM, torch.float32, torch.device("cpu"))
         length = rng.randint(1, 150)
         q, k, v = torch.randn(heads, DIM), torch.randn(length, kv_heads, DIM), torch.randn(length, kv_heads, DIM)
-
-        def attend(batch: int, at: int) -> torch.Tensor:
-            lengths = [rng.randint(1, 200) for _ in range(batch)]
-            lengths[at] = length
-            rows = PagedRows(p, [[] for _ in range(batch)], [0] * batch)
-            p.allocate(rng.randint(0, 5))  # the row's pages land elsewhere in the pool
-            rows.grow(lengths)
-            for r, n in enumerate(lengths):
-                keys = k if r == at else torch.randn(n, kv_heads, DIM)
-                values = v if r == at else torch.randn(n, kv_heads, DIM)
-                rows.write(0, rows.slots([r] * n, list(range(n))), keys, values)
-            width = chunk_width(max(lengths))
-            keys, values = rows.gather(0, rows.gather_index(list(range(batch)), width), batch, width)
-            queries = torch.randn(batch, heads, DIM)
-            queries[at] = q
-            out = decode_attention(queries, keys, values, torch.tensor(lengths), DIM**-0.5, width)[at]
-            rows.release()
-            return out
-
-        alone = attend(1, 0)
+        alone = attend_in_batch(p, rng, q, k, v, 1, 0)
         for _ in range(3):
             batch = rng.randint(2, 20)
-            assert torch.equal(attend(batch, rng.randrange(batch)), alone), (length, batch)
+            assert torch.equal(attend_in_batch(p, rng, q, k, v, batch, rng.randrange(batch)), alone), (length, batch)
             checked += 1
     assert checked == 36
