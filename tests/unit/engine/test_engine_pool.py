@@ -5,12 +5,21 @@ budget's pages."""
 
 import random
 import threading
+from pathlib import Path
+
+import pytest
 
 from app.engine.kv_pool import PAGE_SIZE
-from app.engine.loader import LoadedModel
+from app.engine.loader import LoadedModel, load_model
 from app.engine.scheduler import Engine
 from app.engine.types import Completion, Event, GenerationRequest, SamplingParams, StoppingParams
 from tests.unit.engine.test_engine_prefix import make_engine, outputs
+
+
+@pytest.fixture(scope="module")
+def lm(stories260k_dir: Path) -> LoadedModel:
+    """stories260k (Llama, grouped-query attention): its 512-token context holds a 500-token prompt."""
+    return load_model(str(stories260k_dir))
 
 
 def prompt(lm: LoadedModel, length: int, seed: int = 7) -> list[int]:
@@ -31,6 +40,7 @@ class Watched:
 
     def submit(self, key: int, ids: list[int], n: int) -> None:
         self.expected += 1
+        self.all_done.clear()
 
         def on_event(event: Event) -> None:
             pool = self.engine.pool
@@ -48,9 +58,9 @@ class Watched:
         assert self.all_done.wait(300), f"{len(self.done)} of {self.expected} done"
 
 
-def test_four_choices_of_a_500_token_prompt_hold_its_pages_once(tiny_lm: LoadedModel) -> None:
-    ids = prompt(tiny_lm, 500)
-    engine = make_engine(tiny_lm, 4096, max_batch_size=8)
+def test_four_choices_of_a_500_token_prompt_hold_its_pages_once(lm: LoadedModel) -> None:
+    ids = prompt(lm, 500)
+    engine = make_engine(lm, 4096, max_batch_size=8)
     pool = engine.pool
     assert pool is not None and pool.max_pages is not None
     try:
@@ -70,10 +80,10 @@ def test_four_choices_of_a_500_token_prompt_hold_its_pages_once(tiny_lm: LoadedM
     assert engine.kv_cache_usage == 0.0, "idle: the cached pages count as free"
 
 
-def test_a_hit_references_the_cached_pages_copies_no_kv_and_keeps_the_bits(tiny_lm: LoadedModel) -> None:
-    first, second = prompt(tiny_lm, 500), prompt(tiny_lm, 520)
-    second[:500] = first  # shares the first prompt's 31 full pages (496 tokens)
-    off = make_engine(tiny_lm, 0)
+def test_a_hit_references_the_cached_pages_copies_no_kv_and_keeps_the_bits(lm: LoadedModel) -> None:
+    first, second = prompt(lm, 300), prompt(lm, 320)
+    second[:300] = first  # shares the first prompt's 18 full pages (288 tokens)
+    off = make_engine(lm, 0)
     try:
         runs = Watched(off)
         runs.submit(0, second, 8)
@@ -81,7 +91,7 @@ def test_a_hit_references_the_cached_pages_copies_no_kv_and_keeps_the_bits(tiny_
         expected = runs.done[0]
     finally:
         off.stop()
-    engine = make_engine(tiny_lm, 4096)
+    engine = make_engine(lm, 4096)
     pool = engine.pool
     assert pool is not None
     try:
@@ -94,8 +104,8 @@ def test_a_hit_references_the_cached_pages_copies_no_kv_and_keeps_the_bits(tiny_
     finally:
         engine.stop()
     got = runs.done[1]
-    assert got.cached_tokens == 496
-    # Tokens 496..527 (the prompt's rest and 8 new ones): two pages of its own; the hit's 31 are shared.
-    assert pool.allocations - allocations == 2, "a hit allocates only the pages past the shared prefix"
+    assert got.cached_tokens == 288
+    # Tokens 288..327 (the prompt's rest and 8 new ones): three pages of its own; the hit's 18 are shared.
+    assert pool.allocations - allocations == 3, "a hit allocates only the pages past the shared prefix"
     assert pool.copies == copies == 0, "no K/V is copied, on a hit or anywhere else"
     assert outputs(got) == outputs(expected), "a hit gives the bits of a run without the cache"
