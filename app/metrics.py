@@ -20,7 +20,7 @@ _STEP = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
 class EngineLoad(Protocol):
-    """What the load gauges read (app.engine.scheduler.Engine)."""
+    """What the load gauges read (app.engine.engine.Engine)."""
 
     @property
     def running(self) -> int: ...

@@ -17,9 +17,9 @@ from app.demo_model import BuildProgress, DemoBuild, DemoBuildError, demo_model_
 from app.engine.admission import default_budget, model_layers
 from app.engine.constraints import GrammarCompiler
 from app.engine.embeddings import Embedder, from_causal_lm, load_sentence_transformer
+from app.engine.engine import Engine
 from app.engine.loader import LoadedModel, ModelLoadError, load_model
 from app.engine.lora import AdapterError, AdapterRegistry
-from app.engine.scheduler import Engine
 from app.engine.selftest import self_test
 from app.engine.speculative import SpeculativeConfig
 from app.metrics import Metrics

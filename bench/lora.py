@@ -112,8 +112,8 @@ def build_adapters(base: Path, root: Path, names: list[str]) -> None:
 
 def merged_greedy(base: Path, adapter: Path, prompts: list[list[int]], new: int) -> list[list[int]]:
     """Greedy ids of each prompt alone, on the base with `adapter` merged (as `--adapter` serves it)."""
+    from app.engine.engine import Engine
     from app.engine.loader import load_model
-    from app.engine.scheduler import Engine
     from app.engine.types import GenerationRequest, SamplingParams, StoppingParams
 
     lm = load_model(str(base), adapter=str(adapter))

@@ -74,9 +74,9 @@ def stages(model: str) -> None:
     from app.engine.admission import default_budget, model_layers
     from app.engine.constraints import GrammarCompiler
     from app.engine.embeddings import from_causal_lm
+    from app.engine.engine import Engine
     from app.engine.loader import load_model
     from app.engine.lora import AdapterRegistry
-    from app.engine.scheduler import Engine
     from app.engine.selftest import self_test
     from app.metrics import Metrics
 

@@ -101,7 +101,7 @@ def _on_thread(fn: Any, *args: Any) -> Any:
 def run_round(lm: Any, prompts: list[list[int]], new_tokens: int, speculative: Any, clients: int = 1) -> dict[str, Any]:
     """One engine, `prompts` in waves of `clients` submitted together (1: one after another); tok/s,
     outputs and the speculation counters."""
-    from app.engine.scheduler import Engine
+    from app.engine.engine import Engine
     from app.engine.types import Completion, Event, GenerationRequest, SamplingParams, StoppingParams
     from app.metrics import Metrics
 

@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from app.api.errors import APIError
-from app.engine.scheduler import Engine
+from app.engine.engine import Engine
 from app.service import Service
 
 

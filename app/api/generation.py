@@ -20,8 +20,8 @@ from app.api.errors import APIError, from_engine, validation
 from app.api.middleware import USAGE_KEY
 from app.api.schemas import refused_fields
 from app.engine.constraints import Grammar
+from app.engine.engine import Engine
 from app.engine.loader import Limits
-from app.engine.scheduler import Engine
 from app.engine.types import (
     Completion,
     EngineError,

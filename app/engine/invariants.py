@@ -1,4 +1,5 @@
-"""The batch and cache invariants, checked after every step when `Engine(check_invariants=True)`.
+"""The batch and cache invariants, checked after every step when `Engine(check_invariants=True)`
+(each runner's `check()` calls its batch's function).
 
 A violation raises AssertionError naming the rule; the tests run the engine this way so a
 scheduler or cache change that breaks one fails there, not as a silently wrong token.
@@ -16,10 +17,8 @@ def check_keep(keep: list[int], rows: int) -> None:
     assert all(a < b for a, b in zip(keep, keep[1:], strict=False)), f"keep {keep} is not strictly ascending"
 
 
-def check_batch(batch: Batch | CompactBatch) -> None:
-    if isinstance(batch, CompactBatch):
-        check_compact_batch(batch)
-        return
+def check_slab_batch(batch: Batch) -> None:
+    """The transformers forward's left-padded batch over a `SlabCache`."""
     rows = len(batch.seqs)
     assert batch.mask.shape[0] == rows, f"mask has {batch.mask.shape[0]} rows, the batch {rows}"
     assert batch.positions.shape == (rows,), f"positions {tuple(batch.positions.shape)} for {rows} rows"

@@ -1,25 +1,30 @@
-"""A short check at load that the engine's batch works for this model, before /health is 200.
+"""A short check at load that the runner that will serve this model works, before /health is 200.
 
-The batch assumes things about the model that transformers does not promise for every
-architecture: that it takes `position_ids`, a 2-D padding mask and `cache=`, that every layer
-attends to the whole cache, and that the cache layout is [batch, heads, length, dim]. A model that
-breaks one would otherwise fail on the first request, or worse, answer wrongly. So: prefill two
+It drives the serving runner (`runners.make_runner`: the compact forward's for GPT-2 and Llama, the
+transformers forward's otherwise) through its forward methods. The transformers runner's batch
+assumes things about the model that transformers does not promise for every architecture: that it
+takes `position_ids`, a 2-D padding mask and `cache=`, that every layer attends to the whole cache,
+and that the cache layout is [batch, heads, length, dim]; the compact runner runs textgen's own
+forward over the checkpoint's weights (quantized, compiled, in its KV dtype). A model that breaks
+one would otherwise fail on the first request, or worse, answer wrongly. So: prefill two
 prompts of different lengths together, decode a few steps, let one row leave and another join,
 decode again, and compare every row's logits with the same tokens run alone through
 `model.generate`. Tokens are fed by teacher forcing (each row is given the tokens `generate`
 chose), so a near-tie between two tokens cannot make a healthy model fail.
 """
 
-from typing import cast
+from typing import Any, cast
 
 import torch
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from app.engine.batch import Batch
 from app.engine.kv_cache import KVAccount
 from app.engine.loader import LoadedModel, ModelLoadError
+from app.engine.runner import BatchRunner, RunningBatch
+from app.engine.runners import make_runner
 from app.engine.sequence import Sequence
+from app.engine.step import Reservation
 from app.engine.types import GenerationRequest, SamplingParams, StoppingParams
 
 _STEPS = 4
@@ -60,8 +65,8 @@ def _tolerance(logits: torch.Tensor, exact: bool) -> float:
 
 
 def self_test(loaded: LoadedModel) -> None:
-    """Raise ModelLoadError naming the model type and what failed, unless the batch matches
-    `model.generate` for every row through prefill, decode, a row leaving and a row joining."""
+    """Raise ModelLoadError naming the model type and what failed, unless the serving runner's batch
+    matches `model.generate` for every row through prefill, decode, a row leaving and a row joining."""
     model, tokenizer = loaded.model, loaded.tokenizer
     model_type = getattr(model.config, "model_type", type(model).__name__)
     prompts = [tokenizer(p)["input_ids"][: max(1, loaded.limits.max_input_tokens - 2 * _STEPS - 2)] for p in _PROMPTS]
@@ -72,7 +77,7 @@ def self_test(loaded: LoadedModel) -> None:
     try:
         with torch.inference_mode():
             references = [_reference(model, p, 2 * _STEPS) for p in prompts]
-            account = KVAccount(1)
+            runner: BatchRunner[Any] = make_runner(loaded, KVAccount(1))
 
             def make(ids: list[int]) -> Sequence:
                 request = GenerationRequest(ids, SamplingParams(), StoppingParams(2 * _STEPS + 1), lambda e: None)
@@ -80,7 +85,7 @@ def self_test(loaded: LoadedModel) -> None:
 
             fed = [0, 0, 0]  # tokens of its reference each row has been given
 
-            def check(batch: Batch, owners: list[int], logits: torch.Tensor, what: str) -> None:
+            def check(batch: RunningBatch, owners: list[int], logits: torch.Tensor, what: str) -> None:
                 for row, owner in enumerate(owners):
                     expected = references[owner][1][fed[owner]]
                     diff = float((logits[row].float() - expected).abs().max())
@@ -91,27 +96,29 @@ def self_test(loaded: LoadedModel) -> None:
                     fed[owner] += 1
 
             step = "prefilling two prompts of different lengths together"
-            batch, logits, _ = Batch.prefill(model, [make(prompts[0]), make(prompts[1])], False, account)
-            batch.cache.columns = max(len(p) for p in prompts) + 2 * _STEPS + 2
+            seqs = [make(prompts[0]), make(prompts[1])]
+            batch, logits, _ = runner.prefill(seqs)
+            reservation = Reservation(4, 1 << 40, 0, 1)  # sized to the rows, no spare ones
+            runner.reserve(batch, seqs, reservation)
             owners = [0, 1]
             check(batch, owners, logits, "after prefill")
             step = "decoding"
             for _ in range(_STEPS):
-                check(batch, owners, batch.decode(model), "decoding")
+                check(batch, owners, runner.decode(batch), "decoding")
             step = "a row leaving the batch"
             batch.filter([1])
             owners = [1]
-            check(batch, owners, batch.decode(model), "after a row left")
+            check(batch, owners, runner.decode(batch), "after a row left")
             step = "a row joining the batch"
-            joining, logits, _ = Batch.prefill(model, [make(prompts[2])], False, account)
+            joining_seq = make(prompts[2])
+            joining, logits, _ = runner.prefill([joining_seq])
             check(joining, [2], logits, "prefilling the newcomer")
-            batch.cache.columns = max(batch.cache.columns or 0, len(prompts[2]) + 2 * _STEPS + 2)
-            batch.extend(joining)
-            joining.cache.release()
+            runner.reserve(batch, [seqs[1], joining_seq], reservation)
+            runner.join(batch, joining)
             owners = [1, 2]
             for _ in range(_STEPS - 1):
-                check(batch, owners, batch.decode(model), "decoding after a row joined")
-            batch.cache.release()
+                check(batch, owners, runner.decode(batch), "decoding after a row joined")
+            runner.free(batch)
     except _Mismatch as exc:
         raise ModelLoadError(
             f"the engine's self-test failed for this '{model_type}' model: {exc}. Its attention does not "

@@ -209,7 +209,7 @@ def offsets(drafts: Seq[Seq[int]]) -> list[int]:
 
 
 # emit(rows, logits [len(rows), vocab]) -> per row the token chosen and emitted, or None when the
-# row has left (finished or failed); the engine's one-token step (Engine._emit_tokens).
+# row has left (finished or failed); the runner's one-token step (BatchRunner._emit: sample, report to the scheduler).
 Emit = Callable[[list[int], torch.Tensor], list[int | None]]
 
 

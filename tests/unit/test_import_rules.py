@@ -63,11 +63,11 @@ def test_the_server_importing_finetune_fails(app_copy: Path) -> None:
 
 
 def test_a_type_checking_only_circle_fails(app_copy: Path) -> None:
-    # sequence <- scheduler already; an annotation-only import back closes a circle.
+    # sequence <- engine already; an annotation-only import back closes a circle.
     add_import(
         app_copy,
         "app.engine.sequence",
-        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from app.engine.scheduler import Engine  # noqa",
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from app.engine.engine import Engine  # noqa",
     )
     result = lint_imports(app_copy)
     assert result.returncode == 1

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from app.engine.compact_batch import CompactBatch
+from app.engine.engine import Engine
 from app.engine.loader import LoadedModel, ModelLoadError, load_model
 from app.engine.models import CompactModel
-from app.engine.scheduler import Engine
 from app.engine.sequence import Sequence
 from app.engine.types import Completion, Event, GenerationRequest, SamplingParams, StoppingParams
 

@@ -2,6 +2,7 @@
 (SentencePiece): the output fits the grammar although the model is nonsense, a constrained row
 does not change its batch neighbours (nor they it), and a grammar failure fails only its request."""
 
+import dataclasses
 import json
 import re
 import threading
@@ -12,8 +13,8 @@ import pytest
 import torch
 
 from app.engine.constraints import GrammarCompiler, GrammarError, GrammarSpec
+from app.engine.engine import Engine
 from app.engine.loader import LoadedModel, load_model
-from app.engine.scheduler import Engine
 from app.engine.types import Completion, Event, GenerationRequest, SamplingParams, StoppingParams
 from tests.unit.engine.test_engine import make_engine
 
@@ -58,9 +59,10 @@ def req(lm: LoadedModel, text: str, grammar=None, n: int = 60, **sampling) -> Ge
     return GenerationRequest(ids, SamplingParams(**sampling), StoppingParams(n), lambda e: None, grammar=grammar)
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_lm: LoadedModel):
-    e = make_engine(tiny_lm)
+@pytest.fixture(scope="module", params=["compact", "transformers"])
+def engine(request: pytest.FixtureRequest, tiny_lm: LoadedModel):
+    """The engine on each runner (the same tiny GPT-2 on its compact forward and on transformers')."""
+    e = make_engine(tiny_lm if request.param == "compact" else dataclasses.replace(tiny_lm, compact=None))
     yield e
     e.stop()
 

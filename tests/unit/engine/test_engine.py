@@ -12,8 +12,8 @@ import torch
 
 from app.engine.admission import RequestTooLargeError
 from app.engine.embeddings import from_causal_lm
+from app.engine.engine import Engine
 from app.engine.loader import LoadedModel
-from app.engine.scheduler import Engine
 from app.engine.types import Completion, Event, GenerationRequest, QueueFullError, SamplingParams, StoppingParams
 
 WORDS = (
@@ -89,11 +89,11 @@ def decode_steps(engine: Engine) -> float:
     return engine.metrics.engine_steps.labels("decode")._value.get()
 
 
-def test_long_run_with_rows_joining_and_leaving_matches_generate(tiny_lm: LoadedModel) -> None:
-    engine = make_engine(tiny_lm)
+def test_long_run_with_rows_joining_and_leaving_matches_generate(served_lm: LoadedModel) -> None:
+    engine = make_engine(served_lm)
     tracker = Tracker()
     lengths = [20 + (i * 37) % 71 for i in range(16)]  # 20..90 new tokens
-    prompts = [prompt_ids(tiny_lm, i) for i in range(16)]
+    prompts = [prompt_ids(served_lm, i) for i in range(16)]
     try:
         for i in range(3):
             engine.submit(tracker.request(i, prompts[i], lengths[i]))
@@ -117,18 +117,18 @@ def test_long_run_with_rows_joining_and_leaving_matches_generate(tiny_lm: Loaded
         engine.stop()
     for key, ids in enumerate(prompts):
         assert tracker.completions[key].finish_reason == "length"
-        assert tracker.tokens[key] == greedy_alone(tiny_lm, ids, lengths[key]), f"request {key} differs"
+        assert tracker.tokens[key] == greedy_alone(served_lm, ids, lengths[key]), f"request {key} differs"
 
 
 @pytest.mark.parametrize(
     ("budget", "max_prefill"),
     [(400, 4096), (700, 64)],  # exact rows only; and room for spare rows
 )
-def test_peak_kv_allocation_stays_within_budget(tiny_lm: LoadedModel, budget: int, max_prefill: int) -> None:
-    engine = make_engine(tiny_lm, max_batch_tokens=budget, max_batch_size=8, max_prefill_tokens=max_prefill)
+def test_peak_kv_allocation_stays_within_budget(served_lm: LoadedModel, budget: int, max_prefill: int) -> None:
+    engine = make_engine(served_lm, max_batch_tokens=budget, max_batch_size=8, max_prefill_tokens=max_prefill)
     tracker = Tracker()
     lengths = [5 + (i * 13) % 40 for i in range(20)]
-    prompts = [prompt_ids(tiny_lm, i) for i in range(20)]
+    prompts = [prompt_ids(served_lm, i) for i in range(20)]
     try:
         for i in range(20):
             engine.submit(tracker.request(i, prompts[i], lengths[i]))
@@ -140,32 +140,32 @@ def test_peak_kv_allocation_stays_within_budget(tiny_lm: LoadedModel, budget: in
     # pool hands pages out only as rows grow, so the allocation peaks well below that plan.
     assert engine.kv.peak > budget // 3, "the test should load the cache near its budget"
     for key, ids in enumerate(prompts):
-        assert tracker.tokens[key] == greedy_alone(tiny_lm, ids, lengths[key])
+        assert tracker.tokens[key] == greedy_alone(served_lm, ids, lengths[key])
 
 
-def test_a_request_larger_than_the_budget_is_refused_not_crashed(tiny_lm: LoadedModel) -> None:
-    engine = make_engine(tiny_lm, max_batch_tokens=50)
+def test_a_request_larger_than_the_budget_is_refused_not_crashed(served_lm: LoadedModel) -> None:
+    engine = make_engine(served_lm, max_batch_tokens=50)
     try:
         with pytest.raises(RequestTooLargeError, match="TEXTGEN_MAX_BATCH_TOKENS=50"):
-            engine.submit(Tracker().request(0, prompt_ids(tiny_lm, 3), 60))
+            engine.submit(Tracker().request(0, prompt_ids(served_lm, 3), 60))
         assert engine.alive
     finally:
         engine.stop()
 
 
-def test_max_queue_zero_means_no_waiting_room(tiny_lm: LoadedModel) -> None:
-    engine = make_engine(tiny_lm, max_queue=0, max_batch_size=1)
+def test_max_queue_zero_means_no_waiting_room(served_lm: LoadedModel) -> None:
+    engine = make_engine(served_lm, max_queue=0, max_batch_size=1)
     tracker = Tracker()
     release = threading.Event()
     try:
         # Idle: the request starts at once, so it needs no room in the queue.
-        engine.submit(tracker.request(0, prompt_ids(tiny_lm, 1), 40))
+        engine.submit(tracker.request(0, prompt_ids(served_lm, 1), 40))
         deadline = time.monotonic() + 10
         while engine.running == 0 and time.monotonic() < deadline:
             time.sleep(0.001)
         # Busy (one slot, taken): the next one would have to wait, and there is no room.
         with pytest.raises(QueueFullError):
-            engine.submit(tracker.request(1, prompt_ids(tiny_lm, 2), 4))
+            engine.submit(tracker.request(1, prompt_ids(served_lm, 2), 4))
         tracker.expected -= 1
         release.set()
         assert tracker.all_done.wait(30)
@@ -174,12 +174,12 @@ def test_max_queue_zero_means_no_waiting_room(tiny_lm: LoadedModel) -> None:
         engine.stop()
 
 
-def test_one_failing_request_leaves_the_batch_healthy(tiny_lm: LoadedModel) -> None:
-    engine = make_engine(tiny_lm)
+def test_one_failing_request_leaves_the_batch_healthy(served_lm: LoadedModel) -> None:
+    engine = make_engine(served_lm)
     tracker = Tracker()
-    prompts = [prompt_ids(tiny_lm, i) for i in range(3)]
+    prompts = [prompt_ids(served_lm, i) for i in range(3)]
     # top_logprobs above the vocabulary size makes this row's sampling raise (torch.topk).
-    bad = SamplingParams(top_logprobs=len(tiny_lm.tokenizer) + 10)
+    bad = SamplingParams(top_logprobs=len(served_lm.tokenizer) + 10)
     try:
         engine.submit(tracker.request(0, prompts[0], 30))
         engine.submit(tracker.request(1, prompts[1], 30, bad))
@@ -191,32 +191,32 @@ def test_one_failing_request_leaves_the_batch_healthy(tiny_lm: LoadedModel) -> N
         assert failed.error is not None and failed.error.startswith("sampling failed for this request")
         for key in (0, 2):
             assert tracker.completions[key].finish_reason == "length"
-            assert tracker.tokens[key] == greedy_alone(tiny_lm, prompts[key], 30)
+            assert tracker.tokens[key] == greedy_alone(served_lm, prompts[key], 30)
         # And the engine goes on serving.
         engine.submit(tracker.request(3, prompts[0], 5))
         tracker.all_done.clear()
         assert tracker.all_done.wait(30)
-        assert tracker.tokens[3] == greedy_alone(tiny_lm, prompts[0], 5)
+        assert tracker.tokens[3] == greedy_alone(served_lm, prompts[0], 5)
     finally:
         engine.stop()
 
 
-def test_a_tokenizer_failure_fails_only_its_request(tiny_lm: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_tokenizer_failure_fails_only_its_request(served_lm: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
     """The tokenizer raises on one id, present only at the start of one prompt that asks for its
     prompt tokens (decoded one by one at prefill); the rows beside it are untouched."""
-    prompts = [prompt_ids(tiny_lm, i) for i in (4, 5, 6)]
+    prompts = [prompt_ids(served_lm, i) for i in (4, 5, 6)]
     assert all(len(p) >= 8 for p in prompts)
     bad = max(max(p) for p in prompts) + 1  # an id no prompt holds and no context window sees
     prompts[1] = [bad, *prompts[1]]
-    real_decode = tiny_lm.tokenizer.decode
+    real_decode = served_lm.tokenizer.decode
 
     def decode(ids: object, *args: object, **kwargs: object) -> str:
         if bad in (ids if isinstance(ids, list) else [ids]):
             raise ValueError(f"cannot decode id {bad}")
         return real_decode(ids, *args, **kwargs)
 
-    monkeypatch.setattr(tiny_lm.tokenizer, "decode", decode)
-    engine = make_engine(tiny_lm)
+    monkeypatch.setattr(served_lm.tokenizer, "decode", decode)
+    engine = make_engine(served_lm)
     tracker = Tracker()
     try:
         requests = [tracker.request(i, prompts[i], 12) for i in range(3)]
@@ -234,7 +234,7 @@ def test_a_tokenizer_failure_fails_only_its_request(tiny_lm: LoadedModel, monkey
     assert "prompt's tokens could not be decoded" in failed.error
     for key in (0, 2):
         assert tracker.completions[key].finish_reason == "length"
-        assert tracker.tokens[key] == greedy_alone(tiny_lm, prompts[key], 12)
+        assert tracker.tokens[key] == greedy_alone(served_lm, prompts[key], 12)
 
 
 def test_out_of_memory_in_prefill_requeues_then_fails_only_that_request(

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from app.engine.embeddings import from_causal_lm
+from app.engine.engine import Engine
 from app.engine.loader import LoadedModel, load_model
-from app.engine.scheduler import Engine
 from app.engine.types import Completion, Event, GenerationRequest, SamplingParams, StoppingParams
 from tests.unit.engine.test_engine import greedy_alone
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from app.engine.engine import Engine
 from app.engine.loader import LoadedModel, load_model
 from app.engine.lora import (
     AdapterExistsError,
@@ -23,7 +24,6 @@ from app.engine.lora import (
     AdapterRegistry,
     UnknownAdapterError,
 )
-from app.engine.scheduler import Engine
 from app.engine.types import Completion, Event, GenerationRequest, SamplingParams, StoppingParams
 from tests.adapters import build_adapter, build_merged
 

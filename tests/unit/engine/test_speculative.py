@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from app.engine.constraints import Grammar, GrammarCompiler, GrammarSpec
+from app.engine.engine import Engine
 from app.engine.loader import LoadedModel, load_model
 from app.engine.lora import AdapterRegistry
-from app.engine.scheduler import Engine
 from app.engine.sequence import Sequence
 from app.engine.speculative import Drafter, SpeculativeConfig, propose
 from app.engine.types import Completion, Event, GenerationRequest, SamplingParams, StoppingParams

@@ -1,0 +1,29 @@
+"""Which runner serves a loaded model (the Engine and the load-time self-test use the same one)."""
+
+from app.engine.compact_runner import CompactRunner
+from app.engine.kv_cache import KVAccount
+from app.engine.loader import LoadedModel
+from app.engine.speculative import SpeculativeConfig
+from app.engine.transformers_runner import TransformersRunner
+
+
+def make_runner(
+    loaded: LoadedModel,
+    kv: KVAccount,
+    prefix_cache_tokens: int = 0,
+    speculative: SpeculativeConfig | None = None,
+    kv_pages: int | None = None,
+) -> CompactRunner | TransformersRunner:
+    """The compact forward's runner for GPT-2 and Llama (unless TEXTGEN_COMPACT_FORWARD=false),
+    the transformers forward's for every other causal LM. Its KV buffers are charged to `kv`;
+    `kv_pages` bounds the compact runner's KV pool (None: unbounded)."""
+    if loaded.compact is not None:
+        return CompactRunner(
+            loaded,
+            loaded.compact,
+            kv,
+            kv_pages=kv_pages,
+            prefix_cache_tokens=prefix_cache_tokens,
+            speculative=speculative,
+        )
+    return TransformersRunner(loaded, kv, speculative)
