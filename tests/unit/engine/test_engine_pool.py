@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from app.engine.engine import Engine
 from app.engine.kv_pool import PAGE_SIZE
 from app.engine.loader import LoadedModel, load_model
-from app.engine.engine import Engine
 from app.engine.types import Completion, Event, GenerationRequest, SamplingParams, StoppingParams
 from tests.unit.engine.test_engine_prefix import make_engine, outputs
 
