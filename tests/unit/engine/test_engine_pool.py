@@ -76,7 +76,8 @@ def test_four_choices_of_a_500_token_prompt_hold_its_pages_once(lm: LoadedModel)
     together = [(pages, usage) for rows, pages, usage in runs.seen if rows == 4]
     assert together, "the four choices ran together"
     assert max(pages for pages, _ in together) == full + 4, "the prompt's full pages are held once"
-    assert all(usage == (full + 4) / pool.max_pages for _, usage in together), "usage: pages in use / budget"
+    budget_pages = engine.limits.max_batch_tokens / PAGE_SIZE
+    assert all(usage == (full + 4) / budget_pages for _, usage in together), "usage: pages in use / budget pages"
     assert engine.kv_cache_usage == 0.0, "idle: the cached pages count as free"
 
 
