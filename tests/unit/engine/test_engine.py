@@ -109,8 +109,11 @@ def test_long_run_with_rows_joining_and_leaving_matches_generate(served_lm: Load
         assert tracker.all_done.wait(120), f"only {len(tracker.completions)} of 16 requests finished"
         assert engine.alive
         assert decode_steps(engine) > 200
-        assert engine.pool is not None and engine.pool.allocations > 0
-        assert engine.pool.copies == 0, "rows joined and left by page table: no K/V was copied"
+        if engine.pool is None:  # the transformers runner's slabs
+            assert engine.kv.reallocations > 0  # buffers were copied into new ones while rows decoded
+        else:
+            assert engine.pool.allocations > 0
+            assert engine.pool.copies == 0, "rows joined and left by page table: no K/V was copied"
         wait_idle(engine)
         assert engine.kv.allocated == 0  # every buffer is released once idle
     finally:
