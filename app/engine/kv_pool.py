@@ -90,6 +90,9 @@ class KVPool:
         self.allocations = 0
         self.copies = 0
         self.reallocations = 0
+        # Where `PagedRows.gather` puts one layer's keys and values: reused by every layer and step
+        # (a fresh tensor each time was mapped afresh by malloc: tens of MiB of page faults a step).
+        self._scratch = [torch.empty(0, dtype=dtype, device=device) for _ in range(2)]
 
     def _empty(self, capacity: int) -> torch.Tensor:
         t = torch.empty(
@@ -165,6 +168,13 @@ class KVPool:
         heapq.heappush(self._free, page)
         if self.account is not None:
             self.account.release(self.page_size * self.layers)
+
+    def scratch(self, which: int, numel: int) -> torch.Tensor:
+        """Flat buffer `which` (0: keys, 1: values) of at least `numel` elements, reused: what it
+        holds is valid only until the next call."""
+        if self._scratch[which].numel() < numel:
+            self._scratch[which] = torch.empty(numel + numel // 4, dtype=self.dtype, device=self.device)
+        return self._scratch[which][:numel]
 
     def _grow(self, capacity: int) -> None:
         """Larger tensors, one layer at a time; the pages ever handed out are copied (the rest was
@@ -247,15 +257,19 @@ class PagedRows:
 
     def gather(self, layer: int, index: torch.Tensor, rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer `layer`'s keys and values of `rows` rows (as `gather_index` named them), each
-        [rows, kv_heads, width, head_dim] and contiguous: new tensors. (Separate tensors, not one
-        [rows, 2, ...]: decode attention's GEMMs gave a row other bits alone than batched when keys
-        and values were interleaved views of one tensor; measured, torch 2.13 CPU.)"""
+        [rows, kv_heads, width, head_dim] and contiguous, in the pool's scratch buffers: valid until
+        the next gather. (Separate tensors, not one [rows, 2, ...]: decode attention's GEMMs gave a
+        row other bits alone than batched when keys and values were interleaved views of one
+        tensor; measured, torch 2.13 CPU.)"""
         pool = self.pool
         flat = pool.kv[layer].view(-1, pool.page_size * pool.head_dim)
         shape = (rows, pool.kv_heads, width, pool.head_dim)
-        keys = flat.index_select(0, index).view(shape)
-        values = flat.index_select(0, index + pool.kv_heads).view(shape)
-        return keys, values
+        numel = rows * pool.kv_heads * width * pool.head_dim
+        keys = pool.scratch(0, numel).view(-1, flat.shape[1])
+        values = pool.scratch(1, numel).view(-1, flat.shape[1])
+        torch.index_select(flat, 0, index, out=keys)
+        torch.index_select(flat, 0, index + pool.kv_heads, out=values)
+        return keys.view(shape), values.view(shape)
 
     def zero(self, row: int, start: int, end: int) -> None:
         """Zero row `row`'s positions [start, end) in every layer (speculative decoding's rollback;
