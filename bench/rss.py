@@ -7,7 +7,9 @@
    compiler's vocabulary;
 2. a real `textgen serve` (the peer benchmark's settings: CPU, fp32, GPT-2-124M shape, random
    weights): RSS when healthy, after a warm-up, the peak while 32 streaming clients run requests of
-   ~32 prompt tokens and 64 new tokens (greedy), and once they are done.
+   ~32 prompt tokens and 64 new tokens (greedy), and once they are done. `--system-tokens 300`
+   puts the same ~300-token system prompt before every prompt (the shared-prefix case the KV
+   pool's shared pages are for).
 
 `--server-env KEY=VAL` (repeatable) sets the server's environment for A/B runs, e.g.
 `--server-env MALLOC_ARENA_MAX=8`. Measured figures are in docs/performance.md, "Memory".
@@ -137,7 +139,7 @@ def run_stages(model: Path, env: dict[str, str], timeout_s: float) -> list[dict[
 
 
 def run_server(
-    model: Path, env: dict[str, str], requests: int, timeout_s: float, log_dir: Path
+    model: Path, env: dict[str, str], requests: int, timeout_s: float, log_dir: Path, system_tokens: int = 0
 ) -> list[dict[str, Any]]:
     exe = venv_script("textgen")
     if exe is None:
@@ -146,6 +148,9 @@ def run_server(
     cmd = [exe, "serve", "--model", str(model), "--host", "127.0.0.1", "--port", str(port)]
     server = Server("textgen serve", cmd, port, log_dir / "rss-server.log", env)
     prompts = [text for text, _ in make_prompts(model, CLIENTS * 2, PROMPT_TOKENS)]
+    if system_tokens:  # a window the client prompts (32-token windows) do not start with
+        system = make_prompts(model, CLIENTS * 2 + 1, system_tokens)[-1][0]
+        prompts = [f"{system}\n{text}" for text in prompts]
     rows: list[dict[str, Any]] = []
     server.start()
     try:
@@ -172,7 +177,8 @@ def run_server(
                 return rss.peak_bytes, sum(r.generated_tokens for r in res.records)
 
         peak, tokens = asyncio.run(load())
-        rows.append({"stage": f"{CLIENTS} clients x {requests} requests ({tokens} tokens)", **memory(pid)})
+        shared = f", {system_tokens}-token system prompt" if system_tokens else ""
+        rows.append({"stage": f"{CLIENTS} clients x {requests} requests ({tokens} tokens{shared})", **memory(pid)})
         rows[-1]["peak"] = peak // MIB
         time.sleep(1.0)
         rows.append({"stage": "idle after the load", **memory(pid)})
@@ -196,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", type=Path, help="model directory (default: the benchmark model, built if missing)")
     p.add_argument("--requests", type=int, default=64, help="requests in the loaded phase (default 64)")
     p.add_argument("--server-env", action="append", default=[], metavar="KEY=VAL", help="server environment")
+    p.add_argument("--system-tokens", type=int, default=0, help="a shared system prompt of this many tokens")
     p.add_argument("--skip-stages", action="store_true", help="measure the server only")
     p.add_argument("--timeout", type=float, default=300.0, help="bound on each phase, seconds (default 300)")
     args = p.parse_args(argv)
@@ -212,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--server-env wants KEY=VAL, got {pair!r}")
         env[key] = value
     rows = [] if args.skip_stages else run_stages(model, env, args.timeout)
-    rows += run_server(model, env, args.requests, args.timeout, Path("/tmp/textgen-bench"))
+    rows += run_server(model, env, args.requests, args.timeout, Path("/tmp/textgen-bench"), args.system_tokens)
     print(render(rows))
     print("peak: the most RSS sampled every 20-50 ms (server, children included), else the high-water mark")
     return 0

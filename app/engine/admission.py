@@ -65,7 +65,7 @@ class Limits:
     max_batch_tokens: int  # KV budget, cached token positions (see the module docstring)
     max_prefill_tokens: int  # newcomers x longest newcomer prefill_len, per step
     layers: int = 1  # decoder layers: the old cache is copied one layer at a time
-    column_multiple: int = 1  # the KV cache allocates widths in multiples of this (RowCache: CHUNK)
+    column_multiple: int = 1  # the KV cache allocates widths in multiples of this (the KV pool: its page size)
 
 
 @dataclass

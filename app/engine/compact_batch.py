@@ -1,9 +1,10 @@
-"""The running batch of a compact forward: packed tokens, a `RowCache`, per-sequence attention.
+"""The running batch of a compact forward: packed tokens, rows of the paged KV pool, per-sequence attention.
 
 Batch invariance by construction (a request's ids and logprobs are bitwise the same alone or in
 any batch, on CPU):
 - no padding inside a sequence: prompts are packed one after another ([N, hidden], N = real
-  tokens), and each row's attention reads exactly its own cached tokens (a view of `RowCache`);
+  tokens), and each row's attention reads exactly its own cached tokens (its pages of the
+  `KVPool`, gathered into the layout attention reads: app/engine/kv_pool.py);
 - every GEMM sees a row count that is a multiple of the model's `row_multiple` (zero rows are
   appended): oneDNN's kernels then give a row the same bits whatever the other rows are, while a
   single fp32 row (and bf16 row, for inputs 1536+ wide) takes another kernel (measured; see
@@ -12,7 +13,8 @@ any batch, on CPU):
   into one SDPA call do NOT give the bits of the call alone: measured, torch 2.13 CPU.) A prompt's
   queries go in chunks of ATTENTION_CHUNK positions, one call each over exactly the keys up to
   the chunk's end (`_chunked_attention`), so a prompt whose first chunks come from the prefix cache
-  (app/engine/prefix_cache.py) computes its other chunks with the same bits as without the cache,
+  (app/engine/prefix_cache.py, pages shared by reference) computes its other chunks with the same
+  bits as without the cache,
   and the cached chunks' K/V do not depend on the length of the prompt that stored them. (One
   causal call over the whole prompt differed in the last bits from a call over its suffix in 16 of
   80 prompts; chunks over all the prompt's keys gave K/V that depended on the prompt's length
@@ -30,20 +32,20 @@ import torch
 import torch.nn.functional as F
 
 from app.engine.attention import chunk_width, decode_attention
+from app.engine.kv_pool import KVPool, PagedRows, page_width
 from app.engine.lora import LoraRows
 from app.engine.models.base import CompactModel, pad_rows, padded_rows
-from app.engine.row_cache import Account, RowCache
 from app.engine.sampling import SamplingState
 from app.engine.sequence import Sequence
 from app.engine.types import AdapterRef
 
 # Prefill attention runs in query chunks of this many positions when batch invariant, and the
-# prefix cache stores blocks of this size: a cached prefix always ends on a chunk boundary.
+# prefix cache shares pages of this size: a cached prefix always ends on a chunk boundary.
 ATTENTION_CHUNK = 16
 
 
 class CompactBatch:
-    def __init__(self, seqs: list[Sequence], cache: RowCache) -> None:
+    def __init__(self, seqs: list[Sequence], cache: PagedRows) -> None:
         self.seqs = seqs
         self.cache = cache
         self.next_ids = torch.zeros(len(seqs), dtype=torch.long, device=cache.device)
@@ -63,39 +65,25 @@ class CompactBatch:
         model: CompactModel,
         seqs: list[Sequence],
         all_logits: bool,
-        account: Account | None = None,
-        prefixes: Seq[list[torch.Tensor]] | None = None,
+        pool: KVPool | None = None,
+        prefixes: Seq[list[int]] | None = None,
     ) -> tuple["CompactBatch", torch.Tensor, torch.Tensor | None]:
-        """Run the prompts of `seqs` (packed). Returns the batch, the last position's logits
-        [batch, vocab], and the logits of every position run [batch, longest prompt, vocab]
-        (left-padded, as `Batch` gives them) when `all_logits`.
+        """Run the prompts of `seqs` (packed) into pages of `pool` (None: a pool of their own, for
+        standalone use). Returns the batch, the last position's logits [batch, vocab], and the
+        logits of every position run [batch, longest prompt, vocab] (left-padded, as `Batch` gives
+        them) when `all_logits`.
 
-        `prefixes[r]`, when given, is row r's blocks from the prefix cache: the K/V of its first
-        c prompt tokens (c < its prompt length) in blocks [layers, 2, kv_heads, block, head_dim].
-        Those tokens are copied into the cache instead of being run (their logits, if asked for,
-        are zeros)."""
-        blocks = list(prefixes) if prefixes is not None else [[] for _ in seqs]
-        starts = [sum(b.shape[3] for b in row) for row in blocks]
+        `prefixes[r]`, when given, is row r's pages from the prefix cache (one reference each,
+        which the batch takes over): the K/V of its first c prompt tokens (c < its prompt length,
+        a whole number of pages). Those tokens are not run (their logits, if asked for, are zeros)
+        and nothing is copied: the row's page table starts with those pages."""
+        if pool is None:
+            pool = KVPool(model.layers, model.kv_heads, model.head_dim, model.kv_dtype, model.device)
+        tables = [list(p) for p in prefixes] if prefixes is not None else [[] for _ in seqs]
+        starts = [len(t) * pool.page_size for t in tables]
+        cache = PagedRows(pool, tables, list(starts))  # owns the prefix pages from here on
         counts = [s.prompt_len - c for s, c in zip(seqs, starts, strict=True)]
         longest = max(s.prompt_len for s in seqs)
-        cache = RowCache(
-            model.layers,
-            model.kv_heads,
-            model.head_dim,
-            model.kv_dtype,
-            model.device,
-            account,
-            columns=longest if account is not None else None,
-        )
-        cache.reserve(len(seqs), longest)
-        for row, row_blocks in enumerate(blocks):
-            column = 0
-            for block in row_blocks:  # block by block: no uncounted copy of the whole prefix
-                width = block.shape[3]
-                for layer, kv in enumerate(cache.kv):
-                    kv[:, row, :, column : column + width] = block[layer]
-                column += width
-        cache.lengths = starts
         ids = [t for s, c in zip(seqs, starts, strict=True) for t in s.request.prompt_ids[c:]]
         positions = [p for s, c in zip(seqs, starts, strict=True) for p in range(c, s.prompt_len)]
         hidden = _forward(model, cache, ids, positions, counts, [s.adapter for s in seqs], prompt=True)
@@ -111,11 +99,6 @@ class CompactBatch:
                 start += count
         return cls(list(seqs), cache), logits, full
 
-    def prompt_kv(self, row: int, start: int, end: int) -> torch.Tensor:
-        """The K/V of row `row`'s tokens [start, end): [layers, 2, kv_heads, end - start, head_dim]
-        (a new tensor)."""
-        return torch.stack([kv[:, row, :, start:end] for kv in self.cache.kv])
-
     def decode(self, model: CompactModel) -> torch.Tensor:
         """One step for every row: feed `next_ids`, return next-token logits [batch, vocab].
 
@@ -124,11 +107,11 @@ class CompactBatch:
         lengths = self.cache.lengths
         real = len(self)
         after = [length + 1 for length in lengths]
-        self.cache.reserve(real, max(after))
         adapters = [s.adapter for s in self.seqs]
         if not model.batch_invariant and model.compiled is None:
             hidden = _forward(model, self.cache, self.next_ids, lengths, [1] * real, adapters)
             return _head(model, hidden)[:real]
+        self.cache.grow(after)
         lora = LoraRows.build(model, adapters, [1] * real)
         device = self.cache.device
         n = padded_rows(real, model)
@@ -141,7 +124,7 @@ class CompactBatch:
         positions = torch.zeros(n, dtype=torch.long, device=device)
         positions[:real] = torch.tensor(lengths, device=device)
         step = model.compiled if model.compiled is not None and lora is None else decode_logits
-        with decode_context(self.cache.kv, torch.tensor(after, device=device), chunk_width(max(after))):
+        with decode_context(self.cache, after):
             logits = step(model, ids, positions, lora)
         self.cache.lengths = after
         return logits[:real]
@@ -172,13 +155,15 @@ def _head(model: CompactModel, hidden: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class DecodeContext:
-    """What a decode step's attention reads besides the layer's q/k/v: each layer's whole cache
-    [2, rows, kv_heads, columns, head_dim] (`RowCache.kv`), the real rows' lengths after this token
-    [real] and the key columns attention reads (`chunk_width` of the longest). Held outside the
-    traced function, as vLLM's forward context holds its KV caches, so the compiled graph's inputs
-    are the step's tokens alone."""
+    """What a decode step's attention reads besides the layer's q/k/v: the rows' pages, where each
+    real row writes its new token (`PagedRows.slots`), the index that gathers their pages
+    (`PagedRows.gather_index`), the real rows' lengths after this token [real] and the key columns
+    attention reads (`chunk_width` of the longest). Held outside the traced function, as vLLM's
+    forward context holds its KV caches, so the compiled graph's inputs are the step's tokens alone."""
 
-    kv: list[torch.Tensor]
+    cache: PagedRows
+    slots: tuple[torch.Tensor, torch.Tensor]
+    index: torch.Tensor
     lengths: torch.Tensor
     width: int
 
@@ -187,8 +172,15 @@ _context: list[DecodeContext] = []  # the step running now (the engine thread ru
 
 
 @contextmanager
-def decode_context(kv: list[torch.Tensor], lengths: torch.Tensor, width: int) -> Iterator[None]:
-    _context.append(DecodeContext(kv, lengths, width))
+def decode_context(cache: PagedRows, after: list[int]) -> Iterator[None]:
+    """A decode step of every row of `cache`, whose lengths become `after` (pages for them exist:
+    `PagedRows.grow`): row r writes its token at position after[r] - 1."""
+    real = len(after)
+    width = chunk_width(max(after))
+    rows = list(range(real))
+    slots = cache.slots(rows, [a - 1 for a in after])
+    index = cache.gather_index(rows, width)
+    _context.append(DecodeContext(cache, slots, index, torch.tensor(after, device=cache.device), width))
     try:
         yield
     finally:
@@ -217,14 +209,11 @@ def _decode_attend(
     """Write the real rows' new keys/values into layer `layer`'s cache and attend: q [n, heads,
     dim], k, v [n, kv_heads, dim], positions [n] -> [n, heads * dim] (padding rows: zeros)."""
     step = _context[-1]
-    cache = step.kv[layer]
     n, heads, dim = q.shape
     real = step.lengths.shape[0]
-    rows = torch.arange(real, device=q.device)
-    columns = positions[:real]
-    cache[0, rows, :, columns] = k[:real].to(cache.dtype)
-    cache[1, rows, :, columns] = v[:real].to(cache.dtype)
-    o = decode_attention(q[:real], cache[0, :real], cache[1, :real], step.lengths, dim**-0.5, step.width)
+    step.cache.write(layer, step.slots, k[:real], v[:real])
+    keys, values = step.cache.gather(layer, step.index, real, step.width)
+    o = decode_attention(q[:real], keys, values, step.lengths, dim**-0.5, step.width)
     out = o.new_zeros((n, heads * dim))
     out[:real] = o.reshape(real, heads * dim)
     return out
@@ -242,7 +231,7 @@ def _(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: 
 
 def _forward(
     model: CompactModel,
-    cache: RowCache,
+    cache: PagedRows,
     ids: torch.Tensor | list[int],
     positions: list[int],
     counts: list[int],
@@ -263,41 +252,47 @@ def _forward(
     pos_tensor[:real] = torch.as_tensor(positions, device=device)
     before = cache.lengths
     after = [b + c for b, c in zip(before, counts, strict=True)]
-    rows = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(device)
-    columns = torch.tensor([b + j for b, c in zip(before, counts, strict=True) for j in range(c)], device=device)
+    cache.grow(after)
+    slots = cache.slots(
+        [r for r, c in enumerate(counts) for _ in range(c)],
+        [b + j for b, c in zip(before, counts, strict=True) for j in range(c)],
+    )
+    decode = not invariant and not prompt and real == len(counts)  # decode without the guarantee
+    width = page_width(max(after))
+    index = cache.gather_index(list(range(len(counts))), width) if decode else None
+    row_index = [] if decode else [cache.gather_index([r], page_width(a)) for r, a in enumerate(after)]
     offsets = [0]
     for c in counts:
         offsets.append(offsets[-1] + c)
     heads, dim = model.heads, model.head_dim
     valid = None
-    if not invariant and not prompt and real == len(counts):
-        valid = torch.arange(max(after), device=device)[None, :] < torch.tensor(after, device=device)[:, None]
+    if decode:
+        valid = torch.arange(width, device=device)[None, :] < torch.tensor(after, device=device)[:, None]
     gqa = model.kv_heads != heads
     chunked = prompt and invariant
     masks = [_chunk_masks(first, last, device) for first, last in zip(before, after, strict=True)] if chunked else []
 
     def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        keys, values = cache.keys(layer), cache.values(layer)
-        keys[rows, :, columns] = k[:real].to(keys.dtype)
-        values[rows, :, columns] = v[:real].to(values.dtype)
+        cache.write(layer, slots, k[:real], v[:real])
         # Batch-invariant decode steps run `decode_logits`; a prompt whose cached prefix leaves one
         # token per row has real == len(counts) too, but takes the prompt's chunked path below.
-        if not invariant and not prompt and real == len(counts):  # decode without the guarantee
-            assert valid is not None  # built above under the same condition
-            width = max(after)
+        if decode:
+            assert valid is not None and index is not None  # built above under the same condition
+            keys, values = cache.gather(layer, index, real, width)
             o = F.scaled_dot_product_attention(
                 q[:real, :, None],
-                keys[:real, :, :width].to(q.dtype),
-                values[:real, :, :width].to(q.dtype),
-                attn_mask=valid[:, None, None, :width],
+                keys.to(q.dtype),
+                values.to(q.dtype),
+                attn_mask=valid[:, None, None, :],
                 enable_gqa=gqa,
             )
             return o.reshape(real, heads * dim)
         out = q.new_zeros((n, heads * dim))
         for row, (first, last) in enumerate(zip(before, after, strict=True)):
             count, start = last - first, offsets[row]
-            kr = keys[row, :, :last].to(q.dtype)  # [kv_heads, last, dim]
-            vr = values[row, :, :last].to(q.dtype)
+            keys, values = cache.gather(layer, row_index[row], 1, page_width(last))
+            kr = keys[0, :, :last].to(q.dtype)  # [kv_heads, last, dim]
+            vr = values[0, :, :last].to(q.dtype)
             if chunked:
                 out[start : start + count] = _chunked_attention(q[start : start + count], kr, vr, masks[row], gqa)
                 continue

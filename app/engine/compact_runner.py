@@ -1,21 +1,22 @@
 """`CompactRunner`: GPT-2 and Llama on textgen's own forward (app/engine/models/).
 
-Rows live in a `CompactBatch` (app/engine/compact_batch.py) over a `RowCache` (each row's K/V from
-column 0). This runner also owns what only this forward can do exactly: automatic prefix caching
-(`prefix_cache.PrefixCache`, seen by the scheduler through `RowPrefixes`) and speculative decoding
+Rows live in a `CompactBatch` (app/engine/compact_batch.py) over the runner's `KVPool`
+(app/engine/kv_pool.py: 16-token pages, a page table per row, reference counts). This runner also
+owns what only this forward can do exactly: automatic prefix caching (`prefix_cache.PrefixCache`,
+an index of pool pages, seen by the scheduler through `RowPrefixes` as counts) and speculative decoding
 (app/engine/speculative.py: drafts verified in one batch-invariant step, tokens reported to the
 scheduler offset by offset).
 """
 
-import functools
 import logging
 
 import torch
 
 from app.engine import speculative as spec
-from app.engine.compact_batch import ATTENTION_CHUNK, CompactBatch
+from app.engine.compact_batch import CompactBatch
 from app.engine.invariants import check_compact_batch
 from app.engine.kv_cache import KVAccount
+from app.engine.kv_pool import KVPool
 from app.engine.models.base import CompactModel
 from app.engine.prefix_cache import PrefixCache
 from app.engine.runner import BatchRunner
@@ -28,7 +29,7 @@ log = logging.getLogger("textgen.engine")
 
 class RowPrefixes:
     """The scheduler's view of a `PrefixCache` (`scheduler.PrefixIndex`: counts only) and the
-    runner's (the blocks of a hit, the stores after a prefill). Keys are per block of a prompt's
+    runner's (the pages of a hit, the stores after a prefill). Keys are per block of a prompt's
     token ids, namespaced by the adapter's load (`_namespace`)."""
 
     def __init__(self, cache: PrefixCache) -> None:
@@ -36,6 +37,7 @@ class RowPrefixes:
 
     @property
     def held_tokens(self) -> int:
+        """Positions in cached pages no row references (evictable, so they count as free)."""
         return self.cache.tokens
 
     def _keys(self, seq: Sequence) -> list[bytes]:
@@ -53,21 +55,19 @@ class RowPrefixes:
     def evict_to(self, tokens: int) -> None:
         self.cache.evict_to(tokens)
 
-    def hit(self, seq: Sequence) -> list[torch.Tensor]:
-        """`seq`'s cached blocks, now the most recently used; sets its `cached_tokens`."""
-        blocks = self.cache.blocks(self.cache.match(self._keys(seq)))
-        seq.cached_tokens = seq.cacheable_tokens = len(blocks) * self.cache.block_size
-        return blocks
+    def hit(self, seq: Sequence) -> list[int]:
+        """`seq`'s cached pages (one more reference each, for its row), now the most recently
+        used; sets its `cached_tokens`."""
+        pages = self.cache.match(self._keys(seq))
+        seq.cached_tokens = seq.cacheable_tokens = len(pages) * self.cache.block_size
+        return pages
 
-    def store(self, batch: CompactBatch, room: int) -> None:
-        """Cache the full blocks of the prompts just prefilled, within `room` positions."""
+    def store(self, batch: CompactBatch) -> None:
+        """Index the full prompt pages of the rows just prefilled (no copy; it costs no room: the
+        rows hold them). A row whose prompt pages are indexed already (n > 1 choices, twins in one
+        prefill) shares those and frees its own."""
         for row, seq in enumerate(batch.seqs):
-            self.cache.insert(
-                seq.request.prompt_ids,
-                functools.partial(batch.prompt_kv, row),  # read(start, end): this row's K/V
-                room,
-                _namespace(seq),
-            )
+            self.cache.insert(seq.request.prompt_ids, batch.cache.tables[row], _namespace(seq))
 
 
 def _namespace(seq: Sequence) -> bytes:
@@ -81,17 +81,22 @@ class CompactRunner(BatchRunner[CompactBatch]):
         model: CompactModel,
         kv: KVAccount,
         *,
-        layers: int,
+        kv_pages: int | None = None,
         prefix_cache_tokens: int = 0,
         speculative: SpeculativeConfig | None = None,
     ) -> None:
         super().__init__(model.device, kv)
         self.model = model
+        # Every row, n > 1 choice and cached prefix lives in this pool; each page handed out is
+        # charged to `kv`. `kv_pages`: its budget in pages (None: unbounded, standalone use).
+        self._pool = KVPool(model.layers, model.kv_heads, model.head_dim, model.kv_dtype, model.device, kv_pages, kv)
+        self.pool = self._pool
         self.prefixes: RowPrefixes | None = None
         if prefix_cache_tokens > 0:
-            # Its blocks are charged to `kv` and hold only what the live requests' planned peak
-            # leaves of the budget (`StepPlan.prefix_room`), so live requests win.
-            self.prefix = PrefixCache(prefix_cache_tokens, layers, kv, ATTENTION_CHUNK)
+            # Pages no row references stay cached only within what the live requests' planned peak
+            # leaves of the budget (`StepPlan.prefix_room`, via `evict_to`), and the pool evicts
+            # them when it runs short, so live requests win.
+            self.prefix = PrefixCache(self._pool, prefix_cache_tokens)
             self.prefixes = self.prefix_index = RowPrefixes(self.prefix)
         self._drafter: spec.Drafter | None = None
         if speculative is not None:
@@ -106,15 +111,15 @@ class CompactRunner(BatchRunner[CompactBatch]):
         self, seqs: list[Sequence], all_logits: bool = False, prefix_room: int = 0
     ) -> tuple[CompactBatch, torch.Tensor, torch.Tensor | None]:
         if self.prefixes is None:
-            return CompactBatch.prefill(self.model, seqs, all_logits, self.kv)
+            return CompactBatch.prefill(self.model, seqs, all_logits, self._pool)
         prefixes = []
         for seq in seqs:
             prefixes.append(self.prefixes.hit(seq))
             # A request that asked for every prompt token's logprob bypasses the cache (not counted).
             if not seq.request.prefill_details or seq.request.prefill_details_from:
                 self._stats.prefix.append((seq.prompt_len, seq.cached_tokens))
-        out = CompactBatch.prefill(self.model, seqs, all_logits, self.kv, prefixes)
-        self.prefixes.store(out[0], prefix_room)
+        out = CompactBatch.prefill(self.model, seqs, all_logits, self._pool, prefixes)
+        self.prefixes.store(out[0])
         return out
 
     def decode(self, batch: CompactBatch) -> torch.Tensor:
@@ -164,7 +169,7 @@ class CompactRunner(BatchRunner[CompactBatch]):
         joined.cache.release()
 
     def reserve(self, batch: CompactBatch, seqs: list[Sequence], reservation: Reservation) -> None:
-        batch.cache.columns = reservation.columns(seqs)  # a RowCache keeps no spare rows beyond its need
+        """Nothing to size: rows take pages from the pool as they grow."""
 
     def free(self, batch: CompactBatch) -> None:
         batch.cache.release()

@@ -29,10 +29,9 @@ from typing import Any
 
 import torch
 
-from app.engine.attention import CHUNK
 from app.engine.compact_batch import decode_context, decode_logits
+from app.engine.kv_pool import KVPool, PagedRows
 from app.engine.models.base import CompactModel, LoraDeltas, padded_rows
-from app.engine.row_cache import RowCache
 
 log = logging.getLogger("textgen.engine")
 
@@ -67,8 +66,8 @@ class CompiledDecode:
         start = time.perf_counter()
         log.info("compiling the decode step (torch.compile %s, mode %s)...", self.backend, self.mode)
         with torch.inference_mode():  # as the engine runs: guards check for inference tensors
-            kv, ids, positions, lengths = _dummy_step(model, 1)
-            with decode_context(kv, lengths, CHUNK):
+            cache, ids, positions, after = _dummy_step(model, 1)
+            with decode_context(cache, after):
                 self(model, ids, positions)
         self.graphs.append("decode, any rows and KV width")
         self.warmup_s = time.perf_counter() - start
@@ -86,13 +85,14 @@ class CompiledDecode:
         }
 
 
-def _dummy_step(model: CompactModel, real: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A decode step's cache, ids, positions and lengths for `real` rows of 3 cached tokens (zeros),
-    padded to 2+ rows as `CompactBatch.decode` pads compiled steps."""
-    cache = RowCache(model.layers, model.kv_heads, model.head_dim, model.kv_dtype, model.device)
-    cache.reserve(real, 4)
+def _dummy_step(model: CompactModel, real: int) -> tuple[PagedRows, torch.Tensor, torch.Tensor, list[int]]:
+    """A decode step's cache, ids, positions and lengths after it for `real` rows of 3 cached
+    tokens (zeros), padded to 2+ rows as `CompactBatch.decode` pads compiled steps."""
+    pool = KVPool(model.layers, model.kv_heads, model.head_dim, model.kv_dtype, model.device)
+    cache = PagedRows(pool, [[] for _ in range(real)], [3] * real)
+    cache.grow([4] * real)
     n = max(padded_rows(real, model), 2)
     ids = torch.zeros(n, dtype=torch.long, device=model.device)
     positions = torch.zeros(n, dtype=torch.long, device=model.device)
     positions[:real] = 3
-    return cache.kv, ids, positions, torch.full((real,), 4, device=model.device)
+    return cache, ids, positions, [4] * real

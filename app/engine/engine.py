@@ -23,6 +23,7 @@ import torch
 from app.engine import admission
 from app.engine.embeddings import Embedder
 from app.engine.kv_cache import KVAccount
+from app.engine.kv_pool import PAGE_SIZE, KVPool
 from app.engine.loader import LoadedModel
 from app.engine.lora import AdapterRegistry, UnknownAdapterError
 from app.engine.prefix_cache import PrefixCache
@@ -80,7 +81,9 @@ class Engine:
             max_batch_size, max_batch_tokens, max_prefill_tokens, layers, loaded.kv_column_multiple
         )
         self.kv = KVAccount(layers)
-        self.runner: Runner = make_runner(loaded, self.kv, prefix_cache_tokens, speculative)
+        # The compact runner's KV pool: the budget in pages, plus each row's partial last page.
+        kv_pages = -(-max_batch_tokens // PAGE_SIZE) + max_batch_size
+        self.runner: Runner = make_runner(loaded, self.kv, prefix_cache_tokens, speculative, kv_pages)
         self._cond = threading.Condition()
         self.scheduler = Scheduler(
             self.limits,
@@ -112,6 +115,11 @@ class Engine:
     def prefix(self) -> PrefixCache | None:
         """The prefix cache (None: off, or the transformers forward)."""
         return self.runner.prefix
+
+    @property
+    def pool(self) -> KVPool | None:
+        """The KV pool of pages (None: the transformers forward, which keeps its slab cache)."""
+        return self.runner.pool
 
     @property
     def speculative(self) -> SpeculativeConfig | None:
@@ -155,7 +163,9 @@ class Engine:
     @property
     def kv_cache_usage(self) -> float:
         """KV-cache positions allocated now (spare capacity and in-flight prefills included)
-        divided by the budget, TEXTGEN_MAX_BATCH_TOKENS; 0 to 1. Prefix-cache blocks count as free."""
+        divided by the budget, TEXTGEN_MAX_BATCH_TOKENS; 0 to 1. Cached prefix pages no row
+        references count as free. On the compact forward this is the KV pool's pages in use
+        (shared pages once) over the budget's pages (TEXTGEN_MAX_BATCH_TOKENS / 16)."""
         return min(1.0, self.scheduler.live_allocated / self.limits.max_batch_tokens)
 
     def submit(self, request: GenerationRequest) -> None:

@@ -48,16 +48,19 @@ def check_slab_batch(batch: Batch) -> None:
 
 
 def check_compact_batch(batch: CompactBatch) -> None:
-    """The compact forward's per-row cache: no padding, so each row holds exactly its own tokens."""
+    """The compact forward's rows in the KV pool: no padding, so each row holds exactly its own
+    tokens, in pages it references."""
     check_sampling(batch)
     rows = len(batch.seqs)
     cache = batch.cache
+    pool = cache.pool
     assert cache.rows == rows, f"the cache has {cache.rows} rows, the batch {rows}"
+    assert len(cache.lengths) == rows, f"the cache has {len(cache.lengths)} lengths for {rows} rows"
     assert batch.next_ids.shape == (rows,), f"next_ids {tuple(batch.next_ids.shape)} for {rows} rows"
-    capacity_rows, capacity_columns = cache.capacity
-    assert capacity_rows >= rows, f"the KV buffers hold {capacity_rows} rows, the batch {rows}"
-    for row, (seq, length) in enumerate(zip(batch.seqs, cache.lengths, strict=True)):
+    for row, (seq, length, table) in enumerate(zip(batch.seqs, cache.lengths, cache.tables, strict=True)):
         # The newest token is in next_ids, not yet in the cache.
         expected = seq.prompt_len + len(seq.generated) - 1
         assert length == expected, f"row {row} caches {length} tokens, its sequence has {expected}"
-        assert length <= capacity_columns, f"row {row} caches {length} tokens in {capacity_columns} columns"
+        assert len(table) * pool.page_size >= length, f"row {row} caches {length} tokens in {len(table)} pages"
+        assert all(pool.refs[p] > 0 for p in table), f"row {row} references a freed page"
+        assert 0 not in table, f"row {row} references the zero page"

@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from app.engine.attention import CHUNK
+from app.engine.kv_pool import PAGE_SIZE
 from app.engine.mapped_pages import module_storages, page_out_stale
 from app.engine.models import CompactModel, compact_model
 from app.engine.quantize import Quantize, QuantizeUnavailable, quantize_model
@@ -42,9 +42,8 @@ class LoadedModel:
     @property
     def kv_column_multiple(self) -> int:
         """The KV cache allocates row widths in multiples of this (admission budgets them so): the
-        compact forward's RowCache in whole decode-attention chunks, the transformers forward's
-        cache exactly."""
-        return CHUNK if self.compact is not None else 1
+        compact forward's pool in whole pages, the transformers forward's cache exactly."""
+        return PAGE_SIZE if self.compact is not None else 1
 
     @property
     def forward_description(self) -> str:

@@ -1,7 +1,7 @@
 """Runners execute a `StepPlan`: one per forward, behind one protocol.
 
 - `CompactRunner` (app/engine/compact_runner.py): GPT-2 and Llama on textgen's own forward, a
-  `CompactBatch` over a `RowCache`, with the prefix cache and speculative decoding;
+  `CompactBatch` over a `KVPool` of pages, with the prefix cache and speculative decoding;
 - `TransformersRunner` (app/engine/transformers_runner.py): every other `AutoModelForCausalLM`, a
   `Batch` over a left-padded `SlabCache` (this fallback keeps its slab cache behind the protocol).
 
@@ -21,6 +21,7 @@ import torch
 
 from app.engine.invariants import check_keep
 from app.engine.kv_cache import KVAccount
+from app.engine.kv_pool import KVPool
 from app.engine.prefix_cache import PrefixCache
 from app.engine.sampling import SamplingState, choose
 from app.engine.scheduler import PrefixIndex
@@ -36,6 +37,7 @@ class Runner(Protocol):
     `KVUsage`); `prefix_index` what the scheduler sees of the prefix cache (None: no prefix cache)."""
 
     kv: KVAccount
+    pool: KVPool | None  # the compact runner's KV pool of pages; the transformers runner has none
     prefix: PrefixCache | None
     prefix_index: PrefixIndex | None
     speculative: SpeculativeConfig | None
@@ -83,6 +85,7 @@ class BatchRunner(Generic[B]):
         self.device = device
         self.kv = kv
         self.batch: B | None = None
+        self.pool: KVPool | None = None
         self.prefix: PrefixCache | None = None
         self.prefix_index: PrefixIndex | None = None
         self.speculative: SpeculativeConfig | None = None

@@ -8,15 +8,20 @@ from app.engine.transformers_runner import TransformersRunner
 
 
 def make_runner(
-    loaded: LoadedModel, kv: KVAccount, prefix_cache_tokens: int = 0, speculative: SpeculativeConfig | None = None
+    loaded: LoadedModel,
+    kv: KVAccount,
+    prefix_cache_tokens: int = 0,
+    speculative: SpeculativeConfig | None = None,
+    kv_pages: int | None = None,
 ) -> CompactRunner | TransformersRunner:
     """The compact forward's runner for GPT-2 and Llama (unless TEXTGEN_COMPACT_FORWARD=false),
-    the transformers forward's for every other causal LM. Its KV buffers are charged to `kv`."""
+    the transformers forward's for every other causal LM. Its KV buffers are charged to `kv`;
+    `kv_pages` bounds the compact runner's KV pool (None: unbounded)."""
     if loaded.compact is not None:
         return CompactRunner(
             loaded.compact,
             kv,
-            layers=kv.layers,
+            kv_pages=kv_pages,
             prefix_cache_tokens=prefix_cache_tokens,
             speculative=speculative,
         )

@@ -153,19 +153,19 @@ def verify(batch: CompactBatch, model: CompactModel, drafts: list[list[int]]) ->
     before = cache.lengths
     counts = [len(d) + 1 for d in drafts]
     after = [b + c for b, c in zip(before, counts, strict=True)]
-    cache.reserve(real, max(after))
+    cache.grow(after)
     total = sum(counts)
     n = padded_rows(total, model)
     pending = batch.next_ids.tolist()
     ids = torch.zeros(n, dtype=torch.long, device=device)
     ids[:total] = torch.tensor([t for r in range(real) for t in (pending[r], *drafts[r])], device=device)
     positions = torch.zeros(n, dtype=torch.long, device=device)
-    positions[:total] = torch.tensor([b + j for b, c in zip(before, counts, strict=True) for j in range(c)])
-    rows = torch.repeat_interleave(torch.arange(real), torch.tensor(counts)).to(device)
-    columns = positions[:total]
+    columns = [b + j for b, c in zip(before, counts, strict=True) for j in range(c)]
+    positions[:total] = torch.tensor(columns)
+    slots = cache.slots([r for r in range(real) for _ in range(counts[r])], columns)
     starts = offsets(drafts)
-    # Per draft offset j: the cache rows that have one (None: all, read in place), their rows in
-    # this step and their key counts.
+    # Per draft offset j: the rows that have one (None: all), their rows in this step and their
+    # key counts.
     steps: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = []
     for j in range(max(counts)):
         have = [r for r in range(real) if counts[r] > j]
@@ -178,19 +178,18 @@ def verify(batch: CompactBatch, model: CompactModel, drafts: list[list[int]]) ->
             )
         )
     width = chunk_width(max(after))
+    index = cache.gather_index(list(range(real)), width)
 
     def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        kv = cache.kv[layer]
-        kv[0, rows, :, columns] = k[:total].to(kv.dtype)
-        kv[1, rows, :, columns] = v[:total].to(kv.dtype)
+        cache.write(layer, slots, k[:total], v[:total])
+        keys, values = cache.gather(layer, index, real, width)  # [real, kv_heads, width, dim]
         heads, dim = q.shape[1], q.shape[2]
         out = q.new_zeros((q.shape[0], heads * dim))
         for subset, at, lengths in steps:
-            keys, values = kv[0, :real], kv[1, :real]
-            if subset is not None:  # rows without a draft this far are left out (a copy of the rest)
-                keys = kv[0, :, :, :width].index_select(0, subset)
-                values = kv[1, :, :, :width].index_select(0, subset)
-            o = decode_attention(q.index_select(0, at), keys, values, lengths, dim**-0.5, width)
+            k_rows, v_rows = keys, values
+            if subset is not None:  # rows without a draft this far are left out
+                k_rows, v_rows = keys.index_select(0, subset), values.index_select(0, subset)
+            o = decode_attention(q.index_select(0, at), k_rows, v_rows, lengths, dim**-0.5, width)
             out[at] = o.reshape(at.shape[0], heads * dim)
         return out
 
@@ -250,9 +249,7 @@ def accept(
         if gone[r]:
             continue
         keep = lengths[r] - counts[r] + emitted[r]
-        if keep < lengths[r]:  # roll back the rejected drafts' keys/values
-            for kv in cache.kv:
-                kv[:, r, :, keep : lengths[r]] = 0
+        cache.zero(r, keep, lengths[r])  # roll back the rejected drafts' keys/values
         lengths[r] = keep
     cache.lengths = lengths
     batch.set_next(last)

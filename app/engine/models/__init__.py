@@ -1,4 +1,4 @@
-"""Compact forwards of our own for the families that matter (GPT-2, Llama), over `RowCache`.
+"""Compact forwards of our own for the families that matter (GPT-2, Llama), over the paged KV pool (`kv_pool.py`).
 
 They read the HF module's weights in place (only the LM head is also kept transposed) and follow
 HF's arithmetic, so logits match HF's (tests state the tolerance). Every other causal LM keeps the

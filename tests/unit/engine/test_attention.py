@@ -25,7 +25,7 @@ def test_rows_are_bitwise_the_same_alone_and_in_any_batch(heads: int, kv_heads: 
         length = rng.randint(1, 200)
         q, k, v = torch.randn(heads, dim), torch.randn(kv_heads, length, dim), torch.randn(kv_heads, length, dim)
         # Alone, the cache is as wide as the row's reservation (rounded up to whole chunks, as
-        # RowCache allocates), in a batch as wide as the longest reservation there.
+        # the KV pool gathers a row), in a batch as wide as the longest reservation there.
         alone = _row_alone(q, k, v, length, columns=chunk_width(length) + CHUNK * rng.randint(0, 2))
         for _ in range(3):
             batch, pos = rng.randint(2, 33), 0

@@ -109,7 +109,11 @@ def test_long_run_with_rows_joining_and_leaving_matches_generate(served_lm: Load
         assert tracker.all_done.wait(120), f"only {len(tracker.completions)} of 16 requests finished"
         assert engine.alive
         assert decode_steps(engine) > 200
-        assert engine.kv.reallocations > 0  # buffers were copied into new ones while rows decoded
+        if engine.pool is None:  # the transformers runner's slabs
+            assert engine.kv.reallocations > 0  # buffers were copied into new ones while rows decoded
+        else:
+            assert engine.pool.allocations > 0
+            assert engine.pool.copies == 0, "rows joined and left by page table: no K/V was copied"
         wait_idle(engine)
         assert engine.kv.allocated == 0  # every buffer is released once idle
     finally:
@@ -135,7 +139,9 @@ def test_peak_kv_allocation_stays_within_budget(served_lm: LoadedModel, budget: 
     finally:
         engine.stop()
     assert engine.kv.peak <= budget
-    assert engine.kv.peak > budget // 2, "the test should load the cache near its budget"
+    # Admission plans for every row's whole reservation as a rectangle (rows x the longest); the KV
+    # pool hands pages out only as rows grow, so the allocation peaks well below that plan.
+    assert engine.kv.peak > budget // 3, "the test should load the cache near its budget"
     for key, ids in enumerate(prompts):
         assert tracker.tokens[key] == greedy_alone(served_lm, ids, lengths[key])
 

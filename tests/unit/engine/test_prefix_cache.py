@@ -1,34 +1,44 @@
-"""The prefix cache's structure, model-free: chained block keys, lookups, the LRU and its budget."""
+"""The prefix cache's structure, model-free: chained block keys, lookups by reference into the KV
+pool, the LRU of unreferenced pages and its budget."""
 
 import torch
 
 from app.engine.kv_cache import KVAccount
+from app.engine.kv_pool import KVPool, PagedRows
 from app.engine.prefix_cache import PrefixCache, block_keys
 
-B = 4  # block size in these tests
+B = 4  # page (block) size in these tests
 LAYERS = 3
 
 
-class Reader:
-    """A stand-in for the batch's K/V: token t's values are all equal to ids[t]."""
-
-    def __init__(self, ids: list[int]) -> None:
-        self.ids = ids
-        self.calls: list[tuple[int, int]] = []
-
-    def __call__(self, start: int, end: int) -> torch.Tensor:
-        self.calls.append((start, end))
-        values = torch.tensor(self.ids[start:end], dtype=torch.float32)
-        return values[None, None, None, :, None].expand(LAYERS, 2, 1, end - start, 2).clone()
+def make(max_tokens: int = 1000, max_pages: int | None = None, account: KVAccount | None = None) -> PrefixCache:
+    pool = KVPool(LAYERS, 1, 2, torch.float32, torch.device("cpu"), max_pages, account, page_size=B)
+    return PrefixCache(pool, max_tokens)
 
 
-def hit(pc: PrefixCache, ids: list[int]) -> list[bytes]:
-    """The cached run of blocks prompt `ids` hits (and touches)."""
-    return pc.match(pc.prompt_keys(ids))
+def prefill(pc: PrefixCache, ids: list[int], hit: list[int] | None = None) -> PagedRows:
+    """A row of prompt `ids` in the pool, as the engine makes one: the pages `hit` from the cache,
+    new pages for the rest, token t's keys and values all equal to ids[t]; then its full pages
+    are indexed."""
+    rows = PagedRows(pc.pool, [list(hit or [])], [len(hit or []) * B])
+    rows.grow([len(ids)])
+    start = rows.lengths[0]
+    positions = list(range(start, len(ids)))
+    if positions:
+        values = torch.tensor(ids[start:], dtype=torch.float32)[:, None, None].expand(len(positions), 1, 2)
+        slots = rows.slots([0] * len(positions), positions)
+        for layer in range(LAYERS):
+            rows.write(layer, slots, values, values)
+    rows.lengths = [len(ids)]
+    pc.insert(ids, rows.tables[0])
+    return rows
 
 
-def cache(max_tokens: int = 1000, account: KVAccount | None = None) -> PrefixCache:
-    return PrefixCache(max_tokens, LAYERS, account, block_size=B)
+def hit(pc: PrefixCache, ids: list[int]) -> list[int]:
+    """The pages prompt `ids` hits (touched, one reference each given back at once)."""
+    pages = pc.match(pc.prompt_keys(ids))
+    pc.pool.release(pages)
+    return pages
 
 
 def test_keys_are_chained_over_full_blocks_only() -> None:
@@ -41,84 +51,87 @@ def test_keys_are_chained_over_full_blocks_only() -> None:
     assert block_keys([4, 5, 6, 7], B)[0] != a[1], "a block's key depends on what precedes it"
 
 
-def test_match_returns_the_cached_run_and_leaves_the_last_token() -> None:
-    pc = cache()
-    ids = list(range(12))
-    assert pc.insert(ids, Reader(ids), room=1000) == 3
+def test_a_hit_is_a_reference_to_the_rows_pages_not_a_copy() -> None:
+    pc = make()
+    ids = list(range(1, 13))
+    row = prefill(pc, ids)
+    pool = pc.pool
+    allocations, copies = pool.allocations, pool.copies
+    pages = pc.match(pc.prompt_keys([*ids, 50]))
+    assert pages == row.tables[0][:3], "the hit names the pages the first row wrote"
+    assert [pool.refs[p] for p in pages] == [2, 2, 2], "shared: one reference each for the row and the hit"
+    assert (pool.allocations, pool.copies) == (allocations, copies), "a hit allocates and copies nothing"
+    other = PagedRows(pool, [pages], [3 * B])
+    index = other.gather_index([0], 4 * B)
+    keys, _ = other.gather(0, index, 1, 4 * B)
+    assert keys[0, 0, : 3 * B, 0].tolist() == [float(t) for t in ids], "the pages hold the tokens' K/V, in order"
     assert len(hit(pc, ids)) == 2, "12 tokens: at most 11 may come from the cache, so 2 blocks"
-    assert len(hit(pc, [*ids, 50])) == 3
-    assert len(hit(pc, [0, 1, 2, 3, 9, 9, 9, 9, 9])) == 1  # diverges in block 1
-    assert hit(pc, [7, 1, 2, 3, 4]) == []
-    blocks = pc.blocks(hit(pc, [*ids, 50]))
-    got = torch.cat([b[0, 0, 0, :, 0] for b in blocks])
-    assert got.tolist() == [float(t) for t in ids], "the blocks hold the K/V of their tokens, in order"
+    assert len(hit(pc, [0, 1, 2, 3, 9])) == 0 and len(hit(pc, [1, 2, 3, 4, 9, 9, 9, 9, 9])) == 1
 
 
-def test_insert_stores_only_missing_blocks() -> None:
-    pc = cache()
-    first = list(range(8))
-    pc.insert(first, Reader(first), room=1000)
-    reader = Reader([*first, 20, 21, 22, 23, 24])
-    assert pc.insert(reader.ids, reader, room=1000) == 1
-    assert reader.calls == [(8, 12)], "the shared blocks are not read again"
-    assert pc.tokens == 3 * B
-
-
-def test_lru_evicts_the_oldest_chain_tail_first() -> None:
-    pc = cache(max_tokens=4 * B)
-    a, b = [1] * 8, [2] * 8
-    pc.insert(a, Reader(a), room=1000)
-    pc.insert(b, Reader(b), room=1000)
-    hit(pc, [*a, 0])  # a is now the most recent
-    c = [3] * 4
-    pc.insert(c, Reader(c), room=1000)  # one block over: b's tail goes, b's head stays
-    assert len(hit(pc, [*b, 0])) == 1
-    assert len(hit(pc, [*a, 0])) == 2
-    assert len(hit(pc, [*c, 0])) == 1
-    assert pc.tokens == 4 * B
-
-
-def test_room_and_max_tokens_bound_the_cache_and_the_account() -> None:
+def test_a_twin_prompt_shares_the_indexed_pages_and_frees_its_own() -> None:
     account = KVAccount(LAYERS)
-    pc = cache(max_tokens=3 * B, account=account)
-    ids = list(range(40))  # 10 blocks
-    assert pc.insert(ids, Reader(ids), room=1000) == 3, "max_tokens: the first 3 blocks only"
+    pc = make(account=account)
+    ids = list(range(1, 11))  # 2 full pages and a partial one
+    first = prefill(pc, ids)
+    second = prefill(pc, ids)  # prefilled beside it (no hit): the same keys, its own pages at first
+    assert second.tables[0][:2] == first.tables[0][:2], "the twin's full pages became the indexed ones"
+    assert second.tables[0][2] != first.tables[0][2], "a partial last page is never shared"
+    assert pc.pool.used_pages == 4 and account.allocated == 4 * B, "2 shared + 2 partial pages are held"
+
+
+def test_unreferenced_pages_stay_cached_and_are_evicted_least_recent_first() -> None:
+    pc = make()
+    a, b = [1] * 8 + [0], [2] * 8 + [0]
+    prefill(pc, a).release()
+    prefill(pc, b).release()
+    assert pc.tokens == 4 * B, "the rows left; their full pages stay, evictable"
+    hit(pc, a)  # a is now the most recent
+    pc.evict_to(3 * B)  # one page over: b's tail goes, b's head stays
+    assert len(hit(pc, b)) == 1 and len(hit(pc, a)) == 2
     assert pc.tokens == 3 * B
-    assert account.allocated == 3 * B  # a cached position counts as one position in every layer
-    other = [7] * 8
-    assert pc.insert(other, Reader(other), room=B) == 1, "room 1 block: older blocks make way, then it stops"
-    assert pc.tokens == B
-    assert pc.insert([9] * 8, Reader([9] * 8), room=0) == 0
+
+
+def test_referenced_pages_are_never_evicted() -> None:
+    pc = make()
+    ids = [5] * 8 + [0]
+    row = prefill(pc, ids)
+    pc.clear()
+    assert len(pc) == 2 and pc.tokens == 0, "both pages are referenced by the row: nothing to evict"
+    row.release()
+    assert pc.tokens == 2 * B
+    pc.clear()
+    assert len(pc) == 0 and pc.pool.used_pages == 0
+
+
+def test_max_tokens_bounds_the_index() -> None:
+    account = KVAccount(LAYERS)
+    pc = make(max_tokens=3 * B, account=account)
+    ids = list(range(41))  # 10 full pages
+    prefill(pc, ids).release()
+    assert len(pc) == 3, "max_tokens: the first 3 pages only"
+    assert pc.pool.used_pages == 3 and account.allocated == 3 * B, "the pages not indexed were freed"
+    prefill(pc, [7] * 9).release()
+    assert len(pc) == 3 and len(hit(pc, [7] * 9)) == 2, "older pages made way"
     pc.evict_to(0)
-    assert pc.tokens == 0 and len(pc) == 0
-    assert account.allocated == 0 and account.peak == 3 * B
+    assert len(pc) == 0 and account.allocated == 0
 
 
-def test_evict_to_keeps_the_most_recent_blocks() -> None:
-    pc = cache()
-    for value in range(5):
-        ids = [value] * B
-        pc.insert(ids, Reader(ids), room=1000)
-    hit(pc, [0] * B + [1])  # the oldest becomes the newest
-    pc.evict_to(2 * B)
-    assert [len(hit(pc, [v] * B + [0])) for v in range(5)] == [1, 0, 0, 0, 1]
-
-
-def test_blocks_stop_at_the_first_evicted_one() -> None:
-    pc = cache()
-    ids = list(range(12))
-    pc.insert(ids, Reader(ids), room=1000)
-    keys = hit(pc, [*ids, 0])
-    pc.evict_to(2 * B)  # the chain's tail (least recently used) goes first
-    assert len(pc.blocks(keys)) == 2
+def test_the_pool_reclaims_cached_pages_when_it_runs_short() -> None:
+    pc = make(max_pages=4)
+    prefill(pc, [3] * 12 + [0]).release()  # 3 cached pages, 1 free
+    assert pc.pool.free_pages == 1
+    rows = PagedRows(pc.pool, [[]], [0])
+    rows.grow([3 * B])  # needs 3: two cached pages are evicted, least recently used first (the tail)
+    assert len(pc) == 1 and len(hit(pc, [3] * 12 + [0])) == 1
 
 
 def test_cached_tokens_peeks_without_touching() -> None:
-    pc = cache(max_tokens=2 * B)
-    a, b = [1] * B, [2] * B
-    pc.insert(a, Reader(a), room=1000)
-    pc.insert(b, Reader(b), room=1000)
-    assert pc.cached_tokens(pc.prompt_keys([*a, 0])) == B
-    assert pc.cached_tokens(pc.prompt_keys(a)) == 0, "the last token is never cached"
-    pc.insert([3] * B, Reader([3] * B), room=1000)  # evicts the least recently used: still a
-    assert hit(pc, [*a, 0]) == [] and len(hit(pc, [*b, 0])) == 1
+    pc = make(max_tokens=2 * B)
+    a, b = [1] * B + [0], [2] * B + [0]
+    prefill(pc, a).release()
+    prefill(pc, b).release()
+    assert pc.cached_tokens(pc.prompt_keys(a)) == B
+    assert pc.cached_tokens(pc.prompt_keys(a[:B])) == 0, "the last token is never cached"
+    prefill(pc, [3] * B + [0]).release()  # evicts the least recently used: still a
+    assert hit(pc, a) == [] and len(hit(pc, b)) == 1
