@@ -223,6 +223,8 @@ def gemm_weight(param: torch.Tensor, stored_out_in: bool) -> Weight:
     else is an [out, in] contiguous tensor (for oneDNN). Either way the parameter may be re-pointed
     at re-laid-out storage (same shape and values), so the transformers forward keeps working and
     no second copy is kept. A tied embedding so re-laid out is read by a strided gather."""
+    if type(param.detach()) is not torch.Tensor:  # a tensor subclass (torchao's int8-dynamic weight)
+        return param.detach()
     if param.dtype == torch.float32 and param.device.type == "cpu" and invariant_gemm_enabled():
         return input_major(param, stored_out_in)
     if stored_out_in:
