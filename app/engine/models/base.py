@@ -72,6 +72,11 @@ def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, activatio
         out = weight.matmul(x)
         return ACTIVATIONS[activation](out + bias if bias is not None else out)
     if onednn_linear(weight) and x.dtype == weight.dtype:
+        if x.shape[0] == 1 and weight.dtype == torch.float32:
+            # A lone fp32 row takes another oneDNN kernel than 2+ rows: pad it here, since the
+            # model's row_multiple is 1 when its own GEMMs run the invariant kernel (a LoRA
+            # adapter's A and B stay plain tensors).
+            return linear(torch.cat([x, x.new_zeros(x.shape)]), weight, bias, activation)[:1]
         kind, algorithm = _ONEDNN_ACTIVATIONS[activation]
         if torch.compiler.is_compiling():  # TEXTGEN_COMPILE: the same kernel, opaque to inductor
             return onednn_linear_op(x, weight, bias, kind, algorithm)
