@@ -213,14 +213,14 @@ def pad_rows(x: torch.Tensor, model: CompactModel) -> torch.Tensor:
     return torch.cat([x, x.new_zeros((extra, x.shape[1]))]) if extra else x
 
 
-def head_weight(model: torch.nn.Module) -> Weight:
+def head_weight(model: torch.nn.Module, invariant_kernel: bool = True) -> Weight:
     """The LM head's weight [vocab, hidden] of an HF causal LM: packed when TEXTGEN_QUANTIZE replaced
     the head (`QuantizedLinear`), else as `gemm_weight` gives it."""
     weight = model.get_output_embeddings().weight  # type: ignore[operator]
-    return weight if isinstance(weight, PackedWeight) else gemm_weight(weight, stored_out_in=True)
+    return weight if isinstance(weight, PackedWeight) else gemm_weight(weight, True, invariant_kernel)
 
 
-def gemm_weight(param: torch.Tensor, stored_out_in: bool) -> Weight:
+def gemm_weight(param: torch.Tensor, stored_out_in: bool, invariant_kernel: bool = True) -> Weight:
     """A plain (not quantized) linear weight as `linear` takes it, sharing the parameter's storage.
 
     stored_out_in: the parameter is [out, in] (nn.Linear, an LM head), else [in, out] (GPT-2's
@@ -230,7 +230,7 @@ def gemm_weight(param: torch.Tensor, stored_out_in: bool) -> Weight:
     no second copy is kept. A tied embedding so re-laid out is read by a strided gather."""
     if type(param.detach()) is not torch.Tensor:  # a tensor subclass (torchao's int8-dynamic weight)
         return param.detach()
-    if param.dtype == torch.float32 and param.device.type == "cpu" and invariant_gemm_enabled():
+    if invariant_kernel and param.dtype == torch.float32 and param.device.type == "cpu" and invariant_gemm_enabled():
         return input_major(param, stored_out_in)
     if stored_out_in:
         weight = param.detach()
