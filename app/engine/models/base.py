@@ -1,6 +1,6 @@
 """What a compact forward provides to the batch: embeddings, decoder layers, the LM head.
 
-Every GEMM goes through `linear`. fp32 weights on an AVX-512 CPU run the invariant kernel
+Every GEMM goes through `linear`. GPT-2's fp32 weights on an AVX-512 CPU run the invariant kernel
 (`invariant_gemm`, weights stored [in, out]): a row's bits are the same for every row count, so
 nothing is padded. Otherwise (bf16, no AVX-512, no compiler) `linear` calls oneDNN's matmul (the primitive PyTorch's
 inductor uses for frozen linears) rather than MKL's, for two measured reasons (torch 2.13, 2 cores,
@@ -72,6 +72,11 @@ def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, activatio
         out = weight.matmul(x)
         return ACTIVATIONS[activation](out + bias if bias is not None else out)
     if onednn_linear(weight) and x.dtype == weight.dtype:
+        if x.shape[0] == 1 and weight.dtype == torch.float32:
+            # A lone fp32 row takes another oneDNN kernel than 2+ rows: pad it here, since the
+            # model's row_multiple is 1 when its own GEMMs run the invariant kernel (a LoRA
+            # adapter's A and B stay plain tensors).
+            return linear(torch.cat([x, x.new_zeros(x.shape)]), weight, bias, activation)[:1]
         kind, algorithm = _ONEDNN_ACTIVATIONS[activation]
         if torch.compiler.is_compiling():  # TEXTGEN_COMPILE: the same kernel, opaque to inductor
             return onednn_linear_op(x, weight, bias, kind, algorithm)
@@ -208,14 +213,14 @@ def pad_rows(x: torch.Tensor, model: CompactModel) -> torch.Tensor:
     return torch.cat([x, x.new_zeros((extra, x.shape[1]))]) if extra else x
 
 
-def head_weight(model: torch.nn.Module) -> Weight:
+def head_weight(model: torch.nn.Module, invariant_kernel: bool = True) -> Weight:
     """The LM head's weight [vocab, hidden] of an HF causal LM: packed when TEXTGEN_QUANTIZE replaced
     the head (`QuantizedLinear`), else as `gemm_weight` gives it."""
     weight = model.get_output_embeddings().weight  # type: ignore[operator]
-    return weight if isinstance(weight, PackedWeight) else gemm_weight(weight, stored_out_in=True)
+    return weight if isinstance(weight, PackedWeight) else gemm_weight(weight, True, invariant_kernel)
 
 
-def gemm_weight(param: torch.Tensor, stored_out_in: bool) -> Weight:
+def gemm_weight(param: torch.Tensor, stored_out_in: bool, invariant_kernel: bool = True) -> Weight:
     """A plain (not quantized) linear weight as `linear` takes it, sharing the parameter's storage.
 
     stored_out_in: the parameter is [out, in] (nn.Linear, an LM head), else [in, out] (GPT-2's
@@ -223,7 +228,9 @@ def gemm_weight(param: torch.Tensor, stored_out_in: bool) -> Weight:
     else is an [out, in] contiguous tensor (for oneDNN). Either way the parameter may be re-pointed
     at re-laid-out storage (same shape and values), so the transformers forward keeps working and
     no second copy is kept. A tied embedding so re-laid out is read by a strided gather."""
-    if param.dtype == torch.float32 and param.device.type == "cpu" and invariant_gemm_enabled():
+    if type(param.detach()) is not torch.Tensor:  # a tensor subclass (torchao's int8-dynamic weight)
+        return param.detach()
+    if invariant_kernel and param.dtype == torch.float32 and param.device.type == "cpu" and invariant_gemm_enabled():
         return input_major(param, stored_out_in)
     if stored_out_in:
         weight = param.detach()
