@@ -118,7 +118,7 @@ class Settings(BaseSettings):
     )
     prefix_cache_max_tokens: int = Field(
         2048,
-        ge=16,  # one block (app.engine.compact_batch.ATTENTION_CHUNK)
+        ge=16,  # one block (app.engine.runner.compact_batch.ATTENTION_CHUNK)
         description="Most token positions the prefix cache keeps (within what TEXTGEN_MAX_BATCH_TOKENS leaves "
         "free of live requests, which always win).",
     )

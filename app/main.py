@@ -14,7 +14,7 @@ from app.api import anthropic, embed, errors, generate, health, ollama, openai, 
 from app.api.content_type import JSONBody
 from app.api.middleware import APIKeyAuth, BodyLimit, Observability
 from app.config import Settings
-from app.engine.loader import ModelLoadError
+from app.engine.load.loader import ModelLoadError
 from app.own_thread import on_own_thread
 from app.service import Service
 from app.tracing import instrument, provider_for

@@ -14,14 +14,14 @@ import torch
 
 from app.config import Settings
 from app.demo_model import BuildProgress, DemoBuild, DemoBuildError, demo_model_ready
-from app.engine.admission import default_budget, model_layers
-from app.engine.constraints import GrammarCompiler
-from app.engine.embeddings import Embedder, from_causal_lm, load_sentence_transformer
+from app.engine.core.admission import default_budget, model_layers
+from app.engine.core.constraints import GrammarCompiler
 from app.engine.engine import Engine
-from app.engine.loader import LoadedModel, ModelLoadError, load_model
-from app.engine.lora import AdapterError, AdapterRegistry
-from app.engine.selftest import self_test
-from app.engine.speculative import SpeculativeConfig
+from app.engine.load.loader import LoadedModel, ModelLoadError, load_model
+from app.engine.load.selftest import self_test
+from app.engine.models.lora import AdapterError, AdapterRegistry
+from app.engine.runner.embeddings import Embedder, from_causal_lm, load_sentence_transformer
+from app.engine.runner.speculative import SpeculativeConfig
 from app.metrics import Metrics
 
 log = logging.getLogger("textgen")
@@ -38,7 +38,7 @@ class Service:
     lame_duck: bool = False  # SIGTERM seen: /ready is 503, requests are still admitted
     draining: bool = False  # admission stopped: new requests get 503, in-flight ones finish
     chat_template: str | None = None
-    grammars: GrammarCompiler | None = None  # structured output (app/engine/constraints.py)
+    grammars: GrammarCompiler | None = None  # structured output (app/engine/core/constraints.py)
     started: int = field(default_factory=lambda: int(time.time()))
     _hurry: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
     build: DemoBuild | None = None  # set while the demo model is being built

@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app import __version__
 from app.api.middleware import REQUEST_ID_KEY, USAGE_KEY
 from app.config import Settings
-from app.engine.types import Completion
+from app.engine.core.types import Completion
 
 # Probes and scrapes would be most of the spans and say nothing (OTEL_PYTHON_FASTAPI_EXCLUDED_URLS overrides).
 _EXCLUDED_URLS = "/health$,/ready$,/metrics$"

@@ -41,8 +41,8 @@ MODES = {
 
 
 def _seq(lm: object, ids: list[int], new: int) -> object:
-    from app.engine.sequence import Sequence
-    from app.engine.types import GenerationRequest, SamplingParams, StoppingParams
+    from app.engine.core.sequence import Sequence
+    from app.engine.core.types import GenerationRequest, SamplingParams, StoppingParams
 
     request = GenerationRequest(ids, SamplingParams(), StoppingParams(new, new), lambda e: None)
     return Sequence(request, lm.tokenizer, frozenset(), frozenset(), 1 << 20, torch.device("cpu"))  # type: ignore[attr-defined]
@@ -52,7 +52,7 @@ def _seq(lm: object, ids: list[int], new: int) -> object:
 def continuations(lm: object, prompts: list[list[int]], tokens: int) -> list[list[int]]:
     """fp32's greedy continuation of each prompt, all prompts in one batch (batch-invariant: the same
     as each alone)."""
-    from app.engine.compact_batch import CompactBatch
+    from app.engine.runner.compact_batch import CompactBatch
 
     model = lm.compact  # type: ignore[attr-defined]
     batch, logits, _ = CompactBatch.prefill(model, [_seq(lm, p, tokens) for p in prompts], False)
@@ -71,7 +71,7 @@ def continuations(lm: object, prompts: list[list[int]], tokens: int) -> list[lis
 def log_probs(lm: object, prompts: list[list[int]], conts: list[list[int]]) -> torch.Tensor:
     """Log-probabilities [prompts, tokens, vocab] (fp32) of the next token at each position whose
     next token is a continuation token, from one prefill of prompt + continuation per prompt."""
-    from app.engine.compact_batch import CompactBatch
+    from app.engine.runner.compact_batch import CompactBatch
 
     model = lm.compact  # type: ignore[attr-defined]
     rows = []
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in modes if m not in known]
     if unknown:
         ap.error(f"--modes: unknown {', '.join(unknown)} (known: {', '.join(known)})")
-    from app.engine.loader import load_model
+    from app.engine.load.loader import load_model
 
     path = args.model or ensure_model(default_model_dir(0)).path
     base = load_model(str(path), device="cpu", dtype="float32")

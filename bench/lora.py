@@ -112,9 +112,9 @@ def build_adapters(base: Path, root: Path, names: list[str]) -> None:
 
 def merged_greedy(base: Path, adapter: Path, prompts: list[list[int]], new: int) -> list[list[int]]:
     """Greedy ids of each prompt alone, on the base with `adapter` merged (as `--adapter` serves it)."""
+    from app.engine.core.types import GenerationRequest, SamplingParams, StoppingParams
     from app.engine.engine import Engine
-    from app.engine.loader import load_model
-    from app.engine.types import GenerationRequest, SamplingParams, StoppingParams
+    from app.engine.load.loader import load_model
 
     lm = load_model(str(base), adapter=str(adapter))
     engine = Engine(lm, None, max_batch_size=1, max_batch_tokens=4096, max_prefill_tokens=1024, max_queue=4)  # type: ignore[arg-type]  # no embeddings

@@ -51,12 +51,12 @@ def _timed_part(fn: Callable[..., Any], slot: int) -> Callable[..., Any]:
 
 def _iteration_methods() -> tuple[list[tuple[type, str]], ModuleType]:
     """The methods that run one decode iteration, and the module whose `choose` they call: the
-    Runner's `_decode` after the Scheduler/Runner split (app/engine/runner.py), else the engine's."""
+    Runner's `_decode` after the Scheduler/Runner split (app/engine/runner/runner.py), else the engine's."""
     try:
-        runner = importlib.import_module("app.engine.runner")
-        importlib.import_module("app.engine.runners")  # imports every runner class
+        runner = importlib.import_module("app.engine.runner.runner")
+        importlib.import_module("app.engine.load.runners")  # imports every runner class
     except ImportError:
-        from app.engine import scheduler
+        from app.engine.core import scheduler
 
         return [(scheduler.Engine, "_decode")], scheduler
     classes: list[type] = [runner.BatchRunner]
@@ -67,8 +67,8 @@ def _iteration_methods() -> tuple[list[tuple[type, str]], ModuleType]:
 
 def instrument() -> None:
     """Patch the engine's decode iteration, forward and sampler to record STEPS."""
-    from app.engine.batch import Batch
-    from app.engine.compact_batch import CompactBatch
+    from app.engine.runner.batch import Batch
+    from app.engine.runner.compact_batch import CompactBatch
 
     methods, sampler_module = _iteration_methods()
     depth = 0  # a subclass's _decode may call its base's: only the outermost call is one iteration

@@ -71,13 +71,13 @@ def stages(model: str) -> None:
     _stage("+ import fastapi, uvicorn")
     import app.main  # noqa: F401
     from app.config import Settings
-    from app.engine.admission import default_budget, model_layers
-    from app.engine.constraints import GrammarCompiler
-    from app.engine.embeddings import from_causal_lm
+    from app.engine.core.admission import default_budget, model_layers
+    from app.engine.core.constraints import GrammarCompiler
     from app.engine.engine import Engine
-    from app.engine.loader import load_model
-    from app.engine.lora import AdapterRegistry
-    from app.engine.selftest import self_test
+    from app.engine.load.loader import load_model
+    from app.engine.load.selftest import self_test
+    from app.engine.models.lora import AdapterRegistry
+    from app.engine.runner.embeddings import from_causal_lm
     from app.metrics import Metrics
 
     _stage("+ import app.main (the whole app)")

@@ -101,8 +101,8 @@ def _on_thread(fn: Any, *args: Any) -> Any:
 def run_round(lm: Any, prompts: list[list[int]], new_tokens: int, speculative: Any, clients: int = 1) -> dict[str, Any]:
     """One engine, `prompts` in waves of `clients` submitted together (1: one after another); tok/s,
     outputs and the speculation counters."""
+    from app.engine.core.types import Completion, Event, GenerationRequest, SamplingParams, StoppingParams
     from app.engine.engine import Engine
-    from app.engine.types import Completion, Event, GenerationRequest, SamplingParams, StoppingParams
     from app.metrics import Metrics
 
     metrics = Metrics()
@@ -206,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)  # before any parallel op, so no OpenMP team is left behind
 
-    from app.engine.loader import load_model
-    from app.engine.speculative import SpeculativeConfig
+    from app.engine.load.loader import load_model
+    from app.engine.runner.speculative import SpeculativeConfig
 
     config = SpeculativeConfig(args.k, args.ngram_min, args.ngram_max)
     import torch

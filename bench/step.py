@@ -35,8 +35,8 @@ from bench.model import default_model_dir, ensure_model
 
 
 def _seqs(tokenizer: object, batch: int, vocab: int) -> list:
-    from app.engine.sequence import Sequence
-    from app.engine.types import GenerationRequest, SamplingParams, StoppingParams
+    from app.engine.core.sequence import Sequence
+    from app.engine.core.types import GenerationRequest, SamplingParams, StoppingParams
 
     out = []
     for i in range(batch):
@@ -52,7 +52,7 @@ _clock = time.perf_counter
 @torch.inference_mode()
 def time_steps(path: str, forward: object, batch_type: type, lm: object, batch: int, steps: int) -> float:
     """Seconds per decode step (sampler included) after a prefill and 2 warm-up steps."""
-    from app.engine.sampling import choose
+    from app.engine.sample.sampling import choose
 
     seqs = _seqs(lm.tokenizer, batch, lm.model.config.vocab_size)  # type: ignore[attr-defined]
     b, logits, _ = batch_type.prefill(forward, seqs, False)
@@ -89,11 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     global _clock
     _clock = time.thread_time if args.cpu_time else time.perf_counter
-    from app.engine.batch import Batch
-    from app.engine.compact_batch import CompactBatch
-    from app.engine.loader import load_model
+    from app.engine.load.loader import load_model
     from app.engine.models import compact_model, invariant_gemm
-    from app.engine.quantize import Quantize
+    from app.engine.models.quantize import Quantize
+    from app.engine.runner.batch import Batch
+    from app.engine.runner.compact_batch import CompactBatch
 
     path = args.model or ensure_model(default_model_dir(0)).path
     modes = args.quantize.split(",")

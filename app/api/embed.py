@@ -8,9 +8,9 @@ from starlette.concurrency import run_in_threadpool
 from app.api.deps import EngineDep, ServiceDep
 from app.api.errors import APIError, from_engine, validation
 from app.api.schemas import EmbedRequest, ErrorBody
+from app.engine.core.types import EmbedRequest as EngineEmbedRequest
+from app.engine.core.types import EngineError
 from app.engine.engine import Engine
-from app.engine.types import EmbedRequest as EngineEmbedRequest
-from app.engine.types import EngineError
 from app.service import Service
 
 router = APIRouter(tags=["embeddings (TEI)"])

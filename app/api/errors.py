@@ -15,9 +15,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.content_type import ORIGINAL_KEY
-from app.engine.admission import RequestTooLargeError
-from app.engine.lora import UnknownAdapterError
-from app.engine.types import EngineUnavailableError, QueueFullError
+from app.engine.core.admission import RequestTooLargeError
+from app.engine.core.types import EngineUnavailableError, QueueFullError
+from app.engine.models.lora import UnknownAdapterError
 
 log = logging.getLogger("textgen")
 

@@ -32,7 +32,7 @@ from app.api.schemas import (
     TokenOut,
 )
 from app.api.structured import compile_grammar, tgi_spec
-from app.engine.types import Completion, Token
+from app.engine.core.types import Completion, Token
 
 router = APIRouter(tags=["generate (TGI)"])
 

@@ -20,10 +20,8 @@ from app.api.deps import EngineDep, ServiceDep
 from app.api.errors import APIError, from_engine, validation
 from app.api.middleware import USAGE_KEY
 from app.api.schemas import refused_fields
-from app.engine.constraints import Grammar
-from app.engine.engine import Engine
-from app.engine.loader import Limits
-from app.engine.types import (
+from app.engine.core.constraints import Grammar
+from app.engine.core.types import (
     Completion,
     EngineError,
     Event,
@@ -31,6 +29,8 @@ from app.engine.types import (
     SamplingParams,
     StoppingParams,
 )
+from app.engine.engine import Engine
+from app.engine.load.loader import Limits
 from app.service import Service
 
 

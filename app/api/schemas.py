@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from app.engine.types import SamplingParams, StoppingParams
+from app.engine.core.types import SamplingParams, StoppingParams
 
 NonEmpty = Annotated[str, Field(min_length=1)]
 

@@ -18,8 +18,8 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.errors import validation
 from app.api.generation import Context
-from app.engine.constraints import Grammar, GrammarError, GrammarSpec
-from app.engine.types import Completion
+from app.engine.core.constraints import Grammar, GrammarError, GrammarSpec
+from app.engine.core.types import Completion
 
 ANY_OBJECT = {"type": "object"}
 

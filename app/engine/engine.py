@@ -2,8 +2,8 @@
 
 One thread runs the loop; each iteration is one step:
 
-    embeddings (one batch of waiting embedding requests, app/engine/embeddings.py)
-    plan   = Scheduler.schedule()                  app/engine/scheduler.py: who leaves, who joins
+    embeddings (one batch of waiting embedding requests, app/engine/runner/embeddings.py)
+    plan   = Scheduler.schedule()                  app/engine/core/scheduler.py: who leaves, who joins
     stats  = Runner.execute(plan, Scheduler.update) compact_runner.py / transformers_runner.py
     record_step(metrics, stats)                    the step's metrics, in one place
 
@@ -20,20 +20,11 @@ from collections import deque
 
 import torch
 
-from app.engine import admission
-from app.engine.embeddings import Embedder
-from app.engine.kv_cache import KVAccount
-from app.engine.kv_pool import PAGE_SIZE, KVPool
-from app.engine.loader import LoadedModel
-from app.engine.lora import AdapterRegistry, UnknownAdapterError
-from app.engine.prefix_cache import PrefixCache
-from app.engine.runner import Runner
-from app.engine.runners import make_runner
-from app.engine.scheduler import Scheduler
-from app.engine.sequence import Sequence
-from app.engine.speculative import SpeculativeConfig
-from app.engine.step import StepStats
-from app.engine.types import (
+from app.engine.core import admission
+from app.engine.core.scheduler import Scheduler
+from app.engine.core.sequence import Sequence
+from app.engine.core.step import StepStats
+from app.engine.core.types import (
     EmbedRequest,
     EngineError,
     EngineUnavailableError,
@@ -41,6 +32,15 @@ from app.engine.types import (
     GenerationRequest,
     QueueFullError,
 )
+from app.engine.kv.kv_cache import KVAccount
+from app.engine.kv.kv_pool import PAGE_SIZE, KVPool
+from app.engine.kv.prefix_cache import PrefixCache
+from app.engine.load.loader import LoadedModel
+from app.engine.load.runners import make_runner
+from app.engine.models.lora import AdapterRegistry, UnknownAdapterError
+from app.engine.runner.embeddings import Embedder
+from app.engine.runner.runner import Runner
+from app.engine.runner.speculative import SpeculativeConfig
 from app.metrics import Metrics
 
 log = logging.getLogger("textgen.engine")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import httpx
 
-from app.engine.loader import load_model
+from app.engine.load.loader import load_model
 from tests.e2e.server import run_server
 from tests.unit.engine.test_engine import greedy_alone
 

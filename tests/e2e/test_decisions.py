@@ -27,11 +27,11 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 from app.decisions.prompt import encode
 from app.decisions.questions import parse_input, parse_questions
 from app.decisions.score import answer, normalise
-from app.engine.compact_batch import CompactBatch
-from app.engine.loader import LoadedModel, load_model
-from app.engine.lora import read_adapter
-from app.engine.sequence import Sequence
-from app.engine.types import GenerationRequest, SamplingParams, StoppingParams
+from app.engine.core.sequence import Sequence
+from app.engine.core.types import GenerationRequest, SamplingParams, StoppingParams
+from app.engine.load.loader import LoadedModel, load_model
+from app.engine.models.lora import read_adapter
+from app.engine.runner.compact_batch import CompactBatch
 from tests.adapters import build_adapter
 from tests.e2e.server import Server, start, stop
 

@@ -48,11 +48,11 @@ def test_the_unchanged_copy_passes(app_copy: Path) -> None:
 
 
 def test_an_engine_importing_http_fails(app_copy: Path) -> None:
-    add_import(app_copy, "app.engine.types", "from app.api import errors as _errors  # noqa")
+    add_import(app_copy, "app.engine.core.types", "from app.api import errors as _errors  # noqa")
     result = lint_imports(app_copy)
     assert result.returncode == 1
     assert "The engine knows nothing of HTTP BROKEN" in result.stdout.replace("\n", " ")
-    assert "app.engine.types -> app.api.errors" in result.stdout
+    assert "app.engine.core.types -> app.api.errors" in result.stdout
 
 
 def test_the_server_importing_finetune_fails(app_copy: Path) -> None:
@@ -66,7 +66,7 @@ def test_a_type_checking_only_circle_fails(app_copy: Path) -> None:
     # sequence <- engine already; an annotation-only import back closes a circle.
     add_import(
         app_copy,
-        "app.engine.sequence",
+        "app.engine.core.sequence",
         "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from app.engine.engine import Engine  # noqa",
     )
     result = lint_imports(app_copy)
@@ -79,3 +79,12 @@ def test_one_route_family_importing_another_fails(app_copy: Path) -> None:
     result = lint_imports(app_copy)
     assert result.returncode == 1
     assert "app.api.generate -> app.api.tokenize" in result.stdout
+
+
+def test_an_upward_import_inside_the_engine_fails(app_copy: Path) -> None:
+    # The Scheduler (core) importing a runner: a layer may import only the layers below it.
+    add_import(app_copy, "app.engine.core.scheduler", "import app.engine.runner.runner  # noqa")
+    result = lint_imports(app_copy)
+    assert result.returncode == 1
+    assert "The engine is layered" in result.stdout and "BROKEN" in result.stdout
+    assert "app.engine.core.scheduler -> app.engine.runner.runner" in result.stdout

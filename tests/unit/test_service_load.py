@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from app.config import Settings
-from app.engine.loader import ModelLoadError
+from app.engine.load.loader import ModelLoadError
 from app.service import Service
 
 

@@ -11,7 +11,7 @@ from app.api.anthropic.protocol import CountTokensRequest, InputMessage, Message
 from app.api.errors import APIError, validation
 from app.api.openai.protocol import ChatMessage, ChatRequest
 from app.api.openai.tools import ToolPlan, collect
-from app.engine.types import Completion
+from app.engine.core.types import Completion
 
 STOP_REASON = {"eos_token": "end_turn", "stop_sequence": "stop_sequence", "length": "max_tokens"}
 # Tool keys that ask for nothing beyond a plain client tool (textgen's tool grammar is always strict).

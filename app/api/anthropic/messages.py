@@ -30,8 +30,8 @@ from app.api.openai.common import adapter_of, check_model, merged, start_choices
 from app.api.openai.protocol import ChatRequest
 from app.api.openai.tools import ToolPlan, tool_plan
 from app.api.structured import compile_grammar
-from app.engine.constraints import GrammarSpec
-from app.engine.types import Completion
+from app.engine.core.constraints import GrammarSpec
+from app.engine.core.types import Completion
 from app.service import Service
 
 router = APIRouter(tags=["Anthropic"])

@@ -10,8 +10,8 @@ from typing import Any
 
 from app.api.errors import APIError, validation
 from app.api.ollama.protocol import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, Message, Options
-from app.engine.loader import Limits
-from app.engine.types import Completion
+from app.engine.core.types import Completion
+from app.engine.load.loader import Limits
 from app.service import Service
 
 DONE_REASON = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}

@@ -37,7 +37,7 @@ from app.api.openai.logprobs import chat_logprobs
 from app.api.openai.protocol import ChatRequest, CompletionRequest, SamplingFields
 from app.api.openai.tools import ToolPlan, template_renders_tools, tool_plan
 from app.api.structured import compile_grammar, openai_spec
-from app.engine.types import Completion, Token
+from app.engine.core.types import Completion, Token
 
 router = APIRouter(tags=["Ollama"])
 ERRORS: dict[int | str, dict] = {code: {"description": '{"error": "..."}'} for code in (400, 404, 429, 503, 504)}

@@ -5,7 +5,7 @@ import json
 
 from app.api.ollama.convert import DONE_REASON
 from app.api.openai.tools import ToolPlan, collect
-from app.engine.types import Completion, Token
+from app.engine.core.types import Completion, Token
 
 
 def tool_calls(plan: ToolPlan, text: str) -> list[dict] | None:

@@ -31,8 +31,8 @@ from app.api.openai.protocol import (
 )
 from app.api.openai.tools import ToolCallOutput, ToolPlan, collect, end_reason, tool_plan
 from app.api.structured import compile_grammar, openai_spec
-from app.engine.constraints import Grammar
-from app.engine.types import Completion, Event
+from app.engine.core.constraints import Grammar
+from app.engine.core.types import Completion, Event
 from app.service import Service
 
 router = APIRouter(tags=["OpenAI"])

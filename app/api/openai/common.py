@@ -15,8 +15,8 @@ from app.api.generation import (
 )
 from app.api.openai.protocol import CompletionUsage, OpenAIErrorBody, SamplingFields
 from app.api.structured import document_cut
-from app.engine.constraints import Grammar
-from app.engine.types import Completion, Event
+from app.engine.core.constraints import Grammar
+from app.engine.core.types import Completion, Event
 from app.service import Service
 
 FINISH: dict[str, Literal["stop", "length"]] = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}

@@ -29,9 +29,9 @@ from app.api.openai.protocol import (
     now,
 )
 from app.api.structured import compile_grammar, openai_spec
-from app.engine.constraints import Grammar
-from app.engine.detokenize import render_text
-from app.engine.types import Completion, Event
+from app.engine.core.constraints import Grammar
+from app.engine.core.detokenize import render_text
+from app.engine.core.types import Completion, Event
 from app.service import Service
 
 router = APIRouter(tags=["OpenAI"])

@@ -24,7 +24,7 @@ from app.decisions.calibration import read_temperature, recorded_template_hash, 
 from app.decisions.prompt import Encoded, encode
 from app.decisions.questions import DecisionInputError, Question, parse_input, parse_questions
 from app.decisions.score import answer, normalise
-from app.engine.types import Completion, SamplingParams, StoppingParams
+from app.engine.core.types import Completion, SamplingParams, StoppingParams
 from app.service import Service
 
 router = APIRouter(tags=["OpenAI"])

@@ -1,4 +1,4 @@
-"""OpenAI logprobs from rendered tokens (app/engine/detokenize.py): completion-style
+"""OpenAI logprobs from rendered tokens (app/engine/core/detokenize.py): completion-style
 (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`) and chat-style (`content` entries
 with `bytes`). Token texts join to the returned text, so offsets are running sums.
 """
@@ -6,7 +6,7 @@ with `bytes`). Token texts join to the returned text, so offsets are running sum
 import math
 
 from app.api.openai.protocol import CompletionLogprobs
-from app.engine.types import Token
+from app.engine.core.types import Token
 
 
 def _logprob(value: float) -> float | None:

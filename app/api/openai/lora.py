@@ -19,7 +19,7 @@ from app.api.errors import APIError
 from app.api.generation import check_refused
 from app.api.openai.protocol import OpenAIErrorBody
 from app.api.schemas import Refused, RequestModel
-from app.engine.lora import AdapterExistsError, AdapterLimitError, AdapterRefusedError, UnknownAdapterError
+from app.engine.models.lora import AdapterExistsError, AdapterLimitError, AdapterRefusedError, UnknownAdapterError
 from app.own_thread import on_own_thread
 from app.service import Service
 

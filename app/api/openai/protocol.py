@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.api.errors import validation
 from app.api.schemas import Refused, RequestModel
-from app.engine.types import SamplingParams, StoppingParams
+from app.engine.core.types import SamplingParams, StoppingParams
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 

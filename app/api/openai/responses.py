@@ -34,7 +34,7 @@ from app.api.openai.responses_protocol import (
 )
 from app.api.openai.tools import ToolPlan, collect, tool_plan
 from app.api.structured import compile_grammar, openai_spec
-from app.engine.types import Completion, Token
+from app.engine.core.types import Completion, Token
 
 router = APIRouter(tags=["OpenAI"])
 

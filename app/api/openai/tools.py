@@ -30,7 +30,7 @@ import jinja2
 import jinja2.meta
 
 from app.api.errors import validation
-from app.engine.constraints import GrammarSpec, closed_objects
+from app.engine.core.constraints import GrammarSpec, closed_objects
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from app.engine.models.invariant_gemm import InputMajorWeight, input_major
 from app.engine.models.invariant_gemm import enabled as invariant_gemm_enabled
-from app.engine.quantize import PackedWeight, is_dynamic_int8
+from app.engine.models.quantize import PackedWeight, is_dynamic_int8
 
 # attend(layer, q [N, heads, dim], k [N, kv_heads, dim], v [N, kv_heads, dim]) -> [N, heads * dim]
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -116,7 +116,7 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 class LoraDeltas(Protocol):
     """The LoRA deltas of one packed forward's token rows, as the forward applies them
-    (`app.engine.lora.LoraRows`). A protocol here, not that class, so that the model interface does
+    (`app.engine.models.lora.LoraRows`). A protocol here, not that class, so that the model interface does
     not import the adapter code that is built on its GEMMs (no import circle)."""
 
     def apply(
@@ -148,7 +148,7 @@ def adapted_linear(
 
 
 class DecodeStep(Protocol):
-    """A whole decode step run as one callable (`app.engine.compiled.CompiledDecode`, set by the
+    """A whole decode step run as one callable (`app.engine.runner.compiled.CompiledDecode`, set by the
     loader for TEXTGEN_COMPILE). A protocol for the same reason as `LoraDeltas`: the compiled step
     is built from the batch code, which is built on this interface."""
 

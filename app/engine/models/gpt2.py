@@ -15,7 +15,7 @@ from app.engine.models.base import (
     linear,
     row_multiple,
 )
-from app.engine.quantize import QuantizedLinear
+from app.engine.models.quantize import QuantizedLinear
 
 _SLOTS = ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")
 _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": None, "gelu": "gelu"}

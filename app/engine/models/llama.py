@@ -15,7 +15,7 @@ from app.engine.models.base import (
     linear,
     row_multiple,
 )
-from app.engine.quantize import QuantizedLinear
+from app.engine.models.quantize import QuantizedLinear
 
 Gemm = tuple[Weight, torch.Tensor | None]  # a linear layer's (weight, bias)
 

@@ -7,7 +7,7 @@ import pytest
 from starlette.requests import Request
 
 from app.api.errors import APIError, error_response, from_engine
-from app.engine.types import EngineUnavailableError, QueueFullError
+from app.engine.core.types import EngineUnavailableError, QueueFullError
 
 
 def request(path: str) -> Request:

@@ -22,7 +22,7 @@ from app.api.openai.responses import (
 )
 from app.api.openai.responses_protocol import ResponsesRequest
 from app.api.openai.tools import tool_plan
-from app.engine.types import Event
+from app.engine.core.types import Event
 
 TOOL = {"type": "function", "name": "f", "parameters": {"type": "object", "properties": {}}, "strict": True}
 

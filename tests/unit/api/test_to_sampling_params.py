@@ -18,7 +18,7 @@ from app.api.openai.protocol import ChatRequest, CompletionRequest
 from app.api.openai.responses import chat_request
 from app.api.openai.responses_protocol import ResponsesRequest
 from app.api.schemas import GenerateParameters
-from app.engine.types import SamplingParams
+from app.engine.core.types import SamplingParams
 
 VOCAB = 100
 MESSAGES = [{"role": "user", "content": "hi"}]

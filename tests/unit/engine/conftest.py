@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from app.engine.loader import LoadedModel, load_model
+from app.engine.load.loader import LoadedModel, load_model
 
 
 @pytest.fixture(scope="session")

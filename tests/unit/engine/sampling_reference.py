@@ -1,7 +1,7 @@
-"""The sampler as it was before SamplingState (main at bb4ef19's app/engine/sampling.py, with
+"""The sampler as it was before SamplingState (main at bb4ef19's app/engine/sample/sampling.py, with
 SamplingParams' removed `warper_key` and `has_penalties` inlined): rows grouped by identical
 warper settings through transformers' own logits warpers. The reference that
-app/engine/sampling.py must match bitwise (tests/unit/engine/test_sampling_state.py).
+app/engine/sample/sampling.py must match bitwise (tests/unit/engine/test_sampling_state.py).
 
 Original description: choose the next token for every row of a batch, each row with its own
 sampling settings.
@@ -30,8 +30,8 @@ from transformers import (
     TypicalLogitsWarper,
 )
 
-from app.engine.sequence import Sequence
-from app.engine.types import SamplingParams
+from app.engine.core.sequence import Sequence
+from app.engine.core.types import SamplingParams
 
 
 @dataclass

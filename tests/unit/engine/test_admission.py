@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass, field
 
-from app.engine.admission import Limits, admit, fits_alone, peak_tokens
+from app.engine.core.admission import Limits, admit, fits_alone, peak_tokens
 
 
 @dataclass

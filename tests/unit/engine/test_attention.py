@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from app.engine.attention import CHUNK, chunk_width, decode_attention
+from app.engine.models.attention import CHUNK, chunk_width, decode_attention
 
 
 def _row_alone(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int, columns: int) -> torch.Tensor:

@@ -2,10 +2,10 @@
 
 import torch
 
-from app.engine.batch import Batch
-from app.engine.loader import LoadedModel
-from app.engine.sequence import Sequence
-from app.engine.types import GenerationRequest, SamplingParams, StoppingParams
+from app.engine.core.sequence import Sequence
+from app.engine.core.types import GenerationRequest, SamplingParams, StoppingParams
+from app.engine.load.loader import LoadedModel
+from app.engine.runner.batch import Batch
 
 
 def seq(lm: LoadedModel, prompt: str) -> Sequence:

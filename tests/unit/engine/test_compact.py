@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.engine.compact_batch import CompactBatch
+from app.engine.core.sequence import Sequence
+from app.engine.core.types import Completion, Event, GenerationRequest, SamplingParams, StoppingParams
 from app.engine.engine import Engine
-from app.engine.loader import LoadedModel, ModelLoadError, load_model
+from app.engine.load.loader import LoadedModel, ModelLoadError, load_model
 from app.engine.models import CompactModel
-from app.engine.sequence import Sequence
-from app.engine.types import Completion, Event, GenerationRequest, SamplingParams, StoppingParams
+from app.engine.runner.compact_batch import CompactBatch
 
 TOLERANCE = 1e-4
 

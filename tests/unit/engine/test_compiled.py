@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from app.engine.loader import LoadedModel, ModelLoadError, load_model
-from app.engine.types import SamplingParams
+from app.engine.core.types import SamplingParams
+from app.engine.load.loader import LoadedModel, ModelLoadError, load_model
 from tests.unit.engine import test_compact
 from tests.unit.engine.test_compact import assert_alone_equals_batched, prompt_ids, run_engine
 

@@ -12,10 +12,10 @@ import jsonschema
 import pytest
 import torch
 
-from app.engine.constraints import GrammarCompiler, GrammarError, GrammarSpec
+from app.engine.core.constraints import GrammarCompiler, GrammarError, GrammarSpec
+from app.engine.core.types import Completion, Event, GenerationRequest, SamplingParams, StoppingParams
 from app.engine.engine import Engine
-from app.engine.loader import LoadedModel, load_model
-from app.engine.types import Completion, Event, GenerationRequest, SamplingParams, StoppingParams
+from app.engine.load.loader import LoadedModel, load_model
 from tests.unit.engine.test_engine import make_engine
 
 SCHEMA = {
@@ -225,7 +225,7 @@ def test_unspecified_additional_properties_default_false_and_the_setting(tiny_lm
 
 
 def test_closed_objects_reaches_nested_schemas_but_not_all_of_branches() -> None:
-    from app.engine.constraints import closed_objects
+    from app.engine.core.constraints import closed_objects
 
     obj = {"type": "object", "properties": {"a": {"type": "string"}}}
     schema = {

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from app.engine.detokenize import TokenRenderer, raw_bytes, render, render_text
+from app.engine.core.detokenize import TokenRenderer, raw_bytes, render, render_text
 
 TEXTS = [
     " a big dog",

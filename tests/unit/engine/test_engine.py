@@ -10,11 +10,11 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from app.engine.admission import RequestTooLargeError
-from app.engine.embeddings import from_causal_lm
+from app.engine.core.admission import RequestTooLargeError
+from app.engine.core.types import Completion, Event, GenerationRequest, QueueFullError, SamplingParams, StoppingParams
 from app.engine.engine import Engine
-from app.engine.loader import LoadedModel
-from app.engine.types import Completion, Event, GenerationRequest, QueueFullError, SamplingParams, StoppingParams
+from app.engine.load.loader import LoadedModel
+from app.engine.runner.embeddings import from_causal_lm
 
 WORDS = (
     "the import statement combines two operations it searches for the named module then it binds "

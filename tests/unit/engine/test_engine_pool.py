@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from app.engine.core.types import Completion, Event, GenerationRequest, SamplingParams, StoppingParams
 from app.engine.engine import Engine
-from app.engine.kv_pool import PAGE_SIZE
-from app.engine.loader import LoadedModel, load_model
-from app.engine.types import Completion, Event, GenerationRequest, SamplingParams, StoppingParams
+from app.engine.kv.kv_pool import PAGE_SIZE
+from app.engine.load.loader import LoadedModel, load_model
 from tests.unit.engine.test_engine_prefix import make_engine, outputs
 
 

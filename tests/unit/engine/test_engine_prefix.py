@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from app.engine.embeddings import from_causal_lm
+from app.engine.core.types import Completion, Event, GenerationRequest, SamplingParams, StoppingParams
 from app.engine.engine import Engine
-from app.engine.loader import LoadedModel, load_model
-from app.engine.types import Completion, Event, GenerationRequest, SamplingParams, StoppingParams
+from app.engine.load.loader import LoadedModel, load_model
+from app.engine.runner.embeddings import from_causal_lm
 from tests.unit.engine.test_engine import greedy_alone
 
 

@@ -4,7 +4,7 @@ may differ from K's, and an account sees every buffer."""
 import pytest
 import torch
 
-from app.engine.kv_cache import KVAccount, SlabCache, SlabLayer
+from app.engine.kv.kv_cache import KVAccount, SlabCache, SlabLayer
 
 
 def states(rows: int, length: int, dim: int, start: float = 0.0) -> torch.Tensor:

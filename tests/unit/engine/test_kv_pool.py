@@ -6,9 +6,9 @@ import random
 import pytest
 import torch
 
-from app.engine.attention import chunk_width, decode_attention
-from app.engine.kv_cache import KVAccount
-from app.engine.kv_pool import KVPool, PagedRows, PoolExhaustedError
+from app.engine.kv.kv_cache import KVAccount
+from app.engine.kv.kv_pool import KVPool, PagedRows, PoolExhaustedError
+from app.engine.models.attention import chunk_width, decode_attention
 
 LAYERS, KV_HEADS, DIM, PAGE = 2, 2, 8, 16
 

@@ -15,16 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from app.engine.core.types import Completion, Event, GenerationRequest, SamplingParams, StoppingParams
 from app.engine.engine import Engine
-from app.engine.loader import LoadedModel, load_model
-from app.engine.lora import (
+from app.engine.load.loader import LoadedModel, load_model
+from app.engine.models.lora import (
     AdapterExistsError,
     AdapterLimitError,
     AdapterRefusedError,
     AdapterRegistry,
     UnknownAdapterError,
 )
-from app.engine.types import Completion, Event, GenerationRequest, SamplingParams, StoppingParams
 from tests.adapters import build_adapter, build_merged
 
 # Per family: three adapters' (target modules, rank). GPT-2's are Conv1D (fan_in_fan_out); the

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from app.engine.loader import load_model
-from app.engine.mapped_pages import file_mappings, module_storages, page_out_stale, storage_ranges
+from app.engine.load.loader import load_model
+from app.engine.load.mapped_pages import file_mappings, module_storages, page_out_stale, storage_ranges
 from app.engine.models import compact_model
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="madvise(MADV_PAGEOUT) and /proc are Linux's")

@@ -5,8 +5,8 @@ are bitwise those of the same request prefilled whole."""
 import math
 import threading
 
-from app.engine.loader import LoadedModel
-from app.engine.types import Completion, Event, GenerationRequest, SamplingParams, StoppingParams
+from app.engine.core.types import Completion, Event, GenerationRequest, SamplingParams, StoppingParams
+from app.engine.load.loader import LoadedModel
 from tests.unit.engine.test_engine_prefix import make_engine, shared_prompts
 
 

@@ -3,9 +3,9 @@ pool, the LRU of unreferenced pages and its budget."""
 
 import torch
 
-from app.engine.kv_cache import KVAccount
-from app.engine.kv_pool import KVPool, PagedRows
-from app.engine.prefix_cache import PrefixCache, block_keys
+from app.engine.kv.kv_cache import KVAccount
+from app.engine.kv.kv_pool import KVPool, PagedRows
+from app.engine.kv.prefix_cache import PrefixCache, block_keys
 
 B = 4  # page (block) size in these tests
 LAYERS = 3

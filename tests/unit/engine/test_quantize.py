@@ -13,10 +13,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GenerationConfig, GPT2Config, GPT2LMHeadModel
 
-from app.engine.loader import load_model
+from app.engine.core.types import SamplingParams
+from app.engine.load.loader import load_model
 from app.engine.models.base import linear, pad_rows, row_multiple
-from app.engine.quantize import INT4_GROUP, PackedWeight, pack_int4, pack_int8
-from app.engine.types import SamplingParams
+from app.engine.models.quantize import INT4_GROUP, PackedWeight, pack_int4, pack_int8
 from tests.unit.engine.test_compact import compact, run_engine
 
 # (in, out): GPT-2-124M's qkv, MLP up and down projections, and a head-like wide output.
@@ -110,7 +110,7 @@ def test_shapes_the_kernels_cannot_run_stay_unpacked() -> None:
 
 
 def test_weight_only_modes_are_refused_off_cpu(tiny_gpt2_dir: Path) -> None:
-    from app.engine.quantize import QuantizeUnavailable, quantize_model
+    from app.engine.models.quantize import QuantizeUnavailable, quantize_model
 
     model = GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir).to("meta")
     with pytest.raises(QuantizeUnavailable, match="CPU weight-only kernels"):

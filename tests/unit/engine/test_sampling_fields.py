@@ -7,10 +7,10 @@ import typing
 import pytest
 import torch
 
-from app.engine.loader import LoadedModel
-from app.engine.sampling import SAMPLER_FIELDS, SamplingState, choose
-from app.engine.sequence import Sequence
-from app.engine.types import GenerationRequest, SamplingParams, StoppingParams
+from app.engine.core.sequence import Sequence
+from app.engine.core.types import GenerationRequest, SamplingParams, StoppingParams
+from app.engine.load.loader import LoadedModel
+from app.engine.sample.sampling import SAMPLER_FIELDS, SamplingState, choose
 
 FIELDS = [f.name for f in dataclasses.fields(SamplingParams)]
 
@@ -48,7 +48,7 @@ def outputs(lm: LoadedModel, params: SamplingParams) -> list[tuple[int, float, o
 
 def test_the_sampler_declares_every_field() -> None:
     assert set(FIELDS) == SAMPLER_FIELDS, (
-        "app/engine/sampling.py's SAMPLER_FIELDS must name exactly SamplingParams' fields: "
+        "app/engine/sample/sampling.py's SAMPLER_FIELDS must name exactly SamplingParams' fields: "
         f"missing {set(FIELDS) - SAMPLER_FIELDS}, stale {SAMPLER_FIELDS - set(FIELDS)}"
     )
 
@@ -60,5 +60,5 @@ def test_every_field_changes_the_output(tiny_lm: LoadedModel, name: str) -> None
     value = probe(name)
     assert value != getattr(base, name)
     assert outputs(tiny_lm, dataclasses.replace(base, **{name: value})) != outputs(tiny_lm, base), (
-        f"SamplingParams.{name}={value!r} does not change what choose() returns: app/engine/sampling.py ignores it"
+        f"SamplingParams.{name}={value!r} does not change what choose() returns: app/engine/sample/sampling.py ignores it"
     )

@@ -7,10 +7,10 @@ import random
 import pytest
 import torch
 
-from app.engine.loader import LoadedModel
-from app.engine.sampling import Choice, SamplingState, choose
-from app.engine.sequence import Sequence
-from app.engine.types import GenerationRequest, SamplingParams, StoppingParams
+from app.engine.core.sequence import Sequence
+from app.engine.core.types import GenerationRequest, SamplingParams, StoppingParams
+from app.engine.load.loader import LoadedModel
+from app.engine.sample.sampling import Choice, SamplingState, choose
 from tests.unit.engine.sampling_reference import reference_choose
 
 VOCAB = 300

@@ -12,12 +12,12 @@ import torch
 from transformers import AutoTokenizer
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from app.engine import scheduler as scheduler_module
-from app.engine.admission import Limits, RequestTooLargeError
-from app.engine.scheduler import Scheduler
-from app.engine.sequence import Sequence
-from app.engine.step import RowOutput, Sampled, StepResult, StepStats
-from app.engine.types import Event, GenerationRequest, QueueFullError, SamplingParams, StoppingParams
+from app.engine.core import scheduler as scheduler_module
+from app.engine.core.admission import Limits, RequestTooLargeError
+from app.engine.core.scheduler import Scheduler
+from app.engine.core.sequence import Sequence
+from app.engine.core.step import RowOutput, Sampled, StepResult, StepStats
+from app.engine.core.types import Event, GenerationRequest, QueueFullError, SamplingParams, StoppingParams
 
 EOS = 50256
 
@@ -302,6 +302,6 @@ def test_the_scheduler_imports_no_torch() -> None:
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert not any(name.split(".")[0] in {"torch", "transformers", "numpy"} for name in imported), imported
-    for module in ("app.engine.step", "app.engine.admission", "app.engine.types"):
+    for module in ("app.engine.core.step", "app.engine.core.admission", "app.engine.core.types"):
         source = inspect.getsource(__import__(module, fromlist=["_"]))
         assert "import torch" not in source, module

@@ -8,8 +8,8 @@ import torch
 from transformers import AutoTokenizer, MambaConfig, MambaForCausalLM
 
 from app.config import Settings
-from app.engine.loader import LoadedModel, ModelLoadError, load_model
-from app.engine.selftest import self_test
+from app.engine.load.loader import LoadedModel, ModelLoadError, load_model
+from app.engine.load.selftest import self_test
 from app.service import Service
 
 

@@ -8,9 +8,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from app.engine.loader import LoadedModel
-from app.engine.sequence import Sequence
-from app.engine.types import GenerationRequest, SamplingParams, StoppingParams
+from app.engine.core.sequence import Sequence
+from app.engine.core.types import GenerationRequest, SamplingParams, StoppingParams
+from app.engine.load.loader import LoadedModel
 
 
 def make(lm: LoadedModel, prompt: str, stopping: StoppingParams) -> Sequence:

@@ -1,4 +1,4 @@
-"""Exact speculative decoding (app/engine/speculative.py): drafts, and bitwise equality on/off.
+"""Exact speculative decoding (app/engine/runner/speculative.py): drafts, and bitwise equality on/off.
 
 Outputs are compared with `==`: token ids, logprobs, top candidates and text, with speculation on
 (requests batched, joining at staggered times) against speculation off (each request alone).
@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.engine.constraints import Grammar, GrammarCompiler, GrammarSpec
+from app.engine.core.constraints import Grammar, GrammarCompiler, GrammarSpec
+from app.engine.core.sequence import Sequence
+from app.engine.core.types import Completion, Event, GenerationRequest, SamplingParams, StoppingParams
 from app.engine.engine import Engine
-from app.engine.loader import LoadedModel, load_model
-from app.engine.lora import AdapterRegistry
-from app.engine.sequence import Sequence
-from app.engine.speculative import Drafter, SpeculativeConfig, propose
-from app.engine.types import Completion, Event, GenerationRequest, SamplingParams, StoppingParams
+from app.engine.load.loader import LoadedModel, load_model
+from app.engine.models.lora import AdapterRegistry
+from app.engine.runner.speculative import Drafter, SpeculativeConfig, propose
 from app.metrics import Metrics
 from tests.adapters import build_adapter
 

@@ -4,7 +4,7 @@ Batch invariance by construction (a request's ids and logprobs are bitwise the s
 any batch, on CPU):
 - no padding inside a sequence: prompts are packed one after another ([N, hidden], N = real
   tokens), and each row's attention reads exactly its own cached tokens (its pages of the
-  `KVPool`, gathered into the layout attention reads: app/engine/kv_pool.py);
+  `KVPool`, gathered into the layout attention reads: app/engine/kv/kv_pool.py);
 - every GEMM sees a row count that is a multiple of the model's `row_multiple` (zero rows are
   appended): oneDNN's kernels then give a row the same bits whatever the other rows are, while a
   single fp32 row (and bf16 row, for inputs 1536+ wide) takes another kernel (measured; see
@@ -13,13 +13,13 @@ any batch, on CPU):
   into one SDPA call do NOT give the bits of the call alone: measured, torch 2.13 CPU.) A prompt's
   queries go in chunks of ATTENTION_CHUNK positions, one call each over exactly the keys up to
   the chunk's end (`_chunked_attention`), so a prompt whose first chunks come from the prefix cache
-  (app/engine/prefix_cache.py, pages shared by reference) computes its other chunks with the same
+  (app/engine/kv/prefix_cache.py, pages shared by reference) computes its other chunks with the same
   bits as without the cache,
   and the cached chunks' K/V do not depend on the length of the prompt that stored them. (One
   causal call over the whole prompt differed in the last bits from a call over its suffix in 16 of
   80 prompts; chunks over all the prompt's keys gave K/V that depended on the prompt's length
   past ~200 tokens: measured, torch 2.13 CPU.) Decode: one set of ops for the
-  whole batch whose reductions have shapes fixed by the row alone (app/engine/attention.py).
+  whole batch whose reductions have shapes fixed by the row alone (app/engine/models/attention.py).
 The interface is `Batch`'s, so the scheduler drives either.
 """
 
@@ -31,13 +31,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from app.engine.attention import chunk_width, decode_attention
-from app.engine.kv_pool import KVPool, PagedRows, page_width
-from app.engine.lora import LoraRows
+from app.engine.core.sequence import Sequence
+from app.engine.core.types import AdapterRef
+from app.engine.kv.kv_pool import KVPool, PagedRows, page_width
+from app.engine.models.attention import chunk_width, decode_attention
 from app.engine.models.base import CompactModel, pad_rows, padded_rows
-from app.engine.sampling import SamplingState
-from app.engine.sequence import Sequence
-from app.engine.types import AdapterRef
+from app.engine.models.lora import LoraRows
+from app.engine.sample.sampling import SamplingState
 
 # Prefill attention runs in query chunks of this many positions when batch invariant, and the
 # prefix cache shares pages of this size: a cached prefix always ends on a chunk boundary.
@@ -193,7 +193,7 @@ def decode_logits(
     """One batch-invariant decode step, inside `decode_context`: the logits [n, vocab] of the next
     token of every row. ids, positions: [n] (the batch padded to `padded_rows` with zeros); the
     first `real` rows (the context's lengths) write their new keys/values at column
-    `positions[row]`. TEXTGEN_COMPILE traces this function (app/engine/compiled.py); the cache
+    `positions[row]`. TEXTGEN_COMPILE traces this function (app/engine/runner/compiled.py); the cache
     write and attention are an opaque op there, so the graph's shapes depend on `n` alone."""
     attend_op = decode_attend if torch.compiler.is_compiling() else _decode_attend
 

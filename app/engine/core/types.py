@@ -5,13 +5,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
 if TYPE_CHECKING:
-    from app.engine.constraints import Grammar
+    from app.engine.core.constraints import Grammar
 
 FinishReason = Literal["length", "eos_token", "stop_sequence", "cancelled", "error"]
 
 
 class AdapterRef(Protocol):
-    """What a sequence holds of its LoRA adapter (`app.engine.lora.Adapter`, held from submit until
+    """What a sequence holds of its LoRA adapter (`app.engine.models.lora.Adapter`, held from submit until
     it finishes): its name and its load (the prefix cache's namespace). A protocol so the core
     (types, sequence, scheduler) does not import the adapter math."""
 
@@ -37,7 +37,7 @@ class EngineUnavailableError(EngineError):
 @dataclass(frozen=True)
 class SamplingParams:
     """One request's sampling settings, made by the request model's `to_sampling_params()`.
-    Every field is read by app/engine/sampling.py (`SAMPLER_FIELDS`); a new field goes there too
+    Every field is read by app/engine/sample/sampling.py (`SAMPLER_FIELDS`); a new field goes there too
     (docs/design.md, "Adding a sampling parameter"), or a test fails."""
 
     do_sample: bool = False
@@ -71,7 +71,7 @@ class StoppingParams:
 
 @dataclass
 class Token:
-    """One token rendered in context (app/engine/detokenize.py): `text` is what it adds to the
+    """One token rendered in context (app/engine/core/detokenize.py): `text` is what it adds to the
     returned text, `raw` its own UTF-8 bytes there, `top` the most likely candidates at its
     position, each rendered as if it had been chosen there. `logprob` is NaN for a prompt's
     first token."""

@@ -25,8 +25,8 @@ from typing import cast
 
 import torch
 
+from app.engine.core.types import AdapterRef, EngineError
 from app.engine.models.base import ACTIVATIONS, CompactModel, Weight, linear, pad_rows
-from app.engine.types import AdapterRef, EngineError
 
 
 class AdapterError(EngineError):

@@ -1,7 +1,7 @@
 """`TransformersRunner`: every causal LM that is not GPT-2 or Llama, on the transformers forward.
 
-Rows are left-padded together in a `Batch` (app/engine/batch.py) whose KV cache is a `SlabCache`
-(app/engine/kv_cache.py), a transformers `Cache` written in place into preallocated slabs. This
+Rows are left-padded together in a `Batch` (app/engine/runner/batch.py) whose KV cache is a `SlabCache`
+(app/engine/kv/kv_cache.py), a transformers `Cache` written in place into preallocated slabs. This
 fallback keeps its slab cache behind the `Runner` protocol: the paged pool and the prefix cache are
 the compact forward's (a left-padded cache has no per-row prefix to share), and so is speculative
 decoding (exact verification needs the batch-invariant compact forward).
@@ -12,14 +12,14 @@ import logging
 import torch
 from transformers import PreTrainedModel
 
-from app.engine import speculative as spec
-from app.engine.batch import Batch
-from app.engine.invariants import check_slab_batch
-from app.engine.kv_cache import KVAccount
-from app.engine.runner import BatchRunner
-from app.engine.sequence import Sequence
-from app.engine.speculative import SpeculativeConfig
-from app.engine.step import Reservation
+from app.engine.core.sequence import Sequence
+from app.engine.core.step import Reservation
+from app.engine.kv.kv_cache import KVAccount
+from app.engine.runner import speculative as spec
+from app.engine.runner.batch import Batch
+from app.engine.runner.invariants import check_slab_batch
+from app.engine.runner.runner import BatchRunner
+from app.engine.runner.speculative import SpeculativeConfig
 
 log = logging.getLogger("textgen.engine")
 

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
-from app.engine.types import EngineError
+from app.engine.core.types import EngineError
 
 
 class RequestTooLargeError(EngineError):

@@ -1,13 +1,13 @@
 """Runners execute a `StepPlan`: one per forward, behind one protocol.
 
-- `CompactRunner` (app/engine/compact_runner.py): GPT-2 and Llama on textgen's own forward, a
+- `CompactRunner` (app/engine/runner/compact_runner.py): GPT-2 and Llama on textgen's own forward, a
   `CompactBatch` over a `KVPool` of pages, with the prefix cache and speculative decoding;
-- `TransformersRunner` (app/engine/transformers_runner.py): every other `AutoModelForCausalLM`, a
+- `TransformersRunner` (app/engine/runner/transformers_runner.py): every other `AutoModelForCausalLM`, a
   `Batch` over a left-padded `SlabCache` (this fallback keeps its slab cache behind the protocol).
 
 A runner owns the running batch and its KV buffers, runs the step's forwards (drop, prefill and
 join, decode), samples each row's token (`sampling.choose`; a row whose settings make sampling fail
-fails alone) and reports every row to the scheduler through `update` (app/engine/step.py). It
+fails alone) and reports every row to the scheduler through `update` (app/engine/core/step.py). It
 never decides who runs or what a token means for its request. Only a failed forward raises (the
 engine then stops); running out of device memory is reported, never raised.
 """
@@ -19,15 +19,15 @@ from typing import Generic, Protocol, TypeVar
 
 import torch
 
-from app.engine.invariants import check_keep
-from app.engine.kv_cache import KVAccount
-from app.engine.kv_pool import KVPool
-from app.engine.prefix_cache import PrefixCache
-from app.engine.sampling import SamplingState, choose
-from app.engine.scheduler import PrefixIndex
-from app.engine.sequence import Sequence
-from app.engine.speculative import SpeculativeConfig
-from app.engine.step import Drop, Reservation, RowOutput, Sampled, StepPlan, StepResult, StepStats, Update
+from app.engine.core.scheduler import PrefixIndex
+from app.engine.core.sequence import Sequence
+from app.engine.core.step import Drop, Reservation, RowOutput, Sampled, StepPlan, StepResult, StepStats, Update
+from app.engine.kv.kv_cache import KVAccount
+from app.engine.kv.kv_pool import KVPool
+from app.engine.kv.prefix_cache import PrefixCache
+from app.engine.runner.invariants import check_keep
+from app.engine.runner.speculative import SpeculativeConfig
+from app.engine.sample.sampling import SamplingState, choose
 
 log = logging.getLogger("textgen.engine")
 
@@ -55,7 +55,7 @@ class Runner(Protocol):
         ...
 
     def check(self) -> None:
-        """Assert the batch and cache invariants (app/engine/invariants.py); the tests call it every step."""
+        """Assert the batch and cache invariants (app/engine/runner/invariants.py); the tests call it every step."""
         ...
 
     def release(self) -> None:

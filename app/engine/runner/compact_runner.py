@@ -1,10 +1,10 @@
 """`CompactRunner`: GPT-2 and Llama on textgen's own forward (app/engine/models/).
 
-Rows live in a `CompactBatch` (app/engine/compact_batch.py) over the runner's `KVPool`
-(app/engine/kv_pool.py: 16-token pages, a page table per row, reference counts). This runner also
+Rows live in a `CompactBatch` (app/engine/runner/compact_batch.py) over the runner's `KVPool`
+(app/engine/kv/kv_pool.py: 16-token pages, a page table per row, reference counts). This runner also
 owns what only this forward can do exactly: automatic prefix caching (`prefix_cache.PrefixCache`,
 an index of pool pages, seen by the scheduler through `RowPrefixes` as counts) and speculative decoding
-(app/engine/speculative.py: drafts verified in one batch-invariant step, tokens reported to the
+(app/engine/runner/speculative.py: drafts verified in one batch-invariant step, tokens reported to the
 scheduler offset by offset).
 """
 
@@ -12,17 +12,17 @@ import logging
 
 import torch
 
-from app.engine import speculative as spec
-from app.engine.compact_batch import CompactBatch
-from app.engine.invariants import check_compact_batch
-from app.engine.kv_cache import KVAccount
-from app.engine.kv_pool import KVPool
+from app.engine.core.sequence import Sequence
+from app.engine.core.step import Reservation, Update
+from app.engine.kv.kv_cache import KVAccount
+from app.engine.kv.kv_pool import KVPool
+from app.engine.kv.prefix_cache import PrefixCache
 from app.engine.models.base import CompactModel
-from app.engine.prefix_cache import PrefixCache
-from app.engine.runner import BatchRunner
-from app.engine.sequence import Sequence
-from app.engine.speculative import SpeculativeConfig
-from app.engine.step import Reservation, Update
+from app.engine.runner import speculative as spec
+from app.engine.runner.compact_batch import CompactBatch
+from app.engine.runner.invariants import check_compact_batch
+from app.engine.runner.runner import BatchRunner
+from app.engine.runner.speculative import SpeculativeConfig
 
 log = logging.getLogger("textgen.engine")
 

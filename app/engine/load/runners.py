@@ -1,10 +1,10 @@
 """Which runner serves a loaded model (the Engine and the load-time self-test use the same one)."""
 
-from app.engine.compact_runner import CompactRunner
-from app.engine.kv_cache import KVAccount
-from app.engine.loader import LoadedModel
-from app.engine.speculative import SpeculativeConfig
-from app.engine.transformers_runner import TransformersRunner
+from app.engine.kv.kv_cache import KVAccount
+from app.engine.load.loader import LoadedModel
+from app.engine.runner.compact_runner import CompactRunner
+from app.engine.runner.speculative import SpeculativeConfig
+from app.engine.runner.transformers_runner import TransformersRunner
 
 
 def make_runner(

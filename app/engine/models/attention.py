@@ -13,7 +13,7 @@ fixed by the row alone:
   (fixed-size reductions, one batched GEMM for all chunks), and the chunks are summed in order,
   left to right (a cumulative sum), so chunks that are all padding add +0.0 at the end and change
   nothing.
-The KV pool (app/engine/kv_pool.py) keeps 16-token pages; a step gathers each row's pages into
+The KV pool (app/engine/kv/kv_pool.py) keeps 16-token pages; a step gathers each row's pages into
 `keys`/`values` of a multiple of CHUNK columns (one contiguous tensor each: keys and values as
 interleaved views of one tensor gave a row other bits alone than batched, measured), so every
 chunk is whole, and there is no Python loop (the compiled decode step traces it as one graph for

@@ -7,8 +7,8 @@ scheduler or cache change that breaks one fails there, not as a silently wrong t
 
 import torch
 
-from app.engine.batch import Batch
-from app.engine.compact_batch import CompactBatch
+from app.engine.runner.batch import Batch
+from app.engine.runner.compact_batch import CompactBatch
 
 
 def check_keep(keep: list[int], rows: int) -> None:

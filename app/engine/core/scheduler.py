@@ -19,13 +19,13 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from app.engine import admission
-from app.engine.admission import RequestTooLargeError
-from app.engine.step import Admit, Drop, Reservation, RowOutput, StepPlan, StepResult, StepStats
-from app.engine.types import Event, FinishReason, QueueFullError
+from app.engine.core import admission
+from app.engine.core.admission import RequestTooLargeError
+from app.engine.core.step import Admit, Drop, Reservation, RowOutput, StepPlan, StepResult, StepStats
+from app.engine.core.types import Event, FinishReason, QueueFullError
 
 if TYPE_CHECKING:
-    from app.engine.sequence import Sequence
+    from app.engine.core.sequence import Sequence
 
 log = logging.getLogger("textgen.engine")
 

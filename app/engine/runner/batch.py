@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from app.engine.kv_cache import KVAccount, SlabCache
-from app.engine.sampling import SamplingState
-from app.engine.sequence import Sequence
+from app.engine.core.sequence import Sequence
+from app.engine.kv.kv_cache import KVAccount, SlabCache
+from app.engine.sample.sampling import SamplingState
 
 
 class Batch:

@@ -3,7 +3,7 @@
 Every layer's keys and values live in one tensor per layer, `KVPool.kv[layer]`
 [pages, 2 (keys, values), kv_heads, PAGE_SIZE, head_dim]. A row (`PagedRows`) holds a page table:
 its token p lives in page `table[p // PAGE_SIZE]` at offset `p % PAGE_SIZE`. Pages carry reference
-counts, so n > 1 choices and the prefix cache (app/engine/prefix_cache.py, an index of full prompt
+counts, so n > 1 choices and the prefix cache (app/engine/kv/prefix_cache.py, an index of full prompt
 pages) share a prompt's pages instead of copying them: a cache hit or a shared prompt is a
 reference, never a K/V copy. A row writes only into pages past its prompt's full ones (its partial
 last page and new pages are its own), so shared pages are never written: no copy-on-write is
@@ -20,7 +20,7 @@ handed out: attention reads it where a row has no page (past its length, masked)
 Attention reads pages through `PagedRows.gather`: one `index_select` per layer copies the rows'
 pages into the layout [rows, 2, kv_heads, width, head_dim] that `decode_attention` and the
 prefill's chunked attention read (a transient read of one layer, freed at once, not a second
-cache), so the reductions keep the shapes that batch invariance relies on (app/engine/attention.py).
+cache), so the reductions keep the shapes that batch invariance relies on (app/engine/models/attention.py).
 """
 
 import heapq
@@ -29,7 +29,7 @@ from typing import Protocol
 
 import torch
 
-from app.engine.attention import CHUNK
+from app.engine.models.attention import CHUNK
 
 PAGE_SIZE = 16  # tokens per page: one prefill attention chunk; CHUNK (64) is 4 pages
 _FIRST_PAGES = 256  # the tensors start this large and double (up to the budget) when they run out
@@ -47,7 +47,7 @@ class PoolExhaustedError(torch.OutOfMemoryError):
 
 
 class Account(Protocol):
-    """What the pool charges (`app.engine.kv_cache.KVAccount` satisfies it)."""
+    """What the pool charges (`app.engine.kv.kv_cache.KVAccount` satisfies it)."""
 
     def charge(self, slots: int) -> None: ...
     def release(self, slots: int) -> None: ...

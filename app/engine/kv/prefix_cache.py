@@ -7,7 +7,7 @@ those. Only full pages are indexed (a row writes on into its partial last page, 
 never shared); a lookup covers at most the prompt's first `len - 1` tokens, because the last
 prompt token is always run (its logits choose the first new token).
 
-The cache holds no K/V of its own: a key names a page of the pool (app/engine/kv_pool.py). A hit
+The cache holds no K/V of its own: a key names a page of the pool (app/engine/kv/kv_pool.py). A hit
 adds a reference to each matched page and the row's page table starts with them (no copy); a store
 registers a prefilled row's full prompt pages, and where a page with the same key is indexed
 already (another choice of an n > 1 request, or a prompt prefilled beside its twin) the row drops
@@ -25,7 +25,7 @@ import hashlib
 from array import array
 from collections import OrderedDict
 
-from app.engine.kv_pool import KVPool
+from app.engine.kv.kv_pool import KVPool
 
 
 def block_keys(ids: list[int], block_size: int, namespace: bytes = b"") -> list[bytes]:

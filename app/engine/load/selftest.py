@@ -19,13 +19,13 @@ import torch
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from app.engine.kv_cache import KVAccount
-from app.engine.loader import LoadedModel, ModelLoadError
-from app.engine.runner import BatchRunner, RunningBatch
-from app.engine.runners import make_runner
-from app.engine.sequence import Sequence
-from app.engine.step import Reservation
-from app.engine.types import GenerationRequest, SamplingParams, StoppingParams
+from app.engine.core.sequence import Sequence
+from app.engine.core.step import Reservation
+from app.engine.core.types import GenerationRequest, SamplingParams, StoppingParams
+from app.engine.kv.kv_cache import KVAccount
+from app.engine.load.loader import LoadedModel, ModelLoadError
+from app.engine.load.runners import make_runner
+from app.engine.runner.runner import BatchRunner, RunningBatch
 
 _STEPS = 4
 _PROMPTS = (

@@ -14,7 +14,7 @@ one draw with the row's own generator (so a seeded request gives the same tokens
 shares the batch), else argmax.
 
 Adding a sampling parameter (docs/design.md, "Adding a sampling parameter"): a field of
-`SamplingParams` (app/engine/types.py), its column and stage here, and each protocol's
+`SamplingParams` (app/engine/core/types.py), its column and stage here, and each protocol's
 `to_sampling_params`. `SAMPLER_FIELDS` names every field this module reads; a test walks
 `SamplingParams` and proves each one changes what `choose` returns.
 """
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from app.engine.sequence import Sequence
-from app.engine.types import SamplingParams
+from app.engine.core.sequence import Sequence
+from app.engine.core.types import SamplingParams
 
 # Every SamplingParams field the sampler reads (tests/unit/engine/test_sampling_fields.py checks
 # that this is all of them and that each changes the output).

@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 
-from app.engine.compact_batch import decode_context, decode_logits
-from app.engine.kv_pool import KVPool, PagedRows
+from app.engine.kv.kv_pool import KVPool, PagedRows
 from app.engine.models.base import CompactModel, LoraDeltas, padded_rows
+from app.engine.runner.compact_batch import decode_context, decode_logits
 
 log = logging.getLogger("textgen.engine")
 

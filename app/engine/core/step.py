@@ -8,17 +8,17 @@ One difference: a runner reports its rows through `update` as soon as they are s
 several times in one step (the prefill's first tokens, then the decode; a speculative step once per
 draft offset), because the next token of a row is chosen from its state after the previous one was
 appended (penalties, grammar, `min_new_tokens`, stop strings): that is what keeps speculative
-decoding exact (app/engine/speculative.py). `update` answers which rows go on.
+decoding exact (app/engine/runner/speculative.py). `update` answers which rows go on.
 """
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from app.engine.types import FinishReason
+from app.engine.core.types import FinishReason
 
 if TYPE_CHECKING:
-    from app.engine.sequence import Sequence as Seq
+    from app.engine.core.sequence import Sequence as Seq
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ import time
 import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from app.engine.detokenize import TokenRenderer, special_text
-from app.engine.types import AdapterRef, Completion, Event, FinishReason, GenerationRequest, Timeline, Token
+from app.engine.core.detokenize import TokenRenderer, special_text
+from app.engine.core.types import AdapterRef, Completion, Event, FinishReason, GenerationRequest, Timeline, Token
 
 
 class Sequence:

@@ -9,10 +9,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from app.engine.kv_pool import PAGE_SIZE
-from app.engine.mapped_pages import module_storages, page_out_stale
+from app.engine.kv.kv_pool import PAGE_SIZE
+from app.engine.load.mapped_pages import module_storages, page_out_stale
 from app.engine.models import CompactModel, compact_model
-from app.engine.quantize import Quantize, QuantizeUnavailable, quantize_model
+from app.engine.models.quantize import Quantize, QuantizeUnavailable, quantize_model
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class LoadedModel:
     dtype: torch.dtype
     limits: Limits
     compact: CompactModel | None = None  # our forward (GPT-2, Llama), else the HF model's
-    quantize: Quantize = "none"  # TEXTGEN_QUANTIZE: int8/int4 linear layers (app/engine/quantize.py)
+    quantize: Quantize = "none"  # TEXTGEN_QUANTIZE: int8/int4 linear layers (app/engine/models/quantize.py)
 
     @property
     def kv_column_multiple(self) -> int:
@@ -176,7 +176,7 @@ def load_model(
             "TEXTGEN_COMPACT_FORWARD=true); this model runs on the transformers forward."
         )
     # Weights re-laid out above (the compact forward's, quantized ones) left the checkpoint pages they
-    # were copied from resident; give those back (app/engine/mapped_pages.py).
+    # were copied from resident; give those back (app/engine/load/mapped_pages.py).
     released = page_out_stale(loaded_storages, module_storages(model))
     if released:
         log.info("released %d MiB of checkpoint pages no weight reads any more", released >> 20)
@@ -186,13 +186,13 @@ def load_model(
 
 
 def _compile(compact: CompactModel | None) -> None:
-    """TEXTGEN_COMPILE: compile and warm up the decode step (app/engine/compiled.py)."""
+    """TEXTGEN_COMPILE: compile and warm up the decode step (app/engine/runner/compiled.py)."""
     if compact is None:
         raise ModelLoadError(
             "TEXTGEN_COMPILE=true needs the compact forward (GPT-2 or Llama with TEXTGEN_COMPACT_FORWARD=true); "
             "this model runs on the transformers forward: unset TEXTGEN_COMPILE."
         )
-    from app.engine.compiled import CompiledDecode  # imports torch's compiler stack only when asked
+    from app.engine.runner.compiled import CompiledDecode  # imports torch's compiler stack only when asked
 
     compiled = CompiledDecode(compact)
     try:

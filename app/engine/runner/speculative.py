@@ -36,11 +36,11 @@ import numpy as np
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
-from app.engine.attention import chunk_width, decode_attention
-from app.engine.compact_batch import CompactBatch
-from app.engine.lora import LoraRows
+from app.engine.core.sequence import Sequence
+from app.engine.models.attention import chunk_width, decode_attention
 from app.engine.models.base import CompactModel, padded_rows
-from app.engine.sequence import Sequence
+from app.engine.models.lora import LoraRows
+from app.engine.runner.compact_batch import CompactBatch
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""KV memory: the caches the runners write, their budget account and the prefix cache."""

@@ -1,0 +1,1 @@
+"""Loading a model: reading, quantizing, compiling, choosing its runner and self-testing it."""

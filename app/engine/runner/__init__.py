@@ -1,0 +1,1 @@
+"""Runners: the batches that execute a StepPlan on a forward, and what runs inside a step."""

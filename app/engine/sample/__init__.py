@@ -1,0 +1,1 @@
+"""Sampling: choosing each row's next token from its logits and settings."""
