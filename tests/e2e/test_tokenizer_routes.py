@@ -104,7 +104,7 @@ def test_a_2mb_message_is_refused_without_stalling_health(srv: Server) -> None:
     finally:
         stop_probe.set()
         prober.join(30)
-    assert r.status_code == 400 and "`messages` is " in r.json()["message"], r.text[:300]  # vLLM's shape
+    assert r.status_code == 400 and "`messages` is " in r.json()["error"]["message"], r.text[:300]  # vLLM's shape
     assert len(times) >= 5 and max(times) <= 0.3, f"/health took {max(times):.3f} s while /tokenize ran"
 
 
@@ -112,7 +112,7 @@ def test_model_field_is_checked(srv: Server) -> None:
     model = httpx.get(f"{srv.url}/v1/models").json()["data"][0]["id"]
     assert post(srv, "/tokenize", {"model": model, "prompt": "a"}).status_code == 200
     r = post(srv, "/tokenize", {"model": "nope", "prompt": "a"})
-    assert r.status_code == 404 and "nope" in r.json()["message"]  # vLLM's shape
+    assert r.status_code == 404 and "nope" in r.json()["error"]["message"]  # vLLM's shape
     assert post(srv, "/detokenize", {"model": "nope", "tokens": [1]}).status_code == 404
 
 
