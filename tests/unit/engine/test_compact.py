@@ -7,7 +7,6 @@ Invariance is exact: token ids and logprobs compared with `==`.
 
 import random
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -15,11 +14,12 @@ import pytest
 import torch
 
 from app.engine.core.sequence import Sequence
-from app.engine.core.types import Completion, Event, GenerationRequest, SamplingParams, StoppingParams
+from app.engine.core.types import GenerationRequest, SamplingParams, StoppingParams
 from app.engine.engine import Engine
 from app.engine.load.loader import LoadedModel, ModelLoadError, load_model
 from app.engine.models import CompactModel
 from app.engine.runner.compact_batch import CompactBatch
+from tests.unit.engine.completions import Completions
 
 TOLERANCE = 1e-4
 
@@ -133,31 +133,21 @@ def run_engine(
         max_queue=128,
     )
     engine.start()
-    done: dict[int, Completion] = {}
-    finished = {i: threading.Event() for i in range(len(requests))}
-
-    def on_event(i: int):  # noqa: ANN202
-        def handle(event: Event) -> None:
-            if event.completion is not None:
-                done[i] = event.completion
-                finished[i].set()
-
-        return handle
+    completions = Completions(len(requests))
 
     try:
         for i, (ids, sampling, new) in enumerate(requests):
             if gaps is not None:
                 time.sleep(gaps[i])
-            engine.submit(GenerationRequest(ids, sampling, StoppingParams(new, new), on_event(i)))
+            engine.submit(GenerationRequest(ids, sampling, StoppingParams(new, new), completions.on_event(i)))
             if gaps is None:
-                assert finished[i].wait(120), "the engine did not finish in time"
-        for event in finished.values():
-            assert event.wait(120), "the engine did not finish in time"
+                completions.wait(i)
+        completions.wait_all()
     finally:
         engine.stop()
     results = []
     for i in range(len(requests)):
-        c = done[i]
+        c = completions.done[i]
         assert c.error is None, c.error
         results.append(([t.id for t in c.tokens], [t.logprob for t in c.tokens]))
     return results

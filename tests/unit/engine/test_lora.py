@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.engine.core.types import Completion, Event, GenerationRequest, SamplingParams, StoppingParams
+from app.engine.core.types import GenerationRequest, SamplingParams, StoppingParams
 from app.engine.engine import Engine
 from app.engine.load.loader import LoadedModel, load_model
 from app.engine.models.lora import (
@@ -26,6 +26,7 @@ from app.engine.models.lora import (
     UnknownAdapterError,
 )
 from tests.adapters import build_adapter, build_merged
+from tests.unit.engine.completions import Completions
 
 # Per family: three adapters' (target modules, rank). GPT-2's are Conv1D (fan_in_fan_out); the
 # third of each adapts an MLP layer whose activation is fused into the base GEMM.
@@ -74,25 +75,17 @@ Result = tuple[list[int], list[float]]
 
 def run(engine: Engine, requests: list[tuple[list[int], str | None]], new: int = 16) -> list[Result]:
     """Submit all `requests` (prompt, adapter) at once; return each one's greedy (ids, logprobs)."""
-    done: dict[int, Completion] = {}
-    finished = [threading.Event() for _ in requests]
-
-    def on_event(i: int):  # noqa: ANN202
-        def handle(event: Event) -> None:
-            if event.completion is not None:
-                done[i] = event.completion
-                finished[i].set()
-
-        return handle
-
+    completions = Completions(len(requests))
     for i, (ids, adapter) in enumerate(requests):
-        engine.submit(GenerationRequest(ids, SamplingParams(), StoppingParams(new, new), on_event(i), adapter=adapter))
-    for event in finished:
-        assert event.wait(120), "the engine did not finish in time"
+        engine.submit(
+            GenerationRequest(ids, SamplingParams(), StoppingParams(new, new), completions.on_event(i), adapter=adapter)
+        )
+    completions.wait_all()
     results = []
     for i in range(len(requests)):
-        assert done[i].error is None, done[i].error
-        results.append(([t.id for t in done[i].tokens], [t.logprob for t in done[i].tokens]))
+        c = completions.done[i]
+        assert c.error is None, c.error
+        results.append(([t.id for t in c.tokens], [t.logprob for t in c.tokens]))
     return results
 
 

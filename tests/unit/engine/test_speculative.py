@@ -5,7 +5,6 @@ Outputs are compared with `==`: token ids, logprobs, top candidates and text, wi
 """
 
 import random
-import threading
 import time
 from pathlib import Path
 
@@ -14,13 +13,14 @@ import torch
 
 from app.engine.core.constraints import Grammar, GrammarCompiler, GrammarSpec
 from app.engine.core.sequence import Sequence
-from app.engine.core.types import Completion, Event, GenerationRequest, SamplingParams, StoppingParams
+from app.engine.core.types import GenerationRequest, SamplingParams, StoppingParams
 from app.engine.engine import Engine
 from app.engine.load.loader import LoadedModel, load_model
 from app.engine.models.lora import AdapterRegistry
 from app.engine.runner.speculative import Drafter, SpeculativeConfig, propose
 from app.metrics import Metrics
 from tests.adapters import build_adapter
+from tests.unit.engine.completions import Completions
 
 NGRAM = SpeculativeConfig(num_tokens=4, ngram_min=1, ngram_max=3)
 
@@ -107,16 +107,7 @@ def run(
     )
     assert engine.speculative == speculative
     engine.start()
-    done: dict[int, Completion] = {}
-    finished = {i: threading.Event() for i in range(len(requests))}
-
-    def on_event(i: int):  # noqa: ANN202
-        def handle(event: Event) -> None:
-            if event.completion is not None:
-                done[i] = event.completion
-                finished[i].set()
-
-        return handle
+    completions = Completions(len(requests))
 
     try:
         for i, (ids, sampling, stopping) in enumerate(requests):
@@ -124,16 +115,17 @@ def run(
                 time.sleep(gaps[i])
             grammar = grammars[i] if grammars is not None else None
             adapter = adapters[1][i] if adapters is not None else None
-            engine.submit(GenerationRequest(ids, sampling, stopping, on_event(i), grammar=grammar, adapter=adapter))
+            engine.submit(
+                GenerationRequest(ids, sampling, stopping, completions.on_event(i), grammar=grammar, adapter=adapter)
+            )
             if gaps is None:
-                assert finished[i].wait(120), "the engine did not finish in time"
-        for event in finished.values():
-            assert event.wait(120), "the engine did not finish in time"
+                completions.wait(i)
+        completions.wait_all()
     finally:
         engine.stop()
     out = []
     for i in range(len(requests)):
-        c = done[i]
+        c = completions.done[i]
         assert c.error is None, c.error
         tops = [[(t.id, t.logprob) for t in tok.top] if tok.top else None for tok in c.tokens]
         out.append(([t.id for t in c.tokens], [t.logprob for t in c.tokens], tops, c.text, c.finish_reason))
