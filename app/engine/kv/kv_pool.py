@@ -29,7 +29,7 @@ from typing import Protocol
 
 import torch
 
-from app.engine.models.attention import CHUNK
+from app.engine.models.attention import CHUNK, paged_kernel
 
 PAGE_SIZE = 16  # tokens per page: one prefill attention chunk; CHUNK (64) is 4 pages
 _FIRST_PAGES = 256  # the tensors start this large and double (up to the budget) when they run out
@@ -239,16 +239,25 @@ class PagedRows:
         """Store keys and values k, v [N, kv_heads, head_dim] of N tokens at `slots` in `layer`."""
         pages, offsets = slots
         kv = self.pool.kv[layer]
+        kernel = paged_kernel(kv, self.pool.head_dim)
+        if kernel is not None:  # one C++ loop of copies instead of ~5 ops (attention.py says why)
+            kernel.paged_write(kv, k.to(kv.dtype), v.to(kv.dtype), pages, offsets)
+            return
         # Advanced indices [2, 1] x [N] around a slice: the indexed shape is [2, N, kv_heads, head_dim].
         kv[pages, torch.arange(2, device=kv.device)[:, None], :, offsets] = _pair(k, v, kv)
+
+    def page_table(self, rows: list[int], width: int) -> torch.Tensor:
+        """`rows`' page tables as a [len(rows), width / page_size] long tensor (missing pages: 0,
+        the zero page), as `paged_decode_attention` reads them; width: a multiple of the page size."""
+        count = width // self.pool.page_size
+        table = [(self.tables[r] + [0] * count)[:count] for r in rows]
+        return torch.tensor(table, dtype=torch.long, device=self.device)
 
     def gather_index(self, rows: list[int], width: int) -> torch.Tensor:
         """The index `gather` reads `rows`' first `width` positions with (width: a multiple of the
         page size; a row's missing pages read page 0, zeros)."""
         pool = self.pool
-        count = width // pool.page_size
-        table = [(self.tables[r] + [0] * count)[:count] for r in rows]
-        pages = torch.tensor(table, dtype=torch.long, device=self.device)  # [B, P]
+        pages = self.page_table(rows, width)  # [B, P]
         # Into the layer viewed as [pages * 2 * kv_heads, page_size * head_dim]: the keys of head h
         # of page p are entry (2p) * kv_heads + h, its values kv_heads entries later. Ordered
         # [B, kv_heads, P], so the pages of a head follow each other.

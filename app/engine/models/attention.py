@@ -19,9 +19,22 @@ interleaved views of one tensor gave a row other bits alone than batched, measur
 chunk is whole, and there is no Python loop (the compiled decode step traces it as one graph for
 every width). Tested against the row alone over random batch sizes, positions, lengths
 and cache widths (tests/unit/engine/test_attention.py). Its values match SDPA's within ~2e-7 (fp32).
+
+On CPU with AVX-512, decode steps run `paged_decode_attention` instead: one C++ call per layer
+(paged_attention.cpp, built with the GEMM kernels of invariant_gemm.py) that reads each row's keys
+and values from the pool's pages in place, each (row, head) in one fixed order. Why our own: the
+ops above cost ~25 dispatches per layer, ~0.3 ms at 1 row, plus the gather's copy of every row's
+K/V; GPT-2-124M's whole attention at 1 row took 3.8 ms of an int8 step of 9.1 ms (measured
+2026-12-06, 2 threads); no library op attends over a page table on CPU with per-row fixed
+reductions (SDPA's CPU kernels take a dense [B, heads, keys, dim] and split by batch shape). Where
+the extension does not build, the ops above run, on gathered pages.
 """
 
+from types import ModuleType
+
 import torch
+
+from app.engine.models import invariant_gemm
 
 CHUNK = 64  # keys per fixed-size reduction and the KV cache's column granularity
 
@@ -63,3 +76,42 @@ def decode_attention(
     parts = torch.matmul(per_chunk.transpose(2, 3), v.reshape(batch, kv_heads, chunks, CHUNK, dim))
     out = parts.cumsum(2)[:, :, -1]  # [B, kv_heads, group, dim], chunks left to right
     return (out / denominator).reshape(batch, heads, dim)
+
+
+_paged = [True]
+
+
+def paged_kernel(pool_layer: torch.Tensor, head_dim: int) -> ModuleType | None:
+    """The extension with `paged_decode_attention` and `paged_write` when they take this pool
+    (CPU, fp32 or bf16, head_dim <= 128) and `use_paged_kernel(False)` was not called, else None."""
+    if not _paged[0] or pool_layer.device.type != "cpu" or head_dim > 128:
+        return None
+    if pool_layer.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    return invariant_gemm.kernel()
+
+
+def use_paged_kernel(flag: bool) -> None:
+    """Run decode attention on the paged kernel where it takes the pool (True, the default) or on
+    gathered pages with `decode_attention` (False: the path where the extension does not build;
+    tests and `python -m bench.step` compare the two)."""
+    _paged[0] = flag
+
+
+def paged_decode_attention(
+    kernel: ModuleType,
+    q: torch.Tensor,
+    pool_layer: torch.Tensor,
+    tables: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of one new query per row over that row's cached keys, read from the pool's pages.
+
+    q: [B, heads, dim]; pool_layer: [pages, 2, kv_heads, page_size, dim] (one layer of the KV pool,
+    fp32 or bf16); tables: [B, P] long, row b's pages in order (P * page_size >= lengths[b]);
+    lengths: [B] long, each row's number of valid keys (>= 1). Returns [B, heads, dim] in q's
+    dtype, computed in fp32; each row's bits depend on its own query, keys and length alone.
+    Raises RuntimeError (from the extension) on shapes or lengths that do not fit."""
+    out = kernel.paged_decode_attention(q.float(), pool_layer, tables, lengths, scale)
+    return out.to(q.dtype)

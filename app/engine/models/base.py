@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from app.engine.models.activations import ACTIVATIONS
 from app.engine.models.invariant_gemm import InputMajorWeight, input_major
 from app.engine.models.invariant_gemm import enabled as invariant_gemm_enabled
 from app.engine.models.quantize import PackedWeight, is_dynamic_int8
@@ -69,8 +70,7 @@ def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, activatio
     if isinstance(weight, InputMajorWeight):
         return ACTIVATIONS[activation](weight.matmul(x, bias))
     if isinstance(weight, PackedWeight):
-        out = weight.matmul(x)
-        return ACTIVATIONS[activation](out + bias if bias is not None else out)
+        return weight.matmul(x, bias, activation)
     if onednn_linear(weight) and x.dtype == weight.dtype:
         if x.shape[0] == 1 and weight.dtype == torch.float32:
             # A lone fp32 row takes another oneDNN kernel than 2+ rows: pad it here, since the
@@ -104,13 +104,6 @@ _ONEDNN_ACTIVATIONS = {
     "gelu_tanh": ("gelu", "tanh"),
     "gelu": ("gelu", "none"),
     "silu": ("swish", ""),
-}
-# The same activations unfused, by the names `linear` takes.
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "none": lambda x: x,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu": F.gelu,
-    "silu": F.silu,
 }
 
 

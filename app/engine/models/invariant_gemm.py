@@ -30,7 +30,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_suffix(".cpp")
+# One extension for the CPU kernels: the GEMMs here and the paged decode attention (attention.py).
+_SOURCES = [Path(__file__).with_suffix(".cpp"), Path(__file__).with_name("paged_attention.cpp")]
 _state: dict[str, ModuleType | None] = {}
 _use = [True]
 
@@ -51,8 +52,8 @@ def _build() -> ModuleType | None:
 
         module = load(
             "textgen_invariant_gemm",
-            [str(_SOURCE)],
-            extra_cflags=["-O3", "-mavx512f", "-fopenmp"],
+            [str(source) for source in _SOURCES],
+            extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-ffp-contract=off", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )

@@ -26,7 +26,8 @@ from typing import cast
 import torch
 
 from app.engine.core.types import AdapterRef, EngineError
-from app.engine.models.base import ACTIVATIONS, CompactModel, Weight, linear, pad_rows
+from app.engine.models.activations import ACTIVATIONS
+from app.engine.models.base import CompactModel, Weight, linear, pad_rows
 
 
 class AdapterError(EngineError):

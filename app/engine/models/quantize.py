@@ -2,11 +2,15 @@
 
 Modes (names as TGI's `--quantize` and torchao's configs):
 - `int8-weight-only`: weights int8 per output channel (symmetric, as llama.cpp's q8_0 but one scale
-  per row instead of per 32 values), the LM head included. GEMMs run PyTorch's own weight-only
-  kernel `aten._weight_int8pack_mm` (AVX-512: the int8 weight is widened and scaled in registers,
-  so each weight byte is read once per block of 4 rows: a 1-row GEMV reads 1/4 of fp32's bytes), with activations
-  rounded to bf16 on the way in and the product rounded to bf16 on the way out (that kernel's only
-  vectorized dtype on x86: its fp32 path is a scalar loop, ~15x slower, measured).
+  per row instead of per 32 values), the LM head included. GEMMs run the AVX-512 kernel of
+  `invariant_gemm` (`int8_linear`: fp32 activations, the int8 weight widened in registers and read
+  once per block of 4 rows, fp32 sums, scale and bias applied at the end). Why our own: PyTorch's
+  `aten._weight_int8pack_mm` does the same widening but reached 12 GB/s of weights on the LM head
+  at 1 row against the kernel's 40-45 (it streams the rows without prefetching), rounds activations
+  and products to bf16 (its only vectorized dtype on x86; its fp32 path is a scalar loop), and is
+  slower at 32 rows too (2304x768: 0.80 ms against 0.66; measured 2026-12-06, 2 threads, Zen 4).
+  Where the kernel cannot be built (no compiler, no AVX-512), the aten kernel runs with bf16
+  activations: both are batch-invariant, the kernel is closer to fp32.
 - `int4-weight-only`: weights int4 in groups of 32 values along the input (asymmetric: a bf16 scale
   and zero per group, as torchao's int4 weight-only and close to llama.cpp's q4_0), through
   `aten._weight_int4pack_mm_for_cpu`, activations in bf16 as above. The LM head is int8 (llama.cpp
@@ -16,8 +20,9 @@ Modes (names as TGI's `--quantize` and torchao's configs):
   token at run time, integer GEMM (`torch._int_mm`, exact int32 sums) rescaled per row and column;
   LM head and embeddings kept in the model's dtype.
 
-Weight-only modes keep a layer in the model's dtype where the int8 kernel cannot run it (in features
-not a multiple of 16: its AVX-512 loop reads 16 values at a time and crashes otherwise). Both
+Weight-only modes keep a layer in the model's dtype where the aten int8 kernel cannot run it (in
+features not a multiple of 16: its AVX-512 loop reads 16 values at a time and crashes otherwise), so
+that the layers quantized do not depend on whether our kernel built. Both
 weight-only kernels compute every output value from its own row and column alone, in a fixed order
 over the input (no split of the reduction by row count), so a row's result is bitwise the same for
 every row count and position: these modes are batch-invariant without padding (tested,
@@ -33,9 +38,14 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
+from app.engine.models import invariant_gemm
+from app.engine.models.activations import ACTIVATIONS
+
 Quantize = Literal["none", "int8-weight-only", "int4-weight-only", "int8-dynamic"]
 WEIGHT_ONLY = ("int8-weight-only", "int4-weight-only")
 INT4_GROUP = 32  # values per int4 scale/zero pair, as llama.cpp's q4_0 blocks
+# The int8 kernel's activation codes (invariant_gemm.cpp, `Activation`).
+_KERNEL_ACTIVATIONS = {"none": 0, "silu": 1, "gelu_tanh": 2, "gelu": 3}
 
 
 class QuantizeUnavailable(RuntimeError):
@@ -55,6 +65,8 @@ class PackedWeight:
     scales: torch.Tensor
     out_features: int
     in_features: int
+    # int8: the bf16 scales widened to fp32 (exact), as `invariant_gemm`'s int8_linear reads them.
+    scales_fp32: torch.Tensor | None = None
 
     @property
     def shape(self) -> torch.Size:
@@ -63,9 +75,25 @@ class PackedWeight:
     def dim(self) -> int:
         return 2
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x [N, in] (any float dtype) -> x @ weight.T [N, out] in x's dtype (computed from bf16
-        inputs with fp32 sums, rounded to bf16)."""
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None, activation: str = "none") -> torch.Tensor:
+        """activation(x @ weight.T + bias): x [N, in] (any float dtype) -> [N, out] in x's dtype;
+        each row's bits are independent of N. activation: "none", "silu", "gelu_tanh" or "gelu".
+
+        int8 with `invariant_gemm`'s kernel: fp32 inputs and sums, the activation fused per
+        element. Otherwise (int4, or no kernel) PyTorch's kernels: bf16 inputs, fp32 sums rounded
+        to bf16, bias and activation applied after."""
+        if self.scales_fp32 is not None and invariant_gemm.enabled() and (module := invariant_gemm.kernel()):
+            b = None if bias is None else bias.float()
+            act = _KERNEL_ACTIVATIONS[activation]
+            if torch.compiler.is_compiling():
+                out = int8_linear_op(x.float(), self.data, self.scales_fp32, b, act)
+            else:
+                out = module.int8_linear(x.float(), self.data, self.scales_fp32, b, act)
+            return out.to(x.dtype)
+        out = self._aten_matmul(x)
+        return ACTIVATIONS[activation](out + bias if bias is not None else out)
+
+    def _aten_matmul(self, x: torch.Tensor) -> torch.Tensor:
         a = x.to(torch.bfloat16)
         # Both kernels load activations with aligned AVX-512 loads: a view at an odd offset would crash.
         if a is x and (a.data_ptr() % 64 or not a.is_contiguous()):
@@ -87,7 +115,7 @@ def pack_int8(weight: torch.Tensor) -> PackedWeight | None:
     # by one bf16 step first keeps every |w / scale| within 127 (no clipping).
     scale = (w.abs().amax(dim=1) / 127 * (1 + 2**-7)).clamp(min=2**-100).to(torch.bfloat16)
     q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
-    return PackedWeight("int8", q.contiguous(), scale.contiguous(), out_features, in_features)
+    return PackedWeight("int8", q.contiguous(), scale.contiguous(), out_features, in_features, scale.float())
 
 
 def pack_int4(weight: torch.Tensor) -> PackedWeight | None:
@@ -120,8 +148,7 @@ class QuantizedLinear(nn.Module):
         self.in_features, self.out_features = weight.in_features, weight.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.weight.matmul(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
-        return out + self.bias if self.bias is not None else out
+        return self.weight.matmul(x.reshape(-1, self.in_features), self.bias).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.weight.kind}"
@@ -202,3 +229,20 @@ def _weight_only(model: PreTrainedModel, mode: Quantize) -> int:
 def is_dynamic_int8(weight: object) -> bool:
     """Whether `weight` is a torchao int8 weight whose activations are quantized per token at run time."""
     return getattr(weight, "act_quant_kwargs", None) is not None and getattr(weight, "qdata", None) is not None
+
+
+@torch.library.custom_op("textgen::int8_linear", mutates_args=())
+def int8_linear_op(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, activation: int
+) -> torch.Tensor:
+    """`invariant_gemm`'s int8 kernel as an opaque op for torch.compile (TEXTGEN_COMPILE)."""
+    module = invariant_gemm.kernel()
+    assert module is not None
+    return module.int8_linear(x, q, scale, bias, activation)
+
+
+@int8_linear_op.register_fake
+def _(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, activation: int
+) -> torch.Tensor:
+    return x.new_empty((x.shape[0], q.shape[0]))

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from app.engine.core.sequence import Sequence
 from app.engine.core.types import AdapterRef
 from app.engine.kv.kv_pool import KVPool, PagedRows, page_width
-from app.engine.models.attention import chunk_width, decode_attention
+from app.engine.models.attention import chunk_width, decode_attention, paged_decode_attention, paged_kernel
 from app.engine.models.base import CompactModel, pad_rows, padded_rows
 from app.engine.models.lora import LoraRows
 from app.engine.sample.sampling import SamplingState
@@ -163,7 +163,8 @@ class DecodeContext:
 
     cache: PagedRows
     slots: tuple[torch.Tensor, torch.Tensor]
-    index: torch.Tensor
+    index: torch.Tensor | None  # the gather's, where the paged kernel does not run
+    tables: torch.Tensor | None  # the rows' page tables, where it does
     lengths: torch.Tensor
     width: int
 
@@ -179,8 +180,11 @@ def decode_context(cache: PagedRows, after: list[int]) -> Iterator[None]:
     width = chunk_width(max(after))
     rows = list(range(real))
     slots = cache.slots(rows, [a - 1 for a in after])
-    index = cache.gather_index(rows, width)
-    _context.append(DecodeContext(cache, slots, index, torch.tensor(after, device=cache.device), width))
+    pool = cache.pool
+    paged = paged_kernel(pool.kv[0], pool.head_dim) is not None
+    index = None if paged else cache.gather_index(rows, width)
+    tables = cache.page_table(rows, width) if paged else None
+    _context.append(DecodeContext(cache, slots, index, tables, torch.tensor(after, device=cache.device), width))
     try:
         yield
     finally:
@@ -212,8 +216,17 @@ def _decode_attend(
     n, heads, dim = q.shape
     real = step.lengths.shape[0]
     step.cache.write(layer, step.slots, k[:real], v[:real])
-    keys, values = step.cache.gather(layer, step.index, real, step.width)
-    o = decode_attention(q[:real], keys, values, step.lengths, dim**-0.5, step.width)
+    pool_layer = step.cache.pool.kv[layer]
+    kernel = paged_kernel(pool_layer, dim) if step.tables is not None else None
+    if kernel is not None:
+        assert step.tables is not None
+        o = paged_decode_attention(kernel, q[:real], pool_layer, step.tables, step.lengths, dim**-0.5)
+    else:
+        assert step.index is not None
+        keys, values = step.cache.gather(layer, step.index, real, step.width)
+        o = decode_attention(q[:real], keys, values, step.lengths, dim**-0.5, step.width)
+    if real == n:
+        return o.reshape(n, heads * dim)
     out = o.new_zeros((n, heads * dim))
     out[:real] = o.reshape(real, heads * dim)
     return out

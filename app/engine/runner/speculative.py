@@ -10,10 +10,13 @@ greedy and seeded. Why it holds, on the batch-invariant compact forward (CPU):
   (its pending token and the drafts, at positions L..L+k) to the same GEMMs (oneDNN gives a row the
   same bits for any row count >= 2, the property batch invariance already rests on) and the same
   LoRA row groups;
-- attention runs `decode_attention` once per draft offset j, over the same cache rows as a decode
-  step, with row lengths L + j + 1: the keys written for later drafts lie past that length and are
-  masked to -inf before the softmax, exactly like a decode step's unused columns, and the column
-  width is a multiple of CHUNK as in a decode step (the kernel is invariant to it);
+- attention gives the query at offset j what a decode step of length L + j + 1 gives it: the paged
+  kernel takes one page table and length per query (every query in one call; keys past the length,
+  written for later drafts, are never read), and without it `decode_attention` runs once per draft
+  offset j over the same cache rows as a decode step, with row lengths L + j + 1: the keys written
+  for later drafts lie past that length and are masked to -inf before the softmax, exactly like a
+  decode step's unused columns, and the column width is a multiple of CHUNK as in a decode step
+  (the kernel is invariant to it);
 - tokens are chosen one offset at a time with `choose`, after the previous offset's token was
   appended: penalties, grammar state, `min_new_tokens` and each row's generator see what they see
   without speculation, and a seeded row draws once per emitted token, in order. A draft is accepted
@@ -37,7 +40,7 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
 from app.engine.core.sequence import Sequence
-from app.engine.models.attention import chunk_width, decode_attention
+from app.engine.models.attention import chunk_width, decode_attention, paged_decode_attention, paged_kernel
 from app.engine.models.base import CompactModel, padded_rows
 from app.engine.models.lora import LoraRows
 from app.engine.runner.compact_batch import CompactBatch
@@ -178,6 +181,27 @@ def verify(batch: CompactBatch, model: CompactModel, drafts: list[list[int]]) ->
             )
         )
     width = chunk_width(max(after))
+    pool = cache.pool
+    if paged_kernel(pool.kv[0], pool.head_dim) is not None:
+        # The paged kernel takes a table and a length per query: every (row, offset) query in one
+        # call, each computed exactly as the decode step of that length computes it.
+        query_rows = torch.tensor([r for r in range(real) for _ in range(counts[r])], device=device)
+        tables = cache.page_table(list(range(real)), width).index_select(0, query_rows)
+        lengths = torch.tensor([c + 1 for c in columns], device=device)
+
+        def paged_attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            cache.write(layer, slots, k[:total], v[:total])
+            kernel = paged_kernel(pool.kv[layer], q.shape[2])
+            assert kernel is not None
+            o = paged_decode_attention(kernel, q[:total], pool.kv[layer], tables, lengths, q.shape[2] ** -0.5)
+            out = q.new_zeros((q.shape[0], q.shape[1] * q.shape[2]))
+            out[:total] = o.reshape(total, -1)
+            return out
+
+        lora = LoraRows.build(model, [s.adapter for s in batch.seqs], counts)
+        logits = model.head(model.forward(ids, positions, paged_attend, lora))
+        cache.lengths = after
+        return logits[:total]
     index = cache.gather_index(list(range(real)), width)
 
     def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from app.engine.core.sequence import Sequence
 from app.engine.core.types import GenerationRequest, SamplingParams, StoppingParams
 from app.engine.engine import Engine
 from app.engine.load.loader import LoadedModel, ModelLoadError, load_model
-from app.engine.models import CompactModel
+from app.engine.models import CompactModel, attention
 from app.engine.runner.compact_batch import CompactBatch
 from tests.unit.engine.completions import Completions
 
@@ -153,12 +153,18 @@ def run_engine(
     return results
 
 
+@pytest.mark.parametrize("attention_path", ["paged-kernel", "gathered"])
 @torch.inference_mode()
-def test_forty_requests_are_bitwise_the_same_alone_and_batched(lm: LoadedModel) -> None:
+def test_forty_requests_are_bitwise_the_same_alone_and_batched(lm: LoadedModel, attention_path: str) -> None:
     """Greedy and seeded-sampling requests of mixed prompt and output lengths, submitted at
     staggered times so they join a running batch at different steps (and some prefill together),
-    give the same token ids and the same logprob bits as each one run alone."""
-    assert_alone_equals_batched(lm, 40)
+    give the same token ids and the same logprob bits as each one run alone; with decode attention
+    on the paged kernel and on its fallback (gathered pages, where the extension does not build)."""
+    attention.use_paged_kernel(attention_path == "paged-kernel")
+    try:
+        assert_alone_equals_batched(lm, 40)
+    finally:
+        attention.use_paged_kernel(True)
 
 
 @pytest.mark.parametrize("model", ["tiny-gpt2", "stories260k"])

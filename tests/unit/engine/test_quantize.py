@@ -15,6 +15,8 @@ from transformers import AutoTokenizer, GenerationConfig, GPT2Config, GPT2LMHead
 
 from app.engine.core.types import SamplingParams
 from app.engine.load.loader import load_model
+from app.engine.models import invariant_gemm
+from app.engine.models.activations import ACTIVATIONS
 from app.engine.models.base import linear, pad_rows, row_multiple
 from app.engine.models.quantize import INT4_GROUP, PackedWeight, pack_int4, pack_int8
 from tests.unit.engine.test_compact import compact, run_engine
@@ -63,6 +65,57 @@ def test_weight_only_kernels_keep_a_rows_bits_in_prefill_sized_batches(kind: str
     for m in (65, 128, 129, 257, 513, 1100):
         rows = [r for r in sampled if r < m]
         assert torch.equal(packed.matmul(x[:m])[rows], alone[: len(rows)]), f"{m} rows"
+
+
+@pytest.mark.parametrize("activation", ["none", "silu", "gelu_tanh", "gelu"])
+@torch.inference_mode()
+def test_int8_kernel_fuses_bias_and_activation_per_element(activation: str) -> None:
+    """The int8 kernel (invariant_gemm.cpp) applies bias and activation per output: rows stay
+    invariant on a 172-wide output (stories260k's MLP), where torch's vectorized SiLU and tanh-GELU
+    give a row's tail other bits alone than batched, and the values are the dequantized weight's."""
+    assert invariant_gemm.kernel() is not None, "the kernel did not build here"
+    packed = pack_int8(_weight(64, 172))
+    assert packed is not None
+    bias = torch.randn(172, generator=torch.Generator().manual_seed(3))
+    _assert_rows_invariant(lambda x: packed.matmul(x, bias, activation), 64, torch.float32, rows=24)
+    x = torch.randn(9, 64, generator=torch.Generator().manual_seed(4))
+    dequantized = packed.data.double() * packed.scales.double()[:, None]
+    expected = ACTIVATIONS[activation](x.double() @ dequantized.t() + bias.double()).float()
+    torch.testing.assert_close(packed.matmul(x, bias, activation), expected, rtol=1e-5, atol=1e-5)
+
+
+@torch.inference_mode()
+def test_int8_kernel_takes_any_input_width() -> None:
+    """Input widths that are not a multiple of 16 (a masked last chunk), tile shapes at every row
+    count 1..9 (few rows widen in registers, more through a buffer) and 1..7 outputs."""
+    module = invariant_gemm.kernel()
+    assert module is not None
+    g = torch.Generator().manual_seed(5)
+    for k, n in [(37, 7), (16, 1), (5, 13), (100, 6)]:
+        q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+        scale, bias = torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g)
+        x = torch.randn(9, k, generator=g)
+        expected = (x.double() @ (q.double() * scale.double()[:, None]).t() + bias.double()).float()
+        for m in range(1, 10):
+            out = module.int8_linear(x[:m].clone(), q, scale, bias, 0)
+            torch.testing.assert_close(out, expected[:m], rtol=1e-4, atol=1e-4)
+            assert torch.equal(out[-1], module.int8_linear(x[m - 1 : m].clone(), q, scale, bias, 0)[0])
+
+
+@torch.inference_mode()
+def test_int8_falls_back_to_pytorchs_kernel_invariantly() -> None:
+    """Where our kernel does not build, `aten._weight_int8pack_mm` runs (bf16 activations), rows
+    still invariant and within bf16 rounding of the kernel."""
+    packed = pack_int8(_weight(768, 2304))
+    assert packed is not None
+    x = torch.randn(5, 768, generator=torch.Generator().manual_seed(6))
+    ours = packed.matmul(x)
+    invariant_gemm.use(False)
+    try:
+        _assert_rows_invariant(packed.matmul, 768, torch.float32, rows=12)
+        torch.testing.assert_close(packed.matmul(x), ours, rtol=2e-2, atol=2e-2)
+    finally:
+        invariant_gemm.use(True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

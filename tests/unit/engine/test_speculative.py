@@ -16,6 +16,7 @@ from app.engine.core.sequence import Sequence
 from app.engine.core.types import GenerationRequest, SamplingParams, StoppingParams
 from app.engine.engine import Engine
 from app.engine.load.loader import LoadedModel, load_model
+from app.engine.models import attention
 from app.engine.models.lora import AdapterRegistry
 from app.engine.runner.speculative import Drafter, SpeculativeConfig, propose
 from app.metrics import Metrics
@@ -187,15 +188,21 @@ def mixed_requests(lm: LoadedModel, count: int) -> list[tuple[list[int], Samplin
     return out
 
 
+@pytest.mark.parametrize("attention_path", ["paged-kernel", "gathered"])
 @torch.inference_mode()
-def test_speculation_is_bitwise_the_same_as_without(lm: LoadedModel) -> None:
+def test_speculation_is_bitwise_the_same_as_without(lm: LoadedModel, attention_path: str) -> None:
     """Greedy, seeded sampling, penalties, top logprobs and min_new_tokens; requests batched with
     speculation on, alone without: the same ids, logprob bits, candidates, text and finish reason.
-    Drafts were both accepted and rejected (so both paths ran)."""
+    Drafts were both accepted and rejected (so both paths ran). On the paged attention kernel (one
+    call for every draft query) and on its fallback (gathered pages, one call per draft offset)."""
     requests = mixed_requests(lm, 12)
     rng = random.Random(3)
-    on, metrics = run(lm, requests, NGRAM, [rng.choice([0.0, 0.0, 0.01]) for _ in requests])
-    off, plain = run(lm, requests, None, None)
+    attention.use_paged_kernel(attention_path == "paged-kernel")
+    try:
+        on, metrics = run(lm, requests, NGRAM, [rng.choice([0.0, 0.0, 0.01]) for _ in requests])
+        off, plain = run(lm, requests, None, None)
+    finally:
+        attention.use_paged_kernel(True)
     for i, (a, b) in enumerate(zip(on, off, strict=True)):
         assert a == b, f"request {i} differs with speculation on"
     drafted = counter(metrics, "vllm:spec_decode_num_draft_tokens_total")
