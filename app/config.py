@@ -68,11 +68,11 @@ class Settings(BaseSettings):
     )
     quantize: Literal["none", "int8-weight-only", "int4-weight-only", "int8-dynamic"] = Field(
         "none",
-        description="Quantized linear layers: int8-weight-only (int8 weights per channel, LM head included, "
-        "bf16 activations; the fastest at 1 client), int4-weight-only (int4 in groups of 32, int8 LM head), "
-        "both on PyTorch's weight-only kernels; int8-dynamic (int8 weights and per-token int8 activations, "
-        "through torchao: pip install 'textgen-service[quantize]'). All batch-invariant. none: the weights "
-        "as loaded.",
+        description="Quantized linear layers: int8-weight-only (int8 weights per channel, LM head included), "
+        "int4-weight-only (int4 in groups of 32, int8 LM head), both with fp32 activations on textgen's "
+        "AVX-512 kernels (PyTorch's, with bf16 activations, where those do not build); int8-dynamic (int8 "
+        "weights and per-token int8 activations, through torchao: pip install 'textgen-service[quantize]'). "
+        "All batch-invariant. none: the weights as loaded.",
     )
     speculative: Literal["none", "ngram"] = Field(
         "none",

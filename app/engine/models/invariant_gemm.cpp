@@ -14,24 +14,18 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "kernels.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 
 namespace {
 
+using textgen::grain;
+using textgen::lanes;
+
 constexpr int64_t kTileRows = 4;
-// Multiply-adds a thread must have before a GEMM is split across threads: a small GEMM (stories260k's
-// 64-wide layers) costs less than waking the other thread, which on a busy machine may wait for a core.
-constexpr int64_t kMinWorkPerThread = 1 << 16;
-
-inline int64_t grain(int64_t columns_per_unit, int64_t M, int64_t K) {
-  return std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, columns_per_unit * M * K));
-}
-
-inline __mmask16 lanes(int64_t left) {
-  return left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
-}
 
 // y[r, c0:c1] = fma chain of x[r, k0 + j] * w[k0 + j, c0:c1] for j < KB, onto y's values.
 template <int KB>
@@ -111,141 +105,6 @@ void many_rows(const float* x, const float* w, const float* b, float* y, int64_t
 }
 
 
-// ---- int8 weight-only: y = (x @ q.T) * scale + bias, x [M, K] fp32, q [N, K] int8 (one row per output),
-// scale [N] fp32. Every y[m, n] is one 16-lane accumulator, FMA'd chunk by chunk in k order (the
-// last chunk masked, its missing lanes zero), summed across lanes by one fixed sequence, then
-// scaled and biased: the same chain for every M, tile shape and thread count. The int8 weight is
-// widened to fp32 in registers (exact), so each weight byte is read once per block of kInt8Rows
-// activation rows. PyTorch's `_weight_int8pack_mm` does the same widening but is compute-bound at
-// ~6 GB/s of weights per core here and rounds activations to bf16 (measured, invariant_gemm.py).
-
-constexpr int kInt8Rows = 4;   // activation rows per register tile
-constexpr int kInt8Cols = 6;   // weight rows (outputs) per register tile: 4 x 6 accumulators
-
-inline __m512 widen(const int8_t* q, __mmask16 m) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, q)));
-}
-
-// Weights straight from the int8 rows, widened per chunk (few activation rows: each byte is used
-// once or a few times, so widening is cheaper than a copy), prefetching the next tile's rows.
-struct Int8Rows {
-  const int8_t* q;
-  int64_t K;
-  template <int C>
-  inline void load(int64_t k, __mmask16 m, __m512* w) const {
-    // The next tile's weights, as far ahead as this one is consumed (streams of C short rows defeat
-    // the hardware prefetcher: 12 GB/s without, 40 with, measured).
-    _mm_prefetch(reinterpret_cast<const char*>(q + C * K + k * C), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(q + C * K + k * C + 64), _MM_HINT_T0);
-#pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) w[c] = widen(q + c * K + k, m);
-  }
-};
-
-// The same C rows widened once into an fp32 buffer [C, K16] (K16 = K rounded up to 16, zero
-// padded), for many activation rows: widening per tile was the bottleneck (2x slower than aten).
-struct WidenedRows {
-  const float* buf;
-  int64_t K16;
-  template <int C>
-  inline void load(int64_t k, __mmask16, __m512* w) const {
-#pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) w[c] = _mm512_load_ps(buf + c * K16 + k);
-  }
-};
-
-// The activation fused after the bias, one scalar per output. Fused because PyTorch's vectorized
-// SiLU and tanh-GELU give an element other bits in a row tail than in the vector body (measured:
-// 172-wide rows, 24 of 71 rows differed alone vs batched), which broke batch invariance on
-// stories260k's MLP; one scalar formula per element cannot depend on the row count.
-enum Activation : int64_t { kNone = 0, kSilu = 1, kGeluTanh = 2, kGelu = 3 };
-
-inline float activate(float v, int64_t act) {
-  switch (act) {
-    case kSilu: return v / (1.0f + std::exp(-v));
-    case kGeluTanh: return 0.5f * v * (1.0f + std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)));
-    case kGelu: return 0.5f * v * (1.0f + std::erf(v * 0.7071067811865476f));
-    default: return v;
-  }
-}
-
-template <int R, int C, class Rows>
-inline void int8_tile(const float* x, const Rows& rows, const float* scale, const float* bias, float* y, int64_t K,
-                      int64_t N, int64_t act) {
-  __m512 acc[R][C];
-  #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 16) {
-    const __mmask16 m = lanes(K - k);
-    __m512 w[C];
-    rows.template load<C>(k, m, w);
-    #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const __m512 xv = _mm512_maskz_loadu_ps(m, x + r * K + k);
-      #pragma GCC unroll 8
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(xv, w[c], acc[r][c]);
-    }
-  }
-  #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) {
-      const float dot = _mm512_reduce_add_ps(acc[r][c]) * scale[c];
-      y[r * N + c] = activate(bias ? dot + bias[c] : dot, act);
-    }
-}
-
-template <int C, class Rows>
-inline void int8_column(const float* x, const Rows& rows, const float* scale, const float* bias, float* y, int64_t M,
-                        int64_t K, int64_t N, int64_t act) {
-  int64_t r = 0;
-  for (; r + kInt8Rows <= M; r += kInt8Rows) int8_tile<kInt8Rows, C>(x + r * K, rows, scale, bias, y + r * N, K, N, act);
-  switch (M - r) {
-    case 3: int8_tile<3, C>(x + r * K, rows, scale, bias, y + r * N, K, N, act); break;
-    case 2: int8_tile<2, C>(x + r * K, rows, scale, bias, y + r * N, K, N, act); break;
-    case 1: int8_tile<1, C>(x + r * K, rows, scale, bias, y + r * N, K, N, act); break;
-    default: break;
-  }
-}
-
-template <int C>
-inline void int8_block(const float* x, const int8_t* q, float* buf, const float* scale, const float* bias, float* y,
-                       int64_t M, int64_t K, int64_t N, int64_t act) {
-  if (!buf) return int8_column<C>(x, Int8Rows{q, K}, scale, bias, y, M, K, N, act);
-  const int64_t K16 = (K + 15) / 16 * 16;
-  for (int c = 0; c < C; ++c)
-    for (int64_t k = 0; k < K16; k += 16) _mm512_store_ps(buf + c * K16 + k, widen(q + c * K + k, lanes(K - k)));
-  int8_column<C>(x, WidenedRows{buf, K16}, scale, bias, y, M, K, N, act);
-}
-
-void int8_gemm(const float* x, const int8_t* q, const float* scale, const float* bias, float* y, int64_t M, int64_t K,
-               int64_t N, int64_t act) {
-  const int64_t blocks = (N + kInt8Cols - 1) / kInt8Cols;
-  at::parallel_for(0, blocks, grain(kInt8Cols, M, K), [&](int64_t b0, int64_t b1) {
-    float* buf = nullptr;
-    if (M > kInt8Rows) {
-      buf = static_cast<float*>(std::aligned_alloc(64, kInt8Cols * ((K + 15) / 16 * 16) * sizeof(float)));
-      TORCH_CHECK(buf != nullptr, "int8_linear: out of memory");
-    }
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n = b * kInt8Cols;
-      const float* bn = bias ? bias + n : nullptr;
-      const int8_t* qn = q + n * K;
-      switch (std::min<int64_t>(kInt8Cols, N - n)) {
-        case 6: int8_block<6>(x, qn, buf, scale + n, bn, y + n, M, K, N, act); break;
-        case 5: int8_block<5>(x, qn, buf, scale + n, bn, y + n, M, K, N, act); break;
-        case 4: int8_block<4>(x, qn, buf, scale + n, bn, y + n, M, K, N, act); break;
-        case 3: int8_block<3>(x, qn, buf, scale + n, bn, y + n, M, K, N, act); break;
-        case 2: int8_block<2>(x, qn, buf, scale + n, bn, y + n, M, K, N, act); break;
-        default: int8_block<1>(x, qn, buf, scale + n, bn, y + n, M, K, N, act); break;
-      }
-    }
-    std::free(buf);
-  });
-}
-
 }  // namespace
 
 torch::Tensor kn_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
@@ -266,33 +125,11 @@ torch::Tensor kn_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::T
   return y;
 }
 
-// activation: 0 none, 1 SiLU, 2 tanh-GELU, 3 erf-GELU (applied after the bias).
-torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> bias,
-                          int64_t activation) {
-  TORCH_CHECK(activation >= 0 && activation <= 3, "int8_linear: activation 0-3");
-  TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && x.size(1) == q.size(1), "int8_linear: x [M, K], q [N, K]");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && q.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat,
-              "int8_linear: x fp32, q int8, scale fp32");
-  TORCH_CHECK(q.is_contiguous() && scale.is_contiguous() && scale.numel() == q.size(0) && !x.is_cuda() && !q.is_cuda(),
-              "int8_linear: contiguous CPU q [N, K] and scale [N]");
-  x = x.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
-  torch::Tensor bc;
-  if (bias.has_value() && bias->defined()) {
-    bc = bias->contiguous();
-    TORCH_CHECK(bc.scalar_type() == at::kFloat && bc.numel() == N, "int8_linear: bias [N] fp32");
-  }
-  auto y = torch::empty({M, N}, x.options());
-  if (M == 0) return y;
-  int8_gemm(x.data_ptr<float>(), q.data_ptr<int8_t>(), scale.data_ptr<float>(), bc.defined() ? bc.data_ptr<float>() : nullptr,
-            y.data_ptr<float>(), M, K, N, activation);
-  return y;
-}
-
+void register_quantized_gemm(pybind11::module& m);  // quantized_gemm.cpp
 void register_paged_attention(pybind11::module& m);  // paged_attention.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_paged_attention(m);
+  register_quantized_gemm(m);
   m.def("kn_linear", &kn_linear, "y = x @ w + bias, row-invariant");
-  m.def("int8_linear", &int8_linear, "y = (x @ q.T) * scale + bias, int8 weights, row-invariant");
 }

@@ -30,8 +30,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# One extension for the CPU kernels: the GEMMs here and the paged decode attention (attention.py).
-_SOURCES = [Path(__file__).with_suffix(".cpp"), Path(__file__).with_name("paged_attention.cpp")]
+# One extension for the CPU kernels: the fp32 GEMM here, the weight-only GEMMs (quantize.py) and the
+# paged decode attention (attention.py); kernels.h is their shared header.
+_SOURCES = [Path(__file__).with_name(name) for name in ("invariant_gemm.cpp", "quantized_gemm.cpp", "paged_attention.cpp")]
 _state: dict[str, ModuleType | None] = {}
 _use = [True]
 
@@ -53,6 +54,7 @@ def _build() -> ModuleType | None:
         module = load(
             "textgen_invariant_gemm",
             [str(source) for source in _SOURCES],
+            extra_include_paths=[str(Path(__file__).parent)],
             extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-ffp-contract=off", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,

@@ -24,11 +24,11 @@
 #include <limits>
 #include <vector>
 
+#include "kernels.h"
+
 namespace {
 
-inline __mmask16 head_lanes(int64_t left) {
-  return left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
-}
+using textgen::lanes;
 
 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 
@@ -54,12 +54,12 @@ void attend(const float* q, const T* pool, const int64_t* tables, const int64_t*
       const float* qh = q + (b * heads + h) * D;
       const int64_t* table = tables + b * pages_per_row;
       __m512 qv[8];  // D <= 128
-      for (int64_t c = 0; c < chunks; ++c) qv[c] = load16(qh + 16 * c, head_lanes(D - 16 * c));
+      for (int64_t c = 0; c < chunks; ++c) qv[c] = load16(qh + 16 * c, lanes(D - 16 * c));
       float top = -std::numeric_limits<float>::infinity();
       for (int64_t t = 0; t < L; ++t) {
         const T* k = pool + table[t / page] * s_page + g * s_head + (t % page) * s_token;
         __m512 acc = _mm512_setzero_ps();
-        for (int64_t c = 0; c < chunks; ++c) acc = _mm512_fmadd_ps(qv[c], load16(k + 16 * c, head_lanes(D - 16 * c)), acc);
+        for (int64_t c = 0; c < chunks; ++c) acc = _mm512_fmadd_ps(qv[c], load16(k + 16 * c, lanes(D - 16 * c)), acc);
         const float s = _mm512_reduce_add_ps(acc) * scale;
         weights[t] = s;
         top = std::max(top, s);
@@ -74,11 +74,11 @@ void attend(const float* q, const T* pool, const int64_t* tables, const int64_t*
       for (int64_t t = 0; t < L; ++t) {
         const T* v = pool + table[t / page] * s_page + s_kind + g * s_head + (t % page) * s_token;
         const __m512 w = _mm512_set1_ps(weights[t]);
-        for (int64_t c = 0; c < chunks; ++c) o[c] = _mm512_fmadd_ps(w, load16(v + 16 * c, head_lanes(D - 16 * c)), o[c]);
+        for (int64_t c = 0; c < chunks; ++c) o[c] = _mm512_fmadd_ps(w, load16(v + 16 * c, lanes(D - 16 * c)), o[c]);
       }
       const __m512 d = _mm512_set1_ps(denominator);
       float* oh = out + (b * heads + h) * D;
-      for (int64_t c = 0; c < chunks; ++c) _mm512_mask_storeu_ps(oh + 16 * c, head_lanes(D - 16 * c), _mm512_div_ps(o[c], d));
+      for (int64_t c = 0; c < chunks; ++c) _mm512_mask_storeu_ps(oh + 16 * c, lanes(D - 16 * c), _mm512_div_ps(o[c], d));
     }
   });
 }

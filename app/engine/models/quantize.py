@@ -2,32 +2,32 @@
 
 Modes (names as TGI's `--quantize` and torchao's configs):
 - `int8-weight-only`: weights int8 per output channel (symmetric, as llama.cpp's q8_0 but one scale
-  per row instead of per 32 values), the LM head included. GEMMs run the AVX-512 kernel of
-  `invariant_gemm` (`int8_linear`: fp32 activations, the int8 weight widened in registers and read
-  once per block of 4 rows, fp32 sums, scale and bias applied at the end). Why our own: PyTorch's
-  `aten._weight_int8pack_mm` does the same widening but reached 12 GB/s of weights on the LM head
-  at 1 row against the kernel's 40-45 (it streams the rows without prefetching), rounds activations
-  and products to bf16 (its only vectorized dtype on x86; its fp32 path is a scalar loop), and is
-  slower at 32 rows too (2304x768: 0.80 ms against 0.66; measured 2026-12-06, 2 threads, Zen 4).
-  Where the kernel cannot be built (no compiler, no AVX-512), the aten kernel runs with bf16
-  activations: both are batch-invariant, the kernel is closer to fp32.
-- `int4-weight-only`: weights int4 in groups of 32 values along the input (asymmetric: a bf16 scale
-  and zero per group, as torchao's int4 weight-only and close to llama.cpp's q4_0), through
-  `aten._weight_int4pack_mm_for_cpu`, activations in bf16 as above. The LM head is int8 (llama.cpp
-  likewise keeps its output matrix above 4 bits), and so is a layer whose shape int4 packing does
-  not take (out features a multiple of 16, in features a multiple of 32).
+  per row instead of per 32 values), the LM head included.
+- `int4-weight-only`: weights int4 in groups of 32 values along the input (asymmetric: a scale and
+  zero per group, rounded to bf16, as torchao's int4 weight-only and close to llama.cpp's q4_0). The
+  LM head is int8 (llama.cpp likewise keeps its output matrix above 4 bits), and so is a layer
+  whose shape int4 packing does not take (out features a multiple of 16, in features of 32).
 - `int8-dynamic`: torchao's int8 weights per output channel with activations quantized to int8 per
   token at run time, integer GEMM (`torch._int_mm`, exact int32 sums) rescaled per row and column;
   LM head and embeddings kept in the model's dtype.
 
-Weight-only modes keep a layer in the model's dtype where the aten int8 kernel cannot run it (in
-features not a multiple of 16: its AVX-512 loop reads 16 values at a time and crashes otherwise), so
-that the layers quantized do not depend on whether our kernel built. Both
-weight-only kernels compute every output value from its own row and column alone, in a fixed order
-over the input (no split of the reduction by row count), so a row's result is bitwise the same for
-every row count and position: these modes are batch-invariant without padding (tested,
-tests/unit/engine/test_quantize.py). The embeddings stay in the model's dtype (GPT-2 ties them to the
-LM head: the int8 head is an extra 1/4-size copy).
+The weight-only GEMMs run our AVX-512 kernels (quantized_gemm.cpp, built with invariant_gemm.py's
+extension): fp32 activations and sums, the weights widened to fp32 in registers, bias and activation
+fused per output. Why our own: PyTorch's `aten._weight_int8pack_mm` reached 12 GB/s of weights on
+GPT-2's LM head at 1 row against the kernel's 40-45 (it streams the rows without prefetching), was
+slower at 32 rows too (2304x768: 0.80 ms against 0.66), and, like `_weight_int4pack_mm_for_cpu`,
+rounds activations and products to bf16 (their only vectorized dtype on x86); whole int8 decode step
+of GPT-2-124M at 1 row 12.6 -> 8.6 ms (measured 2026-12-06, 2 threads, Zen 4; docs/performance.md).
+Where the extension does not build (no compiler, no AVX-512), layers are packed for those aten
+kernels instead (bf16 activations); the choice is made when a layer is packed (`PackedWeight.kernel`).
+
+Both kernels compute every output value from its own row and column alone, in a fixed order over the
+input (no split of the reduction by row count), so a row's result is bitwise the same for every row
+count and position: these modes are batch-invariant without padding (tested,
+tests/unit/engine/test_quantize.py). A layer stays in the model's dtype where the aten int8 kernel
+could not run it (in features not a multiple of 16), so the layers quantized do not depend on
+whether our kernel built. The embeddings stay in the model's dtype (GPT-2 ties them to the LM head:
+the int8 head is an extra 1/4-size copy).
 """
 
 from dataclasses import dataclass
@@ -44,7 +44,7 @@ from app.engine.models.activations import ACTIVATIONS
 Quantize = Literal["none", "int8-weight-only", "int4-weight-only", "int8-dynamic"]
 WEIGHT_ONLY = ("int8-weight-only", "int4-weight-only")
 INT4_GROUP = 32  # values per int4 scale/zero pair, as llama.cpp's q4_0 blocks
-# The int8 kernel's activation codes (invariant_gemm.cpp, `Activation`).
+# Our weight-only kernels' activation codes (quantized_gemm.cpp, `Activation`).
 _KERNEL_ACTIVATIONS = {"none": 0, "silu": 1, "gelu_tanh": 2, "gelu": 3}
 
 
@@ -56,17 +56,22 @@ class QuantizeUnavailable(RuntimeError):
 class PackedWeight:
     """A linear layer's weight [out, in] packed for a weight-only kernel; `matmul` is the GEMM.
 
-    int8: `data` int8 [out, in], `scales` bf16 [out] (weight = data * scale).
-    int4: `data` uint8 [out, in / 2] as `_convert_weight_to_int4pack_for_cpu` lays it out,
-    `scales` bf16 [in / INT4_GROUP, out, 2] of (scale, zero) with weight = (q - 8) * scale + zero."""
+    kernel "textgen" (ours, quantized_gemm.cpp):
+      int8: `data` int8 [out, in], `scales` fp32 [out] (weight = data * scale);
+      int4: `data` uint8 [out, in / 2], byte i of a group's 16 holding q[32g + i] (low nibble) and
+      q[32g + 16 + i] (high), q in 0..15; `scales` fp32 [out, in / 32, 2] of (scale, offset) with
+      weight = q * scale + offset.
+    kernel "aten" (PyTorch's, where ours does not build):
+      int8: `data` as above, `scales` bf16 [out];
+      int4: `data` as `_convert_weight_to_int4pack_for_cpu` lays it out, `scales` bf16
+      [in / 32, out, 2] of (scale, zero) with weight = (q - 8) * scale + zero."""
 
     kind: Literal["int8", "int4"]
     data: torch.Tensor
     scales: torch.Tensor
     out_features: int
     in_features: int
-    # int8: the bf16 scales widened to fp32 (exact), as `invariant_gemm`'s int8_linear reads them.
-    scales_fp32: torch.Tensor | None = None
+    kernel: Literal["textgen", "aten"] = "textgen"
 
     @property
     def shape(self) -> torch.Size:
@@ -79,19 +84,33 @@ class PackedWeight:
         """activation(x @ weight.T + bias): x [N, in] (any float dtype) -> [N, out] in x's dtype;
         each row's bits are independent of N. activation: "none", "silu", "gelu_tanh" or "gelu".
 
-        int8 with `invariant_gemm`'s kernel: fp32 inputs and sums, the activation fused per
-        element. Otherwise (int4, or no kernel) PyTorch's kernels: bf16 inputs, fp32 sums rounded
-        to bf16, bias and activation applied after."""
-        if self.scales_fp32 is not None and invariant_gemm.enabled() and (module := invariant_gemm.kernel()):
-            b = None if bias is None else bias.float()
-            act = _KERNEL_ACTIVATIONS[activation]
-            if torch.compiler.is_compiling():
-                out = int8_linear_op(x.float(), self.data, self.scales_fp32, b, act)
-            else:
-                out = module.int8_linear(x.float(), self.data, self.scales_fp32, b, act)
-            return out.to(x.dtype)
-        out = self._aten_matmul(x)
-        return ACTIVATIONS[activation](out + bias if bias is not None else out)
+        Ours: fp32 inputs and sums, the activation fused per element. aten: bf16 inputs, fp32 sums
+        rounded to bf16, bias and activation applied after."""
+        if self.kernel == "aten":
+            out = self._aten_matmul(x)
+            return ACTIVATIONS[activation](out + bias if bias is not None else out)
+        b = None if bias is None else bias.float()
+        act = _KERNEL_ACTIVATIONS[activation]
+        if torch.compiler.is_compiling():
+            out = weight_only_linear_op(x.float(), self.data, self.scales, b, act)
+        else:
+            out = _kernel_call(x.float(), self.data, self.scales, b, act)
+        return out.to(x.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight [out, in] fp32 as the kernel multiplies by it (aten int4: through its GEMM
+        on an identity, so rounded to bf16)."""
+        if self.kind == "int8":
+            return self.data.float() * self.scales.float()[:, None]
+        if self.kernel == "aten":
+            return self._aten_matmul(torch.eye(self.in_features)).float().t()
+        low, high = (self.data & 0x0F).float(), (self.data >> 4).float()
+        groups = self.in_features // INT4_GROUP
+        q = torch.stack([low.view(-1, groups, 16), high.view(-1, groups, 16)], dim=2).view(
+            self.out_features, groups, INT4_GROUP
+        )
+        w = q * self.scales[..., :1] + self.scales[..., 1:]
+        return w.view(self.out_features, self.in_features)
 
     def _aten_matmul(self, x: torch.Tensor) -> torch.Tensor:
         a = x.to(torch.bfloat16)
@@ -105,17 +124,35 @@ class PackedWeight:
         return out.to(x.dtype)
 
 
+def _kernel_call(
+    x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, act: int
+) -> torch.Tensor:
+    module = invariant_gemm.kernel()
+    assert module is not None, "packed for our kernel, which no longer loads"
+    if data.dtype == torch.int8:
+        return module.int8_linear(x, data, scales, bias, act)
+    return module.int4_linear(x, data, scales, bias, act)
+
+
+def _ours() -> bool:
+    """Whether layers packed now go to our kernels (they build here and `invariant_gemm.use(False)`
+    was not called)."""
+    return invariant_gemm.enabled()
+
+
 def pack_int8(weight: torch.Tensor) -> PackedWeight | None:
     """`weight` [out, in] (float) as int8 per output channel; None when the kernel cannot run it."""
     out_features, in_features = weight.shape
     if weight.device.type != "cpu" or in_features % 16:
         return None
     w = weight.detach().float()
-    # The bf16 scale is what the kernel multiplies by, so quantize against it; rounding amax/127 up
-    # by one bf16 step first keeps every |w / scale| within 127 (no clipping).
+    # The scale is rounded to bf16 (what the aten kernel multiplies by), so quantize against it;
+    # rounding amax/127 up by one bf16 step first keeps every |w / scale| within 127 (no clipping).
     scale = (w.abs().amax(dim=1) / 127 * (1 + 2**-7)).clamp(min=2**-100).to(torch.bfloat16)
-    q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
-    return PackedWeight("int8", q.contiguous(), scale.contiguous(), out_features, in_features, scale.float())
+    q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+    if _ours():
+        return PackedWeight("int8", q, scale.float().contiguous(), out_features, in_features)
+    return PackedWeight("int8", q, scale.contiguous(), out_features, in_features, "aten")
 
 
 def pack_int4(weight: torch.Tensor) -> PackedWeight | None:
@@ -124,14 +161,21 @@ def pack_int4(weight: torch.Tensor) -> PackedWeight | None:
     out_features, in_features = weight.shape
     if weight.device.type != "cpu" or out_features % 16 or in_features % INT4_GROUP:
         return None
-    w = weight.detach().float().view(out_features, in_features // INT4_GROUP, INT4_GROUP)
+    groups = in_features // INT4_GROUP
+    w = weight.detach().float().view(out_features, groups, INT4_GROUP)
     low, high = w.amin(dim=-1), w.amax(dim=-1)
     scale = ((high - low) / 15 * (1 + 2**-7)).clamp(min=2**-100).to(torch.bfloat16)
     zero = (low + 8 * scale.float()).to(torch.bfloat16)  # the value of q = 8
-    q = torch.round((w - zero.float()[..., None]) / scale.float()[..., None] + 8).clamp(0, 15)
+    q = torch.round((w - zero.float()[..., None]) / scale.float()[..., None] + 8).clamp(0, 15).to(torch.uint8)
+    if _ours():
+        halves = q.view(out_features, groups, 2, 16)
+        data = (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(out_features, in_features // 2).contiguous()
+        offset = (zero.double() - 8 * scale.double()).float()  # q * scale + offset = (q - 8) * scale + zero
+        scales = torch.stack([scale.float(), offset], dim=-1).contiguous()  # [out, groups, 2]
+        return PackedWeight("int4", data, scales, out_features, in_features)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(out_features, in_features).to(torch.int32), 1)
     scales = torch.stack([scale.t(), zero.t()], dim=-1).contiguous()  # [groups, out, 2]
-    return PackedWeight("int4", packed, scales, out_features, in_features)
+    return PackedWeight("int4", packed, scales, out_features, in_features, "aten")
 
 
 class QuantizedLinear(nn.Module):
@@ -231,18 +275,16 @@ def is_dynamic_int8(weight: object) -> bool:
     return getattr(weight, "act_quant_kwargs", None) is not None and getattr(weight, "qdata", None) is not None
 
 
-@torch.library.custom_op("textgen::int8_linear", mutates_args=())
-def int8_linear_op(
-    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, activation: int
+@torch.library.custom_op("textgen::weight_only_linear", mutates_args=())
+def weight_only_linear_op(
+    x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, activation: int
 ) -> torch.Tensor:
-    """`invariant_gemm`'s int8 kernel as an opaque op for torch.compile (TEXTGEN_COMPILE)."""
-    module = invariant_gemm.kernel()
-    assert module is not None
-    return module.int8_linear(x, q, scale, bias, activation)
+    """Our weight-only kernels as an opaque op for torch.compile (TEXTGEN_COMPILE)."""
+    return _kernel_call(x, data, scales, bias, activation)
 
 
-@int8_linear_op.register_fake
+@weight_only_linear_op.register_fake
 def _(
-    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, activation: int
+    x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, activation: int
 ) -> torch.Tensor:
-    return x.new_empty((x.shape[0], q.shape[0]))
+    return x.new_empty((x.shape[0], data.shape[0]))

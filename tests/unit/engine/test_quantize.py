@@ -67,55 +67,63 @@ def test_weight_only_kernels_keep_a_rows_bits_in_prefill_sized_batches(kind: str
         assert torch.equal(packed.matmul(x[:m])[rows], alone[: len(rows)]), f"{m} rows"
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4"])
 @pytest.mark.parametrize("activation", ["none", "silu", "gelu_tanh", "gelu"])
 @torch.inference_mode()
-def test_int8_kernel_fuses_bias_and_activation_per_element(activation: str) -> None:
-    """The int8 kernel (invariant_gemm.cpp) applies bias and activation per output: rows stay
-    invariant on a 172-wide output (stories260k's MLP), where torch's vectorized SiLU and tanh-GELU
-    give a row's tail other bits alone than batched, and the values are the dequantized weight's."""
+def test_weight_only_kernels_fuse_bias_and_activation_per_element(kind: str, activation: str) -> None:
+    """Our kernels (quantized_gemm.cpp) apply bias and activation per output: rows stay invariant
+    on a 172-wide output (stories260k's MLP; 176 for int4, whose packing needs a multiple of 16),
+    where torch's vectorized SiLU and tanh-GELU give a row's tail other bits alone than batched, and
+    the values are the dequantized weight's."""
     assert invariant_gemm.kernel() is not None, "the kernel did not build here"
-    packed = pack_int8(_weight(64, 172))
-    assert packed is not None
-    bias = torch.randn(172, generator=torch.Generator().manual_seed(3))
+    out = 172 if kind == "int8" else 176
+    packed = (pack_int8 if kind == "int8" else pack_int4)(_weight(64, out))
+    assert packed is not None and packed.kernel == "textgen"
+    bias = torch.randn(out, generator=torch.Generator().manual_seed(3))
     _assert_rows_invariant(lambda x: packed.matmul(x, bias, activation), 64, torch.float32, rows=24)
     x = torch.randn(9, 64, generator=torch.Generator().manual_seed(4))
-    dequantized = packed.data.double() * packed.scales.double()[:, None]
-    expected = ACTIVATIONS[activation](x.double() @ dequantized.t() + bias.double()).float()
+    expected = ACTIVATIONS[activation](x.double() @ packed.dequantize().double().t() + bias.double()).float()
     torch.testing.assert_close(packed.matmul(x, bias, activation), expected, rtol=1e-5, atol=1e-5)
 
 
 @torch.inference_mode()
-def test_int8_kernel_takes_any_input_width() -> None:
-    """Input widths that are not a multiple of 16 (a masked last chunk), tile shapes at every row
-    count 1..9 (few rows widen in registers, more through a buffer) and 1..7 outputs."""
-    module = invariant_gemm.kernel()
-    assert module is not None
+def test_weight_only_kernels_take_any_width() -> None:
+    """int8: input widths that are not a multiple of 16 (a masked last chunk); both: 1..7 outputs
+    and every row count 1..9 (few rows widen in registers, more through a buffer)."""
+    assert invariant_gemm.kernel() is not None
     g = torch.Generator().manual_seed(5)
-    for k, n in [(37, 7), (16, 1), (5, 13), (100, 6)]:
-        q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
-        scale, bias = torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g)
+    for k, n in [(37, 7), (16, 1), (5, 13), (100, 6), (64, 5), (96, 3)]:
         x = torch.randn(9, k, generator=g)
-        expected = (x.double() @ (q.double() * scale.double()[:, None]).t() + bias.double()).float()
-        for m in range(1, 10):
-            out = module.int8_linear(x[:m].clone(), q, scale, bias, 0)
-            torch.testing.assert_close(out, expected[:m], rtol=1e-4, atol=1e-4)
-            assert torch.equal(out[-1], module.int8_linear(x[m - 1 : m].clone(), q, scale, bias, 0)[0])
+        bias = torch.randn(n, generator=g)
+        q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+        weights = [PackedWeight("int8", q, torch.rand(n, generator=g) + 0.5, n, k)]
+        if k % INT4_GROUP == 0:
+            q4 = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
+            weights.append(PackedWeight("int4", q4, torch.rand(n, k // INT4_GROUP, 2, generator=g) - 0.5, n, k))
+        for packed in weights:
+            expected = (x.double() @ packed.dequantize().double().t() + bias.double()).float()
+            for m in range(1, 10):
+                out = packed.matmul(x[:m].clone(), bias)
+                torch.testing.assert_close(out, expected[:m], rtol=1e-4, atol=1e-4)
+                assert torch.equal(out[-1], packed.matmul(x[m - 1 : m].clone(), bias)[0])
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4"])
 @torch.inference_mode()
-def test_int8_falls_back_to_pytorchs_kernel_invariantly() -> None:
-    """Where our kernel does not build, `aten._weight_int8pack_mm` runs (bf16 activations), rows
-    still invariant and within bf16 rounding of the kernel."""
-    packed = pack_int8(_weight(768, 2304))
-    assert packed is not None
-    x = torch.randn(5, 768, generator=torch.Generator().manual_seed(6))
-    ours = packed.matmul(x)
+def test_weight_only_falls_back_to_pytorchs_kernels_invariantly(kind: str) -> None:
+    """Where our kernels do not build, layers are packed for aten's (bf16 activations): rows still
+    invariant, and within bf16 rounding of ours."""
+    weight = _weight(768, 2304)
+    ours = (pack_int8 if kind == "int8" else pack_int4)(weight)
     invariant_gemm.use(False)
     try:
-        _assert_rows_invariant(packed.matmul, 768, torch.float32, rows=12)
-        torch.testing.assert_close(packed.matmul(x), ours, rtol=2e-2, atol=2e-2)
+        theirs = (pack_int8 if kind == "int8" else pack_int4)(weight)
     finally:
         invariant_gemm.use(True)
+    assert ours is not None and theirs is not None and (ours.kernel, theirs.kernel) == ("textgen", "aten")
+    _assert_rows_invariant(theirs.matmul, 768, torch.float32, rows=12)
+    x = torch.randn(5, 768, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(theirs.matmul(x), ours.matmul(x), rtol=3e-2, atol=3e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -136,22 +144,28 @@ def test_onednn_rows_padded_to_the_row_multiple_are_invariant(dtype: torch.dtype
     _assert_rows_invariant(gemm, 3072, dtype, rows=40)
 
 
+@pytest.mark.parametrize("kernel", ["textgen", "aten"])
 @pytest.mark.parametrize("kind", ["int8", "int4"])
-def test_packing_rounds_each_weight_to_its_nearest_level(kind: str) -> None:
+def test_packing_rounds_each_weight_to_its_nearest_level(kind: str, kernel: str) -> None:
     weight = _weight(256, 64)
-    packed = (pack_int8 if kind == "int8" else pack_int4)(weight)
-    assert packed is not None and packed.shape == weight.shape
-    eye = torch.eye(256)
-    dequantized = packed.matmul(eye).float().t()  # [out, in]: the weight as the kernel sees it (bf16 out)
-    zero = torch.zeros(())
+    invariant_gemm.use(kernel == "textgen")
+    try:
+        packed = (pack_int8 if kind == "int8" else pack_int4)(weight)
+    finally:
+        invariant_gemm.use(True)
+    assert packed is not None and packed.shape == weight.shape and packed.kernel == kernel
+    dequantized = packed.dequantize()
+    # The weight as the kernel sees it: what its GEMM gives on an identity (aten: rounded to bf16).
+    through_gemm = packed.matmul(torch.eye(256)).t()
+    rounding = 2**-8 if kernel == "aten" else 1e-6
+    assert ((through_gemm - dequantized).abs() <= dequantized.abs() * rounding + 1e-7).all()
     if kind == "int8":
         step = packed.scales.float()[:, None]
-    else:
-        step = packed.scales[..., 0].float().t().repeat_interleave(INT4_GROUP, dim=1)
-        zero = packed.scales[..., 1].float().t().repeat_interleave(INT4_GROUP, dim=1)
-    # Half a quantization step, plus the bf16 rounding of the kernel's output and of int4's zero
-    # point (each within 2^-9 relative).
-    bound = step / 2 + (dequantized.abs() + zero.abs()) * 2**-8 + 1e-6
+    else:  # a group's levels are `step` apart: the largest gap between its distinct dequantized values
+        grouped = dequantized.view(64, -1, INT4_GROUP)
+        step = (grouped.amax(-1) - grouped.amin(-1)).repeat_interleave(INT4_GROUP, dim=1) / 15
+    # Half a quantization step, plus the bf16 rounding of the aten kernel's output and of int4's zero.
+    bound = step / 2 + (dequantized.abs() + weight.abs()) * 2**-8 + 1e-6
     assert ((dequantized - weight).abs() <= bound).all()
 
 
