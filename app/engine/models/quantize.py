@@ -59,8 +59,8 @@ class PackedWeight:
     kernel "textgen" (ours, quantized_gemm.cpp):
       int8: `data` int8 [out, in], `scales` fp32 [out] (weight = data * scale);
       int4: `data` uint8 [out, in / 2], byte i of a group's 16 holding q[32g + i] (low nibble) and
-      q[32g + 16 + i] (high), q in 0..15; `scales` fp32 [out, in / 32, 2] of (scale, offset) with
-      weight = q * scale + offset.
+      q[32g + 16 + i] (high), q in 0..15; `scales` fp32 [out, 2, in / 32]: each group's scale, then
+      its offset, with weight = q * scale + offset.
     kernel "aten" (PyTorch's, where ours does not build):
       int8: `data` as above, `scales` bf16 [out];
       int4: `data` as `_convert_weight_to_int4pack_for_cpu` lays it out, `scales` bf16
@@ -89,13 +89,15 @@ class PackedWeight:
         if self.kernel == "aten":
             out = self._aten_matmul(x)
             return ACTIVATIONS[activation](out + bias if bias is not None else out)
-        b = None if bias is None else bias.float()
+        # Conversions only where needed: ~50 GEMMs a step, and a no-op .float() still costs a dispatch.
+        a = x if x.dtype == torch.float32 else x.float()
+        b = bias if bias is None or bias.dtype == torch.float32 else bias.float()
         act = _KERNEL_ACTIVATIONS[activation]
         if torch.compiler.is_compiling():
-            out = weight_only_linear_op(x.float(), self.data, self.scales, b, act)
+            out = weight_only_linear_op(a, self.data, self.scales, b, act)
         else:
-            out = _kernel_call(x.float(), self.data, self.scales, b, act)
-        return out.to(x.dtype)
+            out = _kernel_call(a, self.data, self.scales, b, act)
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
         """The weight [out, in] fp32 as the kernel multiplies by it (aten int4: through its GEMM
@@ -109,7 +111,7 @@ class PackedWeight:
         q = torch.stack([low.view(-1, groups, 16), high.view(-1, groups, 16)], dim=2).view(
             self.out_features, groups, INT4_GROUP
         )
-        w = q * self.scales[..., :1] + self.scales[..., 1:]
+        w = q * self.scales[:, 0, :, None] + self.scales[:, 1, :, None]
         return w.view(self.out_features, self.in_features)
 
     def _aten_matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,7 +173,7 @@ def pack_int4(weight: torch.Tensor) -> PackedWeight | None:
         halves = q.view(out_features, groups, 2, 16)
         data = (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(out_features, in_features // 2).contiguous()
         offset = (zero.double() - 8 * scale.double()).float()  # q * scale + offset = (q - 8) * scale + zero
-        scales = torch.stack([scale.float(), offset], dim=-1).contiguous()  # [out, groups, 2]
+        scales = torch.stack([scale.float(), offset], dim=1).contiguous()  # [out, 2, groups]
         return PackedWeight("int4", data, scales, out_features, in_features)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(out_features, in_features).to(torch.int32), 1)
     scales = torch.stack([scale.t(), zero.t()], dim=-1).contiguous()  # [groups, out, 2]

@@ -99,7 +99,7 @@ def test_weight_only_kernels_take_any_width() -> None:
         weights = [PackedWeight("int8", q, torch.rand(n, generator=g) + 0.5, n, k)]
         if k % INT4_GROUP == 0:
             q4 = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
-            weights.append(PackedWeight("int4", q4, torch.rand(n, k // INT4_GROUP, 2, generator=g) - 0.5, n, k))
+            weights.append(PackedWeight("int4", q4, torch.rand(n, 2, k // INT4_GROUP, generator=g) - 0.5, n, k))
         for packed in weights:
             expected = (x.double() @ packed.dequantize().double().t() + bias.double()).float()
             for m in range(1, 10):
