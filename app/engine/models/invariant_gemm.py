@@ -32,7 +32,9 @@ log = logging.getLogger(__name__)
 
 # One extension for the CPU kernels: the fp32 GEMM here, the weight-only GEMMs (quantize.py) and the
 # paged decode attention (attention.py); kernels.h is their shared header.
-_SOURCES = [Path(__file__).with_name(name) for name in ("invariant_gemm.cpp", "quantized_gemm.cpp", "paged_attention.cpp")]
+_SOURCES = [
+    Path(__file__).with_name(name) for name in ("invariant_gemm.cpp", "quantized_gemm.cpp", "paged_attention.cpp")
+]
 _state: dict[str, ModuleType | None] = {}
 _use = [True]
 
