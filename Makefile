@@ -21,10 +21,12 @@ $(VENV)/.installed: pyproject.toml
 	# jiter>=0.16; instructor only uses jiter for partial-JSON streaming, which the tests do not use.
 	# Its other requirements are in the dev extra.
 	$(BIN)/pip install --quiet --no-deps "instructor==1.17.0"
-	# The row-invariant fp32 GEMM kernel (app/engine/models/invariant_gemm.py) is compiled once here
-	# (g++ and ninja; ~40 s of CPU, cached under torch's extension directory), not at the first model
-	# load. Where it cannot build, the engine keeps oneDNN with 2-row padding and this says why.
-	$(BIN)/python -c "from app.engine.models import invariant_gemm as g; print('invariant fp32 GEMM kernel:', 'built' if g.kernel() else 'unavailable (oneDNN with padding)')"
+	# The CPU kernels (app/engine/models/invariant_gemm.py: the row-invariant fp32 GEMM, the int8/int4
+	# weight-only GEMMs, the paged decode attention) are compiled once here (g++ and ninja; ~1-2 min of
+	# CPU, cached under torch's extension directory), not at the first model load. Where they cannot
+	# build, the engine keeps oneDNN with 2-row padding, PyTorch's weight-only kernels and gathered
+	# attention, and this says why.
+	$(BIN)/python -c "from app.engine.models import invariant_gemm as g; print('CPU kernels (fp32 and int8/int4 GEMMs, paged attention):', 'built' if g.kernel() else 'unavailable (library fallbacks)')"
 	touch $@
 
 # No flags here: every setting comes from TEXTGEN_* variables (TEXTGEN_PORT=9000 make run).

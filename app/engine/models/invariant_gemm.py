@@ -17,8 +17,11 @@ order, whatever the row count, so any two row counts agree bitwise; it reads an 
 the layout GPT-2 stores, so no weight is copied.
 
 It is compiled on first use with torch's C++ extension builder (g++, cached per source under
-torch's extension directory; about 40 s of CPU once). Where it cannot be built (no compiler, no
-AVX-512) `kernel()` returns None and the compact forward keeps the oneDNN path with padding.
+torch's extension directory; about 1-2 min of CPU once), in one extension with the other CPU
+kernels of the compact forward: the int8/int4 weight-only GEMMs (quantized_gemm.cpp, used by
+quantize.py) and the paged decode attention (paged_attention.cpp, used by attention.py and the KV
+pool). Where it cannot be built (no compiler, no AVX-512) `kernel()` returns None and each user
+keeps its library path: oneDNN with padding, PyTorch's weight-only kernels, gathered attention.
 """
 
 import logging
@@ -48,7 +51,10 @@ def kernel() -> ModuleType | None:
 
 def _build() -> ModuleType | None:
     if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"):
-        log.info("fp32 GEMMs: oneDNN with 2-row padding (the invariant kernel needs AVX-512)")
+        log.info(
+            "CPU kernels unavailable (they need AVX-512): fp32 GEMMs on oneDNN with 2-row padding, "
+            "weight-only GEMMs on PyTorch's kernels, decode attention over gathered pages"
+        )
         return None
     try:
         from torch.utils.cpp_extension import load
@@ -62,7 +68,11 @@ def _build() -> ModuleType | None:
             verbose=False,
         )
     except Exception as exc:  # noqa: BLE001 - any build failure means: keep the library path
-        log.warning("fp32 GEMMs: oneDNN with 2-row padding (the invariant kernel did not build: %s)", exc)
+        log.warning(
+            "CPU kernels did not build (%s): fp32 GEMMs on oneDNN with 2-row padding, weight-only GEMMs on "
+            "PyTorch's kernels, decode attention over gathered pages; install g++ and ninja to build them",
+            exc,
+        )
         return None
     return module
 

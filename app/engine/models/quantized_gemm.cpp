@@ -90,11 +90,18 @@ struct Int4Rows {
     return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, _mm_set1_epi8(0x0F))));
   }
   inline float scale(int c, int64_t g) const { return so[c * 2 * (K / kGroup) + g]; }
+  // Group k / 32's two halves for C rows: the 16 bytes widened once, then split into nibbles (one
+  // widening per group instead of two).
   template <int C>
-  inline void load(int64_t k, __mmask16 m, __m512* w) const {
-    if (k % kGroup == 0) _mm_prefetch(reinterpret_cast<const char*>(q + C * (K / 2) + k / 2 * C), _MM_HINT_T0);
+  inline void load_group(int64_t k, __m512* w0, __m512* w1) const {
+    _mm_prefetch(reinterpret_cast<const char*>(q + C * (K / 2) + k / 2 * C), _MM_HINT_T0);
+    const __m512i low = _mm512_set1_epi32(0x0F);
 #pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) w[c] = chunk(c, k, m);
+    for (int c = 0; c < C; ++c) {
+      const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + c * (K / 2) + k / 2)));
+      w0[c] = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, low));
+      w1[c] = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
+    }
   }
 };
 
@@ -114,6 +121,11 @@ struct WidenedRows {
   inline void load(int64_t k, __mmask16, __m512* w) const {
 #pragma GCC unroll 8
     for (int c = 0; c < C; ++c) w[c] = _mm512_load_ps(buf + c * K16 + k);
+  }
+  template <int C>
+  inline void load_group(int64_t k, __m512* w0, __m512* w1) const {
+    load<C>(k, 0xFFFF, w0);
+    load<C>(k + 16, 0xFFFF, w1);
   }
 };
 
@@ -157,8 +169,7 @@ inline void tile(const float* x, const Rows& rows, const Epilogue& e, float* y, 
   if constexpr (Rows::kGrouped) {  // int4: acc += s[g] * (x0 . q0 + x1 . q1), group by group
     for (int64_t k = 0; k < K; k += kGroup) {
       __m512 w0[C], w1[C], sc[C];
-      rows.template load<C>(k, 0xFFFF, w0);
-      rows.template load<C>(k + 16, 0xFFFF, w1);
+      rows.template load_group<C>(k, w0, w1);
 #pragma GCC unroll 8
       for (int c = 0; c < C; ++c) sc[c] = _mm512_set1_ps(rows.scale(c, k / kGroup));
 #pragma GCC unroll 8
