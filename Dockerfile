@@ -60,6 +60,18 @@ COPY . /src
 RUN /opt/venv/bin/pip install --quiet ".[train]" \
  && /opt/venv/bin/textgen --help > /dev/null
 
+# 3) the CPU kernels (fp32 and int8/int4 GEMMs, paged decode attention: app/engine/models/invariant_gemm.py),
+#    compiled here with g++ and ninja, which stay out of the runtime image: it imports the module built
+#    here, found by the stamp of its sources. Without AVX-512 on the build machine, or where they do not
+#    build, the server runs its library fallbacks (and says so at startup).
+ENV TORCH_EXTENSIONS_DIR=/opt/torch_extensions
+RUN set -eu; \
+    if ! command -v g++ >/dev/null || ! command -v ninja >/dev/null; then \
+        apt-get update -qq && apt-get install -y -qq --no-install-recommends g++ ninja-build >/dev/null; \
+    fi; \
+    mkdir -p /opt/torch_extensions; \
+    /opt/venv/bin/python -c "from app.engine.models import invariant_gemm as g; print('CPU kernels:', 'built' if g.kernel() else 'unavailable (library fallbacks)')"
+
 # ---------------------------------------------------------------------------------------------------------
 FROM ${BASE_IMAGE} AS runtime
 
@@ -72,6 +84,7 @@ RUN groupadd --system --gid 10001 textgen \
  && chown 10001:10001 /var/cache/textgen
 
 COPY --from=builder /opt/venv /opt/venv
+COPY --from=builder /opt/torch_extensions /opt/torch_extensions
 
 ENV PATH=/opt/venv/bin:${PATH} \
     PYTHONUNBUFFERED=1 \
@@ -79,6 +92,7 @@ ENV PATH=/opt/venv/bin:${PATH} \
     XDG_CACHE_HOME=/var/cache/textgen \
     HF_HOME=/var/cache/textgen/huggingface \
     TOKENIZERS_PARALLELISM=false \
+    TORCH_EXTENSIONS_DIR=/opt/torch_extensions \
     TEXTGEN_HOST=0.0.0.0 \
     TEXTGEN_PORT=8000 \
     NVIDIA_VISIBLE_DEVICES=all \

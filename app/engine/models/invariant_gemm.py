@@ -24,20 +24,26 @@ pool). Where it cannot be built (no compiler, no AVX-512) `kernel()` returns Non
 keeps its library path: oneDNN with padding, PyTorch's weight-only kernels, gathered attention.
 """
 
+import contextlib
+import hashlib
+import importlib.util
 import logging
+import os
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
 import torch
+from torch.utils import cpp_extension
 
 log = logging.getLogger(__name__)
 
 # One extension for the CPU kernels: the fp32 GEMM here, the weight-only GEMMs (quantize.py) and the
 # paged decode attention (attention.py); kernels.h is their shared header.
-_SOURCES = [
-    Path(__file__).with_name(name) for name in ("invariant_gemm.cpp", "quantized_gemm.cpp", "paged_attention.cpp")
-]
+_SOURCE_DIR = Path(__file__).parent
+_SOURCES = [_SOURCE_DIR / name for name in ("invariant_gemm.cpp", "quantized_gemm.cpp", "paged_attention.cpp")]
 _state: dict[str, ModuleType | None] = {}
 _use = [True]
 
@@ -49,6 +55,60 @@ def kernel() -> ModuleType | None:
     return _state["module"]
 
 
+_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-ffp-contract=off", "-fopenmp"]
+_NAME = "textgen_invariant_gemm"
+
+
+def build_directory() -> Path:
+    """Where the extension for these sources is built and kept: `textgen_kernels/<stamp>` under
+    `$TORCH_EXTENSIONS_DIR`, else under torch's default extension root (the container image builds it
+    there at build time). One directory per stamp: trees with other sources (another checkout, a
+    branch) never rebuild over each other's module."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    return Path(root) / "textgen_kernels" / _stamp()[:16]
+
+
+def _stamp() -> str:
+    """What the built module depends on: the sources, the header, the flags, torch and Python."""
+    digest = hashlib.sha256()
+    for path in [*_SOURCES, _SOURCE_DIR / "kernels.h"]:
+        digest.update(path.read_bytes())
+    digest.update(" ".join([*_FLAGS, torch.__version__, sys.version]).encode())
+    return digest.hexdigest()
+
+
+def _prebuilt(directory: Path, stamp: str) -> ModuleType | None:
+    """The module built earlier for exactly these sources (its stamp matches), imported directly:
+    torch's builder would run ninja and the compiler again in every new process, and a container's
+    runtime image has neither (it copies the module built in its build stage)."""
+    library = directory / f"{_NAME}.so"
+    stamp_file = directory / "textgen.stamp"
+    if not library.exists() or not stamp_file.exists() or stamp_file.read_text().strip() != stamp:
+        return None
+    spec = importlib.util.spec_from_file_location(_NAME, library)
+    if spec is None or spec.loader is None:
+        return None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# torch's builder holds `lock` in the build directory while it compiles and waits, without a bound,
+# for another process's lock to go. A build killed midway leaves it behind, and every later start
+# then hangs (seen: test servers never became healthy). A build takes 1-2 min of CPU here, so a lock
+# this old belongs to no live build.
+_STALE_LOCK_S = 15 * 60
+
+
+def _break_stale_lock(directory: Path) -> None:
+    lock = directory / "lock"
+    with contextlib.suppress(FileNotFoundError):
+        age = time.time() - lock.stat().st_mtime
+        if age > _STALE_LOCK_S:
+            log.warning("removing a stale build lock %s (%.0f min old: a build killed midway)", lock, age / 60)
+            lock.unlink()
+
+
 def _build() -> ModuleType | None:
     if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"):
         log.info(
@@ -56,17 +116,23 @@ def _build() -> ModuleType | None:
             "weight-only GEMMs on PyTorch's kernels, decode attention over gathered pages"
         )
         return None
+    directory, stamp = build_directory(), _stamp()
     try:
-        from torch.utils.cpp_extension import load
-
-        module = load(
-            "textgen_invariant_gemm",
+        module = _prebuilt(directory, stamp)
+        if module is not None:
+            return module
+        directory.mkdir(parents=True, exist_ok=True)
+        _break_stale_lock(directory)
+        module = cpp_extension.load(
+            _NAME,
             [str(source) for source in _SOURCES],
-            extra_include_paths=[str(Path(__file__).parent)],
-            extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-ffp-contract=off", "-fopenmp"],
+            extra_include_paths=[str(_SOURCE_DIR)],
+            extra_cflags=_FLAGS,
             extra_ldflags=["-fopenmp"],
+            build_directory=str(directory),
             verbose=False,
         )
+        (directory / "textgen.stamp").write_text(stamp + "\n")
     except Exception as exc:  # noqa: BLE001 - any build failure means: keep the library path
         log.warning(
             "CPU kernels did not build (%s): fp32 GEMMs on oneDNN with 2-row padding, weight-only GEMMs on "

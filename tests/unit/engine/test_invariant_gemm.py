@@ -2,6 +2,13 @@
 the same for every row count and position, both of the kernel's loop orders agree, the results are
 a correct GEMM, and wrapping a model re-lays its weights out in place (no second copy)."""
 
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -10,6 +17,7 @@ from app.engine.models import compact_model, invariant_gemm
 from app.engine.models.base import gemm_weight, linear, row_multiple
 from app.engine.models.invariant_gemm import InputMajorWeight, input_major
 
+ROOT = Path(__file__).resolve().parents[3]
 AVX512 = torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")
 pytestmark = pytest.mark.skipif(not AVX512, reason="the invariant kernel is AVX-512 only (oneDNN padding elsewhere)")
 
@@ -25,6 +33,60 @@ def _weight(in_features: int, out_features: int, seed: int = 0) -> torch.Tensor:
 
 def test_the_kernel_builds_on_an_avx512_cpu() -> None:
     assert invariant_gemm.kernel() is not None
+    assert (invariant_gemm.build_directory() / "textgen.stamp").exists()
+
+
+def _kernel_in_a_process_without_a_compiler(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    code = (
+        "import logging; logging.basicConfig(level=logging.WARNING)\n"
+        "from app.engine.models import invariant_gemm as g\n"
+        "print('KERNEL', g.kernel() is not None)\n"
+    )
+    # PATH names nothing: no g++, no ninja, as in the container's runtime image.
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env, "PATH": "/nonexistent"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_a_process_without_a_compiler_loads_the_module_built_for_these_sources(tmp_path: Path) -> None:
+    """The container's runtime image has no compiler: it imports the module its build stage made,
+    found by the stamp of its sources; a stale or missing one means the library fallbacks, said once."""
+    assert invariant_gemm.kernel() is not None  # built (and stamped) in the default directory
+    directory = invariant_gemm.build_directory()
+    root = os.environ.get("TORCH_EXTENSIONS_DIR", "")
+    run = _kernel_in_a_process_without_a_compiler({"TORCH_EXTENSIONS_DIR": root} if root else {})
+    assert "KERNEL True" in run.stdout, run.stderr[-2000:]
+    # A copy of the build with another stamp (other sources): not loaded, and the build cannot run.
+    copy = tmp_path / "textgen_kernels" / directory.name
+    copy.mkdir(parents=True)
+    shutil.copy(directory / "textgen_invariant_gemm.so", copy / "textgen_invariant_gemm.so")
+    (copy / "textgen.stamp").write_text("0" * 64 + "\n")
+    run = _kernel_in_a_process_without_a_compiler({"TORCH_EXTENSIONS_DIR": str(tmp_path)})
+    assert "KERNEL False" in run.stdout, run.stderr[-2000:]
+    assert "CPU kernels did not build" in run.stderr and "install g++ and ninja" in run.stderr
+    # With the stamp of these sources the same copy loads.
+    (copy / "textgen.stamp").write_text((directory / "textgen.stamp").read_text())
+    run = _kernel_in_a_process_without_a_compiler({"TORCH_EXTENSIONS_DIR": str(tmp_path)})
+    assert "KERNEL True" in run.stdout, run.stderr[-2000:]
+
+
+def test_a_build_lock_left_by_a_killed_build_is_broken_and_a_fresh_one_kept(tmp_path: Path) -> None:
+    """torch's builder waits without a bound for the lock of a build killed midway: every later start
+    would hang. A lock older than any build is removed; a recent one (a build running) is kept."""
+    lock = tmp_path / "lock"
+    lock.touch()
+    invariant_gemm._break_stale_lock(tmp_path)
+    assert lock.exists()
+    old = time.time() - 20 * 60
+    os.utime(lock, (old, old))
+    invariant_gemm._break_stale_lock(tmp_path)
+    assert not lock.exists()
 
 
 @pytest.mark.parametrize(("in_features", "out_features"), SHAPES)
