@@ -54,7 +54,7 @@ def continuations(lm: object, prompts: list[list[int]], tokens: int) -> list[lis
     as each alone)."""
     from app.engine.runner.compact_batch import CompactBatch
 
-    model, options = lm.compact, lm.options  # type: ignore[attr-defined]
+    model, options = lm.compact, lm.forward_options  # type: ignore[attr-defined]
     batch, logits, _ = CompactBatch.prefill(model, options, [_seq(lm, p, tokens) for p in prompts], False)
     out: list[list[int]] = [[] for _ in prompts]
     for step in range(tokens):
@@ -73,7 +73,7 @@ def log_probs(lm: object, prompts: list[list[int]], conts: list[list[int]]) -> t
     next token is a continuation token, from one prefill of prompt + continuation per prompt."""
     from app.engine.runner.compact_batch import CompactBatch
 
-    model, options = lm.compact, lm.options  # type: ignore[attr-defined]
+    model, options = lm.compact, lm.forward_options  # type: ignore[attr-defined]
     rows = []
     for p, c in zip(prompts, conts, strict=True):
         ids = p + c[:-1]  # the position before each continuation token

@@ -121,22 +121,22 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--quantize: unknown mode(s) {', '.join(sorted(unknown))}")
     args.quantize = modes[0]
     lm = load_model(str(path), device="cpu", dtype=args.dtype, kv_cache_dtype=args.kv_dtype, quantize=args.quantize)
-    assert lm.compact is not None and lm.options is not None, "this model has no compact forward"
-    not_invariant = replace(lm.options, batch_invariant=False)  # the same weights, without batch invariance
+    assert lm.compact is not None and lm.forward_options is not None, "this model has no compact forward"
+    not_invariant = replace(lm.forward_options, batch_invariant=False)  # the same weights, without batch invariance
     invariant_gemm.use(False)  # the same weights, fp32 GEMMs on oneDNN
     onednn = compact_model(lm.model)
     invariant_gemm.use(True)
     assert onednn is not None
 
     def loaded_forward(loaded: LoadedModel) -> Forward:
-        assert loaded.compact is not None and loaded.options is not None
-        return compact_forward(loaded.compact, loaded.options)
+        assert loaded.compact is not None and loaded.forward_options is not None
+        return compact_forward(loaded.compact, loaded.forward_options)
 
     paths = {
         "transformers": transformers_forward(lm.model),
         "compact": loaded_forward(lm),
         "compact-not-invariant": compact_forward(lm.compact, not_invariant),
-        "compact-onednn": compact_forward(onednn, lm.options),
+        "compact-onednn": compact_forward(onednn, lm.forward_options),
         "compact-onednn-not-invariant": compact_forward(onednn, not_invariant),
     }
     if args.quantize != "none" or args.dtype != "float32" or args.kv_dtype not in ("auto", "float32"):

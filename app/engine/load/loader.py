@@ -39,8 +39,9 @@ class LoadedModel:
     limits: Limits
     compact: CompactModel | None = None  # our forward (GPT-2, Llama), else the HF model's
     quantize: Quantize = "none"  # TEXTGEN_QUANTIZE: int8/int4 linear layers (app/engine/models/quantize.py)
-    # How the compact runner runs `compact` (batch invariance, KV dtype, compiled step); None with it.
-    options: ForwardOptions | None = None
+    # How the compact runner runs `compact` (batch invariance, KV dtype, compiled step): set exactly
+    # when `compact` is.
+    forward_options: ForwardOptions | None = None
 
     @property
     def kv_column_multiple(self) -> int:
@@ -51,7 +52,7 @@ class LoadedModel:
     @property
     def forward_description(self) -> str:
         """Which forward serves generation, for the startup log."""
-        c, o = self.compact, self.options
+        c, o = self.compact, self.forward_options
         weights = "" if self.quantize == "none" else f", weights {self.quantize}"
         if c is None or o is None:
             return f"transformers{f' ({weights[2:]})' if weights else ''}"

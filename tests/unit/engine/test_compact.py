@@ -37,8 +37,8 @@ def compact(lm: LoadedModel) -> CompactModel:
 
 
 def forward_options(lm: LoadedModel) -> ForwardOptions:
-    assert lm.options is not None, "the loader sets the runner's options with the compact forward"
-    return lm.options
+    assert lm.forward_options is not None, "the loader sets the runner's options with the compact forward"
+    return lm.forward_options
 
 
 def seq(lm: LoadedModel, ids: list[int], sampling: SamplingParams | None = None, new: int = 50) -> Sequence:
