@@ -54,8 +54,8 @@ def continuations(lm: object, prompts: list[list[int]], tokens: int) -> list[lis
     as each alone)."""
     from app.engine.runner.compact_batch import CompactBatch
 
-    model = lm.compact  # type: ignore[attr-defined]
-    batch, logits, _ = CompactBatch.prefill(model, [_seq(lm, p, tokens) for p in prompts], False)
+    model, options = lm.compact, lm.forward_options  # type: ignore[attr-defined]
+    batch, logits, _ = CompactBatch.prefill(model, options, [_seq(lm, p, tokens) for p in prompts], False)
     out: list[list[int]] = [[] for _ in prompts]
     for step in range(tokens):
         chosen = logits.float().argmax(-1).tolist()
@@ -63,7 +63,7 @@ def continuations(lm: object, prompts: list[list[int]], tokens: int) -> list[lis
             out[row].append(t)
         if step + 1 < tokens:
             batch.set_next(chosen)
-            logits = batch.decode(model)
+            logits = batch.decode(model, options)
     return out
 
 
@@ -73,11 +73,11 @@ def log_probs(lm: object, prompts: list[list[int]], conts: list[list[int]]) -> t
     next token is a continuation token, from one prefill of prompt + continuation per prompt."""
     from app.engine.runner.compact_batch import CompactBatch
 
-    model = lm.compact  # type: ignore[attr-defined]
+    model, options = lm.compact, lm.forward_options  # type: ignore[attr-defined]
     rows = []
     for p, c in zip(prompts, conts, strict=True):
         ids = p + c[:-1]  # the position before each continuation token
-        _, _, full = CompactBatch.prefill(model, [_seq(lm, ids, 1)], True)
+        _, _, full = CompactBatch.prefill(model, options, [_seq(lm, ids, 1)], True)
         assert full is not None
         rows.append(torch.log_softmax(full[0, len(p) - 1 :].float(), dim=-1))
     return torch.stack(rows)

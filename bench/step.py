@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 import torch
 
@@ -48,20 +49,38 @@ def _seqs(tokenizer: object, batch: int, vocab: int) -> list:
 
 _clock = time.perf_counter
 
+# A timed path: prefill(seqs) -> (batch, last logits) and decode(batch) -> logits.
+Forward = tuple[Callable[[list], tuple[Any, torch.Tensor]], Callable[[Any], torch.Tensor]]
+
+
+def transformers_forward(model: Any) -> Forward:
+    """The transformers forward (`Batch`) of an HF model."""
+    from app.engine.runner.batch import Batch
+
+    return (lambda seqs: Batch.prefill(model, seqs, False)[:2]), (lambda b: b.decode(model))
+
+
+def compact_forward(model: Any, options: Any) -> Forward:
+    """The compact forward (`CompactBatch`) of a compact model, run as its `ForwardOptions` say."""
+    from app.engine.runner.compact_batch import CompactBatch
+
+    return (lambda seqs: CompactBatch.prefill(model, options, seqs, False)[:2]), (lambda b: b.decode(model, options))
+
 
 @torch.inference_mode()
-def time_steps(path: str, forward: object, batch_type: type, lm: object, batch: int, steps: int) -> float:
+def time_steps(forward: Forward, lm: object, batch: int, steps: int) -> float:
     """Seconds per decode step (sampler included) after a prefill and 2 warm-up steps."""
     from app.engine.sample.sampling import choose
 
+    prefill, decode = forward
     seqs = _seqs(lm.tokenizer, batch, lm.model.config.vocab_size)  # type: ignore[attr-defined]
-    b, logits, _ = batch_type.prefill(forward, seqs, False)
+    b, logits = prefill(seqs)
     b.set_next([c.token_id for c in choose(logits, b.seqs, b.sampling)])
     for _ in range(2):
-        b.set_next([c.token_id for c in choose(b.decode(forward), b.seqs, b.sampling)])
+        b.set_next([c.token_id for c in choose(decode(b), b.seqs, b.sampling)])
     start = _clock()
     for _ in range(steps):
-        b.set_next([c.token_id for c in choose(b.decode(forward), b.seqs, b.sampling)])
+        b.set_next([c.token_id for c in choose(decode(b), b.seqs, b.sampling)])
     return (_clock() - start) / steps
 
 
@@ -89,11 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     global _clock
     _clock = time.thread_time if args.cpu_time else time.perf_counter
-    from app.engine.load.loader import load_model
+    from dataclasses import replace
+
+    from app.engine.load.loader import LoadedModel, load_model
     from app.engine.models import compact_model, invariant_gemm
     from app.engine.models.quantize import Quantize
-    from app.engine.runner.batch import Batch
-    from app.engine.runner.compact_batch import CompactBatch
 
     path = args.model or ensure_model(default_model_dir(0)).path
     modes = args.quantize.split(",")
@@ -102,37 +121,34 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--quantize: unknown mode(s) {', '.join(sorted(unknown))}")
     args.quantize = modes[0]
     lm = load_model(str(path), device="cpu", dtype=args.dtype, kv_cache_dtype=args.kv_dtype, quantize=args.quantize)
-    assert lm.compact is not None, "this model has no compact forward"
-    fast = compact_model(lm.model)  # the same weights, without batch invariance
-    assert fast is not None
-    fast.kv_dtype, fast.batch_invariant = lm.compact.kv_dtype, False
+    assert lm.compact is not None and lm.forward_options is not None, "this model has no compact forward"
+    not_invariant = replace(lm.forward_options, batch_invariant=False)  # the same weights, without batch invariance
     invariant_gemm.use(False)  # the same weights, fp32 GEMMs on oneDNN
-    onednn, onednn_fast = compact_model(lm.model), compact_model(lm.model)
+    onednn = compact_model(lm.model)
     invariant_gemm.use(True)
-    assert onednn is not None and onednn_fast is not None
-    onednn.kv_dtype = onednn_fast.kv_dtype = lm.compact.kv_dtype
-    onednn.batch_invariant, onednn_fast.batch_invariant = lm.compact.batch_invariant, False
+    assert onednn is not None
+
+    def loaded_forward(loaded: LoadedModel) -> Forward:
+        assert loaded.compact is not None and loaded.forward_options is not None
+        return compact_forward(loaded.compact, loaded.forward_options)
+
     paths = {
-        "transformers": (lm.model, Batch),
-        "compact": (lm.compact, CompactBatch),
-        "compact-not-invariant": (fast, CompactBatch),
-        "compact-onednn": (onednn, CompactBatch),
-        "compact-onednn-not-invariant": (onednn_fast, CompactBatch),
+        "transformers": transformers_forward(lm.model),
+        "compact": loaded_forward(lm),
+        "compact-not-invariant": compact_forward(lm.compact, not_invariant),
+        "compact-onednn": compact_forward(onednn, lm.forward_options),
+        "compact-onednn-not-invariant": compact_forward(onednn, not_invariant),
     }
     if args.quantize != "none" or args.dtype != "float32" or args.kv_dtype not in ("auto", "float32"):
-        plain = load_model(str(path), device="cpu", dtype="float32")
-        assert plain.compact is not None
-        paths["compact-fp32"] = (plain.compact, CompactBatch)
+        paths["compact-fp32"] = loaded_forward(load_model(str(path), device="cpu", dtype="float32"))
     for mode in modes[1:]:
         other = load_model(str(path), device="cpu", dtype=args.dtype, kv_cache_dtype=args.kv_dtype, quantize=mode)
-        assert other.compact is not None
-        paths[f"compact-{mode}"] = (other.compact, CompactBatch)
+        paths[f"compact-{mode}"] = loaded_forward(other)
     if args.compile:
         began = time.perf_counter()
         compiled = load_model(str(path), device="cpu", dtype=args.dtype, kv_cache_dtype=args.kv_dtype, compile=True)
         print(f"TEXTGEN_COMPILE warm-up: load + compile {time.perf_counter() - began:.1f} s")
-        assert compiled.compact is not None
-        paths["compact-compiled"] = (compiled.compact, CompactBatch)
+        paths["compact-compiled"] = loaded_forward(compiled)
     if args.paths:
         wanted = args.paths.split(",")
         paths = {n: paths[n] for n in wanted}
@@ -142,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     for batch in [int(x) for x in args.batch.split(",")]:
         best: dict[str, float] = {}
         for _ in range(args.rounds):
-            for name, (forward, batch_type) in paths.items():
-                dt = time_steps(name, forward, batch_type, lm, batch, args.steps)
+            for name, forward in paths.items():
+                dt = time_steps(forward, lm, batch, args.steps)
                 best[name] = min(best.get(name, float("inf")), dt)
         first = next(iter(best.values()))
         line = "  ".join(
@@ -154,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             from torch.profiler import ProfilerActivity, profile
 
             with profile(activities=[ProfilerActivity.CPU]) as prof:
-                time_steps("compact", lm.compact, CompactBatch, lm, batch, 8)
+                time_steps(loaded_forward(lm), lm, batch, 8)
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
     return 0
 

@@ -78,9 +78,7 @@ async def info(service: ServiceDep) -> dict:
             embedding_model=service.embedder.model_id if service.embedder else None,
             embedding_dimensions=service.embedder.dimensions if service.embedder else None,
             chat_template=bool(service.chat_template or getattr(lm.tokenizer, "chat_template", None)),
-            compile=lm.compact.compiled.describe()
-            if lm.compact is not None and lm.compact.compiled is not None
-            else {"enabled": False},
+            compile=lm.forward_options.describe_compile() if lm.forward_options is not None else {"enabled": False},
             speculative=None
             if service.engine.speculative is None
             else {"method": "ngram", **dataclasses.asdict(service.engine.speculative)},

@@ -115,7 +115,7 @@ def model_of(server: Server) -> str:
 def reference(path: Path, body: dict[str, Any], adapter: Path | None = None) -> list[dict[str, Any]]:
     """The answers computed in-process from one forward per prompt + option (see the docstring)."""
     lm: LoadedModel = load_model(str(path))
-    assert lm.compact is not None
+    assert lm.compact is not None and lm.forward_options is not None
     tok = lm.tokenizer
     loaded = read_adapter("tuned", str(adapter), lm.compact, 64) if adapter is not None else None
     questions = parse_questions(body["questions"], 64, 64)
@@ -128,7 +128,7 @@ def reference(path: Path, body: dict[str, Any], adapter: Path | None = None) -> 
             ids = e.prompt + option
             request = GenerationRequest(ids, SamplingParams(), StoppingParams(1), lambda _: None, True)
             seq = Sequence(request, tok, frozenset(), frozenset(), 10_000, torch.device("cpu"), loaded)
-            _, _, full = CompactBatch.prefill(lm.compact, [seq], all_logits=True)
+            _, _, full = CompactBatch.prefill(lm.compact, lm.forward_options, [seq], all_logits=True)
             assert full is not None
             rows = torch.log_softmax(full[0, :-1].float(), dim=-1)
             chosen = rows.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].clamp(min=-1e4).tolist()

@@ -1,7 +1,7 @@
 """Load one causal LM and its tokenizer, resolve device/dtype and the token limits it allows."""
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -13,6 +13,7 @@ from app.engine.kv.kv_pool import PAGE_SIZE
 from app.engine.load.mapped_pages import module_storages, page_out_stale
 from app.engine.models import CompactModel, compact_model
 from app.engine.models.quantize import Quantize, QuantizeUnavailable, quantize_model
+from app.engine.runner.forward_options import ForwardOptions
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,9 @@ class LoadedModel:
     limits: Limits
     compact: CompactModel | None = None  # our forward (GPT-2, Llama), else the HF model's
     quantize: Quantize = "none"  # TEXTGEN_QUANTIZE: int8/int4 linear layers (app/engine/models/quantize.py)
+    # How the compact runner runs `compact` (batch invariance, KV dtype, compiled step): set exactly
+    # when `compact` is.
+    forward_options: ForwardOptions | None = None
 
     @property
     def kv_column_multiple(self) -> int:
@@ -48,12 +52,12 @@ class LoadedModel:
     @property
     def forward_description(self) -> str:
         """Which forward serves generation, for the startup log."""
-        c = self.compact
+        c, o = self.compact, self.forward_options
         weights = "" if self.quantize == "none" else f", weights {self.quantize}"
-        if c is None:
+        if c is None or o is None:
             return f"transformers{f' ({weights[2:]})' if weights else ''}"
-        kv = str(c.kv_dtype).removeprefix("torch.")
-        return f"compact {c.family} (batch-invariant: {str(c.batch_invariant).lower()}, KV cache {kv}{weights})"
+        kv = str(o.kv_dtype).removeprefix("torch.")
+        return f"compact {c.family} (batch-invariant: {str(o.batch_invariant).lower()}, KV cache {kv}{weights})"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -165,11 +169,14 @@ def load_model(
         raise ModelLoadError(str(exc)) from exc
     limits = resolve_limits(context_length(config), max_total_tokens, max_input_tokens)
     compact = compact_model(model) if compact_forward else None
+    options = None
     if compact is not None:
-        compact.kv_dtype = torch_dtype if kv_cache_dtype == "auto" else getattr(torch, kv_cache_dtype)
-        # Invariance is built and tested for CPU kernels only; on GPU one attention call per step
-        # (not one per row) is what keeps kernel launches in check.
-        compact.batch_invariant = batch_invariant and dev.type == "cpu"
+        options = ForwardOptions(
+            # Invariance is built and tested for CPU kernels only; on GPU one attention call per
+            # step (not one per row) is what keeps kernel launches in check.
+            batch_invariant=batch_invariant and dev.type == "cpu",
+            kv_dtype=torch_dtype if kv_cache_dtype == "auto" else getattr(torch, kv_cache_dtype),
+        )
     elif kv_cache_dtype != "auto":
         raise ModelLoadError(
             f"TEXTGEN_KV_CACHE_DTYPE={kv_cache_dtype} needs the compact forward (GPT-2 or Llama with "
@@ -181,13 +188,14 @@ def load_model(
     if released:
         log.info("released %d MiB of checkpoint pages no weight reads any more", released >> 20)
     if compile:
-        _compile(compact)
-    return LoadedModel(model, tokenizer, model_id, dev, torch_dtype, limits, compact, quantize)
+        options = _compile(compact, options)
+    return LoadedModel(model, tokenizer, model_id, dev, torch_dtype, limits, compact, quantize, options)
 
 
-def _compile(compact: CompactModel | None) -> None:
-    """TEXTGEN_COMPILE: compile and warm up the decode step (app/engine/runner/compiled.py)."""
-    if compact is None:
+def _compile(compact: CompactModel | None, options: ForwardOptions | None) -> ForwardOptions:
+    """TEXTGEN_COMPILE: compile and warm up the decode step (app/engine/runner/compiled.py).
+    Returns `options` with the compiled step."""
+    if compact is None or options is None:
         raise ModelLoadError(
             "TEXTGEN_COMPILE=true needs the compact forward (GPT-2 or Llama with TEXTGEN_COMPACT_FORWARD=true); "
             "this model runs on the transformers forward: unset TEXTGEN_COMPILE."
@@ -196,14 +204,14 @@ def _compile(compact: CompactModel | None) -> None:
 
     compiled = CompiledDecode(compact)
     try:
-        seconds = compiled.warm_up(compact)
+        seconds = compiled.warm_up(compact, options)
     except Exception as exc:  # torch.compile raises many kinds (inductor, a missing C++ compiler, ...)
         raise ModelLoadError(
             f"TEXTGEN_COMPILE: compiling the decode step failed ({type(exc).__name__}: {_first_line(exc)}); "
             "unset TEXTGEN_COMPILE to serve with the eager decode step."
         ) from exc
-    compact.compiled = compiled
     log.info("decode step compiled in %.1f s (%s)", seconds, ", ".join(compiled.graphs))
+    return replace(options, compiled=compiled)
 
 
 def _apply_adapter(model: PreTrainedModel, adapter: str) -> PreTrainedModel:

@@ -18,8 +18,10 @@ def make_runner(
     the transformers forward's for every other causal LM. Its KV buffers are charged to `kv`;
     `kv_pages` bounds the compact runner's KV pool (None: unbounded)."""
     if loaded.compact is not None:
+        assert loaded.forward_options is not None  # the loader sets it with `compact`
         return CompactRunner(
             loaded.compact,
+            loaded.forward_options,
             kv,
             kv_pages=kv_pages,
             prefix_cache_tokens=prefix_cache_tokens,

@@ -13,7 +13,7 @@ avx512; ../shared/notes and `python -m bench.step`):
 """
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -140,22 +140,6 @@ def adapted_linear(
     return out if lora is None else lora.apply(layer, slot, x, weight, bias, activation, out)
 
 
-class DecodeStep(Protocol):
-    """A whole decode step run as one callable (`app.engine.runner.compiled.CompiledDecode`, set by the
-    loader for TEXTGEN_COMPILE). A protocol for the same reason as `LoraDeltas`: the compiled step
-    is built from the batch code, which is built on this interface."""
-
-    def __call__(
-        self, model: "CompactModel", ids: torch.Tensor, positions: torch.Tensor, lora: LoraDeltas | None = None
-    ) -> torch.Tensor:
-        """Next-token logits [N, vocab] for ids, positions [N]."""
-        ...
-
-    def describe(self) -> dict[str, Any]:
-        """What /info reports under `compile`."""
-        ...
-
-
 class CompactModel:
     """A decoder-only LM as plain tensor code over flattened tokens [N, hidden].
 
@@ -171,9 +155,6 @@ class CompactModel:
     head_dim: int
     vocab_size: int
     dtype: torch.dtype
-    kv_dtype: torch.dtype  # the KV cache's element type (TEXTGEN_KV_CACHE_DTYPE), set by the loader
-    batch_invariant: bool = True  # TEXTGEN_BATCH_INVARIANT, set by the loader
-    compiled: DecodeStep | None = None  # TEXTGEN_COMPILE: the decode step compiled, set by the loader
     row_multiple: int = 4  # see `row_multiple()`; set from the weights at wrap time
     device: torch.device
 
@@ -194,15 +175,15 @@ class CompactModel:
         raise NotImplementedError
 
 
-def padded_rows(n: int, model: CompactModel) -> int:
-    """The row count a GEMM over `n` rows runs with: n rounded up to `model.row_multiple` when
-    batch invariant, else n."""
-    return n + (-n) % model.row_multiple if model.batch_invariant else n
+def padded_rows(n: int, multiple: int) -> int:
+    """The row count a GEMM over `n` rows runs with: n rounded up to a multiple of `multiple` (the
+    runner's `ForwardOptions.row_multiple`: the model's `row_multiple` when batch invariant, else 1)."""
+    return n + (-n) % multiple
 
 
-def pad_rows(x: torch.Tensor, model: CompactModel) -> torch.Tensor:
-    """`x` [N, width] with zero rows appended up to `padded_rows(N, model)`."""
-    extra = padded_rows(x.shape[0], model) - x.shape[0]
+def pad_rows(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """`x` [N, width] with zero rows appended up to `padded_rows(N, multiple)`."""
+    extra = padded_rows(x.shape[0], multiple) - x.shape[0]
     return torch.cat([x, x.new_zeros((extra, x.shape[1]))]) if extra else x
 
 

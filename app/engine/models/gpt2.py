@@ -51,7 +51,6 @@ class GPT2Compact(CompactModel):
         self.wte = weight("transformer.wte.weight")
         self.wpe = weight("transformer.wpe.weight")
         self.dtype = self.wte.dtype
-        self.kv_dtype = self.dtype
         self.device = self.wte.device
         # Per block: (weight, bias) of ln_1, c_attn, attn c_proj, ln_2, c_fc, mlp c_proj; the Conv1D
         # weights ([in, out]) in the layout `linear` takes (`gemm_weight`), sharing the HF storage.

@@ -63,7 +63,6 @@ class LlamaCompact(CompactModel):
         self.eps = config.rms_norm_eps
         self.embed = m.embed_tokens.weight
         self.dtype = self.embed.dtype
-        self.kv_dtype = self.dtype
         self.device = self.embed.device
         self.rotary = m.rotary_emb  # HF's module: every rope variant (scaling types) as HF computes it
         # Per block: ln1, q, k, v, o, ln2, gate, up, down; each projection a (weight, bias) pair.

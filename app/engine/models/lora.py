@@ -184,18 +184,21 @@ class LoraRows:
     """Which token rows of one packed forward use which adapter; applies their deltas.
 
     Batch invariance: each adapter's rows are gathered into their own sub-batch, padded with zero
-    rows to the model's `row_multiple` like every other GEMM, so a row's delta has the same bits
+    rows to the forward's row multiple like every other GEMM, so a row's delta has the same bits
     whatever its batchmates are; base rows never see an adapter op, so they stay bitwise what they
     are without adapters."""
 
-    def __init__(self, model: CompactModel, groups: list[tuple[Adapter, torch.Tensor]]) -> None:
-        self.model = model
+    def __init__(self, row_multiple: int, groups: list[tuple[Adapter, torch.Tensor]]) -> None:
+        self.row_multiple = row_multiple
         self.groups = groups
 
     @classmethod
-    def build(cls, model: CompactModel, adapters: Seq[AdapterRef | None], counts: list[int]) -> "LoraRows | None":
+    def build(
+        cls, model: CompactModel, adapters: Seq[AdapterRef | None], counts: list[int], row_multiple: int
+    ) -> "LoraRows | None":
         """`adapters[r]` is sequence r's adapter (an `Adapter`: the registry hands out no other),
-        `counts[r]` its token rows (packed in order)."""
+        `counts[r]` its token rows (packed in order); each adapter's rows are padded to a multiple
+        of `row_multiple` (the runner's `ForwardOptions.row_multiple`, 1 when not batch invariant)."""
         if not any(adapters):
             return None
         rows: dict[int, tuple[Adapter, list[int]]] = {}
@@ -205,7 +208,7 @@ class LoraRows:
                 rows.setdefault(id(adapter), (cast(Adapter, adapter), []))[1].extend(range(start, start + count))
             start += count
         device = model.device
-        return cls(model, [(a, torch.tensor(r, dtype=torch.long, device=device)) for a, r in rows.values()])
+        return cls(row_multiple, [(a, torch.tensor(r, dtype=torch.long, device=device)) for a, r in rows.values()])
 
     @staticmethod
     def _delta(xs: torch.Tensor, count: int, w: LoraWeights) -> torch.Tensor:
@@ -228,7 +231,7 @@ class LoraRows:
             if w is None:
                 continue
             count = rows.shape[0]
-            xs = pad_rows(x.index_select(0, rows), self.model)
+            xs = pad_rows(x.index_select(0, rows), self.row_multiple)
             if activation == "none":
                 out.index_add_(0, rows, self._delta(xs, count, w))
                 continue

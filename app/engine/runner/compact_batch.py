@@ -6,7 +6,7 @@ any batch, on CPU):
   tokens), and each row's attention reads exactly its own cached tokens (its pages of the
   `KVPool`, gathered into the layout attention reads: app/engine/kv/kv_pool.py);
 - every GEMM sees a row count that is a multiple of the model's `row_multiple` (zero rows are
-  appended): oneDNN's kernels then give a row the same bits whatever the other rows are, while a
+  appended; `ForwardOptions.row_multiple`): oneDNN's kernels then give a row the same bits whatever the other rows are, while a
   single fp32 row (and bf16 row, for inputs 1536+ wide) takes another kernel (measured; see
   app/engine/models/base.py);
 - prefill: attention calls per row, on the same shapes as alone. (Rows of equal lengths batched
@@ -37,6 +37,7 @@ from app.engine.kv.kv_pool import KVPool, PagedRows, page_width
 from app.engine.models.attention import chunk_width, decode_attention, paged_decode_attention, paged_kernel
 from app.engine.models.base import CompactModel, pad_rows, padded_rows
 from app.engine.models.lora import LoraRows
+from app.engine.runner.forward_options import ForwardOptions
 from app.engine.sample.sampling import SamplingState
 
 # Prefill attention runs in query chunks of this many positions when batch invariant, and the
@@ -63,22 +64,23 @@ class CompactBatch:
     def prefill(
         cls,
         model: CompactModel,
+        options: ForwardOptions,
         seqs: list[Sequence],
         all_logits: bool,
         pool: KVPool | None = None,
         prefixes: Seq[list[int]] | None = None,
     ) -> tuple["CompactBatch", torch.Tensor, torch.Tensor | None]:
-        """Run the prompts of `seqs` (packed) into pages of `pool` (None: a pool of their own, for
-        standalone use). Returns the batch, the last position's logits [batch, vocab], and the
-        logits of every position run [batch, longest prompt, vocab] (left-padded, as `Batch` gives
-        them) when `all_logits`.
+        """Run the prompts of `seqs` (packed) through `model` as `options` say, into pages of
+        `pool` (None: a pool of their own in `options.kv_dtype`, for standalone use). Returns the
+        batch, the last position's logits [batch, vocab], and the logits of every position run
+        [batch, longest prompt, vocab] (left-padded, as `Batch` gives them) when `all_logits`.
 
         `prefixes[r]`, when given, is row r's pages from the prefix cache (one reference each,
         which the batch takes over): the K/V of its first c prompt tokens (c < its prompt length,
         a whole number of pages). Those tokens are not run (their logits, if asked for, are zeros)
         and nothing is copied: the row's page table starts with those pages."""
         if pool is None:
-            pool = KVPool(model.layers, model.kv_heads, model.head_dim, model.kv_dtype, model.device)
+            pool = KVPool(model.layers, model.kv_heads, model.head_dim, options.kv_dtype, model.device)
         tables = [list(p) for p in prefixes] if prefixes is not None else [[] for _ in seqs]
         starts = [len(t) * pool.page_size for t in tables]
         cache = PagedRows(pool, tables, list(starts))  # owns the prefix pages from here on
@@ -86,12 +88,12 @@ class CompactBatch:
         longest = max(s.prompt_len for s in seqs)
         ids = [t for s, c in zip(seqs, starts, strict=True) for t in s.request.prompt_ids[c:]]
         positions = [p for s, c in zip(seqs, starts, strict=True) for p in range(c, s.prompt_len)]
-        hidden = _forward(model, cache, ids, positions, counts, [s.adapter for s in seqs], prompt=True)
+        hidden = _forward(model, options, cache, ids, positions, counts, [s.adapter for s in seqs], prompt=True)
         ends = torch.tensor(counts, device=model.device).cumsum(0) - 1
-        logits = _head(model, hidden.index_select(0, ends))
+        logits = _head(model, options, hidden.index_select(0, ends))
         full = None
         if all_logits:
-            every = _head(model, hidden[: len(ids)])
+            every = _head(model, options, hidden[: len(ids)])
             full = every.new_zeros((len(seqs), longest, every.shape[-1]))
             start = 0
             for row, count in enumerate(counts):
@@ -99,23 +101,25 @@ class CompactBatch:
                 start += count
         return cls(list(seqs), cache), logits, full
 
-    def decode(self, model: CompactModel) -> torch.Tensor:
+    def decode(self, model: CompactModel, options: ForwardOptions) -> torch.Tensor:
         """One step for every row: feed `next_ids`, return next-token logits [batch, vocab].
 
-        Batch invariant: `decode_logits`, compiled when the model has a compiled decode step
-        (TEXTGEN_COMPILE) and no row has an adapter (the loader refuses the two together)."""
+        Batch invariant: `decode_logits`, compiled when `options` has a compiled decode step
+        (TEXTGEN_COMPILE) and no row has an adapter (the server refuses the two together)."""
         lengths = self.cache.lengths
         real = len(self)
         after = [length + 1 for length in lengths]
         adapters = [s.adapter for s in self.seqs]
-        if not model.batch_invariant and model.compiled is None:
-            hidden = _forward(model, self.cache, self.next_ids, lengths, [1] * real, adapters)
-            return _head(model, hidden)[:real]
+        compiled = options.compiled
+        if not options.batch_invariant and compiled is None:
+            hidden = _forward(model, options, self.cache, self.next_ids, lengths, [1] * real, adapters)
+            return _head(model, options, hidden)[:real]
         self.cache.grow(after)
-        lora = LoraRows.build(model, adapters, [1] * real)
+        multiple = options.row_multiple(model)
+        lora = LoraRows.build(model, adapters, [1] * real, multiple)
         device = self.cache.device
-        n = padded_rows(real, model)
-        if model.compiled is not None:
+        n = padded_rows(real, multiple)
+        if compiled is not None:
             # torch specializes a graph for 1 row, whose bits differ from the general graph's (bf16
             # rows alone and batched differed): compiled steps run 2+ rows, so one graph serves all.
             n = max(n, 2)
@@ -123,7 +127,7 @@ class CompactBatch:
         ids[:real] = self.next_ids
         positions = torch.zeros(n, dtype=torch.long, device=device)
         positions[:real] = torch.tensor(lengths, device=device)
-        step = model.compiled if model.compiled is not None and lora is None else decode_logits
+        step = compiled if compiled is not None and lora is None else decode_logits
         with decode_context(self.cache, after):
             logits = step(model, ids, positions, lora)
         self.cache.lengths = after
@@ -149,8 +153,8 @@ class CompactBatch:
         self.sampling = self.sampling.concat(other.sampling)
 
 
-def _head(model: CompactModel, hidden: torch.Tensor) -> torch.Tensor:
-    return model.head(pad_rows(hidden, model))[: hidden.shape[0]]
+def _head(model: CompactModel, options: ForwardOptions, hidden: torch.Tensor) -> torch.Tensor:
+    return model.head(pad_rows(hidden, options.row_multiple(model)))[: hidden.shape[0]]
 
 
 @dataclass
@@ -244,6 +248,7 @@ def _(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: 
 
 def _forward(
     model: CompactModel,
+    options: ForwardOptions,
     cache: PagedRows,
     ids: torch.Tensor | list[int],
     positions: list[int],
@@ -252,13 +257,14 @@ def _forward(
     prompt: bool = False,
 ) -> torch.Tensor:
     """Append `counts[r]` new tokens to each row r of `cache` (ids and positions packed row after
-    row) and return their final hidden states [N, hidden] (N rounded up to `row_multiple`).
+    row) and return their final hidden states [N, hidden] (N rounded up to `options.row_multiple`).
     `adapters[r]`: row r's LoRA adapter (None: the base model). `prompt`: the new tokens are the
     rest of each row's prompt (a prefill, even of one token)."""
     device = cache.device
     real = sum(counts)
-    invariant = model.batch_invariant
-    n = padded_rows(real, model)
+    invariant = options.batch_invariant
+    multiple = options.row_multiple(model)
+    n = padded_rows(real, multiple)
     id_tensor = torch.zeros(n, dtype=torch.long, device=device)
     id_tensor[:real] = torch.as_tensor(ids, device=device)
     pos_tensor = torch.zeros(n, dtype=torch.long, device=device)
@@ -319,7 +325,7 @@ def _forward(
             out[start : start + count] = o[0].transpose(0, 1).reshape(count, heads * dim)
         return out
 
-    lora = LoraRows.build(model, adapters, counts) if adapters else None
+    lora = LoraRows.build(model, adapters, counts, multiple) if adapters else None
     hidden = model.forward(id_tensor, pos_tensor, attend, lora)
     cache.lengths = after
     return hidden

@@ -20,6 +20,7 @@ from app.engine.kv.prefix_cache import PrefixCache
 from app.engine.models.base import CompactModel
 from app.engine.runner import speculative as spec
 from app.engine.runner.compact_batch import CompactBatch
+from app.engine.runner.forward_options import ForwardOptions
 from app.engine.runner.invariants import check_compact_batch
 from app.engine.runner.runner import BatchRunner
 from app.engine.runner.speculative import SpeculativeConfig
@@ -79,6 +80,7 @@ class CompactRunner(BatchRunner[CompactBatch]):
     def __init__(
         self,
         model: CompactModel,
+        options: ForwardOptions,
         kv: KVAccount,
         *,
         kv_pages: int | None = None,
@@ -87,9 +89,10 @@ class CompactRunner(BatchRunner[CompactBatch]):
     ) -> None:
         super().__init__(model.device, kv)
         self.model = model
+        self.options = options  # how this runner runs the model: kernels, KV dtype, compiled step
         # Every row, n > 1 choice and cached prefix lives in this pool; each page handed out is
         # charged to `kv`. `kv_pages`: its budget in pages (None: unbounded, standalone use).
-        self._pool = KVPool(model.layers, model.kv_heads, model.head_dim, model.kv_dtype, model.device, kv_pages, kv)
+        self._pool = KVPool(model.layers, model.kv_heads, model.head_dim, options.kv_dtype, model.device, kv_pages, kv)
         self.pool = self._pool
         self.prefixes: RowPrefixes | None = None
         if prefix_cache_tokens > 0:
@@ -100,7 +103,7 @@ class CompactRunner(BatchRunner[CompactBatch]):
             self.prefixes = self.prefix_index = RowPrefixes(self.prefix)
         self._drafter: spec.Drafter | None = None
         if speculative is not None:
-            reason = spec.unsupported_reason(model)
+            reason = spec.unsupported_reason(options)
             if reason is None:
                 self.speculative = speculative
                 self._drafter = spec.Drafter(speculative)
@@ -111,19 +114,19 @@ class CompactRunner(BatchRunner[CompactBatch]):
         self, seqs: list[Sequence], all_logits: bool = False, prefix_room: int = 0
     ) -> tuple[CompactBatch, torch.Tensor, torch.Tensor | None]:
         if self.prefixes is None:
-            return CompactBatch.prefill(self.model, seqs, all_logits, self._pool)
+            return CompactBatch.prefill(self.model, self.options, seqs, all_logits, self._pool)
         prefixes = []
         for seq in seqs:
             prefixes.append(self.prefixes.hit(seq))
             # A request that asked for every prompt token's logprob bypasses the cache (not counted).
             if not seq.request.prefill_details or seq.request.prefill_details_from:
                 self._stats.prefix.append((seq.prompt_len, seq.cached_tokens))
-        out = CompactBatch.prefill(self.model, seqs, all_logits, self._pool, prefixes)
+        out = CompactBatch.prefill(self.model, self.options, seqs, all_logits, self._pool, prefixes)
         self.prefixes.store(out[0])
         return out
 
     def decode(self, batch: CompactBatch) -> torch.Tensor:
-        return batch.decode(self.model)
+        return batch.decode(self.model, self.options)
 
     def _decode(self, batch: CompactBatch, update: Update) -> None:
         drafts = self._drafts(batch)
@@ -131,7 +134,7 @@ class CompactRunner(BatchRunner[CompactBatch]):
             super()._decode(batch, update)
             return
         try:
-            logits = spec.verify(batch, self.model, drafts)
+            logits = spec.verify(batch, self.model, self.options, drafts)
         except torch.OutOfMemoryError as exc:
             self._decode_out_of_memory(batch, update, exc)
             return

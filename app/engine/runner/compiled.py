@@ -32,12 +32,14 @@ import torch
 from app.engine.kv.kv_pool import KVPool, PagedRows
 from app.engine.models.base import CompactModel, LoraDeltas, padded_rows
 from app.engine.runner.compact_batch import decode_context, decode_logits
+from app.engine.runner.forward_options import ForwardOptions
 
 log = logging.getLogger("textgen.engine")
 
 
 class CompiledDecode:
-    """`decode_logits` compiled for one model; called as `decode_logits` is."""
+    """`decode_logits` compiled for one model; called as `decode_logits` is (a `DecodeStep`, which
+    the loader puts in the runner's `ForwardOptions.compiled`)."""
 
     def __init__(self, model: CompactModel) -> None:
         self.device = model.device
@@ -59,14 +61,15 @@ class CompiledDecode:
         self.steps += 1
         return self._step(model, ids, positions, None)
 
-    def warm_up(self, model: CompactModel) -> float:
-        """Compile the graph serving uses (any row count from 2, any KV width), logging progress.
-        Returns the seconds it took. Raises what torch.compile raises (the loader turns it into a
-        load error naming TEXTGEN_COMPILE)."""
+    def warm_up(self, model: CompactModel, options: ForwardOptions) -> float:
+        """Compile the graph serving uses (any row count from 2, any KV width) on a cache in
+        `options.kv_dtype` with rows padded as `options` pad them, logging progress. Returns the
+        seconds it took. Raises what torch.compile raises (the loader turns it into a load error
+        naming TEXTGEN_COMPILE)."""
         start = time.perf_counter()
         log.info("compiling the decode step (torch.compile %s, mode %s)...", self.backend, self.mode)
         with torch.inference_mode():  # as the engine runs: guards check for inference tensors
-            cache, ids, positions, after = _dummy_step(model, 1)
+            cache, ids, positions, after = _dummy_step(model, options, 1)
             with decode_context(cache, after):
                 self(model, ids, positions)
         self.graphs.append("decode, any rows and KV width")
@@ -85,13 +88,15 @@ class CompiledDecode:
         }
 
 
-def _dummy_step(model: CompactModel, real: int) -> tuple[PagedRows, torch.Tensor, torch.Tensor, list[int]]:
+def _dummy_step(
+    model: CompactModel, options: ForwardOptions, real: int
+) -> tuple[PagedRows, torch.Tensor, torch.Tensor, list[int]]:
     """A decode step's cache, ids, positions and lengths after it for `real` rows of 3 cached
     tokens (zeros), padded to 2+ rows as `CompactBatch.decode` pads compiled steps."""
-    pool = KVPool(model.layers, model.kv_heads, model.head_dim, model.kv_dtype, model.device)
+    pool = KVPool(model.layers, model.kv_heads, model.head_dim, options.kv_dtype, model.device)
     cache = PagedRows(pool, [[] for _ in range(real)], [3] * real)
     cache.grow([4] * real)
-    n = max(padded_rows(real, model), 2)
+    n = max(padded_rows(real, options.row_multiple(model)), 2)
     ids = torch.zeros(n, dtype=torch.long, device=model.device)
     positions = torch.zeros(n, dtype=torch.long, device=model.device)
     positions[:real] = 3

@@ -44,6 +44,7 @@ from app.engine.models.attention import chunk_width, decode_attention, paged_dec
 from app.engine.models.base import CompactModel, padded_rows
 from app.engine.models.lora import LoraRows
 from app.engine.runner.compact_batch import CompactBatch
+from app.engine.runner.forward_options import ForwardOptions
 
 
 @dataclass(frozen=True)
@@ -56,13 +57,14 @@ class SpeculativeConfig:
     ngram_max: int = 4
 
 
-def unsupported_reason(model: CompactModel | None) -> str | None:
-    """Why speculation cannot be exact on this forward, or None when it can."""
-    if model is None:
+def unsupported_reason(options: ForwardOptions | None) -> str | None:
+    """Why speculation cannot be exact on a forward run with `options` (None: the transformers
+    forward), or None when it can."""
+    if options is None:
         return "the transformers forward (only GPT-2 and Llama on the compact forward verify exactly)"
-    if not model.batch_invariant:
+    if not options.batch_invariant:
         return "a forward that is not batch invariant (TEXTGEN_BATCH_INVARIANT=false, int8-weight-only, or GPU)"
-    if model.compiled is not None:
+    if options.compiled is not None:
         return "TEXTGEN_COMPILE (the compiled step rounds differently from the eager verify step)"
     return None
 
@@ -145,9 +147,9 @@ class Drafter:
                 state.wait = state.penalty
 
 
-def verify(batch: CompactBatch, model: CompactModel, drafts: list[list[int]]) -> torch.Tensor:
+def verify(batch: CompactBatch, model: CompactModel, options: ForwardOptions, drafts: list[list[int]]) -> torch.Tensor:
     """Run each row's pending token (`batch.next_ids`) and its draft through the model as one
-    batch-invariant decode step. Returns logits [sum(len(d) + 1), vocab], row r's at
+    batch-invariant decode step (`options` batch invariant and not compiled: `unsupported_reason`). Returns logits [sum(len(d) + 1), vocab], row r's at
     offsets(drafts)[r] + j for j = 0..len(drafts[r]) (j: the logits after its j-th draft token).
     Leaves every row's cache length at L + len(drafts[r]) + 1; `accept` rolls it back."""
     cache = batch.cache
@@ -158,7 +160,8 @@ def verify(batch: CompactBatch, model: CompactModel, drafts: list[list[int]]) ->
     after = [b + c for b, c in zip(before, counts, strict=True)]
     cache.grow(after)
     total = sum(counts)
-    n = padded_rows(total, model)
+    multiple = options.row_multiple(model)
+    n = padded_rows(total, multiple)
     pending = batch.next_ids.tolist()
     ids = torch.zeros(n, dtype=torch.long, device=device)
     ids[:total] = torch.tensor([t for r in range(real) for t in (pending[r], *drafts[r])], device=device)
@@ -198,7 +201,7 @@ def verify(batch: CompactBatch, model: CompactModel, drafts: list[list[int]]) ->
             out[:total] = o.reshape(total, -1)
             return out
 
-        lora = LoraRows.build(model, [s.adapter for s in batch.seqs], counts)
+        lora = LoraRows.build(model, [s.adapter for s in batch.seqs], counts, multiple)
         logits = model.head(model.forward(ids, positions, paged_attend, lora))
         cache.lengths = after
         return logits[:total]
@@ -217,7 +220,7 @@ def verify(batch: CompactBatch, model: CompactModel, drafts: list[list[int]]) ->
             out[at] = o.reshape(at.shape[0], heads * dim)
         return out
 
-    lora = LoraRows.build(model, [s.adapter for s in batch.seqs], counts)
+    lora = LoraRows.build(model, [s.adapter for s in batch.seqs], counts, multiple)
     logits = model.head(model.forward(ids, positions, attend, lora))
     cache.lengths = after
     return logits[:total]

@@ -19,6 +19,7 @@ from app.engine.engine import Engine
 from app.engine.load.loader import LoadedModel, ModelLoadError, load_model
 from app.engine.models import CompactModel, attention
 from app.engine.runner.compact_batch import CompactBatch
+from app.engine.runner.forward_options import ForwardOptions
 from tests.unit.engine.completions import Completions
 
 TOLERANCE = 1e-4
@@ -35,6 +36,11 @@ def compact(lm: LoadedModel) -> CompactModel:
     return lm.compact
 
 
+def forward_options(lm: LoadedModel) -> ForwardOptions:
+    assert lm.forward_options is not None, "the loader sets the runner's options with the compact forward"
+    return lm.forward_options
+
+
 def seq(lm: LoadedModel, ids: list[int], sampling: SamplingParams | None = None, new: int = 50) -> Sequence:
     request = GenerationRequest(ids, sampling or SamplingParams(), StoppingParams(new), lambda e: None)
     return Sequence(request, lm.tokenizer, frozenset(), frozenset(), 10_000, torch.device("cpu"))
@@ -49,13 +55,15 @@ def prompt_ids(lm: LoadedModel, rng: random.Random, low: int = 1, high: int = 24
 def test_logits_match_transformers(lm: LoadedModel) -> None:
     rng = random.Random(1)
     prompts = [prompt_ids(lm, rng, 1, 30) for _ in range(5)]
-    batch, last, full = CompactBatch.prefill(compact(lm), [seq(lm, p) for p in prompts], all_logits=True)
+    batch, last, full = CompactBatch.prefill(
+        compact(lm), forward_options(lm), [seq(lm, p) for p in prompts], all_logits=True
+    )
     assert full is not None
     steps = [[rng.randrange(3, 100) for _ in prompts] for _ in range(4)]
     decoded = []
     for ids in steps:
         batch.set_next(ids)
-        decoded.append(batch.decode(compact(lm)))
+        decoded.append(batch.decode(compact(lm), forward_options(lm)))
     for row, p in enumerate(prompts):
         whole = torch.tensor([p + [ids[row] for ids in steps]])
         ref = lm.model(input_ids=whole).logits[0]
@@ -89,7 +97,9 @@ def test_rows_joining_and_leaving_match_generate(lm: LoadedModel) -> None:
                 batch = None
         if batch is None or (len(batch) < 6 and rng.random() < 0.1):
             news = [prompt_ids(lm, rng) for _ in range(rng.randint(1, 3))]
-            joining, logits, _ = CompactBatch.prefill(model, [seq(lm, p) for p in news], all_logits=False)
+            joining, logits, _ = CompactBatch.prefill(
+                model, forward_options(lm), [seq(lm, p) for p in news], all_logits=False
+            )
             ids = logits.argmax(-1).tolist()
             joining.set_next(ids)
             for p, i in zip(news, ids, strict=True):
@@ -100,7 +110,7 @@ def test_rows_joining_and_leaving_match_generate(lm: LoadedModel) -> None:
                 batch = joining
             else:
                 batch.extend(joining)
-        ids = batch.decode(model).argmax(-1).tolist()
+        ids = batch.decode(model, forward_options(lm)).argmax(-1).tolist()
         for owner, i in zip(owners, ids, strict=True):
             produced[owner].append(i)
         batch.set_next(ids)
@@ -185,7 +195,7 @@ def test_precision_modes_are_bitwise_the_same_alone_and_batched(
     """The invariance the loader claims in each precision mode holds (20 requests, to bound the time)."""
     path: Path = request.getfixturevalue("tiny_gpt2_dir" if model == "tiny-gpt2" else "stories260k_dir")
     lm = load_model(str(path), **options)  # type: ignore[arg-type]
-    assert compact(lm).batch_invariant, lm.forward_description
+    assert forward_options(lm).batch_invariant, lm.forward_description
     assert_alone_equals_batched(lm, 20)
 
 
@@ -243,12 +253,14 @@ def test_precision_and_speed_modes_run_close_to_transformers(
     ref_model = load_model(str(stories260k_dir), compact_forward=False).model
     rng = random.Random(2)
     prompts = [prompt_ids(lm, rng, 1, 30) for _ in range(5)]  # mixed lengths: padded attention
-    batch, last, _ = CompactBatch.prefill(compact(lm), [seq(lm, p) for p in prompts], all_logits=False)
+    batch, last, _ = CompactBatch.prefill(
+        compact(lm), forward_options(lm), [seq(lm, p) for p in prompts], all_logits=False
+    )
     steps = [[rng.randrange(3, 100) for _ in prompts] for _ in range(4)]
     decoded = []
     for ids in steps:
         batch.set_next(ids)
-        decoded.append(batch.decode(compact(lm)).float())
+        decoded.append(batch.decode(compact(lm), forward_options(lm)).float())
     worst = 0.0
     for row, p in enumerate(prompts):
         ref = ref_model(input_ids=torch.tensor([p + [ids[row] for ids in steps]])).logits[0]
@@ -287,7 +299,7 @@ def test_quantized_gpt2_compact_matches_quantized_transformers(
         assert all(type(b.attn.c_attn.weight).__name__ == "Int8Tensor" for b in blocks)
     rng = random.Random(3)
     prompts = [prompt_ids(lm, rng, 1, 30) for _ in range(4)]
-    _, _, full = CompactBatch.prefill(compact(lm), [seq(lm, p) for p in prompts], all_logits=True)
+    _, _, full = CompactBatch.prefill(compact(lm), forward_options(lm), [seq(lm, p) for p in prompts], all_logits=True)
     assert full is not None
     for row, p in enumerate(prompts):
         ids = torch.tensor([p])

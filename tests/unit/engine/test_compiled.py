@@ -27,14 +27,14 @@ def path(request: pytest.FixtureRequest) -> Path:
 @pytest.fixture(scope="module")
 def compiled_lm(path: Path) -> LoadedModel:
     lm = load_model(str(path), compile=True)
-    assert lm.compact is not None and lm.compact.compiled is not None
-    assert lm.compact.compiled.graphs == ["decode, any rows and KV width"]
+    assert lm.forward_options is not None and lm.forward_options.compiled is not None
+    assert lm.forward_options.compiled.graphs == ["decode, any rows and KV width"]
     return lm
 
 
 def compiled_steps(lm: LoadedModel) -> int:
-    assert lm.compact is not None and lm.compact.compiled is not None
-    return lm.compact.compiled.steps
+    assert lm.forward_options is not None and lm.forward_options.compiled is not None
+    return lm.forward_options.compiled.steps
 
 
 def test_compiled_logits_match_transformers(compiled_lm: LoadedModel) -> None:
@@ -76,8 +76,8 @@ def test_bf16_compiled_rows_are_bitwise_the_same_alone_and_batched(tiny_gpt2_dir
     it whose bits differed from the batched graph's (1 of 8 requests' tokens, logprobs by up to 1.6),
     until compiled steps were padded to 2+ rows. 20 requests as in test_compact."""
     lm = load_model(str(tiny_gpt2_dir), dtype="bfloat16", kv_cache_dtype="bfloat16", compile=True)
-    assert lm.compact is not None and lm.compact.compiled is not None
-    assert lm.compact.compiled.graphs == ["decode, any rows and KV width"]
+    assert lm.forward_options is not None and lm.forward_options.compiled is not None
+    assert lm.forward_options.compiled.graphs == ["decode, any rows and KV width"]
     graphs = counters["stats"]["unique_graphs"]
     assert_alone_equals_batched(lm, 20)
     assert counters["stats"]["unique_graphs"] == graphs, "serving compiled a graph the warm-up did not"

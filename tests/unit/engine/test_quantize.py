@@ -19,7 +19,7 @@ from app.engine.models import invariant_gemm
 from app.engine.models.activations import ACTIVATIONS
 from app.engine.models.base import linear, pad_rows, row_multiple
 from app.engine.models.quantize import INT4_GROUP, PackedWeight, pack_int4, pack_int8
-from tests.unit.engine.test_compact import compact, run_engine
+from tests.unit.engine.test_compact import forward_options, run_engine
 
 # (in, out): GPT-2-124M's qkv, MLP up and down projections, and a head-like wide output.
 SHAPES = [(768, 2304), (768, 3072), (3072, 768), (768, 5008)]
@@ -134,12 +134,9 @@ def test_onednn_rows_padded_to_the_row_multiple_are_invariant(dtype: torch.dtype
     weight = _weight(3072, 768).to(dtype)
     assert row_multiple(weight) == 2
 
-    class Padded:  # what the compact forward does: pad to the row multiple, drop the padding
-        row_multiple = 2
-        batch_invariant = True
-
     def gemm(x: torch.Tensor) -> torch.Tensor:
-        return linear(pad_rows(x, Padded()), weight, None)[: x.shape[0]]  # type: ignore[arg-type]
+        # What the compact forward does: pad to the row multiple, drop the padding.
+        return linear(pad_rows(x, row_multiple(weight)), weight, None)[: x.shape[0]]
 
     _assert_rows_invariant(gemm, 3072, dtype, rows=40)
 
@@ -224,7 +221,7 @@ def mid_gpt2_dir(tiny_gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 @torch.inference_mode()
 def test_thirty_two_prompts_together_equal_each_alone(mid_gpt2_dir: Path, options: dict[str, object]) -> None:
     lm = load_model(str(mid_gpt2_dir), **options)  # type: ignore[arg-type]
-    assert compact(lm).batch_invariant, lm.forward_description
+    assert forward_options(lm).batch_invariant, lm.forward_description
     rng = random.Random(21)
     vocab = lm.model.config.vocab_size
     requests = [([rng.randrange(3, vocab) for _ in range(rng.randint(4, 31))], SamplingParams(), 6) for _ in range(32)]
