@@ -12,14 +12,15 @@ from tests.e2e.server import start, stop
 
 DELAY = 2.0
 LONG = {"inputs": "The list", "parameters": {"max_new_tokens": 240, "min_new_tokens": 240, "details": True}}
-LONG_REQUESTS = 16
+LONG_REQUESTS = 48
 SHORT = {"inputs": "The list", "parameters": {"max_new_tokens": 4, "min_new_tokens": 4}}
 
 
 def test_sigterm_lame_duck_then_drain(tiny_gpt2_dir: Path) -> None:
-    # One slot and sixteen long requests run one after another (several seconds even on a fast, idle
-    # machine: eight finished inside the pause there), so work is still in flight when the pause ends
-    # and a refused request can be seen.
+    # One slot and 48 long requests run one after another (several seconds even on a fast, idle
+    # machine: eight finished inside the pause there once, and sixteen after the 2026-12-06 kernels
+    # made the tiny model ~3x faster), so work is still in flight when the pause ends and a refused
+    # request can be seen.
     env = {"TEXTGEN_DRAIN_DELAY": str(DELAY), "TEXTGEN_SHUTDOWN_TIMEOUT": "150", "TEXTGEN_MAX_BATCH_SIZE": "1"}
     server = start(tiny_gpt2_dir, env=env)
     url = server.url
