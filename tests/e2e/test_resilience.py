@@ -9,19 +9,11 @@ from pathlib import Path
 
 import httpx
 import psutil
-from prometheus_client.parser import text_string_to_metric_families
 
+from tests.e2e.metrics import arrived, gauge
 from tests.e2e.server import run_server, start, stop
 
 LONG = {"inputs": "The list", "parameters": {"max_new_tokens": 120, "min_new_tokens": 120, "details": True}}
-
-
-def gauge(url: str, name: str) -> float:
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=5).text):
-        for s in family.samples:
-            if s.name == name:
-                return s.value
-    raise KeyError(name)
 
 
 def test_overload_200_clients(tiny_gpt2_dir: Path) -> None:
@@ -127,7 +119,7 @@ def test_sigterm_drains_in_flight(tiny_gpt2_dir: Path) -> None:
         for t in threads:
             t.start()
         deadline = time.monotonic() + 30
-        while gauge(url, "textgen_batch_size") + gauge(url, "textgen_queue_size") < 24:
+        while arrived(url) < 24:
             assert time.monotonic() < deadline
             time.sleep(0.02)
         # A keep-alive connection opened just before the signal: new requests on it must get 503.
