@@ -59,13 +59,13 @@ _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-ffp-contract=off", "
 _NAME = "textgen_invariant_gemm"
 
 
-def build_directory() -> Path:
-    """Where the extension for these sources is built and kept: `textgen_kernels/<stamp>` under
-    `$TORCH_EXTENSIONS_DIR`, else under torch's default extension root (the container image builds it
-    there at build time). One directory per stamp: trees with other sources (another checkout, a
-    branch) never rebuild over each other's module."""
+def build_directory(stamp: str | None = None) -> Path:
+    """Where the extension for these sources (their `_stamp`) is built and kept:
+    `textgen_kernels/<stamp>` under `$TORCH_EXTENSIONS_DIR`, else under torch's default extension
+    root (the container image builds it there at build time). One directory per stamp: trees with
+    other sources (another checkout, a branch) never rebuild over each other's module."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
-    return Path(root) / "textgen_kernels" / _stamp()[:16]
+    return Path(root) / "textgen_kernels" / (stamp or _stamp())[:16]
 
 
 def _stamp() -> str:
@@ -116,7 +116,8 @@ def _build() -> ModuleType | None:
             "weight-only GEMMs on PyTorch's kernels, decode attention over gathered pages"
         )
         return None
-    directory, stamp = build_directory(), _stamp()
+    stamp = _stamp()  # reads every source: once per process
+    directory = build_directory(stamp)
     try:
         module = _prebuilt(directory, stamp)
         if module is not None:

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -171,6 +172,7 @@ class DecodeContext:
     tables: torch.Tensor | None  # the rows' page tables, where it does
     lengths: torch.Tensor
     width: int
+    kernel: ModuleType | None  # the paged attention kernel when it takes this pool (chosen once a step)
 
 
 _context: list[DecodeContext] = []  # the step running now (the engine thread runs one at a time)
@@ -185,10 +187,11 @@ def decode_context(cache: PagedRows, after: list[int]) -> Iterator[None]:
     rows = list(range(real))
     slots = cache.slots(rows, [a - 1 for a in after])
     pool = cache.pool
-    paged = paged_kernel(pool.kv[0], pool.head_dim) is not None
-    index = None if paged else cache.gather_index(rows, width)
-    tables = cache.page_table(rows, width) if paged else None
-    _context.append(DecodeContext(cache, slots, index, tables, torch.tensor(after, device=cache.device), width))
+    kernel = paged_kernel(pool.kv[0], pool.head_dim)
+    index = None if kernel is not None else cache.gather_index(rows, width)
+    tables = cache.page_table(rows, width) if kernel is not None else None
+    lengths = torch.tensor(after, device=cache.device)
+    _context.append(DecodeContext(cache, slots, index, tables, lengths, width, kernel))
     try:
         yield
     finally:
@@ -220,11 +223,10 @@ def _decode_attend(
     n, heads, dim = q.shape
     real = step.lengths.shape[0]
     step.cache.write(layer, step.slots, k[:real], v[:real])
-    pool_layer = step.cache.pool.kv[layer]
-    kernel = paged_kernel(pool_layer, dim) if step.tables is not None else None
-    if kernel is not None:
+    if step.kernel is not None:
         assert step.tables is not None
-        o = paged_decode_attention(kernel, q[:real], pool_layer, step.tables, step.lengths, dim**-0.5)
+        pool_layer = step.cache.pool.kv[layer]
+        o = paged_decode_attention(step.kernel, q[:real], pool_layer, step.tables, step.lengths, dim**-0.5)
     else:
         assert step.index is not None
         keys, values = step.cache.gather(layer, step.index, real, step.width)

@@ -185,7 +185,8 @@ def verify(batch: CompactBatch, model: CompactModel, options: ForwardOptions, dr
         )
     width = chunk_width(max(after))
     pool = cache.pool
-    if paged_kernel(pool.kv[0], pool.head_dim) is not None:
+    kernel = paged_kernel(pool.kv[0], pool.head_dim)
+    if kernel is not None:
         # The paged kernel takes a table and a length per query: every (row, offset) query in one
         # call, each computed exactly as the decode step of that length computes it.
         query_rows = torch.tensor([r for r in range(real) for _ in range(counts[r])], device=device)
@@ -194,8 +195,6 @@ def verify(batch: CompactBatch, model: CompactModel, options: ForwardOptions, dr
 
         def paged_attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             cache.write(layer, slots, k[:total], v[:total])
-            kernel = paged_kernel(pool.kv[layer], q.shape[2])
-            assert kernel is not None
             o = paged_decode_attention(kernel, q[:total], pool.kv[layer], tables, lengths, q.shape[2] ** -0.5)
             out = q.new_zeros((q.shape[0], q.shape[1] * q.shape[2]))
             out[:total] = o.reshape(total, -1)
