@@ -55,7 +55,9 @@ def kernel() -> ModuleType | None:
     return _state["module"]
 
 
-_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-ffp-contract=off", "-fopenmp"]
+# -mavx512vnni: only the int4 kernel uses VNNI instructions, and quantize.py packs int4 for it only
+# where the CPU has them (`torch.cpu._is_vnni_supported()`); the other kernels are plain AVX-512.
+_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-ffp-contract=off", "-fopenmp"]
 _NAME = "textgen_invariant_gemm"
 
 

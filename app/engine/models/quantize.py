@@ -11,14 +11,16 @@ Modes (names as TGI's `--quantize` and torchao's configs):
   token at run time, integer GEMM (`torch._int_mm`, exact int32 sums) rescaled per row and column;
   LM head and embeddings kept in the model's dtype.
 
-The weight-only GEMMs run our AVX-512 kernels (quantized_gemm.cpp, built with invariant_gemm.py's
-extension): fp32 activations and sums, the weights widened to fp32 in registers, bias and activation
-fused per output. Why our own: PyTorch's `aten._weight_int8pack_mm` reached 12 GB/s of weights on
-GPT-2's LM head at 1 row against the kernel's 40-45 (it streams the rows without prefetching), was
-slower at 32 rows too (2304x768: 0.80 ms against 0.66), and, like `_weight_int4pack_mm_for_cpu`,
-rounds activations and products to bf16 (their only vectorized dtype on x86); whole int8 decode step
-of GPT-2-124M at 1 row 12.6 -> 8.6 ms (measured 2026-12-06, 2 threads, Zen 4; docs/performance.md).
-Where the extension does not build (no compiler, no AVX-512), layers are packed for those aten
+The weight-only GEMMs run our AVX-512 + VNNI kernels (quantized_gemm.cpp, built with
+invariant_gemm.py's extension), bias and activation fused per output: each activation row is rounded
+to 16-bit integers per group of 32 inputs (relative error below 2^-16 of the group's largest input;
+aten's kernels round activations to bf16, 2^-9 of each value), the weights multiply them in exact
+integer dot products (`vpdpwssd`), then fp32 scaling and sums. Why our own: PyTorch's
+`aten._weight_int8pack_mm` reached 12 GB/s of weights on GPT-2's LM head at 1 row against ours 40-45
+(it streams the rows without prefetching) and was slower at 32 rows too; the int4 kernel with fp32
+activations was compute-bound (16 GB/s of weights in the decode step), the integer form is about 2x
+faster at 1 and at 32 rows (docs/performance.md, "Weight-only kernels"). Where the extension does not
+build (no compiler, no AVX-512) or the CPU lacks AVX512-VNNI, layers are packed for those aten
 kernels instead (bf16 activations); the choice is made when a layer is packed (`PackedWeight.kernel`).
 
 Both kernels compute every output value from its own row and column alone, in a fixed order over the
@@ -30,6 +32,7 @@ whether our kernel built. The embeddings stay in the model's dtype (GPT-2 ties t
 the int8 head is an extra 1/4-size copy).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -57,10 +60,11 @@ class PackedWeight:
     """A linear layer's weight [out, in] packed for a weight-only kernel; `matmul` is the GEMM.
 
     kernel "textgen" (ours, quantized_gemm.cpp):
-      int8: `data` int8 [out, in], `scales` fp32 [out] (weight = data * scale);
-      int4: `data` uint8 [out, in / 2], byte i of a group's 16 holding q[32g + i] (low nibble) and
-      q[32g + 16 + i] (high), q in 0..15; `scales` fp32 [out, 2, in / 32]: each group's scale, then
-      its offset, with weight = q * scale + offset.
+      int8: `data` int8 [out, in rounded up to 32] in blocks of 16 groups of 32 (`_int8_blocks`),
+      `scales` fp32 [out] (weight = q * scale);
+      int4: `data` uint8 [out, in / 2], levels q in 0..15 two per byte in blocks of 16 groups
+      (`_int4_blocks`); `scales` bf16 [out, 2, in / 32]: each group's scale, then
+      its zero, with weight = (q - 8) * scale + zero.
     kernel "aten" (PyTorch's, where ours does not build):
       int8: `data` as above, `scales` bf16 [out];
       int4: `data` as `_convert_weight_to_int4pack_for_cpu` lays it out, `scales` bf16
@@ -102,17 +106,16 @@ class PackedWeight:
     def dequantize(self) -> torch.Tensor:
         """The weight [out, in] fp32 as the kernel multiplies by it (aten int4: through its GEMM
         on an identity, so rounded to bf16)."""
-        if self.kind == "int8":
+        if self.kind == "int8" and self.kernel == "aten":
             return self.data.float() * self.scales.float()[:, None]
+        if self.kind == "int8":
+            q = _int8_values(self.data, self.in_features)
+            return q.float() * self.scales.float()[:, None]
         if self.kernel == "aten":
             return self._aten_matmul(torch.eye(self.in_features)).float().t()
-        low, high = (self.data & 0x0F).float(), (self.data >> 4).float()
-        groups = self.in_features // INT4_GROUP
-        q = torch.stack([low.view(-1, groups, 16), high.view(-1, groups, 16)], dim=2).view(
-            self.out_features, groups, INT4_GROUP
-        )
-        w = q * self.scales[:, 0, :, None] + self.scales[:, 1, :, None]
-        return w.view(self.out_features, self.in_features)
+        q = _int4_levels(self.data, self.in_features // INT4_GROUP).float()
+        scale, zero = self.scales[:, 0, :, None].float(), self.scales[:, 1, :, None].float()
+        return ((q - 8) * scale + zero).view(self.out_features, self.in_features)
 
     def _aten_matmul(self, x: torch.Tensor) -> torch.Tensor:
         a = x.to(torch.bfloat16)
@@ -136,6 +139,75 @@ def _kernel_call(
     return module.int4_linear(x, data, scales, bias, act)
 
 
+def _int8_blocks(q: torch.Tensor) -> torch.Tensor:
+    """int8 q [out, in] -> the kernel's bytes [out, in rounded up to 32] (zero padded): blocks of 16
+    groups of 32 (the last holds the rest, W), each 16 steps of 2W bytes, byte 2j + e of step t
+    holding group j's k = 2t + e; a last block of exactly 8 groups folded into 8 steps of 32 bytes
+    (quantized_gemm.cpp, Acts and Int8Rows)."""
+    out, k = q.shape
+    groups = torch.nn.functional.pad(q, (0, -k % INT4_GROUP)).view(out, -1, INT4_GROUP)
+    return _blocks(groups, lambda g: g.view(out, -1, 16, 2), lambda g: g.view(out, 8, 2, 8, 2))
+
+
+def _int4_blocks(q: torch.Tensor) -> torch.Tensor:
+    """Levels q [out, groups, 32] (uint8, 0..15) -> the kernel's bytes [out, groups * 16]: blocks of
+    16 groups (the last holds the rest, W), each 8 chunks of 2W bytes, byte 2j + e of chunk c holding
+    group j's k = 4c + e (low nibble) and 4c + 2 + e (high nibble); a last block of exactly 8 groups
+    folded into 4 chunks of 32 bytes (quantized_gemm.cpp, Int4Rows)."""
+
+    def nibbles(g: torch.Tensor) -> torch.Tensor:  # [..., high?, e] -> bytes [..., e]
+        return g[..., 0, :] | (g[..., 1, :] << 4)
+
+    out = q.shape[0]
+    return _blocks(q, lambda g: nibbles(g.view(out, -1, 8, 2, 2)), lambda g: nibbles(g.view(out, 8, 2, 4, 2, 2)))
+
+
+def _blocks(
+    groups: torch.Tensor,
+    plain: Callable[[torch.Tensor], torch.Tensor],
+    folded: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Groups [out, G, 32] -> bytes by blocks of 16 groups. `plain(block)` views a block as
+    [out, W, step, e]; `folded(block)` the last 8 as [out, 8, half, step, e] (lanes j and j + 8)."""
+    out, count, _ = groups.shape
+    blocks = []
+    for first in range(0, count, 16):
+        block = groups[:, first : first + 16]
+        if block.shape[1] == 8:
+            blocks.append(folded(block).permute(0, 3, 2, 1, 4).reshape(out, -1))  # [out, step, half, j, e]
+        else:
+            blocks.append(plain(block).permute(0, 2, 1, 3).reshape(out, -1))  # [out, step, j, e]
+    return torch.cat(blocks, dim=1).contiguous()
+
+
+def _unblock(data: torch.Tensor, count: int, bytes_per_group: int, steps: int) -> torch.Tensor:
+    """The inverse of `_blocks`' permutations: bytes [out, count * bytes_per_group] ->
+    [out, count, steps, e] (steps of the unfolded layout, k-major within a group)."""
+    out = data.shape[0]
+    parts = []
+    for first in range(0, count, 16):
+        width = min(16, count - first)
+        block = data[:, first * bytes_per_group : (first + width) * bytes_per_group]
+        if width == 8:  # [out, step, half, j, e] -> [out, j, half, step, e] -> [out, j, 2 * step, e]
+            parts.append(block.reshape(out, steps // 2, 2, 8, 2).permute(0, 3, 2, 1, 4).reshape(out, 8, steps, 2))
+        else:
+            parts.append(block.reshape(out, steps, width, 2).permute(0, 2, 1, 3))
+    return torch.cat(parts, dim=1)
+
+
+def _int8_values(data: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The inverse of `_int8_blocks`: the kernel's bytes -> q [out, in]."""
+    out = data.shape[0]
+    return _unblock(data, data.shape[1] // INT4_GROUP, INT4_GROUP, 16).reshape(out, -1)[:, :in_features]
+
+
+def _int4_levels(data: torch.Tensor, groups: int) -> torch.Tensor:
+    """The inverse of `_int4_blocks`: [out, groups * 16] bytes -> levels [out, groups, 32]."""
+    out = data.shape[0]
+    chunks = _unblock(data, groups, 16, 8)  # [out, groups, chunk, e]: k = 4 chunk + e and + 2
+    return torch.stack([chunks & 0x0F, chunks >> 4], dim=3).reshape(out, groups, INT4_GROUP)
+
+
 def _ours() -> bool:
     """Whether layers packed now go to our kernels (they build here and `invariant_gemm.use(False)`
     was not called)."""
@@ -152,8 +224,8 @@ def pack_int8(weight: torch.Tensor) -> PackedWeight | None:
     # rounding amax/127 up by one bf16 step first keeps every |w / scale| within 127 (no clipping).
     scale = (w.abs().amax(dim=1) / 127 * (1 + 2**-7)).clamp(min=2**-100).to(torch.bfloat16)
     q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-    if _ours():
-        return PackedWeight("int8", q, scale.float().contiguous(), out_features, in_features)
+    if _ours() and torch.cpu._is_vnni_supported():
+        return PackedWeight("int8", _int8_blocks(q), scale.float().contiguous(), out_features, in_features)
     return PackedWeight("int8", q, scale.contiguous(), out_features, in_features, "aten")
 
 
@@ -169,11 +241,9 @@ def pack_int4(weight: torch.Tensor) -> PackedWeight | None:
     scale = ((high - low) / 15 * (1 + 2**-7)).clamp(min=2**-100).to(torch.bfloat16)
     zero = (low + 8 * scale.float()).to(torch.bfloat16)  # the value of q = 8
     q = torch.round((w - zero.float()[..., None]) / scale.float()[..., None] + 8).clamp(0, 15).to(torch.uint8)
-    if _ours():
-        halves = q.view(out_features, groups, 2, 16)
-        data = (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(out_features, in_features // 2).contiguous()
-        offset = (zero.double() - 8 * scale.double()).float()  # q * scale + offset = (q - 8) * scale + zero
-        scales = torch.stack([scale.float(), offset], dim=1).contiguous()  # [out, 2, groups]
+    if _ours() and torch.cpu._is_vnni_supported():
+        data = _int4_blocks(q.view(out_features, groups, INT4_GROUP))
+        scales = torch.stack([scale, zero], dim=1).contiguous()  # [out, 2, groups] bf16
         return PackedWeight("int4", data, scales, out_features, in_features)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(out_features, in_features).to(torch.int32), 1)
     scales = torch.stack([scale.t(), zero.t()], dim=-1).contiguous()  # [groups, out, 2]

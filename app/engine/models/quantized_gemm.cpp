@@ -1,27 +1,29 @@
 // Row-invariant weight-only GEMMs for TEXTGEN_QUANTIZE (app/engine/models/quantize.py says why they
-// exist: PyTorch's weight-only kernels were measured slower at 1 and at 32 rows). AVX-512.
+// exist: PyTorch's weight-only kernels were measured slower at 1 and at 32 rows). AVX-512 + VNNI.
 //
-//   int8: y = act((x @ q.T) * scale + bias), q [N, K] int8, scale [N] (one per output);
-//   int4: y = act(x @ w.T + bias), w[n, k] = q[n, k] * s[n, g] + o[n, g] with g = k / 32 (a group),
-//         q in 0..15 packed two per byte: byte i of a group's 16 holds k = 32g + i (low nibble) and
-//         k = 32g + 16 + i (high nibble); s and o as [N, 2, K / 32] fp32 (a row's scales, then its
-//         offsets).
+//   int8: y = act((x @ q.T) * scale + bias), q int8, scale [N] (one per output);
+//   int4: y = act(x @ w.T + bias), w[n, k] = (q[n, k] - 8) * s[n, g] + z[n, g] with g = k / 32 (a
+//         group), q in 0..15, s and z bf16 [N, 2, K / 32] (a row's scales, then its zeros), as
+//         torchao's int4 weight-only scheme and aten's int4 kernel store them.
+// The bytes of q are laid out by blocks of 16 groups (Int8Rows, Int4Rows; quantize.py packs them).
 //
-// x [M, K] and y are fp32. Invariance: every y[m, n] comes from one fixed chain of operations for
-// every M, tile shape and thread count (threads split the outputs, never k):
-// - int8: one 16-lane accumulator FMA'd chunk by chunk (16 inputs) in k order (a last partial chunk
-//   masked, its missing lanes zero), summed across lanes by one fixed sequence, then scaled;
-// - int4, factored as sum_g s[g] * (x_g . q_g) + o . xs with xs[g] the sum of x over group g: per
-//   group a 16-lane product of its two chunks (mul, then FMA) scaled into one accumulator by an FMA,
-//   summed across lanes at the end, plus the 16-lane dot of o and xs (xs computed once per row).
-//   Factored because dequantizing each weight (q * s + o, two broadcasts per chunk) made the kernel
-//   compute-bound at 1 row: 1.5x slower than int8 per weight, and the factored form 1.35x faster
-//   than that (GPT-2-124M's shapes, 1 row, 2 threads, 2026-12-06);
-// then biased and activated. The weights are widened to fp32 in registers (exact: int8 values, int4
-// levels 0..15), per chunk for few rows (each byte read once per block of kRows activation rows, the
-// next tile's bytes prefetched), or once per block of outputs into a buffer for more rows (widening
-// per tile was the bottleneck there: 2x slower than aten). Either way the values multiplied are the
-// same, so both give the same bits.
+// x [M, K] and y are fp32. How: each activation row is first rounded to 16-bit integers per group of
+// 32 inputs, by itself (x ~ xq * dx[g], dx[g] = max|x_g| / 32767: a relative error below 2^-16 of
+// the group's largest input, finer than the bf16 that aten's weight-only kernels round activations
+// to, and far below the weights' own rounding). Then, per block of 16 groups, the integer dots
+// xq . q of all 16 groups at once, one group per 32-bit lane (`_mm512_dpwssd_epi32`: 32 exact
+// products an instruction), converted to fp32 once per block and scaled per lane (int8: by dx;
+// int4: by dx then s, plus z times the group's fp32 sum of x) into one 16-lane accumulator.
+// Why integers: with fp32 activations every weight cost a widen, a convert and an FMA per row (int4
+// also a nibble split and two scale products), and the kernels were compute-bound: int4 read 16 GB/s
+// of weights in the 1-row decode step against DRAM's ~30, and int8 at 32 rows was slower than the
+// fp32 GEMM. The integer form takes about 1 instruction per 32 weights per row (GPT-2-124M's int4
+// layers at 1 row, one thread, hot cache: 4.2 -> 2.2 ms; measurements in docs/performance.md).
+//
+// Invariance: every y[m, n] comes from one fixed chain of operations for every M, tile shape and
+// thread count: a row's quantization depends on the row alone, the integer dots are exact, the fp32
+// steps run block by block in k order and one fixed lane sum ends them, then scale (int8), bias and
+// activation; threads split the outputs, never k.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -37,8 +39,10 @@ namespace {
 using textgen::grain;
 using textgen::lanes;
 
-constexpr int kRows = 4;  // activation rows per register tile (outputs per tile: the loader's kCols)
-constexpr int64_t kGroup = 32;
+constexpr int kRows = 3;         // activation rows per register tile
+constexpr int kCols = 4;         // outputs per register tile
+constexpr int64_t kGroup = 32;   // inputs per activation scale (and per int4 weight scale)
+constexpr int64_t kBlock = 16;   // groups per block: one per 32-bit lane
 
 // The activation fused after the bias, one scalar per output. Fused because PyTorch's vectorized
 // SiLU and tanh-GELU give an element other bits in a row tail than in the vector body (measured:
@@ -55,77 +59,116 @@ inline float activate(float v, int64_t act) {
   }
 }
 
-// Weight loaders: `chunk(c, k, m)` is row c's fp32 weights k..k+15 (lanes past m zero);
-// `load<C>(k, m, w)` fills w with C rows' chunks, prefetching the next tile's bytes as far ahead as
-// this one is consumed (streams of C short rows defeat the hardware prefetcher: the LM head read
-// 12 GB/s without, 40 with, measured).
-struct Int8Rows {
-  static constexpr bool kGrouped = false;
-  static constexpr int kCols = 6;  // 4 x 6 accumulators
-  const int8_t* q;  // the block's first row
-  int64_t K;
-  inline __m512 chunk(int c, int64_t k, __mmask16 m) const {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, q + c * K + k)));
-  }
-  template <int C>
-  inline void load(int64_t k, __mmask16 m, __m512* w) const {
-    _mm_prefetch(reinterpret_cast<const char*>(q + C * K + k * C), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(q + C * K + k * C + 64), _MM_HINT_T0);
-#pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) w[c] = chunk(c, k, m);
-  }
+// Activations: each row of x rounded to 16-bit integers per group of 32 inputs, x ~ xq * dx[g] with
+// dx[g] = max|x_g| / 32767, and laid out for `_mm512_dpwssd_epi32` with one group per 32-bit lane:
+// per block of 16 groups, 16 steps of 32 words, word 2j + e of step t = group j's input k = 2t + e
+// (zero past the row's groups and past K). A last block of exactly 8 groups (GPT-2's 768 inputs,
+// Llama-7B's 11008) is folded: 8 steps, lanes j and j + 8 both group j's (k = 2t + e and 16 + 2t + e),
+// so its lanes are not half empty. Per block, in its 16 lanes: `corr` = -8 * the group's sum of xq
+// (int4 levels q stand for q - 8), `dx`, and `xs` = the group's fp32 sum of x (times int4's zeros);
+// a folded group's corr and xs in lane j only, its dx in both.
+struct Acts {
+  const int16_t* xq;    // [M, B, 16, 32]
+  const int32_t* corr;  // [M, B, 16]
+  const float* dx;      // [M, B, 16]
+  const float* xs;      // [M, B, 16]
+  int64_t B;
+  inline Acts row(int64_t r) const { return {xq + r * B * 512, corr + r * B * 16, dx + r * B * 16, xs + r * B * 16, B}; }
 };
 
-// int4 rows' levels q (0..15 as floats) and their groups' scales; `chunk` of k = 32g + 16h is
-// group g's half h.
-struct Int4Rows {
-  static constexpr bool kGrouped = true;
-  static constexpr int kCols = 4;  // 4 x 4 accumulators + 2 x 4 level vectors + 4 scales: 28 registers
-  const uint8_t* q;  // the block's first row: K / 2 bytes a row
-  const float* so;   // its [2, G] scales and offsets
-  int64_t K;
-  inline __m512 chunk(int c, int64_t k, __mmask16) const {
-    __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + c * (K / 2) + k / kGroup * 16));
-    if (k % kGroup) raw = _mm_srli_epi16(raw, 4);  // the group's second 16: high nibbles
-    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, _mm_set1_epi8(0x0F))));
+// Whether block b of a row of G groups is a folded one (see Acts).
+inline bool folded(int64_t b, int64_t G) { return G - b * kBlock == 8; }
+
+// Row x [K] into its slices of the buffers (zeroed by the caller). Depends on this row alone.
+void quantize_row(const float* x, int64_t K, int16_t* xq, int32_t* corr, float* dx, float* xs) {
+  const int64_t G = (K + kGroup - 1) / kGroup;
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t b = g / kBlock, j = g % kBlock;
+    const __m512 lo = _mm512_maskz_loadu_ps(lanes(K - g * kGroup), x + g * kGroup);
+    const __m512 hi = _mm512_maskz_loadu_ps(lanes(K - g * kGroup - 16), x + g * kGroup + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+    const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 32767.0f / amax : 0.0f);
+    // Rounded to nearest (even); |x * inv| <= 32767 up to rounding, and saturated all the same.
+    alignas(64) int16_t v[32];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(v), _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(lo, inv))));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(v + 16),
+                       _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(hi, inv))));
+    int32_t sum = 0;
+    for (int k = 0; k < 32; ++k) sum += v[k];
+    int16_t* block = xq + b * 512;
+    if (folded(b, G)) {
+      for (int t = 0; t < 8; ++t)
+        for (int e = 0; e < 2; ++e) {
+          block[t * 32 + 2 * j + e] = v[2 * t + e];
+          block[t * 32 + 2 * (j + 8) + e] = v[16 + 2 * t + e];
+        }
+      dx[b * 16 + j + 8] = amax / 32767.0f;
+    } else {
+      for (int t = 0; t < 16; ++t)
+        for (int e = 0; e < 2; ++e) block[t * 32 + 2 * j + e] = v[2 * t + e];
+    }
+    corr[b * 16 + j] = -8 * sum;
+    dx[b * 16 + j] = amax / 32767.0f;
+    xs[b * 16 + j] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
   }
-  inline float scale(int c, int64_t g) const { return so[c * 2 * (K / kGroup) + g]; }
-  // Group k / 32's two halves for C rows: the 16 bytes widened once, then split into nibbles (one
-  // widening per group instead of two).
+}
+
+// Weight loaders, both laid out by blocks of 16 groups (the last block holds the W groups left) so
+// that step t's 32 words match the activations' (word 2j + e: group j's k = 2t + e):
+// `load<C>(b, W, s, w0, w1)` gives C outputs' words of steps 2s and 2s + 1 of block b, prefetching
+// as far into the next tile's bytes as this tile has read (streams of C short rows defeat the
+// hardware prefetcher: the LM head read 12 GB/s without, 40 with, measured).
+//
+// int8: a block is 16 steps of 2W bytes, byte 2j + e of step t = group j's k = 2t + e (a folded
+// block: 8 steps of 32 bytes, bytes 2j + e and 2(j + 8) + e group j's k = 2t + e and 16 + 2t + e).
+struct Int8Rows {
+  static constexpr bool kInt4 = false;
+  const int8_t* q;  // the tile's first output: K32 bytes a row (K rounded up to 32, zero padded)
+  int64_t K32;
   template <int C>
-  inline void load_group(int64_t k, __m512* w0, __m512* w1) const {
-    _mm_prefetch(reinterpret_cast<const char*>(q + C * (K / 2) + k / 2 * C), _MM_HINT_T0);
-    const __m512i low = _mm512_set1_epi32(0x0F);
+  inline void load(int64_t b, int64_t W, int s, __m512i* w0, __m512i* w1) const {
+    const int64_t at = b * 512 + s * 4 * W;  // steps 2s and 2s + 1: 4W bytes from here
+    const __mmask32 m = W == 16 ? 0xFFFFFFFFu : (1u << (2 * W)) - 1;
+#pragma GCC unroll 4
+    for (int line = 0; line < C; ++line)  // 64 bytes an output read here, as many ahead
+      _mm_prefetch(reinterpret_cast<const char*>(q + C * K32 + at * C + line * 64), _MM_HINT_T0);
 #pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) {
-      const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + c * (K / 2) + k / 2)));
-      w0[c] = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, low));
-      w1[c] = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
+    for (int o = 0; o < C; ++o) {
+      w0[o] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m, q + o * K32 + at));
+      w1[o] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m, q + o * K32 + at + 2 * W));
     }
   }
 };
 
-// C rows widened once into an fp32 buffer [C, K16] (K16: K rounded up to 16, zero padded); scales,
-// where the rows have them, from the rows they were widened from.
-template <class Base>
-struct WidenedRows {
-  static constexpr bool kGrouped = Base::kGrouped;
-  const float* buf;
-  int64_t K16;
-  const Base& base;
-  inline float scale(int c, int64_t g) const {
-    if constexpr (kGrouped) return base.scale(c, g);
-    return 1.0f;
-  }
+// int4: levels q in 0..15; a block is 8 chunks of 2W bytes, byte 2j + e of chunk s holding group j's
+// k = 4s + e (low nibble, step 2s) and 4s + 2 + e (high nibble, step 2s + 1) (a folded block: 4
+// chunks of 32 bytes, byte 2(j + 8) + e holding group j's k + 16). Scales and zeros bf16 [2, G] a
+// row: w = (q - 8) * scale + zero.
+struct Int4Rows {
+  static constexpr bool kInt4 = true;
+  const uint8_t* q;    // the tile's first output: K / 2 bytes a row
+  const uint16_t* sz;  // its [2, G]
+  int64_t K, G;
   template <int C>
-  inline void load(int64_t k, __mmask16, __m512* w) const {
+  inline void load(int64_t b, int64_t W, int s, __m512i* w0, __m512i* w1) const {
+    const int64_t at = b * 256 + s * 2 * W;
+    const __mmask32 m = W == 16 ? 0xFFFFFFFFu : (1u << (2 * W)) - 1;
+    _mm_prefetch(reinterpret_cast<const char*>(q + C * (K / 2) + at * C), _MM_HINT_T0);
+    if (C > 2) _mm_prefetch(reinterpret_cast<const char*>(q + C * (K / 2) + at * C + 64), _MM_HINT_T0);
 #pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) w[c] = _mm512_load_ps(buf + c * K16 + k);
+    for (int o = 0; o < C; ++o) {
+      const __m512i w = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(m, q + o * (K / 2) + at));
+      w0[o] = _mm512_and_si512(w, _mm512_set1_epi16(0x0F));
+      w1[o] = _mm512_srli_epi16(w, 4);
+    }
   }
-  template <int C>
-  inline void load_group(int64_t k, __m512* w0, __m512* w1) const {
-    load<C>(k, 0xFFFF, w0);
-    load<C>(k + 16, 0xFFFF, w1);
+  // Output o's scales (`half` 0) or zeros (1) of block b as fp32 lanes (zero past W; a folded
+  // block's 8 twice).
+  inline __m512 group_values(int o, int half, int64_t b, int64_t W) const {
+    const __m256i v = _mm256_maskz_loadu_epi16(lanes(W), sz + o * 2 * G + half * G + b * 16);
+    __m512i f = _mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16);
+    if (W == 8) f = _mm512_permutexvar_epi32(_mm512_set_epi32(7, 6, 5, 4, 3, 2, 1, 0, 7, 6, 5, 4, 3, 2, 1, 0), f);
+    return _mm512_castsi512_ps(f);
   }
 };
 
@@ -133,123 +176,111 @@ struct Epilogue {
   const float* scale;  // per output (int8) or null
   const float* bias;   // per output or null
   int64_t act;
-  // int4: the block's first row's offsets (stride `o_stride` a row), each activation row's group
-  // sums xs (stride G16 a row, zero past G) and G; null o for int8.
-  const float* o = nullptr;
-  int64_t o_stride = 0;
-  const float* xs = nullptr;
-  int64_t G = 0, G16 = 0;
-  inline float operator()(float dot, int r, int c) const {
+  inline float operator()(float dot, int c) const {
     if (scale) dot *= scale[c];
-    if (o) {
-      __m512 off = _mm512_setzero_ps();
-      for (int64_t j = 0; j < G; j += 16) {
-        const __mmask16 m = lanes(G - j);
-        off = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, o + c * o_stride + j), _mm512_maskz_loadu_ps(m, xs + r * G16 + j), off);
-      }
-      dot += _mm512_reduce_add_ps(off);
-    }
     return activate(bias ? dot + bias[c] : dot, act);
-  }
-  // The same for activation rows from `r0` on.
-  inline Epilogue rows_from(int64_t r0) const {
-    Epilogue e = *this;
-    if (xs) e.xs = xs + r0 * G16;
-    return e;
   }
 };
 
+// R activation rows x C outputs. Per block of 16 groups: exact int32 dots per group in lanes (int4
+// starting from corr), then into one fp32 accumulator: int8 acc += dot * dx; int4
+// acc = (dot * dx) * s + acc, then + z * xs. Blocks in k order; one lane sum at the end.
 template <int R, int C, class Rows>
-inline void tile(const float* x, const Rows& rows, const Epilogue& e, float* y, int64_t K, int64_t N) {
+inline void tile(const Acts& x, const Rows& rows, const Epilogue& e, float* y, int64_t G, int64_t N) {
   __m512 acc[R][C];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
     for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
-  if constexpr (Rows::kGrouped) {  // int4: acc += s[g] * (x0 . q0 + x1 . q1), group by group
-    for (int64_t k = 0; k < K; k += kGroup) {
-      __m512 w0[C], w1[C], sc[C];
-      rows.template load_group<C>(k, w0, w1);
+  for (int64_t b = 0; b < x.B; ++b) {
+    const int64_t W = std::min<int64_t>(kBlock, G - b * kBlock);
+    const bool fold = folded(b, G);  // then 8 steps over 16 full lanes, loaded as a whole block's
+    const int64_t lanes_w = fold ? kBlock : W;
+    __m512i dot[R][C];
 #pragma GCC unroll 8
-      for (int c = 0; c < C; ++c) sc[c] = _mm512_set1_ps(rows.scale(c, k / kGroup));
+    for (int r = 0; r < R; ++r) {
+      const __m512i start = Rows::kInt4 ? _mm512_loadu_si512(x.row(r).corr + b * 16) : _mm512_setzero_si512();
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c) dot[r][c] = start;
+    }
+    for (int s = 0; s < (fold ? 4 : 8); ++s) {
+      __m512i w0[C], w1[C];
+      rows.template load<C>(b, lanes_w, s, w0, w1);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
-        const __m512 x0 = _mm512_loadu_ps(x + r * K + k), x1 = _mm512_loadu_ps(x + r * K + k + 16);
+        const int16_t* xq = x.row(r).xq + b * 512 + s * 64;
+        const __m512i x0 = _mm512_loadu_si512(xq), x1 = _mm512_loadu_si512(xq + 32);
 #pragma GCC unroll 8
-        for (int c = 0; c < C; ++c)
-          acc[r][c] = _mm512_fmadd_ps(_mm512_fmadd_ps(x1, w1[c], _mm512_mul_ps(x0, w0[c])), sc[c], acc[r][c]);
+        for (int c = 0; c < C; ++c) dot[r][c] = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(dot[r][c], w0[c], x0), w1[c], x1);
       }
     }
-  } else {  // int8: acc += x . q, chunk by chunk
-    for (int64_t k = 0; k < K; k += 16) {
-      const __mmask16 m = lanes(K - k);
-      __m512 w[C];
-      rows.template load<C>(k, m, w);
+    if constexpr (Rows::kInt4) {
+      __m512 sc[C], z[C];
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c) sc[c] = rows.group_values(c, 0, b, W), z[c] = rows.group_values(c, 1, b, W);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
-        const __m512 xv = _mm512_maskz_loadu_ps(m, x + r * K + k);
+        const __m512 dx = _mm512_loadu_ps(x.row(r).dx + b * 16), xs = _mm512_loadu_ps(x.row(r).xs + b * 16);
 #pragma GCC unroll 8
-        for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(xv, w[c], acc[r][c]);
+        for (int c = 0; c < C; ++c)
+          acc[r][c] =
+              _mm512_fmadd_ps(z[c], xs, _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot[r][c]), dx), sc[c], acc[r][c]));
+      }
+    } else {
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const __m512 dx = _mm512_loadu_ps(x.row(r).dx + b * 16);
+#pragma GCC unroll 8
+        for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][c]), dx, acc[r][c]);
       }
     }
   }
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) y[r * N + c] = e(_mm512_reduce_add_ps(acc[r][c]), r, c);
+    for (int c = 0; c < C; ++c) y[r * N + c] = e(_mm512_reduce_add_ps(acc[r][c]), c);
 }
 
 template <int C, class Rows>
-inline void column(const float* x, const Rows& rows, const Epilogue& e, float* y, int64_t M, int64_t K, int64_t N) {
+inline void column(const Acts& x, const Rows& rows, const Epilogue& e, float* y, int64_t M, int64_t G, int64_t N) {
   int64_t r = 0;
-  for (; r + kRows <= M; r += kRows) tile<kRows, C>(x + r * K, rows, e.rows_from(r), y + r * N, K, N);
+  for (; r + kRows <= M; r += kRows) tile<kRows, C>(x.row(r), rows, e, y + r * N, G, N);
   switch (M - r) {
-    case 3: tile<3, C>(x + r * K, rows, e.rows_from(r), y + r * N, K, N); break;
-    case 2: tile<2, C>(x + r * K, rows, e.rows_from(r), y + r * N, K, N); break;
-    case 1: tile<1, C>(x + r * K, rows, e.rows_from(r), y + r * N, K, N); break;
+    case 3: tile<3, C>(x.row(r), rows, e, y + r * N, G, N); break;
+    case 2: tile<2, C>(x.row(r), rows, e, y + r * N, G, N); break;
+    case 1: tile<1, C>(x.row(r), rows, e, y + r * N, G, N); break;
     default: break;
   }
 }
 
-template <int C, class Rows>
-inline void block(const float* x, const Rows& rows, float* buf, const Epilogue& e, float* y, int64_t M, int64_t K,
-                  int64_t N) {
-  if (!buf) return column<C>(x, rows, e, y, M, K, N);
-  const int64_t K16 = (K + 15) / 16 * 16;
-  for (int c = 0; c < C; ++c)
-    for (int64_t k = 0; k < K16; k += 16) _mm512_store_ps(buf + c * K16 + k, rows.chunk(c, k, lanes(K - k)));
-  column<C>(x, WidenedRows<Rows>{buf, K16, rows}, e, y, M, K, N);
-}
-
-// `rows_at(n)` and `epilogue_at(n)`: the loader and the epilogue of the outputs from n on.
+// y [M, N] = the GEMM of x [M, K] fp32 with the weights `rows_at(n)` loads (outputs n on), each output
+// finished by `epilogue_at(n)`. Threads split the outputs, never the inputs.
 template <class RowsAt, class EpilogueAt>
 void gemm(const float* x, RowsAt rows_at, EpilogueAt epilogue_at, float* y, int64_t M, int64_t K, int64_t N) {
-  constexpr int kCols = decltype(rows_at(0))::kCols;
-  const int64_t blocks = (N + kCols - 1) / kCols;
-  at::parallel_for(0, blocks, grain(kCols, M, K), [&](int64_t b0, int64_t b1) {
-    float* buf = nullptr;
-    if (M > kRows) {
-      buf = static_cast<float*>(std::aligned_alloc(64, kCols * ((K + 15) / 16 * 16) * sizeof(float)));
-      TORCH_CHECK(buf != nullptr, "quantized_gemm: out of memory");
-    }
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n = b * kCols;
-      const Epilogue e = epilogue_at(n);
+  const int64_t G = (K + kGroup - 1) / kGroup, B = (G + kBlock - 1) / kBlock;
+  // Each row's activations quantized once, by the row alone (so a row's bits cannot depend on M).
+  std::vector<int16_t> xq(M * B * 512, 0);
+  std::vector<int32_t> corr(M * B * 16, 0);
+  std::vector<float> dx(M * B * 16, 0.0f), xs(M * B * 16, 0.0f);
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      quantize_row(x + m * K, K, xq.data() + m * B * 512, corr.data() + m * B * 16, dx.data() + m * B * 16,
+                   xs.data() + m * B * 16);
+  });
+  const Acts acts{xq.data(), corr.data(), dx.data(), xs.data(), B};
+  const int64_t tiles = (N + kCols - 1) / kCols;
+  at::parallel_for(0, tiles, grain(kCols, M, K), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n = t * kCols;
       const auto rows = rows_at(n);
+      const Epilogue e = epilogue_at(n);
       switch (std::min<int64_t>(kCols, N - n)) {
-        case 6:
-          if constexpr (kCols >= 6) block<6>(x, rows, buf, e, y + n, M, K, N);
-          break;
-        case 5:
-          if constexpr (kCols >= 5) block<5>(x, rows, buf, e, y + n, M, K, N);
-          break;
-        case 4: block<4>(x, rows, buf, e, y + n, M, K, N); break;
-        case 3: block<3>(x, rows, buf, e, y + n, M, K, N); break;
-        case 2: block<2>(x, rows, buf, e, y + n, M, K, N); break;
-        default: block<1>(x, rows, buf, e, y + n, M, K, N); break;
+        case 4: column<4>(acts, rows, e, y + n, M, G, N); break;
+        case 3: column<3>(acts, rows, e, y + n, M, G, N); break;
+        case 2: column<2>(acts, rows, e, y + n, M, G, N); break;
+        default: column<1>(acts, rows, e, y + n, M, G, N); break;
       }
     }
-    std::free(buf);
   });
 }
 
@@ -269,13 +300,15 @@ torch::Tensor prepare(torch::Tensor x, int64_t K, const c10::optional<torch::Ten
 }  // namespace
 
 // activation: 0 none, 1 SiLU, 2 tanh-GELU, 3 erf-GELU (applied after the bias).
+// x [M, K] fp32; q [N, K32] int8 (K32: K rounded up to 32, laid out as Int8Rows); scale [N] fp32.
 torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> bias,
                           int64_t activation) {
-  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous() && !q.is_cuda(),
-              "int8_linear: q [N, K] int8, contiguous, CPU");
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous() && !q.is_cuda() && q.size(1) % kGroup == 0,
+              "int8_linear: q [N, K32] int8, K32 a multiple of 32, contiguous, CPU");
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == q.size(0),
               "int8_linear: scale [N] fp32");
-  const int64_t K = q.size(1), N = q.size(0);
+  const int64_t K32 = q.size(1), N = q.size(0), K = x.dim() == 2 ? x.size(1) : -1;
+  TORCH_CHECK(K > K32 - kGroup && K <= K32, "int8_linear: x [M, K] with K rounded up to 32 = q.size(1)");
   torch::Tensor bc;
   x = prepare(x, K, bias, N, bc, activation);
   auto y = torch::empty({x.size(0), N}, x.options());
@@ -283,43 +316,31 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
   const int8_t* qp = q.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   const float* bp = bc.defined() ? bc.data_ptr<float>() : nullptr;
-  gemm(x.data_ptr<float>(), [&](int64_t n) { return Int8Rows{qp + n * K, K}; },
+  gemm(x.data_ptr<float>(), [&](int64_t n) { return Int8Rows{qp + n * K32, K32}; },
        [&](int64_t n) { return Epilogue{sp + n, bp ? bp + n : nullptr, activation}; }, y.data_ptr<float>(), x.size(0),
        K, N);
   return y;
 }
 
-// q [N, K / 2] uint8 (the layout above), groups [N, 2, K / 32] fp32 (scales, then offsets); K % 32 == 0.
-torch::Tensor int4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor groups, c10::optional<torch::Tensor> bias,
+// x [M, K] fp32, K % 32 == 0; q [N, K / 2] uint8 (laid out as Int4Rows); sz [N, 2, K / 32] bf16.
+torch::Tensor int4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor sz, c10::optional<torch::Tensor> bias,
                           int64_t activation) {
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte && q.is_contiguous() && !q.is_cuda(),
               "int4_linear: q [N, K / 2] uint8, contiguous, CPU");
-  const int64_t K = q.size(1) * 2, N = q.size(0);
+  const int64_t K = q.size(1) * 2, N = q.size(0), G = K / kGroup;
   TORCH_CHECK(K % kGroup == 0, "int4_linear: K a multiple of 32");
-  TORCH_CHECK(groups.scalar_type() == at::kFloat && groups.is_contiguous() && groups.numel() == N * (K / kGroup) * 2,
-              "int4_linear: groups [N, 2, K / 32] fp32");
+  TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.numel() == N * G * 2,
+              "int4_linear: sz [N, 2, K / 32] bf16");
   torch::Tensor bc;
   x = prepare(x, K, bias, N, bc, activation);
   auto y = torch::empty({x.size(0), N}, x.options());
   if (x.size(0) == 0) return y;
-  const int64_t M = x.size(0), G = K / kGroup, G16 = (G + 15) / 16 * 16;
-  const float* xp = x.data_ptr<float>();
-  // xs[m, g]: the sum of row m's inputs over group g, in one fixed order (the two chunks added, then
-  // summed across lanes); zero past G, so the epilogue's masked dot reads whole zeros.
-  std::vector<float> xs(M * G16, 0.0f);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < G; ++g) {
-      const float* xg = xp + m * K + g * kGroup;
-      xs[m * G16 + g] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_loadu_ps(xg), _mm512_loadu_ps(xg + 16)));
-    }
   const uint8_t* qp = q.data_ptr<uint8_t>();
-  const float* so = groups.data_ptr<float>();
+  const uint16_t* szp = reinterpret_cast<const uint16_t*>(sz.data_ptr<at::BFloat16>());
   const float* bp = bc.defined() ? bc.data_ptr<float>() : nullptr;
-  gemm(xp, [&](int64_t n) { return Int4Rows{qp + n * (K / 2), so + n * 2 * G, K}; },
-       [&](int64_t n) {
-         return Epilogue{nullptr, bp ? bp + n : nullptr, activation, so + n * 2 * G + G, 2 * G, xs.data(), G, G16};
-       },
-       y.data_ptr<float>(), M, K, N);
+  gemm(x.data_ptr<float>(), [&](int64_t n) { return Int4Rows{qp + n * (K / 2), szp + n * 2 * G, K, G}; },
+       [&](int64_t n) { return Epilogue{nullptr, bp ? bp + n : nullptr, activation}; }, y.data_ptr<float>(),
+       x.size(0), K, N);
   return y;
 }
 

@@ -18,6 +18,7 @@ from app.engine.core.types import GenerationRequest, SamplingParams, StoppingPar
 from app.engine.engine import Engine
 from app.engine.load.loader import LoadedModel, ModelLoadError, load_model
 from app.engine.models import CompactModel, attention
+from app.engine.models.quantize import WEIGHT_ONLY
 from app.engine.runner.compact_batch import CompactBatch
 from app.engine.runner.forward_options import ForwardOptions
 from tests.unit.engine.completions import Completions
@@ -305,7 +306,10 @@ def test_quantized_gpt2_compact_matches_quantized_transformers(
         ids = torch.tensor([p])
         ref = hf.model(input_ids=ids).logits[0]
         ours = full[row, full.shape[1] - len(p) :]
-        assert (ours - ref).abs().max() <= TOLERANCE
+        # The weight-only kernels round each activation to 16 bits per group of 32: where the two
+        # forwards' other ops differ in an input's last bit, its rounding can move by one step
+        # (~3e-5 of the group's largest input); through the layers up to 3e-4 measured (2026-12-06).
+        assert (ours - ref).abs().max() <= (1e-3 if mode in WEIGHT_ONLY else TOLERANCE)
         assert (ours - fp32(input_ids=ids).logits[0]).abs().max() <= (8.0 if mode == "int4-weight-only" else 1.0)
 
 
