@@ -246,3 +246,13 @@ def test_thirty_two_prompts_together_equal_each_alone(mid_gpt2_dir: Path, option
     for i, (t, a) in enumerate(zip(together, alone, strict=True)):
         assert t[0] == a[0], f"prompt {i}: token ids differ"
         assert t[1] == a[1], f"prompt {i}: logprobs differ"
+
+
+def test_cpus_without_vnni_get_pytorchs_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our kernels multiply with AVX512-VNNI (`vpdpwssd`): a CPU with AVX-512 but without VNNI
+    (Skylake-X) packs for aten's kernels instead of crashing on an illegal instruction."""
+    weight = _weight(768, 256)
+    assert pack_int8(weight).kernel == "textgen"  # type: ignore[union-attr]
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False)
+    assert pack_int8(weight).kernel == "aten"  # type: ignore[union-attr]
+    assert pack_int4(weight).kernel == "aten"  # type: ignore[union-attr]
