@@ -69,8 +69,9 @@ class Settings(BaseSettings):
     quantize: Literal["none", "int8-weight-only", "int4-weight-only", "int8-dynamic"] = Field(
         "none",
         description="Quantized linear layers: int8-weight-only (int8 weights per channel, LM head included), "
-        "int4-weight-only (int4 in groups of 32, int8 LM head), both with fp32 activations on textgen's "
-        "AVX-512 kernels (PyTorch's, with bf16 activations, where those do not build); int8-dynamic (int8 "
+        "int4-weight-only (int4 in groups of 32, int8 LM head), both on textgen's AVX-512 + VNNI kernels "
+        "(activations rounded to 16 bits per group of 32; PyTorch's kernels, with bf16 activations, where "
+        "those do not build or the CPU lacks VNNI); int8-dynamic (int8 "
         "weights and per-token int8 activations, through torchao: pip install 'textgen-service[quantize]'). "
         "All batch-invariant. none: the weights as loaded.",
     )
