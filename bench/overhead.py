@@ -11,7 +11,8 @@ started together, and only the decode iterations that ran all N rows are kept. E
 round runs every route in turn (alternated, so slow drifts of the machine's load hit all alike):
 - `tgi-stream`: POST /generate_stream (SSE, pydantic events);
 - `openai-stream`: POST /v1/completions with stream=true;
-- `tgi`: POST /generate (no stream: the events still cross to the event loop, nothing is sent).
+- `tgi`: POST /generate (no stream: the events still cross to the event loop, nothing is sent);
+- `openai-stream-sampled` (only when named): openai-stream at temperature 1, every row sampled.
 Per route, over the decode iterations of its requests (the server's own clock, CLOCK_MONOTONIC):
 - step: forward + sampler wall time, what `bench.step` times in-process (the sampler's own part
   shown beside it);
@@ -52,7 +53,8 @@ import httpx
 from bench.model import default_model_dir, ensure_model, make_prompts
 from bench.servers import Server, free_port
 
-ROUTES = ("tgi-stream", "openai-stream", "tgi")
+ROUTES = ("tgi-stream", "openai-stream", "tgi")  # the default routes, all greedy
+SAMPLED = "openai-stream-sampled"  # on request: openai-stream at OpenAI's default temperature, 1
 GROUPS = ("loop", "engine", "python", "native")
 
 
@@ -154,7 +156,7 @@ def _request(client: httpx.Client, url: str, route: str, prompt: str, new_tokens
         path = "/v1/completions"
         # temperature 0: greedy like the other routes (OpenAI's default, 1, samples every row).
         body = {"model": "bench", "prompt": prompt, "max_tokens": new_tokens, "min_tokens": new_tokens}
-        body.update(stream=True, temperature=0.0)
+        body.update(stream=True, temperature=1.0 if route == SAMPLED else 0.0)
     with client.stream("POST", f"{url}{path}", json=body) as r:
         r.raise_for_status()
         for line in r.iter_lines():
@@ -295,8 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server-env", nargs="*", default=[], help="extra server environment, KEY=VALUE")
     args = p.parse_args(argv)
     routes = args.routes.split(",")
-    if unknown := set(routes) - set(ROUTES):
-        p.error(f"unknown routes {sorted(unknown)}; known: {', '.join(ROUTES)}")
+    if unknown := set(routes) - {*ROUTES, SAMPLED}:
+        p.error(f"unknown routes {sorted(unknown)}; known: {', '.join([*ROUTES, SAMPLED])}")
     if args.clients < 1:
         p.error("--clients must be >= 1")
     model = args.model or ensure_model(default_model_dir(0)).path
