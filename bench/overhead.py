@@ -2,6 +2,7 @@
 inside ONE server process on the same tokens, so machine noise hits both sides alike.
 
     python -m bench.overhead [--rounds 3] [--requests 2] [--new-tokens 64] [--threads N] [--clients N]
+                             [--closed-loop R]
                              [--routes tgi-stream,openai-stream,tgi] [--inprocess] [--server-env K=V ...]
 
 One `bench.overhead_server` (`textgen serve` with its decode iterations timed; GPT-2-124M shape,
@@ -29,12 +30,17 @@ Per route, over the decode iterations of its requests (the server's own clock, C
 Medians over all rounds' iterations (and tokens). Overhead = client ITL - step. With N > 1 clients
 each decode iteration yields N tokens: the times are per iteration, and a line divides the
 iteration's parts by N (per token). `--inprocess` also runs `bench.step` (batch N, compact) in its
-own process once per round, the issue's reference.
+own process once per round, the issue's reference. `--closed-loop R` also runs, each round, the
+peer benchmark's closed loop (bench.clients, R requests over the N clients, /generate_stream) and
+prints its ITL p50 (per request (last - first token) / (tokens - 1), as `bench.run` reports it)
+beside the server's decode iterations in that time, the ones that also ran a joiner's prefill
+listed apart.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
@@ -50,7 +56,9 @@ from pathlib import Path
 
 import httpx
 
+from bench.clients import Job, LoadResult, closed_loop, make_client, ours_stream_sender
 from bench.model import default_model_dir, ensure_model, make_prompts
+from bench.peer_rounds import itl
 from bench.servers import Server, free_port
 
 ROUTES = ("tgi-stream", "openai-stream", "tgi")  # the default routes, all greedy
@@ -242,6 +250,38 @@ def run_route(
                 stats.loop_wakeups += switches - switches0
 
 
+def closed_loop_round(measured: Measured, prompts: list[str], clients: int, requests: int, new_tokens: int) -> str:
+    """The peer benchmark's closed loop (bench.clients: `clients` asyncio streams of
+    /generate_stream, each sending its next request when its last one ends) over `requests`
+    requests, and what the server's decode iterations did meanwhile: the peer's ITL (a request's
+    mean, bench.peer_rounds.itl) beside the iterations, whose slow ones ran prefills of joiners."""
+    jobs = [Job(i, prompts[i % len(prompts)], new_tokens, new_tokens) for i in range(requests)]
+
+    async def run() -> LoadResult:
+        async with make_client(clients, 900) as client:
+            return await closed_loop(client, ours_stream_sender(measured.server.base_url), jobs, clients, 900)
+
+    start = time.perf_counter()
+    result = asyncio.run(run())
+    end = time.perf_counter()
+    if errors := [r.error for r in result.records if r.error]:
+        raise RuntimeError(f"closed loop: {len(errors)} requests failed, e.g. {errors[0]}")
+    steps = [s for s in measured.read()["steps"] if start <= s[0] <= end]
+    pairs = list(zip(steps, steps[1:], strict=False))
+    iterations = [(b[0] - a[0]) * 1000 for a, b in pairs]
+    with_prefill = [(b[0] - a[0]) * 1000 for a, b in pairs if b[0] - a[0] - a[1] - a[2] > 0.010]
+    itls = [v * 1000 for r in result.records if (v := itl(r)) is not None]
+    tokens = sum(r.generated_tokens for r in result.records)
+    return (
+        f"closed loop ({requests} requests, {clients} clients): {tokens / result.wall_s:.1f} tok/s, "
+        f"peer ITL p50 {_p50(itls):.2f} ms; {len(steps)} decode iterations: p50 {_p50(iterations):.2f} ms, "
+        f"mean {statistics.fmean(iterations) if iterations else float('nan'):.2f} ms, step p50 "
+        f"{_p50([(s[1] + s[2]) * 1000 for s in steps]):.2f} ms; {len(with_prefill)} iterations ran a prefill "
+        f"(> 10 ms over their step): {', '.join(f'{v:.0f}' for v in sorted(with_prefill))} ms; rows joined at "
+        f"{sorted({int(s[4]) for s in steps} - {clients})}"
+    )
+
+
 def _p50(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -295,6 +335,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--routes", default=",".join(ROUTES))
     p.add_argument("--inprocess", action="store_true", help="also run bench.step in its own process each round")
     p.add_argument("--server-env", nargs="*", default=[], help="extra server environment, KEY=VALUE")
+    p.add_argument(
+        "--closed-loop",
+        type=int,
+        metavar="REQUESTS",
+        help="also run, each round, the peer benchmark's closed loop of REQUESTS requests over --clients "
+        "streams (the c32 phase: --clients 32 --closed-loop 64)",
+    )
     args = p.parse_args(argv)
     routes = args.routes.split(",")
     if unknown := set(routes) - {*ROUTES, SAMPLED}:
@@ -302,10 +349,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.clients < 1:
         p.error("--clients must be >= 1")
     model = args.model or ensure_model(default_model_dir(0)).path
-    prompts = [text for text, _ in make_prompts(model, args.requests * args.clients)]
+    prompts = [text for text, _ in make_prompts(model, max(args.requests * args.clients, args.closed_loop or 0))]
     measured = Measured(model, args.threads, dict(kv.split("=", 1) for kv in args.server_env))
     stats = {route: RouteStats() for route in routes}
     inprocess: list[float] = []
+    closed: list[str] = []
     measured.server.start()
     try:
         measured.server.wait_healthy(600)
@@ -315,7 +363,10 @@ def main(argv: list[str] | None = None) -> int:
                 _wave(clients, measured.server.base_url, route, prompts, 8)
             for round_ in range(args.rounds):
                 for route in routes:
-                    run_route(measured, clients, route, prompts, args.new_tokens, stats[route])
+                    waves = prompts[: args.requests * args.clients]
+                    run_route(measured, clients, route, waves, args.new_tokens, stats[route])
+                if args.closed_loop:
+                    closed.append(closed_loop_round(measured, prompts, args.clients, args.closed_loop, args.new_tokens))
                 if args.inprocess:
                     inprocess.append(in_process_step_ms(model, args.new_tokens // 2, args.threads, args.clients))
                 print(f"round {round_ + 1} done (load average {os.getloadavg()[0]:.1f})", flush=True)
@@ -323,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         measured.server.stop()
     for route in routes:
         print(report(route, stats[route], args.clients))
+    for k, line in enumerate(closed):
+        print(f"round {k + 1}: {line}")
     if inprocess:
         print(
             f"in-process step at batch {args.clients} (bench.step, own process): best {min(inprocess):.2f} ms, rounds {inprocess}"

@@ -38,7 +38,7 @@ def test_overhead_benchmark_with_concurrent_clients_keeps_full_batch_iterations(
 ) -> None:
     # Two streams at once per route: the kept decode iterations are those that ran both rows.
     argv = ["--model", str(stories260k_dir), "--rounds", "1", "--requests", "1", "--new-tokens", "48"]
-    assert main([*argv, "--threads", "1", "--clients", "2", "--routes", "tgi-stream,tgi"]) == 0
+    assert main([*argv, "--threads", "1", "--clients", "2", "--routes", "tgi-stream,tgi", "--closed-loop", "4"]) == 0
     out = capsys.readouterr().out
     for route in ("tgi-stream", "tgi"):
         lines = out.splitlines()
@@ -56,3 +56,9 @@ def test_overhead_benchmark_with_concurrent_clients_keeps_full_batch_iterations(
         itl = float(re.search(r"client ITL (\S+) ms", line).group(1))  # type: ignore[union-attr]
         assert math.isnan(itl) == (route == "tgi"), line
     assert len([line for line in out.splitlines() if line.startswith("   CPU ms/iteration: ")]) == 2
+    # The peer benchmark's closed loop: 4 requests over the 2 clients, its ITL beside the iterations.
+    (closed,) = [line for line in out.splitlines() if line.startswith("round 1: closed loop (4 requests, 2 clients)")]
+    tok_s = float(re.search(r": (\S+) tok/s", closed).group(1))  # type: ignore[union-attr]
+    peer_itl = float(re.search(r"peer ITL p50 (\S+) ms", closed).group(1))  # type: ignore[union-attr]
+    decoded = int(re.search(r"; (\d+) decode iterations", closed).group(1))  # type: ignore[union-attr]
+    assert tok_s > 0 and peer_itl > 0 and decoded >= 47, closed  # two waves of 48 tokens at least
