@@ -224,31 +224,6 @@ def _min_p(state: SamplingState) -> Callable[[torch.Tensor, torch.Tensor], torch
     return warp
 
 
-def _draw(logprobs: torch.Tensor, chosen: torch.Tensor, rows: list[int], seqs: Seq[Sequence]) -> None:
-    """Set `chosen[row]` for each sampled row of `rows` to one draw from its distribution
-    (`logprobs` [batch, vocab]) with its own generator: bitwise `torch.multinomial(probs, 1,
-    generator)`, whose one-sample method is argmax(probs / q) with q ~ Exp(1) over the vocabulary
-    from that generator (aten's Distributions.cpp; tests/unit/engine/test_sampling_draw.py holds
-    the two equal). Only the draws of q stay per row (each row's generator); the checks, the
-    division and the argmax run once over all rows: per row, multinomial's seven small ops each
-    waited for both OpenMP threads, and on the serving cores (busy with the event loop) 32
-    sampled rows took 49 ms a step. A row whose distribution degenerated (non-finite, or no mass)
-    keeps its argmax, the mode."""
-    index = torch.tensor(rows, device=logprobs.device)
-    probs = logprobs.index_select(0, index).exp()
-    valid = (torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)).tolist()
-    live = [k for k, ok in enumerate(valid) if ok]
-    if not live:
-        return
-    if len(live) < len(rows):
-        probs = probs[live]
-        index = index[live]
-    q = torch.empty_like(probs)
-    for k, j in enumerate(live):
-        q[k].exponential_(1, generator=seqs[rows[j]].generator)
-    chosen[index] = (probs / q).argmax(dim=-1)
-
-
 def choose(
     logits: torch.Tensor,
     seqs: Seq[Sequence],
@@ -298,8 +273,11 @@ def choose(
     scores = torch.nan_to_num(scores, nan=float("-inf"))
     logprobs = torch.log_softmax(scores, dim=-1)
     chosen = scores.argmax(dim=-1)
-    if state.sampled:
-        _draw(logprobs, chosen, state.sampled, seqs)
+    for row in state.sampled:
+        probs = logprobs[row].exp()
+        if bool(torch.isfinite(probs).all()) and float(probs.sum()) > 0:
+            chosen[row] = torch.multinomial(probs, 1, generator=seqs[row].generator)[0]
+        # else: the distribution degenerated to a point mass (or worse); argmax is its mode
 
     chosen_lp = logprobs.gather(1, chosen[:, None])[:, 0].clamp(min=-1e4).nan_to_num(-1e4).tolist()
     chosen_ids = chosen.tolist()
