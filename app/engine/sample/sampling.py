@@ -61,6 +61,9 @@ def _float(values: list[float]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32)[:, None]
 
 
+_TOP_K_MAX = 2**31 - 1
+
+
 class SamplingState:
     """The sampling settings of a batch's rows: [rows, 1] columns (made on the CPU, moved to the
     scores' device when used) and, per warper, the rows it applies to. Built from the rows'
@@ -75,7 +78,11 @@ class SamplingState:
         sampled = [p.do_sample for p in params]
         # Columns: each row's value, neutral where the setting is off.
         self.temperature = _float([p.temperature for p in params])
-        self.top_k = torch.tensor([p.top_k if p.top_k is not None and p.top_k > 0 else 0 for p in params])
+        # A k past the vocabulary keeps every token (the warp clamps k to it); capped here so that any
+        # int a client sends fits the column (2**70 once raised in the engine loop and killed it).
+        self.top_k = torch.tensor(
+            [min(p.top_k, _TOP_K_MAX) if p.top_k is not None and p.top_k > 0 else 0 for p in params]
+        )
         # Top-p removes sorted probabilities whose running sum is <= 1 - top_p (in double, as
         # transformers computes it, then float32).
         self.top_p_cut = _float([1 - p.top_p if p.top_p is not None else 0.0 for p in params])
