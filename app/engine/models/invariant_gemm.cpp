@@ -80,8 +80,9 @@ void few_rows(const float* x, const float* w, const float* b, float* y, int64_t 
 }
 
 void many_rows(const float* x, const float* w, const float* b, float* y, int64_t M, int64_t K, int64_t N) {
-  textgen::parallel_chunks((N + 63) / 64, 64 * M * K, [&](int64_t t0, int64_t t1) {
-    float* buf = textgen::scratch(K * 64);
+  at::parallel_for(0, (N + 63) / 64, grain(64, M, K), [&](int64_t t0, int64_t t1) {
+    float* buf = static_cast<float*>(std::aligned_alloc(64, K * 64 * sizeof(float)));
+    TORCH_CHECK(buf != nullptr, "invariant_gemm: out of memory");
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t * 64, left = N - n;
       const __mmask16 mk[4] = {lanes(left), lanes(left - 16), lanes(left - 32), lanes(left - 48)};
@@ -99,6 +100,7 @@ void many_rows(const float* x, const float* w, const float* b, float* y, int64_t
         default: break;
       }
     }
+    std::free(buf);
   });
 }
 

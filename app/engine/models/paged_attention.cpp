@@ -46,7 +46,8 @@ void attend(const float* q, const T* pool, const int64_t* tables, const int64_t*
   const int64_t s_token = D, s_head = page * D, s_kind = kv_heads * page * D, s_page = 2 * s_kind;
   int64_t longest = 1;
   for (int64_t b = 0; b < B; ++b) longest = std::max(longest, lengths[b]);
-  textgen::parallel_chunks(B * heads, longest * D * 2, [&](int64_t i0, int64_t i1) {
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, longest * D * 2));
+  at::parallel_for(0, B * heads, grain, [&](int64_t i0, int64_t i1) {
     std::vector<float> weights(longest);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / heads, h = i % heads, g = h / group, L = lengths[b];

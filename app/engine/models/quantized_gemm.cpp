@@ -269,7 +269,7 @@ void gemm(const float* x, RowsAt rows_at, EpilogueAt epilogue_at, float* y, int6
   });
   const Acts acts{xq.data(), corr.data(), dx.data(), xs.data(), B};
   const int64_t tiles = (N + kCols - 1) / kCols;
-  textgen::parallel_chunks(tiles, kCols * M * K, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, tiles, grain(kCols, M, K), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t * kCols;
       const auto rows = rows_at(n);
