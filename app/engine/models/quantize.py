@@ -65,8 +65,8 @@ class PackedWeight:
       int4: `data` uint8 [out, in / 2], levels q in 0..15 two per byte in blocks of 16 groups
       (`_int4_blocks`); `scales` bf16 [out, 2, in / 32]: each group's scale, then
       its zero, with weight = (q - 8) * scale + zero.
-    kernel "aten" (PyTorch's, where ours does not build):
-      int8: `data` as above, `scales` bf16 [out];
+    kernel "aten" (PyTorch's, where ours does not build or the CPU lacks VNNI):
+      int8: `data` int8 [out, in] as quantized (no blocks), `scales` bf16 [out];
       int4: `data` as `_convert_weight_to_int4pack_for_cpu` lays it out, `scales` bf16
       [in / 32, out, 2] of (scale, zero) with weight = (q - 8) * scale + zero."""
 
@@ -209,9 +209,9 @@ def _int4_levels(data: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def _ours() -> bool:
-    """Whether layers packed now go to our kernels (they build here and `invariant_gemm.use(False)`
-    was not called)."""
-    return invariant_gemm.enabled()
+    """Whether layers packed now go to our kernels: they build here, `invariant_gemm.use(False)` was
+    not called, and the CPU has AVX512-VNNI (their integer dot products)."""
+    return invariant_gemm.enabled() and torch.cpu._is_vnni_supported()
 
 
 def pack_int8(weight: torch.Tensor) -> PackedWeight | None:
@@ -224,7 +224,7 @@ def pack_int8(weight: torch.Tensor) -> PackedWeight | None:
     # rounding amax/127 up by one bf16 step first keeps every |w / scale| within 127 (no clipping).
     scale = (w.abs().amax(dim=1) / 127 * (1 + 2**-7)).clamp(min=2**-100).to(torch.bfloat16)
     q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-    if _ours() and torch.cpu._is_vnni_supported():
+    if _ours():
         return PackedWeight("int8", _int8_blocks(q), scale.float().contiguous(), out_features, in_features)
     return PackedWeight("int8", q, scale.contiguous(), out_features, in_features, "aten")
 
@@ -241,7 +241,7 @@ def pack_int4(weight: torch.Tensor) -> PackedWeight | None:
     scale = ((high - low) / 15 * (1 + 2**-7)).clamp(min=2**-100).to(torch.bfloat16)
     zero = (low + 8 * scale.float()).to(torch.bfloat16)  # the value of q = 8
     q = torch.round((w - zero.float()[..., None]) / scale.float()[..., None] + 8).clamp(0, 15).to(torch.uint8)
-    if _ours() and torch.cpu._is_vnni_supported():
+    if _ours():
         data = _int4_blocks(q.view(out_features, groups, INT4_GROUP))
         scales = torch.stack([scale, zero], dim=1).contiguous()  # [out, 2, groups] bf16
         return PackedWeight("int4", data, scales, out_features, in_features)
