@@ -11,3 +11,6 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
     "silu": F.silu,
 }
+
+# The same activations as our CPU kernels' codes (kernels.h, `Activation`): fused into the GEMM there.
+KERNEL_ACTIVATIONS: dict[str, int] = {"none": 0, "silu": 1, "gelu_tanh": 2, "gelu": 3}

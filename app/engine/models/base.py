@@ -66,9 +66,10 @@ def row_multiple(weight: Weight) -> int:
 def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, activation: str = "none") -> torch.Tensor:
     """`activation(x @ weight.T + bias)`: x [N, in], weight [out, in] -> [N, out].
 
-    activation: "none", "gelu_tanh", "gelu" (erf) or "silu", fused into the GEMM on oneDNN."""
+    activation: "none", "gelu_tanh", "gelu" (erf) or "silu", fused into the GEMM by our CPU kernels
+    and on oneDNN."""
     if isinstance(weight, InputMajorWeight):
-        return ACTIVATIONS[activation](weight.matmul(x, bias))
+        return weight.matmul(x, bias, activation)
     if isinstance(weight, PackedWeight):
         return weight.matmul(x, bias, activation)
     if onednn_linear(weight) and x.dtype == weight.dtype:

@@ -1,6 +1,6 @@
 // A row-invariant fp32 GEMM for the compact forward (app/engine/models/invariant_gemm.py says why
-// it exists: no library kernel measured close). y = x @ w + bias, x [M, K], w [K, N] (the weight
-// stored input-major, as GPT-2's Conv1D stores it), AVX-512.
+// it exists: no library kernel measured close). y = act(x @ w + bias), x [M, K], w [K, N] (the weight
+// stored input-major, as GPT-2's Conv1D stores it), AVX-512; act per element (kernels.h, activate16).
 //
 // Invariance: every output y[m, n] is bias[n] (or 0) followed by one FMA per k, in k order, whatever
 // M is, wherever the row sits, and however many threads run (threads split the outputs, never k).
@@ -22,6 +22,8 @@
 
 namespace {
 
+using textgen::activate16;
+using textgen::activate_rows;
 using textgen::grain;
 using textgen::lanes;
 
@@ -46,7 +48,7 @@ inline void axpy_block(const float* x, int64_t K, int64_t rows, const float* w, 
 
 template <int R>
 inline void tile(const float* x, int64_t K, const float* wt, const float* bias, float* y, int64_t N, int64_t n,
-                 const __mmask16* mk) {
+                 const __mmask16* mk, int64_t act) {
   __m512 acc[R][4];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < 4; ++j)
@@ -64,10 +66,10 @@ inline void tile(const float* x, int64_t K, const float* wt, const float* bias, 
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < 4; ++j) _mm512_mask_storeu_ps(y + r * N + n + 16 * j, mk[j], acc[r][j]);
+    for (int j = 0; j < 4; ++j) _mm512_mask_storeu_ps(y + r * N + n + 16 * j, mk[j], activate16(acc[r][j], act));
 }
 
-void few_rows(const float* x, const float* w, const float* b, float* y, int64_t M, int64_t K, int64_t N) {
+void few_rows(const float* x, const float* w, const float* b, float* y, int64_t M, int64_t K, int64_t N, int64_t act) {
   for (int64_t r = 0; r < M; ++r) {
     if (b) std::copy(b, b + N, y + r * N); else std::fill(y + r * N, y + (r + 1) * N, 0.0f);
   }
@@ -76,10 +78,11 @@ void few_rows(const float* x, const float* w, const float* b, float* y, int64_t 
     int64_t k = 0;
     for (; k + 4 <= K; k += 4) axpy_block<4>(x, K, M, w, N, y, k, c0, c1);
     for (; k < K; ++k) axpy_block<1>(x, K, M, w, N, y, k, c0, c1);
+    activate_rows(y, M, N, c0, c1, act);
   });
 }
 
-void many_rows(const float* x, const float* w, const float* b, float* y, int64_t M, int64_t K, int64_t N) {
+void many_rows(const float* x, const float* w, const float* b, float* y, int64_t M, int64_t K, int64_t N, int64_t act) {
   at::parallel_for(0, (N + 63) / 64, grain(64, M, K), [&](int64_t t0, int64_t t1) {
     float* buf = static_cast<float*>(std::aligned_alloc(64, K * 64 * sizeof(float)));
     TORCH_CHECK(buf != nullptr, "invariant_gemm: out of memory");
@@ -90,13 +93,13 @@ void many_rows(const float* x, const float* w, const float* b, float* y, int64_t
         for (int j = 0; j < 4; ++j)
           _mm512_store_ps(buf + k * 64 + 16 * j, _mm512_maskz_loadu_ps(mk[j], w + k * N + n + 16 * j));
       int64_t r = 0;
-      for (; r + 6 <= M; r += 6) tile<6>(x + r * K, K, buf, b, y + r * N, N, n, mk);
+      for (; r + 6 <= M; r += 6) tile<6>(x + r * K, K, buf, b, y + r * N, N, n, mk, act);
       switch (M - r) {
-        case 5: tile<5>(x + r * K, K, buf, b, y + r * N, N, n, mk); break;
-        case 4: tile<4>(x + r * K, K, buf, b, y + r * N, N, n, mk); break;
-        case 3: tile<3>(x + r * K, K, buf, b, y + r * N, N, n, mk); break;
-        case 2: tile<2>(x + r * K, K, buf, b, y + r * N, N, n, mk); break;
-        case 1: tile<1>(x + r * K, K, buf, b, y + r * N, N, n, mk); break;
+        case 5: tile<5>(x + r * K, K, buf, b, y + r * N, N, n, mk, act); break;
+        case 4: tile<4>(x + r * K, K, buf, b, y + r * N, N, n, mk, act); break;
+        case 3: tile<3>(x + r * K, K, buf, b, y + r * N, N, n, mk, act); break;
+        case 2: tile<2>(x + r * K, K, buf, b, y + r * N, N, n, mk, act); break;
+        case 1: tile<1>(x + r * K, K, buf, b, y + r * N, N, n, mk, act); break;
         default: break;
       }
     }
@@ -107,10 +110,12 @@ void many_rows(const float* x, const float* w, const float* b, float* y, int64_t
 
 }  // namespace
 
-torch::Tensor kn_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+// activation: 0 none, 1 SiLU, 2 tanh-GELU, 3 erf-GELU (applied after the bias).
+torch::Tensor kn_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias, int64_t activation) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(0), "invariant_gemm: x [M, K], w [K, N]");
   TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "invariant_gemm: fp32 only");
   TORCH_CHECK(w.is_contiguous() && !x.is_cuda() && !w.is_cuda(), "invariant_gemm: contiguous CPU weight");
+  TORCH_CHECK(activation >= 0 && activation <= 3, "invariant_gemm: activation 0-3");
   x = x.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = w.size(1);
   torch::Tensor bc;
@@ -121,7 +126,8 @@ torch::Tensor kn_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::T
   auto y = torch::empty({M, N}, x.options());
   if (M == 0) return y;
   const float* b = bc.defined() ? bc.data_ptr<float>() : nullptr;
-  (M < kTileRows ? few_rows : many_rows)(x.data_ptr<float>(), w.data_ptr<float>(), b, y.data_ptr<float>(), M, K, N);
+  (M < kTileRows ? few_rows : many_rows)(x.data_ptr<float>(), w.data_ptr<float>(), b, y.data_ptr<float>(), M, K, N,
+                                          activation);
   return y;
 }
 
@@ -131,5 +137,5 @@ void register_paged_attention(pybind11::module& m);  // paged_attention.cpp
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_paged_attention(m);
   register_quantized_gemm(m);
-  m.def("kn_linear", &kn_linear, "y = x @ w + bias, row-invariant");
+  m.def("kn_linear", &kn_linear, "y = act(x @ w + bias), row-invariant");
 }

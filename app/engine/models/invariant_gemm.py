@@ -38,6 +38,8 @@ from types import ModuleType
 import torch
 from torch.utils import cpp_extension
 
+from app.engine.models.activations import KERNEL_ACTIVATIONS
+
 log = logging.getLogger(__name__)
 
 # One extension for the CPU kernels: the fp32 GEMM here, the weight-only GEMMs (quantize.py) and the
@@ -173,25 +175,30 @@ class InputMajorWeight:
     def dim(self) -> int:
         return 2
 
-    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x [N, in] fp32 -> x @ weight.T + bias [N, out] fp32; each row's bits independent of N."""
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None, activation: str = "none") -> torch.Tensor:
+        """x [N, in] fp32 -> activation(x @ weight.T + bias) [N, out] fp32; each row's bits
+        independent of N. activation: "none", "silu", "gelu_tanh" or "gelu", applied per element in
+        the kernel (an element's bits depend on its value alone)."""
+        act = KERNEL_ACTIVATIONS[activation]
         if torch.compiler.is_compiling():
-            return invariant_linear_op(x, self.data, bias)
+            return invariant_linear_op(x, self.data, bias, act)
         module = kernel()
         assert module is not None
-        return module.kn_linear(x, self.data, bias)
+        return module.kn_linear(x, self.data, bias, act)
 
 
 @torch.library.custom_op("textgen::invariant_linear", mutates_args=())
-def invariant_linear_op(x: torch.Tensor, weight_in_out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def invariant_linear_op(
+    x: torch.Tensor, weight_in_out: torch.Tensor, bias: torch.Tensor | None, activation: int
+) -> torch.Tensor:
     """The kernel as an opaque op for torch.compile (TEXTGEN_COMPILE)."""
     module = kernel()
     assert module is not None
-    return module.kn_linear(x, weight_in_out, bias)
+    return module.kn_linear(x, weight_in_out, bias, activation)
 
 
 @invariant_linear_op.register_fake
-def _(x: torch.Tensor, weight_in_out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _(x: torch.Tensor, weight_in_out: torch.Tensor, bias: torch.Tensor | None, activation: int) -> torch.Tensor:
     return x.new_empty((x.shape[0], weight_in_out.shape[1]))
 
 

@@ -42,13 +42,12 @@ from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from app.engine.models import invariant_gemm
-from app.engine.models.activations import ACTIVATIONS
+from app.engine.models.activations import ACTIVATIONS, KERNEL_ACTIVATIONS
 
 Quantize = Literal["none", "int8-weight-only", "int4-weight-only", "int8-dynamic"]
 WEIGHT_ONLY = ("int8-weight-only", "int4-weight-only")
 INT4_GROUP = 32  # values per int4 scale/zero pair, as llama.cpp's q4_0 blocks
 # Our weight-only kernels' activation codes (quantized_gemm.cpp, `Activation`).
-_KERNEL_ACTIVATIONS = {"none": 0, "silu": 1, "gelu_tanh": 2, "gelu": 3}
 
 
 class QuantizeUnavailable(RuntimeError):
@@ -96,7 +95,7 @@ class PackedWeight:
         # Conversions only where needed: ~50 GEMMs a step, and a no-op .float() still costs a dispatch.
         a = x if x.dtype == torch.float32 else x.float()
         b = bias if bias is None or bias.dtype == torch.float32 else bias.float()
-        act = _KERNEL_ACTIVATIONS[activation]
+        act = KERNEL_ACTIVATIONS[activation]
         if torch.compiler.is_compiling():
             out = weight_only_linear_op(a, self.data, self.scales, b, act)
         else:
