@@ -44,6 +44,7 @@ constexpr int kRows = 3;         // activation rows per register tile
 constexpr int kCols = 4;         // outputs per register tile
 constexpr int64_t kGroup = 32;   // inputs per activation scale (and per int4 weight scale)
 constexpr int64_t kBlock = 16;   // groups per block: one per 32-bit lane
+constexpr int64_t kRowBlockBytes = 256 * 1024;  // quantized activations a thread's tiles sweep at once
 
 // Activations: each row of x rounded to 16-bit integers per group of 32 inputs, x ~ xq * dx[g] with
 // dx[g] = max|x_g| / 32767, and laid out for `_mm512_dpwssd_epi32` with one group per 32-bit lane:
@@ -267,16 +268,24 @@ void gemm(const float* x, RowsAt rows_at, EpilogueAt epilogue_at, float* y, int6
   });
   const Acts acts{xq.data(), corr.data(), dx.data(), xs.data(), B};
   const int64_t tiles = (N + kCols - 1) / kCols;
+  // Rows go in blocks whose activations stay in L2 while a thread's tiles sweep them: a prefill's
+  // rows all at once were re-read from L3 for every tile.
+  const int64_t block = std::max<int64_t>(kRows, kRowBlockBytes / (B * 512 * 2) / kRows * kRows);
   at::parallel_for(0, tiles, grain(kCols, M, K), [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n = t * kCols;
-      const auto rows = rows_at(n);
-      const Epilogue e = epilogue_at(n);
-      switch (std::min<int64_t>(kCols, N - n)) {
-        case 4: column<4>(acts, rows, e, y + n, M, G, N); break;
-        case 3: column<3>(acts, rows, e, y + n, M, G, N); break;
-        case 2: column<2>(acts, rows, e, y + n, M, G, N); break;
-        default: column<1>(acts, rows, e, y + n, M, G, N); break;
+    for (int64_t m0 = 0; m0 < M; m0 += block) {
+      const int64_t mb = std::min(block, M - m0);
+      const Acts part = acts.row(m0);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n = t * kCols;
+        const auto rows = rows_at(n);
+        const Epilogue e = epilogue_at(n);
+        float* out = y + m0 * N + n;
+        switch (std::min<int64_t>(kCols, N - n)) {
+          case 4: column<4>(part, rows, e, out, mb, G, N); break;
+          case 3: column<3>(part, rows, e, out, mb, G, N); break;
+          case 2: column<2>(part, rows, e, out, mb, G, N); break;
+          default: column<1>(part, rows, e, out, mb, G, N); break;
+        }
       }
     }
   });
