@@ -18,9 +18,10 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from app.engine.models.activations import ACTIVATIONS
+from app.engine.models.activations import ACTIVATIONS, KERNEL_ACTIVATIONS
 from app.engine.models.invariant_gemm import InputMajorWeight, input_major
 from app.engine.models.invariant_gemm import enabled as invariant_gemm_enabled
+from app.engine.models.invariant_gemm import kernel as invariant_gemm_kernel
 from app.engine.models.quantize import PackedWeight, is_dynamic_int8
 
 # attend(layer, q [N, heads, dim], k [N, kv_heads, dim], v [N, kv_heads, dim]) -> [N, heads * dim]
@@ -82,7 +83,21 @@ def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, activatio
         if torch.compiler.is_compiling():  # TEXTGEN_COMPILE: the same kernel, opaque to inductor
             return onednn_linear_op(x, weight, bias, kind, algorithm)
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, kind, [], algorithm)
-    return ACTIVATIONS[activation](F.linear(x, weight, bias))
+    return activate(F.linear(x, weight, bias), activation)
+
+
+def activate(x: torch.Tensor, activation: str) -> torch.Tensor:
+    """`activation` of x [N, width] per element. fp32 on CPU runs our kernels' activation (an
+    element's bits depend on its value alone): PyTorch's vectorized SiLU and tanh-GELU give the
+    elements of a tensor's vector tail other bits, so a row's values changed with the row count
+    (stories260k's 172-wide MLP under int8-dynamic, once its fp32 GEMMs needed no padding)."""
+    if activation == "none":
+        return x
+    if x.dtype == torch.float32 and x.dim() == 2 and x.device.type == "cpu" and not torch.compiler.is_compiling():
+        module = invariant_gemm_kernel()
+        if module is not None:
+            return module.activation(x, KERNEL_ACTIVATIONS[activation])
+    return ACTIVATIONS[activation](x)
 
 
 @torch.library.custom_op("textgen::onednn_linear", mutates_args=())
@@ -188,14 +203,14 @@ def pad_rows(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return torch.cat([x, x.new_zeros((extra, x.shape[1]))]) if extra else x
 
 
-def head_weight(model: torch.nn.Module, invariant_kernel: bool = True) -> Weight:
+def head_weight(model: torch.nn.Module) -> Weight:
     """The LM head's weight [vocab, hidden] of an HF causal LM: packed when TEXTGEN_QUANTIZE replaced
     the head (`QuantizedLinear`), else as `gemm_weight` gives it."""
     weight = model.get_output_embeddings().weight  # type: ignore[operator]
-    return weight if isinstance(weight, PackedWeight) else gemm_weight(weight, True, invariant_kernel)
+    return weight if isinstance(weight, PackedWeight) else gemm_weight(weight, True)
 
 
-def gemm_weight(param: torch.Tensor, stored_out_in: bool, invariant_kernel: bool = True) -> Weight:
+def gemm_weight(param: torch.Tensor, stored_out_in: bool) -> Weight:
     """A plain (not quantized) linear weight as `linear` takes it, sharing the parameter's storage.
 
     stored_out_in: the parameter is [out, in] (nn.Linear, an LM head), else [in, out] (GPT-2's
@@ -205,7 +220,7 @@ def gemm_weight(param: torch.Tensor, stored_out_in: bool, invariant_kernel: bool
     no second copy is kept. A tied embedding so re-laid out is read by a strided gather."""
     if type(param.detach()) is not torch.Tensor:  # a tensor subclass (torchao's int8-dynamic weight)
         return param.detach()
-    if invariant_kernel and param.dtype == torch.float32 and param.device.type == "cpu" and invariant_gemm_enabled():
+    if param.dtype == torch.float32 and param.device.type == "cpu" and invariant_gemm_enabled():
         return input_major(param, stored_out_in)
     if stored_out_in:
         weight = param.detach()

@@ -138,6 +138,16 @@ torch::Tensor kn_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::T
   return y;
 }
 
+// act(x) per element, x [M, N] fp32 (activation codes as kn_linear's): the activation of a GEMM
+// that runs elsewhere (torchao's int8-dynamic layers), with the same per-element bits as ours.
+torch::Tensor activation(torch::Tensor x, int64_t act) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && !x.is_cuda(), "activation: x [M, N] fp32 on CPU");
+  TORCH_CHECK(act >= 0 && act <= 3, "activation: 0-3");
+  auto y = x.contiguous().clone();
+  textgen::activate_rows(y.data_ptr<float>(), y.size(0), y.size(1), 0, y.size(1), act);
+  return y;
+}
+
 void register_quantized_gemm(pybind11::module& m);  // quantized_gemm.cpp
 void register_paged_attention(pybind11::module& m);  // paged_attention.cpp
 
@@ -145,4 +155,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_paged_attention(m);
   register_quantized_gemm(m);
   m.def("kn_linear", &kn_linear, "y = act(x @ w + bias), row-invariant");
+  m.def("activation", &activation, "act(x) per element, invariant to shape");
 }

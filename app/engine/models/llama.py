@@ -25,9 +25,7 @@ def _gemm(module: torch.nn.Module) -> Gemm:
     if isinstance(module, QuantizedLinear):
         return module.weight, module.bias
     assert isinstance(module, torch.nn.Linear)
-    # Not on the invariant fp32 kernel yet: stories260k's rows were not bitwise the same alone and
-    # batched with it (tests/unit/engine/test_compiled.py, test_lora.py; not diagnosed, issue 21).
-    return gemm_weight(module.weight, stored_out_in=True, invariant_kernel=False), module.bias
+    return gemm_weight(module.weight, stored_out_in=True), module.bias
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -81,7 +79,7 @@ class LlamaCompact(CompactModel):
             for b in m.layers
         ]
         self.norm = m.norm.weight
-        self.lm_head = head_weight(model, invariant_kernel=False)  # [vocab, hidden]
+        self.lm_head = head_weight(model)  # [vocab, hidden]
         gemms = [self.lm_head] + [g[0] for block in self.blocks for g in (*block[1:5], *block[6:])]
         self.row_multiple = max(row_multiple(w) for w in gemms)
 
