@@ -1,6 +1,6 @@
 """What a compact forward provides to the batch: embeddings, decoder layers, the LM head.
 
-Every GEMM goes through `linear`. GPT-2's fp32 weights on an AVX-512 CPU run the invariant kernel
+Every GEMM goes through `linear`. fp32 weights (GPT-2's, Llama's) on an AVX-512 CPU run the invariant kernel
 (`invariant_gemm`, weights stored [in, out]): a row's bits are the same for every row count, so
 nothing is padded. Otherwise (bf16, no AVX-512, no compiler) `linear` calls oneDNN's matmul (the primitive PyTorch's
 inductor uses for frozen linears) rather than MKL's, for two measured reasons (torch 2.13, 2 cores,
