@@ -7,9 +7,9 @@ weights) or any GPT-2/Llama model directory.
                          [--quantize MODE[,MODE...]] [--paths compact,...] [--profile]
                          [--threads N] [--cpu-time]
 
-Each round prefills `batch` prompts of 32 tokens, then times `steps` greedy decode steps including
-the sampler (`choose`), as the engine runs them. Prints ms/step, tok/s and the speed-up over the
-first path timed, best round. `--quantize` loads the model with TEXTGEN_QUANTIZE's
+Each round prefills `batch` prompts of 32 tokens (timed: the `prefill` line), then times `steps`
+greedy decode steps including the sampler (`choose`), as the engine runs them. Prints ms/step,
+tok/s and the speed-up over the first path timed, best round, and each path's best prefill. `--quantize` loads the model with TEXTGEN_QUANTIZE's
 quantized layers (further modes in its list add paths `compact-MODE`); with it or another dtype than fp32, the default fp32 compact forward runs too
 ("compact-fp32", batch-invariant), the reference for the mode. Ratios are against the first path
 timed (`--paths`, default all: transformers, compact, compact-not-invariant, compact-onednn,
@@ -68,20 +68,23 @@ def compact_forward(model: Any, options: Any) -> Forward:
 
 
 @torch.inference_mode()
-def time_steps(forward: Forward, lm: object, batch: int, steps: int) -> float:
-    """Seconds per decode step (sampler included) after a prefill and 2 warm-up steps."""
+def time_steps(forward: Forward, lm: object, batch: int, steps: int) -> tuple[float, float]:
+    """Seconds per decode step (sampler included) after a prefill and 2 warm-up steps, and the
+    seconds the prefill of the `batch` 32-token prompts took."""
     from app.engine.sample.sampling import choose
 
     prefill, decode = forward
     seqs = _seqs(lm.tokenizer, batch, lm.model.config.vocab_size)  # type: ignore[attr-defined]
+    began = _clock()
     b, logits = prefill(seqs)
+    prefill_s = _clock() - began
     b.set_next([c.token_id for c in choose(logits, b.seqs, b.sampling)])
     for _ in range(2):
         b.set_next([c.token_id for c in choose(decode(b), b.seqs, b.sampling)])
     start = _clock()
     for _ in range(steps):
         b.set_next([c.token_id for c in choose(decode(b), b.seqs, b.sampling)])
-    return (_clock() - start) / steps
+    return (_clock() - start) / steps, prefill_s
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,15 +160,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     for batch in [int(x) for x in args.batch.split(",")]:
         best: dict[str, float] = {}
+        best_prefill: dict[str, float] = {}
         for _ in range(args.rounds):
             for name, forward in paths.items():
-                dt = time_steps(forward, lm, batch, args.steps)
+                dt, prefill_s = time_steps(forward, lm, batch, args.steps)
                 best[name] = min(best.get(name, float("inf")), dt)
+                best_prefill[name] = min(best_prefill.get(name, float("inf")), prefill_s)
         first = next(iter(best.values()))
         line = "  ".join(
             f"{n}: {dt * 1e3:7.2f} ms/step {batch / dt:6.1f} tok/s ({first / dt:.2f}x)" for n, dt in best.items()
         )
         print(f"batch {batch:3d}  {line}")
+        prefills = "  ".join(f"{n}: {s * 1e3:8.1f} ms" for n, s in best_prefill.items())
+        print(f"prefill {batch} x 32 tokens  {prefills}")
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
 

@@ -1,5 +1,6 @@
 """bench.step times both forwards on a model and prints one line per batch size."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -9,10 +10,14 @@ from bench.step import main
 
 def test_step_benchmark_runs_both_forwards(tiny_gpt2_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--model", str(tiny_gpt2_dir), "--batch", "1,5", "--steps", "2", "--rounds", "1"]) == 0
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("batch")]
+    out = capsys.readouterr().out.splitlines()
+    lines = [line for line in out if line.startswith("batch")]
     assert len(lines) == 2
     for line in lines:
         assert "transformers:" in line and "compact:" in line and "compact-not-invariant:" in line
+    prefills = [line for line in out if line.startswith("prefill")]
+    assert [line.split()[1] for line in prefills] == ["1", "5"]
+    assert all(re.search(r" compact:\s+[\d.]+ ms", line) for line in prefills)
 
 
 def test_step_benchmark_times_a_quantized_mode_against_fp32(
