@@ -9,9 +9,10 @@ weights) or any GPT-2/Llama model directory.
 
 Each round prefills `batch` prompts of 32 tokens (timed: the `prefill` line), then times `steps`
 greedy decode steps including the sampler (`choose`), as the engine runs them. Prints ms/step,
-tok/s and the speed-up over the first path timed, best round, and each path's best prefill. `--quantize` loads the model with TEXTGEN_QUANTIZE's
-quantized layers (further modes in its list add paths `compact-MODE`); with it or another dtype than fp32, the default fp32 compact forward runs too
-("compact-fp32", batch-invariant), the reference for the mode. Ratios are against the first path
+tok/s and the speed-up over the first path timed, best round, and each path's best prefill.
+`--quantize` loads the model with TEXTGEN_QUANTIZE's quantized layers (further modes in its list
+add paths `compact-MODE`); with it or another dtype than fp32, the default fp32 compact forward runs
+too ("compact-fp32", batch-invariant), the reference for the mode. Ratios are against the first path
 timed (`--paths`, default all: transformers, compact, compact-not-invariant, compact-onednn,
 compact-onednn-not-invariant[, compact-fp32]). The `compact-onednn` paths wrap the same weights with
 fp32 GEMMs on oneDNN instead of the invariant kernel (app/engine/models/invariant_gemm.py): padded to

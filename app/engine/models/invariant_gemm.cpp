@@ -143,7 +143,7 @@ torch::Tensor kn_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::T
 torch::Tensor activation(torch::Tensor x, int64_t act) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && !x.is_cuda(), "activation: x [M, N] fp32 on CPU");
   TORCH_CHECK(act >= 0 && act <= 3, "activation: 0-3");
-  auto y = x.contiguous().clone();
+  auto y = x.clone(at::MemoryFormat::Contiguous);  // one copy, contiguous whatever x's strides
   textgen::activate_rows(y.data_ptr<float>(), y.size(0), y.size(1), 0, y.size(1), act);
   return y;
 }

@@ -47,7 +47,6 @@ from app.engine.models.activations import ACTIVATIONS, KERNEL_ACTIVATIONS
 Quantize = Literal["none", "int8-weight-only", "int4-weight-only", "int8-dynamic"]
 WEIGHT_ONLY = ("int8-weight-only", "int4-weight-only")
 INT4_GROUP = 32  # values per int4 scale/zero pair, as llama.cpp's q4_0 blocks
-# Our weight-only kernels' activation codes (quantized_gemm.cpp, `Activation`).
 
 
 class QuantizeUnavailable(RuntimeError):
